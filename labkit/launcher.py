@@ -1,0 +1,423 @@
+"""Start N worker processes that talk over ``torch.distributed`` and collect what each returns.
+
+    results = labkit.launch(train, data, world_size=4)   # results[r] is what rank r returned
+
+Why not an existing launcher?  Measured in ``python -m labkit.bench.launchers``:
+- ``torchrun`` and ``accelerate launch`` start a fresh Python per rank (seconds each on a laptop)
+  and cannot run a function defined in a notebook;
+- ``torch.multiprocessing.spawn`` cannot pickle a function defined in a notebook;
+- ``accelerate.notebook_launcher`` forks (good) but returns no values, and when one rank raises it
+  reports a peer's secondary "connection closed" error as the cause.
+So this module forks the workers itself, as ``notebook_launcher`` and
+``torch.multiprocessing.start_processes(start_method="fork")`` do, and adds what a lesson needs:
+return values, the *first* failing rank's own traceback, short timeouts, and clean-up that leaves
+the Jupyter kernel usable. Everything distributed inside a worker is plain PyTorch
+(``TCPStore`` rendezvous, ``init_process_group``), so the same worker code runs unchanged under
+``torchrun`` or ``accelerate launch`` (see :func:`init_from_env`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import pickle
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["launch", "WorkerError", "pick_device_and_backend", "init_from_env", "describe_world"]
+
+# How long to keep listening after the first error, so that a rank that failed at the same
+# moment (the real cause) is not hidden by the first report that happened to arrive.
+_ERROR_GRACE_S = 0.25
+_POLL_S = 0.1
+
+
+class WorkerError(RuntimeError):
+    """A worker rank failed. ``rank`` is the rank that failed first; ``remote_traceback`` its own
+    traceback text; ``exception`` the original exception when it could be sent back."""
+
+    def __init__(self, message: str, rank: int | None = None, remote_traceback: str = "",
+                 exception: BaseException | None = None):
+        super().__init__(message)
+        self.rank = rank
+        self.remote_traceback = remote_traceback
+        self.exception = exception
+
+
+# --------------------------------------------------------------------------------------------
+# Device and backend
+# --------------------------------------------------------------------------------------------
+
+def pick_device_and_backend(world_size: int, device: str | None = None,
+                            backend: str | None = None) -> tuple[str, str]:
+    """Choose ``(device, backend)`` for ``world_size`` processes on this machine.
+
+    Default: one CUDA GPU per process with NCCL when there are enough GPUs, else CPU with gloo.
+    An explicit choice that cannot work raises ``ValueError`` here, before any process starts
+    (a wrong backend inside the workers would otherwise fail late or hang).
+    """
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device is None:
+        device = "cuda" if (backend in (None, "nccl") and n_gpus >= world_size) else "cpu"
+    device = str(device)
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}")
+    if device == "cuda" and n_gpus < world_size:
+        raise ValueError(f"device='cuda' needs one GPU per process: asked for world_size={world_size} "
+                         f"but this machine has {n_gpus} CUDA GPU(s). Use device='cpu' (gloo) instead.")
+    if backend is None:
+        backend = "nccl" if device == "cuda" else "gloo"
+    backend = str(backend).lower()
+    available = {"gloo": dist.is_gloo_available(), "nccl": dist.is_nccl_available(),
+                 "mpi": dist.is_mpi_available()}
+    if backend not in available:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(available)}")
+    if not available[backend]:
+        raise ValueError(f"backend {backend!r} is not available in this PyTorch build "
+                         f"(torch {torch.__version__}); use 'gloo' on CPU")
+    if backend == "nccl" and device != "cuda":
+        raise ValueError("backend 'nccl' works only on CUDA GPUs (one per process); "
+                         "use backend='gloo' for CPU processes")
+    return device, backend
+
+
+def _loopback_interface() -> str | None:
+    """Name of the loopback network interface ('lo' on Linux, 'lo0' on macOS)."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    for candidate in ("lo", "lo0"):
+        if candidate in names:
+            return candidate
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Inside a worker
+# --------------------------------------------------------------------------------------------
+
+def _set_parent_death_signal() -> None:
+    """Linux: have the kernel kill this worker if the launching process dies (no orphans)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _is_communication_error(exc: BaseException) -> bool:
+    """True for errors that a rank gets *because a peer failed* (closed connection, timeout)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("connection closed", "connection reset", "timed out", "timeout",
+                                    "broken pipe", "socket", "peer"))
+
+
+def _is_timeout(text: str) -> bool:
+    text = text.lower()
+    return "timed out" in text or "timeout" in text
+
+
+def _worker_main(rank: int, world_size: int, fn, args, kwargs, conn, device: str,
+                 backend: str, timeout_s: float, threads: int | None) -> None:
+    # The parent decides when workers stop (Kernel -> Interrupt reaches it); workers ignore SIGINT
+    # so that an interrupt does not print N copies of the same KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _set_parent_death_signal()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    # The caller sends the rendezvous file's path once every worker exists (see launch()).
+    if not conn.poll(timeout_s):
+        os._exit(3)
+    store_path = conn.recv()
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(world_size)})
+    message: tuple
+    try:
+        if device == "cuda":
+            torch.cuda.set_device(rank)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = dist.FileStore(store_path, world_size)
+        store.set_timeout(timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            dist.destroy_process_group()
+        try:
+            payload = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            raise TypeError(f"rank {rank} returned a {type(result).__name__} that cannot be "
+                            f"pickled to send back to the caller: {exc}") from exc
+        message = ("ok", rank, payload)
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller
+        try:
+            exc_bytes = pickle.dumps(exc)
+        except Exception:  # noqa: BLE001
+            exc_bytes = None
+        message = ("error", rank, time.time(), type(exc).__name__, traceback.format_exc(),
+                   _is_communication_error(exc), exc_bytes)
+    try:
+        conn.send(message)
+    finally:
+        conn.close()
+        # Skip interpreter teardown (atexit handlers inherited from the notebook kernel, flushing
+        # its streams): the parent already has the result.
+        os._exit(0)
+
+
+# --------------------------------------------------------------------------------------------
+# In the caller
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Run:
+    world_size: int
+    results: dict = field(default_factory=dict)        # rank -> unpickled return value
+    errors: dict = field(default_factory=dict)         # rank -> error tuple fields
+    deaths: dict = field(default_factory=dict)         # rank -> exit code (no message sent)
+    first_done_at: float | None = None
+
+    def finished(self, rank: int) -> bool:
+        return rank in self.results or rank in self.errors or rank in self.deaths
+
+
+def launch(fn, *args, world_size: int = 2, device: str | None = None, backend: str | None = None,
+           timeout: float = 30.0, threads: int | None = 1, **kwargs) -> list:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` processes and return ``[result of rank 0, ...]``.
+
+    Inside ``fn`` the default process group is ready: ``dist.get_rank()``, ``dist.all_reduce`` ...
+    The environment variables RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT are set as
+    ``torchrun`` would set them.
+
+    Args:
+        world_size: number of processes.
+        device, backend: default ``'cuda'``/``'nccl'`` when there is one GPU per process, else
+            ``'cpu'``/``'gloo'``. An explicit choice that cannot work raises ``ValueError``.
+        timeout: seconds a rank may wait in a collective (and the rest of the ranks may keep running
+            after one rank has finished) before the run is stopped. PyTorch's default is 30 minutes.
+        threads: ``torch.set_num_threads`` in each worker (1: N workers share a laptop's cores fairly);
+            ``None`` leaves PyTorch's default.
+
+    Raises:
+        WorkerError: naming the rank that failed first, with that rank's own traceback.
+    """
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, not {world_size!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
+    if dist.is_available() and dist.is_initialized():
+        raise RuntimeError("launch() starts its own workers; call it from a process that is not itself "
+                           "a distributed rank (here a process group is already initialised)")
+    device, backend = pick_device_and_backend(world_size, device, backend)
+    if "fork" not in mp.get_all_start_methods():
+        raise RuntimeError("labkit.launch needs the 'fork' start method (Linux, macOS; on Windows use "
+                           "WSL). Scripts can use torchrun or accelerate launch instead.")
+    if device == "cuda" and torch.cuda.is_initialized():
+        raise RuntimeError("CUDA is already initialised in this process, and forked workers cannot use it. "
+                           "Restart the kernel and call launch() before any CUDA work in the notebook.")
+
+    ctx = mp.get_context("fork")
+    store_dir = tempfile.mkdtemp(prefix="labkit-")
+    store_path = os.path.join(store_dir, "rendezvous")
+    env_backup = {k: os.environ.get(k) for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+    loopback = _loopback_interface()
+    if loopback:  # gloo/NCCL bind to the loopback interface, never to a public address
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
+    procs, conns = [], []
+    sigint_handler = signal.getsignal(signal.SIGINT)
+    try:
+        for rank in range(world_size):
+            parent_end, child_end = ctx.Pipe()
+            p = ctx.Process(target=_worker_main, name=f"labkit-rank{rank}", daemon=True,
+                            args=(rank, world_size, fn, args, kwargs, child_end, device,
+                                  backend, timeout, threads))
+            p.start()
+            child_end.close()
+            procs.append(p)
+            conns.append(parent_end)
+        # Rendezvous through a file (what PyTorch's own multi-process tests use): no store server,
+        # no port to choose. gloo then listens on ports the OS picks on the loopback interface.
+        # (A TCPStore in this process was tried first: its server thread, and the reverse-DNS
+        # lookups c10d makes when it logs socket addresses, stalled ranks now and then.)
+        for c in conns:
+            c.send(store_path)
+        run = _wait(procs, conns, timeout)
+    finally:
+        _stop(procs)
+        for c in conns:
+            c.close()
+        shutil.rmtree(store_dir, ignore_errors=True)
+        for k, v in env_backup.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if signal.getsignal(signal.SIGINT) is not sigint_handler:
+            signal.signal(signal.SIGINT, sigint_handler)
+    return [run.results[r] for r in range(world_size)]
+
+
+def _wait(procs, conns, timeout: float) -> _Run:
+    run = _Run(len(procs))
+    first_error_at = None
+    while True:
+        pending = [r for r in range(run.world_size) if not run.finished(r)]
+        if not pending:
+            break
+        now = time.monotonic()
+        if first_error_at is not None and now - first_error_at > _ERROR_GRACE_S:
+            break
+        if run.first_done_at is not None and now - run.first_done_at > timeout:
+            break
+        waitables = [conns[r] for r in pending] + [procs[r].sentinel for r in pending]
+        ready = mp.connection.wait(waitables, timeout=_POLL_S)
+        for r in pending:
+            if conns[r] in ready or procs[r].sentinel in ready:
+                _collect(run, r, conns[r], procs[r])
+                if run.finished(r):
+                    run.first_done_at = run.first_done_at or time.monotonic()
+                    if (r in run.errors or r in run.deaths) and first_error_at is None:
+                        first_error_at = time.monotonic()
+    if run.errors or run.deaths or len(run.results) < run.world_size:
+        _stop(procs)
+        raise _explain_failure(run, timeout)
+    return run
+
+
+def _collect(run: _Run, rank: int, conn, proc) -> None:
+    """Read rank's message if there is one; else, if it has exited, record how it died."""
+    try:
+        if conn.poll():
+            message = conn.recv()
+            if message[0] == "ok":
+                run.results[rank] = pickle.loads(message[2])
+            else:
+                run.errors[rank] = message[2:]
+            return
+    except (EOFError, OSError):
+        pass
+    if not proc.is_alive():
+        proc.join(0.1)
+        run.deaths[rank] = proc.exitcode
+
+
+def _explain_failure(run: _Run, timeout: float) -> WorkerError:
+    still_running = [r for r in range(run.world_size) if not run.finished(r)]
+    if run.errors:
+        # The real cause: a rank whose error is not a communication error; among those, the earliest.
+        def key(item):
+            rank, (t, _name, _tb, is_comm, _exc) = item
+            return (is_comm, t)
+        rank, (t, name, tb, is_comm, exc_bytes) = min(run.errors.items(), key=key)
+        exc = None
+        if exc_bytes is not None:
+            try:
+                exc = pickle.loads(exc_bytes)
+            except Exception:  # noqa: BLE001
+                exc = None
+        head = f"rank {rank} of {run.world_size} failed with {name}"
+        hint = ""
+        if is_comm:
+            failed = sorted(run.errors)
+            if still_running:
+                hint = (f"\nRank(s) {failed} failed in communication while rank(s) {still_running} were still "
+                        f"running: those ranks hung or skipped a collective (every rank must call the same "
+                        f"collectives in the same order). Collective timeout: {timeout:g} s.")
+            elif run.results:
+                hint = (f"\nRank(s) {sorted(run.results)} had already returned: did they skip a collective "
+                        f"that rank(s) {failed} were waiting in?")
+            elif run.deaths:
+                hint = f"\nRank(s) {sorted(run.deaths)} died without a Python error (exit codes {run.deaths})."
+        message = f"{head}{hint}\n\n--- traceback of rank {rank} ---\n{tb}"
+        return WorkerError(message, rank=rank, remote_traceback=tb, exception=exc)
+    if run.deaths:
+        rank = min(run.deaths)
+        code = run.deaths[rank]
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return WorkerError(f"rank {rank} of {run.world_size} died without a Python error ({how}); "
+                           f"out of memory, a crash in native code, or os._exit?", rank=rank)
+    done = sorted(run.results)
+    return WorkerError(f"rank(s) {still_running} of {run.world_size} were still running {timeout:g} s after "
+                       f"rank(s) {done} had returned: hung, or waiting in a collective the others never "
+                       f"called. Stopped them. (Pass a larger timeout= if the work is just slow.)",
+                       rank=still_running[0])
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join(5)
+
+
+# --------------------------------------------------------------------------------------------
+# Under torchrun / accelerate launch
+# --------------------------------------------------------------------------------------------
+
+def init_from_env(expected_world_size: int | None = None, device: str | None = None,
+                  backend: str | None = None, timeout: float = 60.0) -> tuple[int, int, torch.device]:
+    """Join the process group described by torchrun's / accelerate's environment variables.
+
+    Returns ``(rank, world_size, device)``. Outside any launcher (no WORLD_SIZE) it is a world of 1
+    without a process group. Raises ``RuntimeError`` when the world is not the one asked for, e.g.
+    ``accelerate launch --cpu --num_processes 4`` (one process, no world) or a launcher that started
+    N independent world-size-1 runs.
+    """
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    elif "WORLD_SIZE" in os.environ:
+        world_size = int(os.environ["WORLD_SIZE"])
+        rank = int(os.environ["RANK"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        dev_name, backend = pick_device_and_backend(local_world, device, backend)
+        dev = torch.device("cuda", local_rank) if dev_name == "cuda" else torch.device("cpu")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    else:
+        rank, world_size, dev = 0, 1, torch.device("cpu")
+        if "MASTER_ADDR" in os.environ and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
+            raise RuntimeError(
+                "accelerate started this script as ONE process without a distributed world (this is what "
+                "`accelerate launch --cpu --num_processes N` does). Use the shipped config instead:\n"
+                "  accelerate launch --config_file configs/accelerate/cpu.yaml --num_processes N ...")
+    if expected_world_size is not None and world_size != expected_world_size:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise RuntimeError(
+            f"asked for a world of {expected_world_size} processes but this process sees world size "
+            f"{world_size} (rank {rank}). The launcher did not build the world you expected: with "
+            f"accelerate on CPU use configs/accelerate/cpu.yaml; with torchrun pass --nproc-per-node "
+            f"{expected_world_size}.")
+    return rank, world_size, dev
+
+
+def describe_world() -> str:
+    """One line saying who this process is, for logs."""
+    if not dist.is_initialized():
+        return "single process (no process group)"
+    return (f"rank {dist.get_rank()} of {dist.get_world_size()}, backend {dist.get_backend()}, "
+            f"pid {os.getpid()}")
