@@ -125,13 +125,9 @@ def _is_communication_error(exc: BaseException) -> bool:
     if isinstance(exc, dist.DistError):
         return True
     text = str(exc).lower()
-    return any(s in text for s in ("connection closed", "connection reset", "timed out", "timeout",
-                                    "broken pipe", "socket", "peer"))
-
-
-def _is_timeout(text: str) -> bool:
-    text = text.lower()
-    return "timed out" in text or "timeout" in text
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
+        "connection closed by peer", "connection reset by peer", "timed out waiting", "wait timeout",
+        "broken pipe", "gloo/transport", "socket timeout"))
 
 
 def _worker_main(rank: int, world_size: int, fn, args, kwargs, conn, device: str,
@@ -322,45 +318,56 @@ def _collect(run: _Run, rank: int, conn, proc) -> None:
 
 
 def _explain_failure(run: _Run, timeout: float) -> WorkerError:
-    still_running = [r for r in range(run.world_size) if not run.finished(r)]
-    if run.errors:
-        # The real cause: a rank whose error is not a communication error; among those, the earliest.
-        def key(item):
-            rank, (t, _name, _tb, is_comm, _exc) = item
-            return (is_comm, t)
-        rank, (t, name, tb, is_comm, exc_bytes) = min(run.errors.items(), key=key)
-        exc = None
-        if exc_bytes is not None:
-            try:
-                exc = pickle.loads(exc_bytes)
-            except Exception:  # noqa: BLE001
-                exc = None
-        head = f"rank {rank} of {run.world_size} failed with {name}"
-        hint = ""
-        if is_comm:
-            failed = sorted(run.errors)
-            if still_running:
-                hint = (f"\nRank(s) {failed} failed in communication while rank(s) {still_running} were still "
-                        f"running: those ranks hung or skipped a collective (every rank must call the same "
-                        f"collectives in the same order). Collective timeout: {timeout:g} s.")
-            elif run.results:
-                hint = (f"\nRank(s) {sorted(run.results)} had already returned: did they skip a collective "
-                        f"that rank(s) {failed} were waiting in?")
-            elif run.deaths:
-                hint = f"\nRank(s) {sorted(run.deaths)} died without a Python error (exit codes {run.deaths})."
-        message = f"{head}{hint}\n\n--- traceback of rank {rank} ---\n{tb}"
-        return WorkerError(message, rank=rank, remote_traceback=tb, exception=exc)
+    """Turn what the ranks reported into one error that names the rank to look at first."""
+    n = run.world_size
+    still_running = [r for r in range(n) if not run.finished(r)]
+    # 1. A rank raised an error of its own (not "a peer went away"): that is the cause.
+    #    Among several, the earliest by the workers' own clocks (same machine).
+    own = {r: e for r, e in run.errors.items() if not e[3]}
+    if own:
+        rank, (t, name, tb, _, exc_bytes) = min(own.items(), key=lambda item: item[1][0])
+        return WorkerError(f"rank {rank} of {n} failed with {name}\n\n--- traceback of rank {rank} ---\n{tb}",
+                           rank=rank, remote_traceback=tb, exception=_unpickle(exc_bytes))
+    # 2. A rank died without a Python error (killed, crashed, os._exit): its peers' errors are echoes.
     if run.deaths:
         rank = min(run.deaths)
         code = run.deaths[rank]
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        return WorkerError(f"rank {rank} of {run.world_size} died without a Python error ({how}); "
-                           f"out of memory, a crash in native code, or os._exit?", rank=rank)
+        return WorkerError(f"rank {rank} of {n} died without a Python error ({how}): out of memory, a crash "
+                           f"in native code, or os._exit?", rank=rank)
+    # 3. Only communication errors (timeouts, closed connections): the cause is a rank that is
+    #    *not* in the collective: still running (hung, or busy elsewhere) or already returned
+    #    (it skipped a collective the others are waiting in).
+    if run.errors:
+        waiting = sorted(run.errors)
+        rank0 = waiting[0]
+        _, name, tb, _, exc_bytes = run.errors[rank0]
+        context = f"\n\n--- traceback of rank {rank0}, waiting ---\n{tb}"
+        if still_running:
+            culprit = still_running[0]
+            head = (f"rank(s) {still_running} of {n} never joined the collective that rank(s) {waiting} waited "
+                    f"in ({name}; timeout {timeout:g} s): hung, or skipped a collective (every rank must call "
+                    f"the same collectives in the same order)")
+        else:
+            returned = sorted(run.results)
+            culprit = returned[0] if returned else rank0
+            head = (f"rank(s) {returned} of {n} returned while rank(s) {waiting} were still waiting in a "
+                    f"collective ({name}): did rank(s) {returned} skip a collective?")
+        return WorkerError(head + context, rank=culprit, remote_traceback=tb, exception=_unpickle(exc_bytes))
+    # 4. No errors at all: some ranks finished, the others did not within the timeout.
     done = sorted(run.results)
-    return WorkerError(f"rank(s) {still_running} of {run.world_size} were still running {timeout:g} s after "
-                       f"rank(s) {done} had returned: hung, or waiting in a collective the others never "
-                       f"called. Stopped them. (Pass a larger timeout= if the work is just slow.)",
-                       rank=still_running[0])
+    return WorkerError(f"rank(s) {still_running} of {n} were still running {timeout:g} s after rank(s) {done} "
+                       f"had returned: hung, or waiting in a collective the others never called. Stopped "
+                       f"them. (Pass a larger timeout= if the work is just slow.)", rank=still_running[0])
+
+
+def _unpickle(data: bytes | None):
+    if data is None:
+        return None
+    try:
+        return pickle.loads(data)
+    except Exception:  # noqa: BLE001 - the traceback text is still there
+        return None
 
 
 def _stop(procs) -> None:
