@@ -1,0 +1,8 @@
+"""Lab scripts: the lessons' training runs as programs, for `python -m`, `torchrun` and `accelerate launch`.
+
+Every lab runs the same worker code three ways:
+
+    python -m labkit.labs.dp_sgd --world-size 4                     # labkit.launch forks 4 workers
+    torchrun --nproc-per-node 4 -m labkit.labs.dp_sgd --world-size 4
+    accelerate launch --config_file configs/accelerate/cpu.yaml -m labkit.labs.dp_sgd --world-size 4
+"""

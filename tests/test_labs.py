@@ -1,0 +1,67 @@
+"""The lab script runs the same worker code under labkit.launch, torchrun and accelerate launch,
+and refuses a world that is not the one asked for."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from labkit.labs import dp_sgd
+from labkit.launcher import init_from_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_lab_under_labkit_launch_server_equals_allreduce():
+    common = ["--world-size", "2", "--epochs", "3", "--samples", "256", "--features", "4"]
+    a = dp_sgd.main(common + ["--sync", "allreduce"])
+    s = dp_sgd.main(common + ["--sync", "server"])
+    assert a["world_size"] == 2 and a["replicas_identical"] and s["replicas_identical"]
+    assert a["loss"][-1] < a["loss"][0] / 2
+    assert a["loss"] == pytest.approx(s["loss"], rel=1e-5)
+
+
+def _run(cmd, **env):
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+LAB = ["-m", "labkit.labs.dp_sgd", "--epochs", "2", "--samples", "128", "--features", "4"]
+
+
+def test_lab_under_torchrun():
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                *LAB, "--world-size", "2"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "world size 2 (gloo on cpu)" in out.stdout and "replicas identical: True" in out.stdout
+
+
+def test_lab_under_accelerate_launch_with_the_shipped_cpu_config():
+    out = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                "configs/accelerate/cpu.yaml", "--num_processes", "2", *LAB, "--world-size", "2"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "world size 2 (gloo on cpu)" in out.stdout
+
+
+def test_accelerate_cpu_flag_single_process_is_refused():
+    """`accelerate launch --cpu --num_processes 2` starts ONE process: labkit must say so."""
+    out = _run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                *LAB, "--world-size", "2"])
+    assert out.returncode != 0
+    assert "ONE process without a distributed world" in out.stderr
+
+
+def test_world_size_mismatch_is_refused(monkeypatch):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(RuntimeError, match="asked for a world of 4 processes but this process sees world size 1"):
+        init_from_env(expected_world_size=4)
+    assert not dist.is_initialized()
