@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["launch", "WorkerError", "pick_device_and_backend", "init_from_env", "describe_world"]
+__all__ = ["launch", "WorkerError", "pick_device_and_backend", "init_from_env", "check_accelerator",
+           "describe_world"]
 
 # How long to keep listening after the first error, so that a rank that failed at the same
 # moment (the real cause) is not hidden by the first report that happened to arrive.
@@ -420,6 +421,21 @@ def init_from_env(expected_world_size: int | None = None, device: str | None = N
             f"accelerate on CPU use configs/accelerate/cpu.yaml; with torchrun pass --nproc-per-node "
             f"{expected_world_size}.")
     return rank, world_size, dev
+
+
+def check_accelerator(accelerator, expected_world_size: int | None = None) -> None:
+    """Fail loudly when an ``accelerate.Accelerator`` does not see the world that was launched.
+
+    On a machine without GPUs, ``Accelerator()`` without ``cpu=True`` (or ACCELERATE_USE_CPU=1)
+    makes every launched process a world of size 1: N independent runs, silently.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    expected = expected_world_size or launched
+    if accelerator.num_processes != expected:
+        raise RuntimeError(
+            f"accelerate sees {accelerator.num_processes} process(es) but {expected} were launched/asked for. "
+            f"On CPU create the Accelerator with cpu=True (or export ACCELERATE_USE_CPU=1); otherwise every "
+            f"process trains alone.")
 
 
 def describe_world() -> str:

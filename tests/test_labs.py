@@ -65,3 +65,27 @@ def test_world_size_mismatch_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="asked for a world of 4 processes but this process sees world size 1"):
         init_from_env(expected_world_size=4)
     assert not dist.is_initialized()
+
+
+ACCEL_SCRIPT = """
+import os, sys
+from accelerate import Accelerator
+from labkit.launcher import check_accelerator
+acc = Accelerator(cpu=len(sys.argv) > 1)
+check_accelerator(acc)
+print("ok", acc.process_index, acc.num_processes, flush=True)
+"""
+
+
+@pytest.mark.parametrize("cpu_flag", [False, True])
+def test_check_accelerator_catches_the_silent_world_of_one(tmp_path, cpu_flag):
+    script = tmp_path / "acc.py"
+    script.write_text(ACCEL_SCRIPT)
+    out = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                "configs/accelerate/cpu.yaml", "--num_processes", "2", str(script)] + (["cpu"] if cpu_flag else []))
+    if cpu_flag:
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert sorted(out.stdout.split("\n")[:2]) == ["ok 0 2", "ok 1 2"]
+    else:
+        assert out.returncode != 0
+        assert "accelerate sees 1 process(es) but 2 were launched" in out.stderr
