@@ -12,7 +12,7 @@ So this module forks the workers itself, as ``notebook_launcher`` and
 ``torch.multiprocessing.start_processes(start_method="fork")`` do, and adds what a lesson needs:
 return values, the *first* failing rank's own traceback, short timeouts, and clean-up that leaves
 the Jupyter kernel usable. Everything distributed inside a worker is plain PyTorch
-(``TCPStore`` rendezvous, ``init_process_group``), so the same worker code runs unchanged under
+(a ``FileStore`` rendezvous, ``init_process_group``), so the same worker code runs unchanged under
 ``torchrun`` or ``accelerate launch`` (see :func:`init_from_env`).
 """
 
@@ -170,6 +170,11 @@ def _worker_main(rank: int, world_size: int, fn, args, kwargs, conn, device: str
             exc_bytes = None
         message = ("error", rank, time.time(), type(exc).__name__, traceback.format_exc(),
                    _is_communication_error(exc), exc_bytes)
+    for stream in (sys.stdout, sys.stderr):  # what the worker printed must reach the notebook
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
     try:
         conn.send(message)
     finally:
@@ -200,7 +205,7 @@ def launch(fn, *args, world_size: int = 2, device: str | None = None, backend: s
     """Run ``fn(*args, **kwargs)`` on ``world_size`` processes and return ``[result of rank 0, ...]``.
 
     Inside ``fn`` the default process group is ready: ``dist.get_rank()``, ``dist.all_reduce`` ...
-    The environment variables RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT are set as
+    The environment variables RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE are set as
     ``torchrun`` would set them.
 
     Args:
