@@ -1,0 +1,320 @@
+"""The checkers of exercise 1 accept the reference and reject each known-wrong implementation with a
+message that names the mistake. Most distributed cases run on 3 processes only (one launch each);
+the default world sizes (1, 2, 3, 4) are exercised by the reference and by one wrong implementation."""
+
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from labkit.checks import CheckFailed, first_mismatch, fmt_pair
+from labkit.checks.ex01 import check_average_gradients, check_shard_indices
+from labkit.data_parallel import average_gradients as reference_average_gradients
+from labkit.data_parallel import shard_indices as labkit_shard_indices
+
+WS = (3,)  # one odd world size: every mistake below shows on it
+
+
+# --------------------------------------------------------------------------------------------
+# 1a. average_gradients
+# --------------------------------------------------------------------------------------------
+
+def average_gradients(model):  # the solution notebook's
+    world_size = dist.get_world_size()
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world_size
+
+
+def sum_not_mean(model):
+    for p in model.parameters():
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
+def only_local(model):
+    for p in model.parameters():
+        p.grad /= 1  # looks busy, talks to nobody
+
+
+def reduce_to_rank0(model):
+    for p in model.parameters():
+        dist.reduce(p.grad, dst=0)
+        p.grad /= dist.get_world_size()
+
+
+def wrong_divisor(model):
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+        p.grad /= dist.get_world_size() - 1
+
+
+def returns_new_tensors(model):
+    averaged = []
+    for p in model.parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        averaged.append(g / dist.get_world_size())
+    return averaged
+
+
+def replaces_grad(model):
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+        p.grad = p.grad / dist.get_world_size()
+
+
+def skips_some(model):
+    for name, p in model.named_parameters():
+        if name in ("layer.weight", "table"):
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
+def ranks_disagree(model):
+    average_gradients(model)
+    if dist.get_rank() == 2:
+        for p in model.parameters():
+            p.grad += 0.5
+
+
+def raises_on_rank_1(model):
+    if dist.get_rank() == 1:
+        raise ValueError("deliberate mistake on rank 1")
+    average_gradients(model)
+
+
+def skips_collective_on_rank_2(model):
+    if dist.get_rank() != 2:
+        average_gradients(model)
+
+
+def stub(model):
+    raise NotImplementedError("Exercise 1a: average every parameter's .grad; see the instructions above")
+
+
+def test_reference_passes_on_the_default_world_sizes(capsys):
+    check_average_gradients(average_gradients)
+    check_average_gradients(reference_average_gradients, world_sizes=WS)
+    assert capsys.readouterr().out == ("✓ average_gradients is correct on world sizes 1, 2, 3, 4\n"
+                                       "✓ average_gradients is correct on world sizes 3\n")
+
+
+@pytest.mark.parametrize("wrong,expected", [
+    (sum_not_mean, ["sum_not_mean is wrong on 3 processes: got 3× the expected value on every rank and parameter",
+                    "did not divide by the world size"]),
+    (only_local, ["no communication: on every rank .grad is still that rank's own gradient",
+                  "that is rank 0's own gradient", "dist.all_reduce"]),
+    (reduce_to_rank0, ["only rank 0 ends with the average: ranks 1, 2 do not", "dist.reduce",
+                       "Use dist.all_reduce"]),
+    (wrong_divisor, ["divided by the wrong number: got 1.5× the expected mean",
+                     "the sum divided by 2 instead of by the world size N = 3"]),
+    (returns_new_tensors, ["returned a list of 4 item(s) and left every p.grad unchanged",
+                           "what you returned are the right averages", "in place"]),
+    (replaces_grad, ["the values are right, but not in place: on rank 0 parameter 'layer.weight' has a new .grad tensor",
+                     "p.grad /= world_size"]),
+    (skips_some, ["parameter(s) 'layer.bias', 'gain' were skipped",
+                  "'layer.weight', 'table' are averaged correctly"]),
+    (ranks_disagree, ["the ranks disagree after your function: parameter 'layer.weight', element [0, 0]:",
+                      "rank 2 has"]),
+])
+def test_wrong_average_gradients_is_named(wrong, expected):
+    with pytest.raises(CheckFailed) as info:
+        check_average_gradients(wrong, world_sizes=WS)
+    message = str(info.value)
+    for text in expected:
+        assert text in message, message
+
+
+def test_generic_message_gives_rank_parameter_element_expected_got():
+    def off_by_a_bit_everywhere(model):
+        average_gradients(model)
+        for p in model.parameters():
+            p.grad.add_(torch.arange(p.grad.numel(), dtype=p.grad.dtype).reshape(p.grad.shape) * 0.01)
+
+    with pytest.raises(CheckFailed) as info:
+        check_average_gradients(off_by_a_bit_everywhere, world_sizes=WS)
+    assert "rank 0, parameter 'layer.weight', element [0, 1]: expected " in str(info.value)
+
+
+def test_wrong_divisor_fails_already_on_one_process_with_the_default_world_sizes():
+    with pytest.raises(CheckFailed, match=r"on 1 process: divided by the wrong number: .*the sum divided by 0 "
+                                          r"instead of by the world size N = 1"):
+        check_average_gradients(wrong_divisor)
+
+
+def test_an_exception_is_reported_with_that_ranks_traceback():
+    with pytest.raises(CheckFailed) as info:
+        check_average_gradients(raises_on_rank_1, world_sizes=WS)
+    message = str(info.value)
+    assert "raises_on_rank_1 raised ValueError on rank 1 (world size 3): deliberate mistake on rank 1" in message
+    assert "--- traceback of rank 1 ---" in message
+    assert 'in raises_on_rank_1\n    raise ValueError("deliberate mistake on rank 1")' in message
+    assert "labkit/launcher.py" not in message and "labkit/checks/ex01.py" not in message  # only the student's frames
+
+
+def test_a_skipped_collective_is_reported_not_hung():
+    with pytest.raises(CheckFailed) as info:
+        check_average_gradients(skips_collective_on_rank_2, world_sizes=WS, timeout=3)
+    message = str(info.value)
+    assert "skips_collective_on_rank_2 did not finish on 3 processes" in message
+    assert "rank(s) [2]" in message and "same collectives in the same order" in message
+
+
+def test_the_unfinished_stub_is_reported_as_itself():
+    with pytest.raises(NotImplementedError, match="^Exercise 1a: average every parameter's .grad"):
+        check_average_gradients(stub, world_sizes=WS)
+
+
+# --------------------------------------------------------------------------------------------
+# 1b. shard_indices
+# --------------------------------------------------------------------------------------------
+
+def _perm(n, seed):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def shard_indices(num_samples, rank, world_size, epoch, seed=0):  # the solution notebook's
+    return _perm(num_samples, seed + epoch)[rank::world_size]
+
+
+def contiguous_blocks(num_samples, rank, world_size, epoch, seed=0):  # another correct split
+    q, r = divmod(num_samples, world_size)
+    start = rank * q + min(rank, r)
+    return _perm(num_samples, seed + epoch)[start:start + q + (rank < r)]
+
+
+def returns_a_tensor(num_samples, rank, world_size, epoch, seed=0):
+    g = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(num_samples, generator=g)[rank::world_size]
+
+
+def overlapping(num_samples, rank, world_size, epoch, seed=0):
+    k = -(-num_samples // world_size)
+    return _perm(num_samples, seed + epoch)[rank * k:(rank + 1) * k + 1]
+
+
+def drops_the_remainder(num_samples, rank, world_size, epoch, seed=0):
+    k = num_samples // world_size
+    return _perm(num_samples, seed + epoch)[rank * k:(rank + 1) * k]
+
+
+def unbalanced(num_samples, rank, world_size, epoch, seed=0):
+    k = -(-num_samples // world_size)
+    return _perm(num_samples, seed + epoch)[rank * k:(rank + 1) * k]
+
+
+def padded(num_samples, rank, world_size, epoch, seed=0):
+    return labkit_shard_indices(num_samples, rank, world_size, epoch, seed, mode="pad")
+
+
+def forgets_the_epoch(num_samples, rank, world_size, epoch, seed=0):
+    return _perm(num_samples, seed)[rank::world_size]
+
+
+def seed_includes_rank(num_samples, rank, world_size, epoch, seed=0):
+    return _perm(num_samples, seed + epoch + rank)[rank::world_size]
+
+
+def not_shuffled(num_samples, rank, world_size, epoch, seed=0):
+    return list(range(num_samples))[rank::world_size]
+
+
+def global_random_state(num_samples, rank, world_size, epoch, seed=0):
+    return torch.randperm(num_samples).tolist()[rank::world_size]
+
+
+def same_samples_every_epoch(num_samples, rank, world_size, epoch, seed=0):
+    mine = list(range(num_samples))[rank::world_size]
+    random.Random(seed + epoch).shuffle(mine)
+    return mine
+
+
+def ignores_the_seed(num_samples, rank, world_size, epoch, seed=0):
+    return _perm(num_samples, epoch)[rank::world_size]
+
+
+def forgets_to_return(num_samples, rank, world_size, epoch, seed=0):
+    _perm(num_samples, seed + epoch)[rank::world_size]
+
+
+def float_indices(num_samples, rank, world_size, epoch, seed=0):
+    return [float(i) for i in shard_indices(num_samples, rank, world_size, epoch, seed)]
+
+
+def with_replacement(num_samples, rank, world_size, epoch, seed=0):
+    g = torch.Generator().manual_seed(seed + epoch)
+    return torch.randint(0, num_samples, (num_samples,), generator=g).tolist()[rank::world_size]
+
+
+@pytest.mark.parametrize("good", [shard_indices, contiguous_blocks, returns_a_tensor])
+def test_correct_shardings_pass(good, capsys):
+    check_shard_indices(good)
+    assert capsys.readouterr().out == (
+        f"✓ {good.__name__} is correct: 162 cases (num_samples 1 to 100, world sizes 1 to 8, epochs 0 to 2) "
+        f"give disjoint, complete, balanced shards, reshuffled every epoch\n")
+
+
+def test_labkit_uneven_mode_passes():
+    def uneven(num_samples, rank, world_size, epoch, seed=0):
+        return labkit_shard_indices(num_samples, rank, world_size, epoch, seed, mode="uneven")
+
+    check_shard_indices(uneven)
+
+
+@pytest.mark.parametrize("wrong,expected", [
+    (overlapping, ["ranks 0 and 1 both got index", "shards must be disjoint",
+                   "overlapping(10, rank, 2, 0) for rank in range(2):\n    rank 0: ["]),
+    (drops_the_remainder, ["index 2 is in no rank's shard: together the shards must be exactly range(10)",
+                           "Every rank got num_samples // world_size = 3 samples, so the remainder (1) was dropped"]),
+    (unbalanced, ["shard sizes [4, 4, 2] differ by more than one", "every rank must get 3 or 4 samples"]),
+    (padded, ["ranks 0 and 1 both got index", "padded (repeated) as DistributedSampler does by default"]),
+    (forgets_the_epoch, ["epoch 0 and epoch 1 give the same order",
+                         "did you forget to use the epoch, as DistributedSampler.set_epoch does?"]),
+    (seed_includes_rank, ["ranks 0 and 1 both got index", "each rank shuffles differently",
+                          "Does your seed depend on the rank?"]),
+    (not_shuffled, ["the indices are not shuffled", "[0, 4, 8, 12,"]),
+    (global_random_state, ["twice gave two different shards", "not from the global random state"]),
+    (same_samples_every_epoch, ["every rank gets the same samples in epoch 0 and in epoch 1, only in another order"]),
+    (ignores_the_seed, ["seed=1 gives the same shards as seed=0", "ignores its seed"]),
+    (forgets_to_return, ["forgets_to_return(33, 1, 4, 0, seed=0) returned None: did you forget to return"]),
+    (float_indices, ["returned a list whose item 0 is", "(float): indices must be ints"]),
+    (with_replacement, ["rank 0's shard contains index", "a shard must not repeat a sample"]),
+])
+def test_wrong_shard_indices_is_named(wrong, expected):
+    with pytest.raises(CheckFailed) as info:
+        check_shard_indices(wrong)
+    message = str(info.value)
+    for text in expected:
+        assert text in message, message
+
+
+def test_shard_exceptions_keep_the_students_traceback_and_stubs_pass_through():
+    def no_seed_parameter(num_samples, rank, world_size, epoch):
+        return shard_indices(num_samples, rank, world_size, epoch)
+
+    with pytest.raises(CheckFailed, match=r"no_seed_parameter\(33, 1, 4, 0, seed=0\) raised TypeError") as info:
+        check_shard_indices(no_seed_parameter)
+    assert isinstance(info.value.__cause__, TypeError)
+
+    def stub_1b(num_samples, rank, world_size, epoch, seed=0):
+        raise NotImplementedError("Exercise 1b: shard; see the instructions above")
+
+    with pytest.raises(NotImplementedError, match="^Exercise 1b: shard"):
+        check_shard_indices(stub_1b)
+
+
+# --------------------------------------------------------------------------------------------
+# The shared helpers
+# --------------------------------------------------------------------------------------------
+
+def test_check_failed_is_an_assertion_error_and_helpers_format_precisely():
+    assert issubclass(CheckFailed, AssertionError)
+    assert fmt_pair(1.25, 2.5) == ("1.25", "2.5")
+    assert fmt_pair(3.0, 3.0000001) == ("3", "3.0000001")
+    assert first_mismatch(torch.zeros(2, 3), torch.zeros(2, 3)) is None
+    got = torch.zeros(2, 3)
+    got[1, 2] = 7
+    assert first_mismatch(torch.zeros(2, 3), got) == ((1, 2), 0.0, 7.0)
+    assert first_mismatch(torch.tensor(1.0), torch.tensor(2.0)) == ((), 1.0, 2.0)
