@@ -21,6 +21,7 @@ import torch.distributed as dist
 __all__ = [
     "make_linear_data", "LinearRegression", "shard_indices", "average_gradients",
     "weighted_average_gradients", "server_average_gradients", "broadcast_parameters", "flat_grad",
+    "flat_params",
 ]
 
 
@@ -60,6 +61,11 @@ class LinearRegression(torch.nn.Module):
 def flat_grad(model: torch.nn.Module) -> torch.Tensor:
     """All of a model's gradients as one vector (for comparing gradients in checks and figures)."""
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
+def flat_params(model: torch.nn.Module) -> torch.Tensor:
+    """All of a model's parameters as one vector, copied (a snapshot that later steps do not change)."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +113,8 @@ def shard_indices(num_samples: int, rank: int, world_size: int, epoch: int = 0, 
 def average_gradients(model: torch.nn.Module) -> None:
     """All-reduce: every rank's ``.grad`` becomes the mean over ranks, g = (1/N) Σ g_i.
 
-    gloo has no AVG reduction, so sum, then divide by the world size.
+    Written as sum-then-divide, the way the math reads and the way every backend can do it
+    (``ReduceOp.AVG`` exists only on some backends and versions: NCCL always, gloo in recent torch).
     """
     world_size = dist.get_world_size()
     for p in model.parameters():

@@ -200,6 +200,16 @@ class _Run:
         return rank in self.results or rank in self.errors or rank in self.deaths
 
 
+def _import_once_for_all_workers() -> None:
+    """Import here, before forking, what nearly every worker would otherwise import on its own.
+
+    The first ``optimizer.step()`` in a process imports ``torch._dynamo`` (about 2 s). Forked
+    workers inherit this process's modules, so importing it once here saves every rank of every
+    later launch from paying it again (N ranks importing at once on a 2-core laptop: seconds).
+    """
+    import torch._dynamo  # noqa: F401
+
+
 def launch(fn, *args, world_size: int = 2, device: str | None = None, backend: str | None = None,
            timeout: float = 30.0, threads: int | None = 1, **kwargs) -> list:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` processes and return ``[result of rank 0, ...]``.
@@ -237,6 +247,7 @@ def launch(fn, *args, world_size: int = 2, device: str | None = None, backend: s
         raise RuntimeError("CUDA is already initialised in this process, and forked workers cannot use it. "
                            "Restart the kernel and call launch() before any CUDA work in the notebook.")
 
+    _import_once_for_all_workers()
     ctx = mp.get_context("fork")
     store_dir = tempfile.mkdtemp(prefix="labkit-")
     store_path = os.path.join(store_dir, "rendezvous")
