@@ -1,0 +1,435 @@
+"""Collectives built from point-to-point messages only (``isend``/``irecv``, ``send``/``recv``).
+
+    ring_all_reduce(t)          reduce-scatter + all-gather round the ring (labkit.ring's schedule)
+    ring_reduce_scatter(t)      rank i ends with the reduced chunk i
+    ring_all_gather(t)          every rank's tensor, concatenated, on every rank
+    naive_all_reduce(t)         what a central server does: everything to rank 0, the sum back out
+    tree_all_reduce(t)          binomial-tree reduce to rank 0, then binomial-tree broadcast
+    broadcast(t, src)           binomial tree
+
+All work in place on any shape (contiguous or not), like ``torch.distributed``'s, and accept the ops
+"sum", "avg" and "max" (or ``dist.ReduceOp.SUM``/``AVG``/``MAX``). A :class:`CommStats` passed as
+``stats=`` counts the bytes this rank really sent and received.
+
+Before any data moves, the ranks exchange a few numbers describing their call (op, dtype, shape)
+round the same ring, so that a mismatch is the same clear ``ValueError`` on every rank instead of a
+hang or garbage (``check=False`` skips this for benchmarks of the bare algorithm).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from labkit.ring import ALL_GATHER, REDUCE_SCATTER, chunk_bounds
+
+__all__ = ["CommStats", "Exchange", "reduce_scatter_phase", "all_gather_phase", "ring_all_reduce",
+           "ring_reduce_scatter", "ring_all_gather", "naive_all_reduce", "tree_all_reduce", "broadcast",
+           "provenance_input", "decode_contributions", "OPS"]
+
+OPS = ("sum", "avg", "max")
+# Codes exchanged by the pre-flight check. Unknown values are sent as -1, so every rank learns of them.
+_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+           torch.int16, torch.int8, torch.uint8]
+_MAX_DIMS = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# One round of communication, counted
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class CommStats:
+    """What one rank really sent and received (payload bytes, as handed to send/recv)."""
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    per_round: list = field(default_factory=list)  # bytes sent in each ring round
+
+    def reset(self) -> None:
+        self.bytes_sent = self.bytes_received = self.messages_sent = 0
+        self.per_round.clear()
+
+
+class Exchange:
+    """``exchange(send, dst, recv, src)``: send ``send`` to rank ``dst`` while receiving into ``recv``
+    from rank ``src``, and wait for both. Started together (isend + irecv) so that a ring, where every
+    rank sends and receives at once, cannot deadlock. Empty tensors are not sent at all (both ends
+    know the chunk sizes, so both skip them)."""
+
+    def __init__(self, stats: CommStats | None = None):
+        self.stats = stats
+
+    def __call__(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int) -> None:
+        requests = []
+        if recv.numel():
+            requests.append(dist.irecv(recv, src))
+        if send.numel():
+            requests.append(dist.isend(send, dst))
+        for r in requests:
+            r.wait()
+        if self.stats is not None:
+            sent = send.numel() * send.element_size()
+            self.stats.bytes_sent += sent
+            self.stats.bytes_received += recv.numel() * recv.element_size()
+            self.stats.messages_sent += 1 if send.numel() else 0
+            self.stats.per_round.append(sent)
+
+
+def _add(mine: torch.Tensor, received: torch.Tensor) -> None:
+    mine.add_(received)
+
+
+def _maximum(mine: torch.Tensor, received: torch.Tensor) -> None:
+    torch.maximum(mine, received, out=mine)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two phases of the ring (Exercise 2 asks for these two functions)
+# ---------------------------------------------------------------------------------------------
+
+def reduce_scatter_phase(chunks: list, rank: int, world_size: int, exchange: Callable,
+                         combine: Callable = _add, shift: int = 0) -> None:
+    """N-1 rounds; in round j rank i sends chunk (i-j) mod N right, receives chunk (i-j-1) mod N from
+    the left and combines it into its own copy. Afterwards rank i holds chunk (i+1) mod N reduced
+    over all ranks. ``chunks`` are views into one buffer, changed in place."""
+    right, left = (rank + 1) % world_size, (rank - 1) % world_size
+    received = torch.empty_like(max(chunks, key=torch.numel))  # one buffer for every round
+    for j in range(world_size - 1):
+        send_chunk = (rank - j + shift) % world_size
+        recv_chunk = (rank - j - 1 + shift) % world_size
+        buffer = received[:chunks[recv_chunk].numel()]
+        exchange(chunks[send_chunk], right, buffer, left)
+        combine(chunks[recv_chunk], buffer)
+
+
+def all_gather_phase(chunks: list, rank: int, world_size: int, exchange: Callable, shift: int = 1) -> None:
+    """N-1 rounds; in round j rank i sends chunk (i+1-j) mod N right and receives chunk (i-j) mod N
+    from the left straight into its own copy (overwrite: the incoming chunk is already complete)."""
+    right, left = (rank + 1) % world_size, (rank - 1) % world_size
+    for j in range(world_size - 1):
+        send_chunk = (rank - j + shift) % world_size
+        recv_chunk = (rank - j - 1 + shift) % world_size
+        exchange(chunks[send_chunk], right, chunks[recv_chunk], left)
+
+
+class _Recorder:
+    """Wraps an exchange to record, for a trace, what each round sent and what every chunk held."""
+
+    def __init__(self, exchange: Callable, chunks: list, rank: int, phase: str, trace: list):
+        self.exchange, self.chunks, self.rank, self.phase, self.trace = exchange, chunks, rank, phase, trace
+        self.round = 0
+
+    def _index(self, t: torch.Tensor) -> int:
+        for c, chunk in enumerate(self.chunks):
+            if t is chunk:
+                return c
+        for c, chunk in enumerate(self.chunks):  # an equal view made anew
+            if t.numel() and chunk.numel() == t.numel() and chunk.data_ptr() == t.data_ptr():
+                return c
+        return -1  # a buffer that is not one of the chunks
+
+    def __call__(self, send, dst, recv, src):
+        if self.round:  # the previous round's combine is done: record what it left
+            self._snapshot()
+        self.pending = dict(phase=self.phase, round=self.round, rank=self.rank, sent_to=dst,
+                            sent_chunk=self._index(send), received_from=src)
+        self.exchange(send, dst, recv, src)
+        self.round += 1
+
+    def _snapshot(self):
+        self.trace.append(dict(self.pending, chunks=[c.clone() for c in self.chunks]))
+
+    def finish(self):
+        if self.round:
+            self._snapshot()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight: do all ranks agree on what they are calling?
+# ---------------------------------------------------------------------------------------------
+
+def _normalise_op(op) -> str | None:
+    names = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.AVG: "avg", dist.ReduceOp.MAX: "max"}
+    if isinstance(op, str):
+        return op.lower() if op.lower() in OPS else None
+    try:
+        return names.get(op)
+    except TypeError:  # unhashable: certainly not an op
+        return None
+
+
+def _describe_call(tensor, op) -> torch.Tensor:
+    op_name = _normalise_op(op)
+    code = [OPS.index(op_name) if op_name else -1,
+            _DTYPES.index(tensor.dtype) if tensor.dtype in _DTYPES else -1,
+            tensor.dim() if tensor.dim() <= _MAX_DIMS else -1]
+    shape = list(tensor.shape)[:_MAX_DIMS] if tensor.dim() <= _MAX_DIMS else []
+    return torch.tensor(code + shape + [0] * (_MAX_DIMS - len(shape)), dtype=torch.int64)
+
+
+def _explain(desc: list, name: str) -> str | None:
+    """The error every rank raises, or None if the call is valid and the same everywhere."""
+    def text(d):
+        op = OPS[d[0]] if d[0] >= 0 else "an unknown op"
+        dtype = str(_DTYPES[d[1]]).replace("torch.", "") if d[1] >= 0 else "an unsupported dtype"
+        shape = tuple(d[3:3 + d[2]]) if d[2] >= 0 else f"more than {_MAX_DIMS} dims"
+        return f"op={op}, dtype={dtype}, shape={shape}"
+    calls = [text(d) for d in desc]
+    listing = "; ".join(f"rank {r}: {c}" for r, c in enumerate(calls))
+    bad_op = [r for r, d in enumerate(desc) if d[0] < 0]
+    if bad_op:
+        return f"{name}: op must be one of {OPS} (or dist.ReduceOp.SUM/AVG/MAX); rank(s) {bad_op} passed another. [{listing}]"
+    if any(d[1] < 0 for d in desc):
+        return f"{name}: supported dtypes are {[str(d).replace('torch.', '') for d in _DTYPES]}. [{listing}]"
+    if any(d[2] < 0 for d in desc):
+        return f"{name}: tensors may have at most {_MAX_DIMS} dimensions. [{listing}]"
+    if len(set(calls)) > 1:
+        return (f"{name}: every rank must pass a tensor of the same shape and dtype, with the same op; "
+                f"they differ. [{listing}]")
+    if OPS[desc[0][0]] == "avg" and not _DTYPES[desc[0][1]].is_floating_point:
+        return f"{name}: op='avg' needs a floating-point tensor (the mean of integers is not an integer). [{listing}]"
+    return None
+
+
+def _resolve_op(tensor: torch.Tensor, op, name: str, check: bool) -> str:
+    if check:
+        return _preflight(tensor, op, name)
+    op_name = _normalise_op(op)  # unchecked: only this rank's own arguments can be verified
+    if op_name is None:
+        raise ValueError(f"{name}: op must be one of {OPS} (or dist.ReduceOp.SUM/AVG/MAX), not {op!r}")
+    if op_name == "avg" and not tensor.dtype.is_floating_point:
+        raise ValueError(f"{name}: op='avg' needs a floating-point tensor")
+    return op_name
+
+
+def _preflight(tensor: torch.Tensor, op, name: str) -> str:
+    """Exchange call descriptions round the ring; raise the same error on every rank if they disagree."""
+    mine = _describe_call(tensor, op)
+    everyone = _gather_equal_sized(mine)
+    error = _explain(everyone.view(dist.get_world_size(), -1).tolist(), name)
+    if error:
+        raise ValueError(error)
+    return _normalise_op(op)
+
+
+# ---------------------------------------------------------------------------------------------
+# The collectives
+# ---------------------------------------------------------------------------------------------
+
+def _flat_work_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat view of the tensor's elements if they are contiguous, else a flat copy (copied back
+    by the caller)."""
+    return tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
+
+
+def _chunks(flat: torch.Tensor, world_size: int) -> list:
+    return [flat[a:b] for a, b in chunk_bounds(flat.numel(), world_size)]
+
+
+def ring_all_reduce(tensor: torch.Tensor, op="sum", *, stats: CommStats | None = None,
+                    trace: list | None = None, check: bool = True,
+                    reduce_scatter: Callable = reduce_scatter_phase,
+                    all_gather: Callable = all_gather_phase) -> torch.Tensor:
+    """Reduce ``tensor`` over all ranks in place, round the ring, and return it.
+
+    ``trace``: a list that receives one record per round: phase, round, rank, sent_to, sent_chunk,
+    received_from, and ``chunks``: clones of this rank's chunks after the round (see
+    :func:`provenance_input` to read them as "which ranks are summed in").
+    ``reduce_scatter`` / ``all_gather``: the two phases, replaceable (Exercise 2 plugs its own in).
+    """
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    op = _resolve_op(tensor, op, "ring_all_reduce", check)
+    flat = _flat_work_copy(tensor)
+    chunks = _chunks(flat, world_size)
+    exchange = Exchange(stats)
+    combine = _maximum if op == "max" else _add
+    if trace is None:
+        reduce_scatter(chunks, rank, world_size, exchange, combine)
+        all_gather(chunks, rank, world_size, exchange)
+    else:
+        rec = _Recorder(exchange, chunks, rank, REDUCE_SCATTER, trace)
+        reduce_scatter(chunks, rank, world_size, rec, combine)
+        rec.finish()
+        rec = _Recorder(exchange, chunks, rank, ALL_GATHER, trace)
+        all_gather(chunks, rank, world_size, rec)
+        rec.finish()
+    if op == "avg":
+        flat.div_(world_size)
+    if not tensor.is_contiguous():  # flat was a copy
+        tensor.copy_(flat.view(tensor.shape))
+    return tensor
+
+
+def ring_reduce_scatter(tensor: torch.Tensor, op="sum", *, stats: CommStats | None = None,
+                        check: bool = True) -> torch.Tensor:
+    """Reduce-scatter round the ring: returns this rank's chunk ``rank`` of the flattened tensor,
+    reduced over all ranks (a view into ``tensor``, whose other chunks hold partial sums).
+    With N dividing M this equals ``dist.reduce_scatter_single`` (formerly ``reduce_scatter_tensor``)'s output."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    op = _resolve_op(tensor, op, "ring_reduce_scatter", check)
+    if not tensor.is_contiguous():
+        raise ValueError("ring_reduce_scatter returns a view into its input: pass a contiguous tensor")
+    flat = tensor.view(-1)
+    chunks = _chunks(flat, world_size)
+    # shift=-1: rank i ends with chunk i (torch's convention) instead of chunk i+1.
+    reduce_scatter_phase(chunks, rank, world_size, Exchange(stats), _maximum if op == "max" else _add, shift=-1)
+    if op == "avg":
+        chunks[rank].div_(world_size)
+    return chunks[rank]
+
+
+def _gather_equal_sized(local: torch.Tensor, stats: CommStats | None = None) -> torch.Tensor:
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    out = torch.empty(world_size * local.numel(), dtype=local.dtype)
+    chunks = list(out.view(world_size, -1).unbind(0))
+    chunks[rank].copy_(local.reshape(-1))
+    all_gather_phase(chunks, rank, world_size, Exchange(stats), shift=0)  # rank i starts with chunk i
+    return out
+
+
+def ring_all_gather(tensor: torch.Tensor, *, stats: CommStats | None = None, check: bool = True) -> torch.Tensor:
+    """Every rank's ``tensor`` (same shape everywhere), stacked along a new first dimension, on every
+    rank: ``dist.all_gather_single`` (formerly ``all_gather_into_tensor``) round the ring."""
+    if check:
+        _preflight(tensor, "sum", "ring_all_gather")
+    out = _gather_equal_sized(tensor, stats)
+    return out.view(dist.get_world_size(), *tensor.shape)
+
+
+def _send(t, dst, stats):
+    dist.send(t, dst)
+    if stats is not None:
+        stats.bytes_sent += t.numel() * t.element_size()
+        stats.messages_sent += 1
+
+
+def _recv(t, src, stats):
+    dist.recv(t, src)
+    if stats is not None:
+        stats.bytes_received += t.numel() * t.element_size()
+
+
+def naive_all_reduce(tensor: torch.Tensor, op="sum", *, root: int = 0, stats: CommStats | None = None,
+                     check: bool = True) -> torch.Tensor:
+    """The central server: every rank sends its whole tensor to ``root``, which reduces and sends
+    the result back to every rank. The root receives and sends (N-1)·M elements: its load grows with N."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    op = _resolve_op(tensor, op, "naive_all_reduce", check)
+    flat = _flat_work_copy(tensor)
+    if rank == root:
+        incoming = [torch.empty_like(flat) for _ in range(world_size - 1)]
+        peers = [r for r in range(world_size) if r != root]
+        requests = [dist.irecv(buf, src) for buf, src in zip(incoming, peers)]
+        for req, buf in zip(requests, incoming):  # combine in rank order: deterministic
+            req.wait()
+            (_maximum if op == "max" else _add)(flat, buf)
+            if stats is not None:
+                stats.bytes_received += buf.numel() * buf.element_size()
+        if op == "avg":
+            flat.div_(world_size)
+        for dst in peers:
+            _send(flat, dst, stats)
+    else:
+        _send(flat, root, stats)
+        _recv(flat, root, stats)
+    if not tensor.is_contiguous():  # flat was a copy
+        tensor.copy_(flat.view(tensor.shape))
+    return tensor
+
+
+def _tree_reduce(flat, root, combine, stats):
+    """Binomial tree: in step k, ranks whose relative number has bit k set send to the rank 2^k
+    below and drop out; after log2(N) steps the root holds the reduction."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    vr = (rank - root) % n
+    buf = torch.empty_like(flat)
+    mask = 1
+    while mask < n:
+        if vr & mask:
+            _send(flat, (vr - mask + root) % n, stats)
+            return
+        if vr + mask < n:
+            _recv(buf, (vr + mask + root) % n, stats)
+            combine(flat, buf)
+        mask <<= 1
+
+
+def _tree_broadcast(flat, root, stats):
+    """Binomial tree: receive once from the parent, then send to children 2^k above, largest first."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    vr = (rank - root) % n
+    mask = 1
+    while mask < n:
+        if vr & mask:
+            _recv(flat, (vr - mask + root) % n, stats)
+            break
+        mask <<= 1
+    mask >>= 1
+    while mask > 0:
+        if vr + mask < n:
+            _send(flat, (vr + mask + root) % n, stats)
+        mask >>= 1
+
+
+def tree_all_reduce(tensor: torch.Tensor, op="sum", *, stats: CommStats | None = None,
+                    check: bool = True) -> torch.Tensor:
+    """Binomial-tree reduce to rank 0, then binomial-tree broadcast: 2·ceil(log2 N) steps of M
+    elements each. Few rounds (good for small messages), but whole tensors in every step."""
+    world_size = dist.get_world_size()
+    op = _resolve_op(tensor, op, "tree_all_reduce", check)
+    flat = _flat_work_copy(tensor)
+    _tree_reduce(flat, 0, _maximum if op == "max" else _add, stats)
+    if dist.get_rank() == 0 and op == "avg":
+        flat.div_(world_size)
+    _tree_broadcast(flat, 0, stats)
+    if not tensor.is_contiguous():  # flat was a copy
+        tensor.copy_(flat.view(tensor.shape))
+    return tensor
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0, *, stats: CommStats | None = None,
+              check: bool = True) -> torch.Tensor:
+    """Rank ``src``'s tensor on every rank (in place), down a binomial tree: ceil(log2 N) steps."""
+    world_size = dist.get_world_size()
+    if not (isinstance(src, int) and 0 <= src < world_size):
+        raise ValueError(f"src must be a rank in 0..{world_size - 1}, not {src!r}")
+    if check:
+        _preflight(tensor, "sum", "broadcast")
+    flat = _flat_work_copy(tensor)
+    _tree_broadcast(flat, src, stats)
+    if not tensor.is_contiguous():  # flat was a copy
+        tensor.copy_(flat.view(tensor.shape))
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance: inputs whose sums say which ranks were added in
+# ---------------------------------------------------------------------------------------------
+
+PROVENANCE_BASE = 16
+
+
+def provenance_input(rank: int, world_size: int, numel: int) -> torch.Tensor:
+    """An int64 tensor full of 16**rank. Any sum of such inputs is exact, and its base-16 digits
+    count each rank's contribution: 16**0 + 16**2 = 0x101 means "ranks 0 and 2, once each"."""
+    if world_size > 15:
+        raise ValueError("provenance inputs are exact for at most 15 ranks")
+    return torch.full((numel,), PROVENANCE_BASE ** rank, dtype=torch.int64)
+
+
+def decode_contributions(value: int, world_size: int) -> dict:
+    """``{rank: count}`` of the contributions summed into one provenance value (zero counts left out).
+    Counts of 16 or more, or a negative value, cannot be read and give ``{'unreadable': value}``."""
+    value = int(value)
+    if value < 0 or value >= PROVENANCE_BASE ** world_size:
+        return {"unreadable": value}
+    counts = {}
+    for r in range(world_size):
+        value, digit = divmod(value, PROVENANCE_BASE)
+        if digit:
+            counts[r] = digit
+    return counts

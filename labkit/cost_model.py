@@ -1,0 +1,87 @@
+"""The α–β cost model of collective communication, and a fit of α and β from measurements.
+
+Sending a message of m bytes costs α + m·β: α is the latency (start-up time of any message), β the
+inverse bandwidth (seconds per byte). An algorithm that runs in rounds, each round sending one message
+per rank at the same time, costs (number of rounds)·α + (bytes on the busiest link)·β. For an
+all-reduce of M bytes on N ranks:
+
+    ring    2(N-1) rounds, each rank sends 2(N-1)/N·M bytes  ->  2(N-1)·α + 2(N-1)/N·M·β
+    tree    binomial reduce, then broadcast: 2·ceil(log2 N) rounds of M bytes
+                                                         ->  2·ceil(log2 N)·(α + M·β)
+    naive   the root receives N-1 tensors, then sends N-1 ->  2(N-1)·(α + M·β)
+
+The ring's bandwidth term stays below 2·M·β for any N (bandwidth-optimal); its latency term grows
+with N. The tree has few rounds but moves whole tensors each round; the naive server moves N-1 whole
+tensors through one rank. Small messages are latency-bound (tree wins), large ones bandwidth-bound
+(ring wins).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["ALGORITHMS", "terms", "predict", "fit_alpha_beta", "bus_bandwidth", "algorithm_bandwidth"]
+
+ALGORITHMS = ("ring", "tree", "naive")
+
+
+def terms(algorithm: str, world_size: int, nbytes: float) -> tuple[float, float]:
+    """(number of α's, number of bytes multiplying β) for one all-reduce of ``nbytes`` on ``world_size``."""
+    n = world_size
+    if n < 1:
+        raise ValueError(f"world_size must be >= 1, not {n}")
+    if n == 1:
+        return 0.0, 0.0
+    if algorithm == "ring":
+        return 2.0 * (n - 1), 2.0 * (n - 1) / n * nbytes
+    if algorithm == "tree":
+        steps = 2 * math.ceil(math.log2(n))
+        return float(steps), steps * float(nbytes)
+    if algorithm == "naive":
+        return 2.0 * (n - 1), 2.0 * (n - 1) * nbytes
+    raise ValueError(f"algorithm must be one of {ALGORITHMS}, not {algorithm!r}")
+
+
+def predict(algorithm: str, world_size: int, nbytes: float, alpha: float, beta: float) -> float:
+    """Predicted seconds for one all-reduce: α·(rounds) + β·(bytes)."""
+    a, b = terms(algorithm, world_size, nbytes)
+    return alpha * a + beta * b
+
+
+def fit_alpha_beta(algorithm: str, measurements) -> tuple[float, float]:
+    """Least-squares α and β (both >= 0) from ``[(world_size, nbytes, seconds), ...]``.
+
+    Relative errors are minimised (each equation divided by its measured time), so that the
+    microsecond points of small messages count as much as the second-long points of large ones.
+    """
+    rows, rhs = [], []
+    for world_size, nbytes, seconds in measurements:
+        a, b = terms(algorithm, world_size, nbytes)
+        if seconds <= 0 or (a == 0 and b == 0):
+            continue
+        rows.append([a / seconds, b / seconds])
+        rhs.append(1.0)
+    if len(rows) < 2:
+        raise ValueError("need at least two measurements with world_size > 1 and positive times")
+    A = torch.tensor(rows, dtype=torch.float64)
+    y = torch.tensor(rhs, dtype=torch.float64)
+    alpha, beta = torch.linalg.lstsq(A, y.unsqueeze(1)).solution.squeeze(1).tolist()
+    if alpha < 0 or beta < 0:  # constrained: refit with the negative one held at zero
+        col = 1 if alpha < 0 else 0
+        only = A[:, col:col + 1]
+        value = max(torch.linalg.lstsq(only, y.unsqueeze(1)).solution.item(), 0.0)
+        alpha, beta = (0.0, value) if alpha < 0 else (value, 0.0)
+    return alpha, beta
+
+
+def algorithm_bandwidth(nbytes: float, seconds: float) -> float:
+    """algbw = M / t (bytes per second), as nccl-tests reports it."""
+    return nbytes / seconds
+
+
+def bus_bandwidth(nbytes: float, seconds: float, world_size: int) -> float:
+    """busbw = algbw · 2(N-1)/N: the bytes each rank's link really carried per second in a ring
+    all-reduce, comparable across N (nccl-tests' convention)."""
+    return algorithm_bandwidth(nbytes, seconds) * 2 * (world_size - 1) / world_size
