@@ -154,6 +154,29 @@ def test_trace_of_the_real_run_is_the_simulated_schedule(world_size, numel):
                     assert counts == {r: 1 for r in states[t + 1][rank][chunk]}, (t, rank, chunk)
 
 
+def _repeated_calls():
+    # Growing, shrinking and equal sizes, two dtypes: the kept receive buffer must never leak a
+    # previous call's data into a result, and is reused (not reallocated) for an equal size.
+    bad, pointers = [], []
+    for numel, dtype in [(1000, torch.float32), (10, torch.float32), (5000, torch.float32),
+                         (5000, torch.float32), (7, torch.int64), (3000, torch.int64)]:
+        x = (torch.arange(numel) * (dist.get_rank() + 1)).to(dtype)
+        want = x.clone()
+        dist.all_reduce(want)
+        C.ring_all_reduce(x)
+        if not torch.equal(x, want):
+            bad.append((numel, dtype))
+        if dtype == torch.float32:
+            pointers.append(C._scratch(dtype, 1).data_ptr())
+    return bad, pointers
+
+
+def test_ring_keeps_its_receive_buffer_between_calls():
+    for bad, pointers in labkit.launch(_repeated_calls, world_size=3):
+        assert bad == []
+        assert pointers[2] == pointers[3]       # the two 5000-element calls share one buffer
+
+
 def _count_bytes(numel, dtype):
     stats = {}
     x = torch.ones(numel, dtype=dtype)

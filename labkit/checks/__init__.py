@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import torch
@@ -23,7 +26,8 @@ import torch
 from labkit.launcher import WorkerError, launch
 
 __all__ = ["CheckFailed", "fail", "passed", "fmt_number", "fmt_pair", "fmt_index", "fmt_list",
-           "call_repr", "first_mismatch", "expected_got", "student_traceback", "run_on_ranks"]
+           "call_repr", "first_mismatch", "expected_got", "student_traceback", "run_on_ranks", "time_limit",
+           "time_limit_paused"]
 
 
 class CheckFailed(AssertionError):
@@ -143,6 +147,8 @@ def run_on_ranks(worker, *args, world_size: int, timeout: float, name: str, **kw
     inside ``worker``. Returns each rank's result. A failure becomes a message for the student:
 
     - the stub's ``NotImplementedError`` is raised again as itself (the exercise is not done yet);
+    - a :class:`CheckFailed` raised inside the worker (by the checker's instrumentation, or by
+      :func:`time_limit`) is raised again with its message and the student's frames of that rank;
     - any other exception in the student's code: :class:`CheckFailed` with that rank's traceback;
     - a hang or a skipped collective: :class:`CheckFailed` saying which ranks never arrived.
     """
@@ -154,6 +160,9 @@ def run_on_ranks(worker, *args, world_size: int, timeout: float, name: str, **kw
         if isinstance(exc, NotImplementedError):
             raise exc.with_traceback(None) from None
         tb = student_traceback(err.remote_traceback) if err.remote_traceback else ""
+        if isinstance(exc, CheckFailed):  # the checker's own code in the worker found the mistake
+            where = _frames_outside(tb, _LIBRARY_DIRS)
+            fail(f"{exc}\n\n--- where rank {err.rank} was ---\n{where}" if where else str(exc))
         if exc is not None and not _is_peer_failure(err):
             fail(f"{name} raised {type(exc).__name__} on rank {err.rank} "
                  f"(world size {world_size}): {exc}\n\n"
@@ -167,7 +176,65 @@ def run_on_ranks(worker, *args, world_size: int, timeout: float, name: str, **kw
              f"ranks call (e.g. inside `if rank == 0:`) waits for the others until the timeout ({timeout:g} s).")
 
 
+# torch and the standard library: frames a student did not write
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch, os))
+
+
+def _frames_outside(text: str, folders: tuple) -> str:
+    """The frames of a traceback's text (no header, no exception line) whose files are not in ``folders``."""
+    out: list[str] = []
+    keep = False
+    for line in text.split("\n"):
+        frame = _FRAME_RE.match(line)
+        if frame:
+            keep = not os.path.abspath(frame.group("file")).startswith(folders)
+        elif not line.startswith("    "):
+            keep = False
+        if keep:
+            out.append(line)
+    return "\n".join(out)
+
+
 def _is_peer_failure(err: WorkerError) -> bool:
     """True when the launcher reports a hang or a skipped collective, not an error of the code."""
     text = str(err)
     return "never joined the collective" in text or "skip a collective" in text or "still running" in text
+
+
+@contextmanager
+def time_limit(seconds: float, message: str):
+    """Inside a worker: raise :class:`CheckFailed` (``message``) if the block runs longer than ``seconds``.
+
+    For the student's code between collectives: an endless loop that never reaches a collective would
+    otherwise run until the whole launch is interrupted. Uses SIGALRM, so it works in the main thread
+    of a process (a launched worker); elsewhere it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise CheckFailed(message)
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextmanager
+def time_limit_paused():
+    """Inside :func:`time_limit`: the time spent in this block does not count (a checker's own
+    collective, where a rank waits for a slower peer: the peer is the one to name)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+    remaining = signal.setitimer(signal.ITIMER_REAL, 0)[0]
+    try:
+        yield
+    finally:
+        if remaining:
+            signal.setitimer(signal.ITIMER_REAL, remaining)
