@@ -1,0 +1,304 @@
+"""DistributedDataParallel from scratch, in the three steps PyTorch's own DDP took.
+
+    NaiveDDP(model)                        when backward ends: all-reduce every gradient, one by one
+    OverlapDDP(model)                      each gradient's all-reduce starts (async) as soon as it is ready
+    BucketedDDP(model, bucket_cap_mb=25)   gradients packed into buckets in the order they become
+                                           ready; one async all-reduce per full bucket
+
+All three are drop-in replacements for ``torch.nn.parallel.DistributedDataParallel`` in a training
+loop: wrap the model, then ``loss.backward()`` returns with every gradient averaged over the ranks
+and ``optimizer.step()`` needs nothing else. At wrap time rank 0's parameters and buffers are copied
+to every rank, so all replicas start equal. Frozen parameters (``requires_grad=False``) are skipped;
+a weight shared by two layers (tied) is one ``Parameter`` and is reduced once. ``with
+ddp.no_sync():`` accumulates gradients locally; the next backward outside it averages the sum.
+
+How the hooks work. ``Tensor.register_post_accumulate_grad_hook`` calls a function once per backward
+for each parameter, right after its ``.grad`` is final. The first call of a backward also queues a
+callback with the autograd engine (``queue_callback``, what torch's FSDP uses) that runs when the
+whole backward pass is done: there the pending all-reduces are waited for, so that ``backward()``
+returns only when the gradients are averaged.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.autograd import Variable
+
+__all__ = ["NaiveDDP", "OverlapDDP", "BucketedDDP", "Bucket", "plan_buckets", "broadcast_from_rank0",
+           "TimelineEvent"]
+
+
+@dataclass
+class TimelineEvent:
+    """One interval of one step on this rank, in seconds of ``time.perf_counter()``.
+    kind: "forward", "grad" (a gradient became ready: start == end), "allreduce" (launch to completion,
+    completion stamped by the communication thread), "wait" (the end-of-backward wait)."""
+    kind: str
+    label: str
+    start: float
+    end: float
+    nbytes: int = 0
+
+
+def broadcast_from_rank0(module: nn.Module, group=None) -> None:
+    """Copy the first rank's parameters and buffers to every rank of ``group`` (in place)."""
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=src, group=group)
+
+
+def _check_same_model_everywhere(module: nn.Module, group) -> None:
+    # A fingerprint of (name, shape, dtype, trainable) for every parameter, compared across ranks:
+    # different models would otherwise pair up mismatched all-reduces and hang or give garbage.
+    desc = repr([(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in module.named_parameters()])
+    mine = torch.tensor([zlib.crc32(desc.encode())], dtype=torch.int64)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    if any(int(f) != int(mine) for f in everyone):
+        raise ValueError("DDP: the ranks wrapped different models (parameter names, shapes, dtypes or "
+                         "requires_grad differ). Build the same model on every rank before wrapping it.")
+
+
+class _DataParallel(nn.Module):
+    """What the three versions share: broadcast at wrap, hooks, end-of-backward callback, no_sync."""
+
+    def __init__(self, module: nn.Module, process_group=None, record_timeline: bool = False):
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"DDP wraps an nn.Module, got {type(module).__name__}")
+        if not dist.is_initialized():
+            raise RuntimeError("DDP needs a process group: call dist.init_process_group first "
+                               "(labkit.launch, torchrun and accelerate launch do it for you)")
+        self.module = module
+        self.group = process_group
+        self.world_size = dist.get_world_size(process_group)
+        # parameters() lists a tied weight once; frozen parameters never get a gradient to average
+        self._params = [p for p in module.parameters() if p.requires_grad]
+        if not self._params:
+            raise ValueError("DDP: the model has no trainable parameters")
+        self._names = {}
+        for name, p in module.named_parameters():
+            self._names.setdefault(p, name)
+        _check_same_model_everywhere(module, process_group)
+        broadcast_from_rank0(module, process_group)
+        self._sync = True
+        self._in_backward = False
+        self._ready: list = []          # parameters in the order their gradients became ready
+        self.timeline: list | None = [] if record_timeline else None
+        self._hook_handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self._params]
+
+    # --- the training-loop interface -------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        self._in_backward = False          # a new forward starts a new iteration
+        if self.timeline is None:
+            return self.module(*args, **kwargs)
+        start = time.perf_counter()
+        out = self.module(*args, **kwargs)
+        self.timeline.append(TimelineEvent("forward", "forward", start, time.perf_counter()))
+        return out
+
+    @contextmanager
+    def no_sync(self):
+        """Backward passes inside only accumulate into ``.grad``; the first one after averages the sum."""
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    # --- the hooks ----------------------------------------------------------------------------------
+
+    def _on_grad_ready(self, param: torch.Tensor) -> None:
+        if not self._sync:
+            return
+        if not self._in_backward:      # the first gradient of this backward pass
+            self._in_backward = True
+            self._ready = []
+            self._start_backward()
+            Variable._execution_engine.queue_callback(self._on_backward_end)
+        self._ready.append(param)
+        if self.timeline is not None:
+            now = time.perf_counter()
+            self.timeline.append(TimelineEvent("grad", self._names[param], now, now))
+        self._grad_ready(param)
+
+    def _on_backward_end(self) -> None:
+        self._in_backward = False
+        if len(self._ready) != len(self._params):
+            got = set(self._ready)
+            missing = [self._names[p] for p in self._params if p not in got]
+            raise RuntimeError(
+                f"{type(self).__name__}: these trainable parameters got no gradient in this backward pass: "
+                f"{', '.join(missing)}. Every rank waits for every gradient, so each must take part in the "
+                "loss. Freeze parameters you do not train (p.requires_grad_(False)) before wrapping; "
+                "torch's DDP has find_unused_parameters=True for parameters that are skipped only sometimes.")
+        start = time.perf_counter()
+        self._finish()
+        if self.timeline is not None:
+            self.timeline.append(TimelineEvent("wait", "wait for all-reduces", start, time.perf_counter()))
+
+    def _timed_all_reduce(self, tensor: torch.Tensor, label: str):
+        work = dist.all_reduce(tensor, group=self.group, async_op=True)
+        if self.timeline is not None:
+            event = TimelineEvent("allreduce", label, time.perf_counter(), float("nan"),
+                                  tensor.numel() * tensor.element_size())
+            self.timeline.append(event)
+
+            def done(fut, event=event):  # runs on the communication thread when the all-reduce ends
+                event.end = time.perf_counter()
+                return fut.value()
+            work.get_future().then(done)
+        return work
+
+    # --- what each version does differently -------------------------------------------------------
+
+    def _start_backward(self) -> None:
+        pass
+
+    def _grad_ready(self, param: torch.Tensor) -> None:
+        pass
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+
+class NaiveDDP(_DataParallel):
+    """Step 1: wait until backward is over, then all-reduce each gradient in turn and divide by N.
+    Correct, but the network idles during backward and the CPU idles during communication."""
+
+    def _finish(self) -> None:
+        for p in self._params:
+            work = self._timed_all_reduce(p.grad, self._names[p])
+            work.wait()
+            p.grad.div_(self.world_size)
+
+
+class OverlapDDP(_DataParallel):
+    """Step 2: start an asynchronous all-reduce of each gradient the moment it is ready, so that
+    communication runs while backward computes the earlier layers; wait for all of them at the end.
+    One message per parameter: many small, latency-bound messages."""
+
+    def _start_backward(self) -> None:
+        self._pending = []
+
+    def _grad_ready(self, param: torch.Tensor) -> None:
+        param.grad.div_(self.world_size)          # divide first, then sum: the mean, without overflow
+        self._pending.append(self._timed_all_reduce(param.grad, self._names[param]))
+
+    def _finish(self) -> None:
+        for work in self._pending:
+            work.wait()
+        self._pending = []
+
+
+@dataclass
+class Bucket:
+    """Parameters whose gradients travel together in one flat buffer and one all-reduce."""
+    params: list
+    buffer: torch.Tensor
+    offsets: list = field(default_factory=list)     # where each parameter's gradient sits in buffer
+    ready: int = 0                                   # gradients copied in during this backward
+    work: object = None                              # the all-reduce in flight
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
+
+
+def plan_buckets(params, bucket_cap_bytes: int) -> list[list]:
+    """Cut ``params`` (in the order given) into consecutive groups of at most ``bucket_cap_bytes``
+    (a parameter larger than the cap gets a bucket of its own; a change of dtype starts a new bucket)."""
+    buckets, current, size = [], [], 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        if current and (size + nbytes > bucket_cap_bytes or p.dtype != current[0].dtype):
+            buckets.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+class BucketedDDP(_DataParallel):
+    """Step 3: pack gradients into buckets of about ``bucket_cap_mb`` megabytes, in the order they
+    become ready, and start one asynchronous all-reduce per bucket as soon as it is full. Few, large,
+    bandwidth-bound messages, still overlapped with backward.
+
+    Before the first backward the ready order is unknown; like torch, assume it is the reverse of
+    ``module.parameters()`` (backward runs from the output layer back), record the real order during
+    the first backward, and rebuild the buckets from it (rank 0's order, so that all ranks agree).
+    Buckets are launched strictly in index order on every rank: the k-th all-reduce of every rank
+    must be the same bucket.
+    """
+
+    def __init__(self, module: nn.Module, bucket_cap_mb: float = 25.0, process_group=None,
+                 record_timeline: bool = False, rebuild_buckets: bool = True):
+        if not bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb}")
+        super().__init__(module, process_group, record_timeline)
+        self.bucket_cap_bytes = int(bucket_cap_mb * 2 ** 20)
+        self._rebuild_pending = rebuild_buckets
+        self._set_buckets(plan_buckets(reversed(self._params), self.bucket_cap_bytes))
+
+    def _set_buckets(self, groups: list[list]) -> None:
+        self.buckets = []
+        self._bucket_of = {}
+        for index, params in enumerate(groups):
+            numel = sum(p.numel() for p in params)
+            bucket = Bucket(params, torch.zeros(numel, dtype=params[0].dtype, device=params[0].device))
+            offset = 0
+            for p in params:
+                bucket.offsets.append(offset)
+                self._bucket_of[p] = (index, offset)
+                offset += p.numel()
+            self.buckets.append(bucket)
+
+    @property
+    def bucket_names(self) -> list[list[str]]:
+        """Each bucket's parameter names, in bucket order (for figures and checks)."""
+        return [[self._names[p] for p in b.params] for b in self.buckets]
+
+    def _start_backward(self) -> None:
+        for bucket in self.buckets:
+            bucket.ready, bucket.work = 0, None
+        self._next_to_launch = 0
+
+    def _grad_ready(self, param: torch.Tensor) -> None:
+        index, offset = self._bucket_of[param]
+        bucket = self.buckets[index]
+        bucket.buffer[offset:offset + param.numel()].copy_(param.grad.reshape(-1))
+        bucket.ready += 1
+        # Launch every full bucket whose predecessors are all launched: same order on every rank.
+        while (self._next_to_launch < len(self.buckets)
+               and self.buckets[self._next_to_launch].ready == len(self.buckets[self._next_to_launch].params)):
+            full = self.buckets[self._next_to_launch]
+            full.buffer.div_(self.world_size)
+            full.work = self._timed_all_reduce(full.buffer, f"bucket {self._next_to_launch}")
+            self._next_to_launch += 1
+
+    def _finish(self) -> None:
+        for bucket in self.buckets:
+            bucket.work.wait()
+            for p, offset in zip(bucket.params, bucket.offsets):
+                p.grad.copy_(bucket.buffer[offset:offset + p.numel()].view_as(p.grad))
+        if self._rebuild_pending:
+            self._rebuild_pending = False
+            self._rebuild_from_ready_order()
+
+    def _rebuild_from_ready_order(self) -> None:
+        index = {p: i for i, p in enumerate(self._params)}
+        order = torch.tensor([index[p] for p in self._ready], dtype=torch.int64)
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        dist.broadcast(order, src=src, group=self.group)  # rank 0's order for everyone
+        self._set_buckets(plan_buckets([self._params[i] for i in order.tolist()], self.bucket_cap_bytes))
