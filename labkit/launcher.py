@@ -46,14 +46,17 @@ _POLL_S = 0.1
 
 class WorkerError(RuntimeError):
     """A worker rank failed. ``rank`` is the rank that failed first; ``remote_traceback`` its own
-    traceback text; ``exception`` the original exception when it could be sent back."""
+    traceback text; ``exception`` the original exception when it could be sent back; ``stalled``
+    True when no rank's code failed by itself: ranks hung, skipped a collective or deadlocked, and the
+    exception (if any) is only a communication error of a rank that was left waiting."""
 
     def __init__(self, message: str, rank: int | None = None, remote_traceback: str = "",
-                 exception: BaseException | None = None):
+                 exception: BaseException | None = None, stalled: bool = False):
         super().__init__(message)
         self.rank = rank
         self.remote_traceback = remote_traceback
         self.exception = exception
+        self.stalled = stalled
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,17 +368,25 @@ def _explain_failure(run: _Run, timeout: float) -> WorkerError:
             head = (f"rank(s) {still_running} of {n} never joined the collective that rank(s) {waiting} waited "
                     f"in ({name}; timeout {timeout:g} s): hung, or skipped a collective (every rank must call "
                     f"the same collectives in the same order)")
-        else:
+        elif run.results:
             returned = sorted(run.results)
-            culprit = returned[0] if returned else rank0
+            culprit = returned[0]
             head = (f"rank(s) {returned} of {n} returned while rank(s) {waiting} were still waiting in a "
                     f"collective ({name}): did rank(s) {returned} skip a collective?")
-        return WorkerError(head + context, rank=culprit, remote_traceback=tb, exception=_unpickle(exc_bytes))
+        else:  # every rank failed inside communication: all waiting for each other, or disagreeing
+            culprit = rank0
+            head = (f"every rank of {n} failed while communicating ({name}; timeout {timeout:g} s): they all "
+                    f"waited for each other (e.g. every rank in recv, none in send: a deadlock), or called "
+                    f"different collectives (every rank must call the same collectives, on matching tensors, "
+                    f"in the same order)")
+        return WorkerError(head + context, rank=culprit, remote_traceback=tb, exception=_unpickle(exc_bytes),
+                           stalled=True)
     # 4. No errors at all: some ranks finished, the others did not within the timeout.
     done = sorted(run.results)
     return WorkerError(f"rank(s) {still_running} of {n} were still running {timeout:g} s after rank(s) {done} "
                        f"had returned: hung, or waiting in a collective the others never called. Stopped "
-                       f"them. (Pass a larger timeout= if the work is just slow.)", rank=still_running[0])
+                       f"them. (Pass a larger timeout= if the work is just slow.)", rank=still_running[0],
+                       stalled=True)
 
 
 def _unpickle(data: bytes | None):

@@ -231,3 +231,95 @@ def draw_ring_rounds(world_size: int, *, ncols: int = 4, panel_size: float = 3.3
     fig.suptitle(suptitle, fontsize=12)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: one training step per rank, measured (lesson 3). Reads labkit.ddp.TimelineEvent lists.
+# ---------------------------------------------------------------------------------------------
+
+__all__ += ["draw_ddp_timeline", "ddp_timeline_legend"]
+
+_TIMELINE_COLORS = {"forward": "#B0B0B0", "wait": "#C44E52"}
+
+
+def draw_ddp_timeline(ax, timelines, *, origin: float | None = None, title: str = "", unit: float = 1e-3,
+                      label_buckets: bool = True):
+    """Draw one step of data-parallel training per rank, as measured by ``labkit.ddp``'s
+    ``record_timeline=True`` (``timelines[r]``: rank r's list of ``TimelineEvent``).
+
+    Each rank gets two rows. The upper row is its compute: the forward pass (grey), then the backward
+    pass in the rank's colour, from the end of the forward to the last gradient, with a tick where each
+    gradient became ready, and the wait at the end of backward for the all-reduces still in flight (red).
+    The lower row is its communication: every all-reduce, one thin bar each (stacked in launch order,
+    first at the top), from its launch to its completion as stamped by the communication thread.
+    A dotted line marks the end of the backward computation: communication to its left is hidden behind
+    compute, communication to its right is exposed (the step waits for it).
+
+    Times are shown in ``unit`` seconds (default ms) from ``origin`` (default: the earliest event of
+    any rank; ``time.perf_counter()`` is one clock for all the processes of a machine).
+    """
+    events = [e for tl in timelines for e in tl]
+    if not events:
+        raise ValueError("the timelines are empty: wrap the model with record_timeline=True")
+    origin = min(e.start for e in events) if origin is None else origin
+    scale = lambda t: (t - origin) / unit  # noqa: E731
+    n = len(timelines)
+    yticks, ylabels = [], []
+    for r, tl in enumerate(timelines):
+        base = 3.0 * (n - 1 - r)                     # rank 0 on top
+        comp_y, comm_y = base + 1.45, base           # compute row [comp_y, comp_y + 1], comm [comm_y, + 1.3]
+        color = RANK_COLORS[r % len(RANK_COLORS)]
+        forward = [e for e in tl if e.kind == "forward"]
+        grads = [e for e in tl if e.kind == "grad"]
+        waits = [e for e in tl if e.kind == "wait"]
+        reduces = sorted((e for e in tl if e.kind == "allreduce"), key=lambda e: e.start)
+        for e in forward:
+            ax.broken_barh([(scale(e.start), scale(e.end) - scale(e.start))], (comp_y, 1.0),
+                           facecolor=_TIMELINE_COLORS["forward"], edgecolor="black", linewidth=0.5)
+        backward_end = None
+        if grads:
+            backward_start = scale(forward[-1].end) if forward else scale(grads[0].start)
+            backward_end = scale(max(g.start for g in grads))
+            ax.broken_barh([(backward_start, backward_end - backward_start)], (comp_y, 1.0),
+                           facecolor=color, alpha=0.45, edgecolor="black", linewidth=0.5)
+            ax.vlines([scale(g.start) for g in grads], comp_y, comp_y + 1.0, color=color, linewidth=0.8)
+        for e in waits:
+            ax.broken_barh([(scale(e.start), scale(e.end) - scale(e.start))], (comp_y, 1.0),
+                           facecolor=_TIMELINE_COLORS["wait"], alpha=0.8, edgecolor="black", linewidth=0.5,
+                           hatch="///")
+        if reduces:
+            h = 1.3 / len(reduces)
+            for i, e in enumerate(reduces):
+                y = comm_y + 1.3 - (i + 1) * h
+                ax.broken_barh([(scale(e.start), max(scale(e.end) - scale(e.start), 0.0))], (y, h * 0.85),
+                               facecolor=color, edgecolor="black" if len(reduces) <= 16 else "none",
+                               linewidth=0.5)
+                if label_buckets and len(reduces) <= 12 and e.label.startswith("bucket"):
+                    ax.text(scale(e.end), y + h * 0.42, " " + e.label.replace("bucket ", "b"),
+                            va="center", ha="left", fontsize=7)
+        if backward_end is not None:
+            ax.vlines(backward_end, comm_y - 0.1, comp_y + 1.1, color="black", linestyle=":", linewidth=1.2)
+        yticks += [comp_y + 0.5, comm_y + 0.65]
+        ylabels += [f"rank {r} compute", f"rank {r} all-reduces"]
+    ax.set_yticks(yticks)
+    ax.set_yticklabels(ylabels, fontsize=8)
+    ax.set_ylim(-0.3, 3.0 * (n - 1) + 2.75)
+    ax.set_xlabel("time in the step (ms)" if unit == 1e-3 else f"time in the step (units of {unit:g} s)")
+    ax.grid(axis="y", visible=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def ddp_timeline_legend(ax_or_fig, **kwargs):
+    """The key for :func:`draw_ddp_timeline` (on an axes or a figure)."""
+    handles = [Patch(facecolor=_TIMELINE_COLORS["forward"], edgecolor="black", label="forward"),
+               Patch(facecolor=RANK_COLORS[0], alpha=0.45, edgecolor="black",
+                     label="backward (| = a gradient ready)"),
+               Patch(facecolor=_TIMELINE_COLORS["wait"], alpha=0.8, hatch="///", edgecolor="black",
+                     label="wait for all-reduces in flight"),
+               Patch(facecolor=RANK_COLORS[0], edgecolor="black", label="one all-reduce: launch → completion"),
+               Line2D([], [], color="black", linestyle=":", label="backward compute ends")]
+    kwargs.setdefault("fontsize", 8)
+    kwargs.setdefault("frameon", False)
+    return ax_or_fig.legend(handles=handles, **kwargs)

@@ -104,6 +104,21 @@ def test_skipped_collective_names_the_rank_that_skipped():
     assert "skip a collective" in str(info.value)
 
 
+def _everyone_receives():
+    t = torch.ones(3)
+    dist.recv(t, src=1 - dist.get_rank())  # both ranks wait, nobody sends
+    return 1
+
+
+def test_deadlock_of_every_rank_is_explained_without_an_empty_rank_list():
+    with pytest.raises(WorkerError) as info:
+        labkit.launch(_everyone_receives, world_size=2, timeout=2)
+    message = str(info.value)
+    assert message.startswith("every rank of 2 failed while communicating")
+    assert "deadlock" in message and "[]" not in message.split("\n")[0]
+    assert info.value.stalled       # not an error of the code: checkers word it as a hang
+
+
 def test_rank_still_running_after_the_others_returned_is_stopped():
     def worker():
         if dist.get_rank() == 0:

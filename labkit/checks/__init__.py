@@ -142,11 +142,14 @@ def student_traceback(text: str) -> str:
     return "\n".join(out)
 
 
-def run_on_ranks(worker, *args, world_size: int, timeout: float, name: str, **kwargs) -> list:
+def run_on_ranks(worker, *args, world_size: int, timeout: float, name: str, task: str | None = None,
+                 **kwargs) -> list:
     """``labkit.launch(worker, *args, ...)`` for a checker that calls the student's function ``name``
     inside ``worker``. Returns each rank's result. A failure becomes a message for the student:
 
     - the stub's ``NotImplementedError`` is raised again as itself (the exercise is not done yet);
+      with ``task`` (e.g. ``"3c"``), any other ``NotImplementedError`` (one the student raised, not the
+      stub's "Exercise ..." one) is reworded to say that exercise ``task`` is not written yet;
     - a :class:`CheckFailed` raised inside the worker (by the checker's instrumentation, or by
       :func:`time_limit`) is raised again with its message and the student's frames of that rank;
     - any other exception in the student's code: :class:`CheckFailed` with that rank's traceback;
@@ -158,12 +161,16 @@ def run_on_ranks(worker, *args, world_size: int, timeout: float, name: str, **kw
     except WorkerError as err:
         exc = err.exception
         if isinstance(exc, NotImplementedError):
-            raise exc.with_traceback(None) from None
+            if task is None or str(exc).startswith("Exercise "):
+                raise exc.with_traceback(None) from None
+            raised = f"NotImplementedError({str(exc)!r})" if str(exc) else "NotImplementedError"
+            raise NotImplementedError(f"Exercise {task}: {name} is not written yet (it raised {raised}); "
+                                      f"see the instructions above") from None
         tb = student_traceback(err.remote_traceback) if err.remote_traceback else ""
         if isinstance(exc, CheckFailed):  # the checker's own code in the worker found the mistake
             where = _frames_outside(tb, _LIBRARY_DIRS)
             fail(f"{exc}\n\n--- where rank {err.rank} was ---\n{where}" if where else str(exc))
-        if exc is not None and not _is_peer_failure(err):
+        if exc is not None and not err.stalled:
             fail(f"{name} raised {type(exc).__name__} on rank {err.rank} "
                  f"(world size {world_size}): {exc}\n\n"
                  f"--- traceback of rank {err.rank} ---\n{tb}")
@@ -193,12 +200,6 @@ def _frames_outside(text: str, folders: tuple) -> str:
         if keep:
             out.append(line)
     return "\n".join(out)
-
-
-def _is_peer_failure(err: WorkerError) -> bool:
-    """True when the launcher reports a hang or a skipped collective, not an error of the code."""
-    text = str(err)
-    return "never joined the collective" in text or "skip a collective" in text or "still running" in text
 
 
 @contextmanager

@@ -443,18 +443,6 @@ def _diagnose(phase: _Phase, N: int, records: list) -> str | None:
     return None
 
 
-def _launch(worker, *args, world_size: int, timeout: float, name: str, task: str) -> list:
-    """run_on_ranks, with a NotImplementedError that does not come from a stub named after its exercise."""
-    __tracebackhide__ = True
-    try:
-        return run_on_ranks(worker, *args, world_size=world_size, timeout=timeout, name=name)
-    except NotImplementedError as exc:
-        if str(exc).startswith("Exercise "):
-            raise
-        raised = f"NotImplementedError({str(exc)!r})" if str(exc) else "NotImplementedError"
-        raise NotImplementedError(f"Exercise {task}: {name} is not written yet (it raised {raised}); "
-                                  f"see the instructions above") from None
-
 
 def _check_phase(phase: _Phase, student_fn, world_sizes, timeout: float) -> None:
     __tracebackhide__ = True
@@ -462,7 +450,7 @@ def _check_phase(phase: _Phase, student_fn, world_sizes, timeout: float) -> None
     if not callable(student_fn):
         fail(f"check the {phase.name} with your function, not a {type(student_fn).__name__}")
     for N in world_sizes:
-        per_rank = _launch(_phase_worker, phase.name, student_fn, name, _sizes(N), 0.6 * timeout,
+        per_rank = run_on_ranks(_phase_worker, phase.name, student_fn, name, _sizes(N), 0.6 * timeout,
                            world_size=N, timeout=timeout, name=name, task=phase.task)
         for k in range(len(per_rank[0])):
             problem = _diagnose(phase, N, [cases[k] for cases in per_rank])
@@ -534,7 +522,7 @@ def check_ring_all_reduce(reduce_scatter, all_gather, *, world_sizes=(3, 4), tim
     name = f"ring_all_reduce with {rs_name} and {ag_name}"
     for N in world_sizes:
         try:
-            results = _launch(_all_reduce_worker, reduce_scatter, all_gather, _ALL_REDUCE_CASES, 0.6 * timeout,
+            results = run_on_ranks(_all_reduce_worker, reduce_scatter, all_gather, _ALL_REDUCE_CASES, 0.6 * timeout,
                               world_size=N, timeout=timeout, name=name, task="2a/2b")
         except CheckFailed as exc:
             fail(f"{exc}\n\ncheck_reduce_scatter_phase and check_all_gather_phase say which round goes wrong.")

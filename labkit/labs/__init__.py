@@ -1,5 +1,8 @@
 """Lab scripts: the lessons' training runs as programs, for `python -m`, `torchrun` and `accelerate launch`.
 
+    dp_sgd      lab 1: data-parallel SGD on linear regression, central server or all-reduce
+    train_gpt   lab 3: a small GPT on a novel with torch's DDP or labkit's naive/overlap/bucketed DDP
+
 Every lab runs the same worker code three ways:
 
     python -m labkit.labs.dp_sgd --world-size 4                     # labkit.launch forks 4 workers

@@ -84,7 +84,8 @@ def train(args, device: torch.device) -> dict:
 
 
 def _launched_worker(args):
-    return train(args, torch.device("cpu"))
+    _, _, device = init_from_env(args.world_size)   # the group exists: this reads its device (cuda under NCCL)
+    return train(args, device)
 
 
 def main(argv=None) -> dict:

@@ -23,8 +23,8 @@ __all__ = ["GPTConfig", "GPT", "CausalSelfAttention", "MLP", "Block"]
 
 # name: (n_layer, n_head, n_embd, block_size). Parameter counts for the 78 characters of Botchan.
 PRESETS = {
-    "tiny": (2, 4, 48, 64),      # ~63 K: tests and notebooks, learns visibly in seconds on a CPU
-    "small": (4, 4, 128, 128),   # ~0.8 M: the CPU lab
+    "tiny": (2, 4, 48, 64),      # ~63 K: tests, notebooks and the CPU lab's default; learns in seconds
+    "small": (4, 4, 128, 128),   # ~0.8 M: a longer CPU lab run (minutes)
     "medium": (8, 6, 384, 128),  # ~14 M: big enough that the gradient all-reduce costs real time
     "gpu": (12, 12, 768, 256),   # ~85 M: GPT-2 small's shape (with a character vocabulary)
 }

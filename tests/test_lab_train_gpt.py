@@ -1,0 +1,163 @@
+"""Lab 3 (labkit/labs/train_gpt.py): a GPT trained with each of the four DDPs on 2 processes.
+
+One launch per DDP (module fixture) serves several tests: each learns, writes its outputs, and all
+four end with the same parameters (they average the same gradients). Resuming from a checkpoint
+continues exactly; the script also runs under torchrun, accelerate launch and as one process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import labkit
+from labkit.labs import train_gpt
+
+ROOT = Path(__file__).resolve().parents[1]
+DDPS = ("torch", "naive", "overlap", "bucketed")
+STEPS = 24
+# 8 sequences of 64 characters per rank; eval on one batch per rank at steps 0, 12 and 24.
+# --bucket-cap-mb 0.05 (52 KB) cuts the tiny GPT's 250 KB of gradients into several buckets.
+COMMON = ["--world-size", "2", "--steps", str(STEPS), "--batch-size", "8", "--eval-every", "12",
+          "--eval-batches", "1", "--bucket-cap-mb", "0.05", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    runs = {}
+    for ddp in DDPS:
+        out = tmp_path_factory.mktemp(f"train_gpt_{ddp}")
+        result = train_gpt.main(COMMON + ["--ddp", ddp, "--out-dir", str(out)])
+        runs[ddp] = (result, out)
+    return runs
+
+
+@pytest.mark.parametrize("ddp", DDPS)
+def test_each_ddp_learns_and_writes_its_outputs(ddp_runs, ddp):
+    result, out = ddp_runs[ddp]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_loss"] == result["train_loss"]
+    assert (metrics["world_size"], metrics["backend"], metrics["ddp"]) == (2, "gloo", ddp)
+    assert metrics["replicas_identical"] is True
+    assert metrics["global_batch_sequences"] == 16 and metrics["global_batch_tokens"] == 16 * 64
+    assert len(metrics["train_loss"]) == len(metrics["step_time_s"]) == STEPS
+    assert [step for step, _ in metrics["eval_loss"]] == [0, 12, 24]
+    assert metrics["tokens_per_s"] > 0 and metrics["mfu"] == "unknown"   # no peak known for a CPU
+    # Measured: train loss 4.37 -> ~3.1 and validation 4.38 -> ~3.1 in 24 steps; ln(78) = 4.36 is chance.
+    first, last = metrics["train_loss"][0], sum(metrics["train_loss"][-4:]) / 4
+    assert first > 4.2 and last < first - 0.7, metrics["train_loss"]
+    assert metrics["eval_loss"][-1][1] < metrics["eval_loss"][0][1] - 0.7, metrics["eval_loss"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "checkpoint.pt").is_file()
+
+
+def test_all_four_ddps_end_with_the_same_parameters(ddp_runs):
+    """They average the same gradients: only the order of float additions may differ (on 2 ranks, not even that)."""
+    final = {ddp: torch.load(out / "checkpoint.pt", weights_only=True)["model"] for ddp, (_, out) in ddp_runs.items()}
+    for ddp in DDPS[1:]:
+        for name, ref in final["torch"].items():
+            torch.testing.assert_close(final[ddp][name], ref, rtol=1e-6, atol=1e-7, msg=f"{ddp}: {name}")
+        assert ddp_runs[ddp][0]["train_loss"] == pytest.approx(ddp_runs["torch"][0]["train_loss"], rel=1e-6)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """6 steps in one go == 3 steps, stop, resume for 3 more: bitwise, with dropout (RNG states restored),
+    gradient accumulation (no_sync) and a stop in the middle of an epoch's data."""
+    common = ["--world-size", "2", "--steps", "6", "--batch-size", "4", "--grad-accum", "2", "--dropout", "0.1",
+              "--eval-every", "0", "--eval-batches", "1", "--ddp", "bucketed"]
+    straight = train_gpt.main(common + ["--out-dir", str(tmp_path / "straight")])
+    half = train_gpt.main(common + ["--out-dir", str(tmp_path / "halves"), "--stop-after", "3"])
+    assert half["steps_done"] == 3 and torch.load(tmp_path / "halves" / "checkpoint.pt")["step"] == 3
+    # Only --resume: the other options come from the checkpoint; the outputs go into the same folder.
+    resumed = train_gpt.main(["--resume", str(tmp_path / "halves")])
+    assert resumed["resumed_from_step"] == 3 and resumed["out_dir"] == str(tmp_path / "halves")
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=True)
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert a["data"] == b["data"] and a["step"] == b["step"] == 6
+    assert resumed["train_loss"] == straight["train_loss"]          # the history carries over
+    assert resumed["param_checksum"] == straight["param_checksum"]
+
+    with pytest.raises(labkit.WorkerError, match="cannot resume .* --batch-size 4 \\(now 2\\)"):
+        train_gpt.main(["--resume", str(tmp_path / "halves"), "--batch-size", "2", "--steps", "8"])
+    with pytest.raises(labkit.WorkerError, match="is at step 6 and --steps is 6: nothing to do"):
+        train_gpt.main(["--resume", str(tmp_path / "straight" / "checkpoint.pt")])
+
+
+def test_single_process(tmp_path):
+    """Plain `python -m labkit.labs.train_gpt`: one worker, a world of 1; --sample prints generated text."""
+    result = train_gpt.main(["--steps", "3", "--batch-size", "4", "--eval-batches", "1", "--sample", "40",
+                             "--out-dir", str(tmp_path)])
+    assert result["world_size"] == 1 and result["replicas_identical"] and len(result["train_loss"]) == 3
+    assert len(result["sample"]) == 40
+    assert json.loads((tmp_path / "metrics.json").read_text())["sample"] == result["sample"]
+
+
+@pytest.mark.parametrize("argv, error, match", [
+    (["--ddp", "bucketed", "--bucket-cap-mb", "0"], ValueError, "--bucket-cap-mb"),
+    (["--batch-size", "0"], ValueError, "--batch-size must be positive"),
+    (["--steps", "4", "--stop-after", "5"], ValueError, "--stop-after"),
+    (["--resume", "/nonexistent/run"], FileNotFoundError, "no such checkpoint"),
+])
+def test_bad_command_lines_are_refused_before_starting(argv, error, match):
+    with pytest.raises(error, match=match):
+        train_gpt.parse_args(argv)
+
+
+def test_unknown_preset_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train_gpt.parse_args(["--preset", "huge"])
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def test_a_batch_larger_than_a_shard_is_refused():
+    with pytest.raises(labkit.WorkerError, match="--batch-size 5000 per rank does not fit"):
+        train_gpt.main(["--world-size", "2", "--batch-size", "5000", "--steps", "1"])
+
+
+def test_lr_schedule_and_data_position():
+    args = train_gpt.parse_args(["--steps", "100", "--lr", "1e-3", "--warmup-steps", "10"])
+    lrs = [train_gpt.lr_at(s, args) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)       # linear warm-up
+    assert lrs[10] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4, rel=1e-2)  # cosine to lr/10
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    # A stream restarted at (epoch, position) yields what the original yields from there on.
+    _, _, blocks, _ = train_gpt.load_text("tiny", 0.0, False)
+    loader = train_gpt.make_loader(blocks, 512, rank=1, world_size=2, seed=3, shuffle=True)
+    stream = train_gpt.DataStream(loader)
+    for _ in range(len(loader) + 1):        # into the second epoch
+        stream.next()
+    again = train_gpt.DataStream(loader, stream.epoch, stream.position)
+    assert (stream.epoch, stream.position) == (1, 1)
+    for _ in range(len(loader) + 1):
+        assert all(torch.equal(a, b) for a, b in zip(stream.next(), again.next()))
+
+
+def _run(cmd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+LAB = ["-m", "labkit.labs.train_gpt", "--world-size", "2", "--steps", "3", "--batch-size", "4",
+       "--eval-batches", "1"]
+
+
+def test_under_torchrun(tmp_path):
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                *LAB, "--ddp", "torch", "--out-dir", str(tmp_path)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "world size 2 (gloo on cpu), ddp=torch" in out.stdout and "replicas identical: True" in out.stdout
+    assert json.loads((tmp_path / "metrics.json").read_text())["world_size"] == 2
+
+
+def test_under_accelerate_launch_with_the_shipped_cpu_config(tmp_path):
+    out = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu.yaml",
+                "--num_processes", "2", *LAB, "--ddp", "overlap", "--out-dir", str(tmp_path)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "world size 2 (gloo on cpu), ddp=overlap" in out.stdout and "replicas identical: True" in out.stdout
+    assert (tmp_path / "loss.png").is_file()
