@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -23,7 +22,7 @@ import torch.distributed as dist
 
 from labkit.data_parallel import (LinearRegression, average_gradients, broadcast_parameters,
                                   make_linear_data, server_average_gradients, shard_indices)
-from labkit.launcher import init_from_env, launch
+from labkit.labs.entry import run_lab
 
 
 def parse_args(argv=None):
@@ -83,24 +82,9 @@ def train(args, device: torch.device) -> dict:
                 replicas_identical=None if rank else all(torch.equal(g, weights) for g in gathered))
 
 
-def _launched_worker(args):
-    _, _, device = init_from_env(args.world_size)   # the group exists: this reads its device (cuda under NCCL)
-    return train(args, device)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if "WORLD_SIZE" in os.environ or dist.is_initialized():
-        rank, world_size, device = init_from_env(args.world_size, timeout=args.timeout)
-        try:
-            result = train(args, device)
-        finally:
-            dist.destroy_process_group()
-    else:
-        rank = 0
-        init_from_env(None)  # catches `accelerate launch --cpu` (one process, no world)
-        results = launch(_launched_worker, args, world_size=args.world_size or 1, timeout=args.timeout)
-        result = results[0]
+    rank, result = run_lab(train, args)
     if rank == 0:
         print(f"world size {result['world_size']} ({result['backend']} on {result['device']}), "
               f"sync={result['sync']}: final loss {result['loss'][-1]:.6f}, "

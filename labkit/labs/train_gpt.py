@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from labkit.ddp import BucketedDDP, NaiveDDP, OverlapDDP
-from labkit.launcher import init_from_env, launch
+from labkit.labs.entry import run_lab, under_launcher
 from labkit.models.gpt import GPT, PRESETS, GPTConfig
 from labkit.text import CharTokenizer, TokenBlocks, batches, distributed_loader, load_corpus, split_tokens
 
@@ -555,25 +555,11 @@ def resolve_out_dir(args) -> Path:
 # Entry point: under a launcher, or starting the workers itself
 # --------------------------------------------------------------------------------------------
 
-def _launched_worker(args):
-    _, _, device = init_from_env(args.world_size)   # the group exists: this reads its device
-    return train(args, device)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if "WORLD_SIZE" in os.environ or dist.is_initialized():
-        rank, world_size, device = init_from_env(args.world_size, device=args.device, timeout=args.timeout)
-        try:
-            result = train(args, device)
-        finally:
-            dist.destroy_process_group()
-    else:
-        rank = 0
-        init_from_env(None)  # catches `accelerate launch --cpu` (one process, no world)
+    if not under_launcher():
         args.out_dir = str(resolve_out_dir(args))   # chosen once, here, for every worker
-        result = launch(_launched_worker, args, world_size=args.world_size or 1, device=args.device,
-                        timeout=args.timeout)[0]
+    rank, result = run_lab(train, args, device=args.device)
     if rank == 0:
         mfu = result["mfu"]
         print(f"world size {result['world_size']} ({result['backend']} on {result['device']}), ddp={result['ddp']}: "
