@@ -156,6 +156,11 @@ def _worker_main(rank: int, world_size: int, fn, args, kwargs, conn, device: str
         store = dist.FileStore(store_path, world_size)
         store.set_timeout(timeout)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        # Wait until every rank's group is up: a rank whose fn returns at once must not exit (closing
+        # its sockets) while a peer is still connecting to it.
+        if store.add("labkit/joined", 1) == world_size:
+            store.set("labkit/all_joined", "1")
+        store.wait(["labkit/all_joined"])
         try:
             result = fn(*args, **kwargs)
         finally:
