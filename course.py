@@ -5,8 +5,9 @@
     python3 course.py test    # run every test: pytest (unit, multi-process) and nbval (notebooks)
 
 Set-up (first run, and again whenever the pinned versions change): a virtual environment in
-``.venv`` with the tested versions from ``requirements/constraints.txt`` and labkit installed in
-editable mode. Only the Python standard library is used here, so this runs on a bare Python >= 3.10.
+``.venv`` with the tested versions from ``requirements/constraints.txt``, labkit installed in
+editable mode, and the tests' reference implementations from ``requirements/references.txt``.
+Only the Python standard library is used here, so this runs on a bare Python >= 3.10.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
+REFERENCES = ROOT / "requirements" / "references.txt"   # test-only, installed without dependencies
 STAMP = VENV / ".labkit-installed"
 
 # What `test` runs. .ci/run calls `python3 course.py test`, so CI runs exactly this.
@@ -45,7 +47,8 @@ def setup() -> Path:
     """Create .venv and install the pinned versions, unless that is already done."""
     if sys.version_info < (3, 10):
         sys.exit(f"Python 3.10 or newer is needed; this is {sys.version.split()[0]}")
-    wanted = hashlib.sha256(CONSTRAINTS.read_bytes() + (ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    wanted = hashlib.sha256(CONSTRAINTS.read_bytes() + REFERENCES.read_bytes()
+                            + (ROOT / "pyproject.toml").read_bytes()).hexdigest()
     python = venv_python()
     if python.exists() and STAMP.exists() and STAMP.read_text().strip() == wanted:
         return python
@@ -55,6 +58,7 @@ def setup() -> Path:
     print("Installing the tested versions (first time: a few minutes) ...", flush=True)
     run([python, "-m", "pip", "install", "--disable-pip-version-check", "-c", CONSTRAINTS,
          "-e", f"{ROOT}[course,test]"], cwd=ROOT)
+    run([python, "-m", "pip", "install", "--disable-pip-version-check", "--no-deps", "-r", REFERENCES], cwd=ROOT)
     STAMP.write_text(wanted + "\n")
     return python
 

@@ -1,0 +1,156 @@
+"""LAMB: Adam's update, rescaled per layer by a trust ratio (You et al., ICLR 2020, Algorithm 2).
+
+For each parameter tensor θ (a "layer") with gradient g, at step t:
+
+    m ← β1·m + (1−β1)·g                 v ← β2·v + (1−β2)·g²          (Adam's moments)
+    m̂ = m / (1−β1ᵗ)                     v̂ = v / (1−β2ᵗ)               (bias correction)
+    r = m̂ / (√v̂ + ε)                                                  (Adam's direction)
+    u = r + λ·θ                                                        (weight decay *inside*)
+    θ ← θ − η · φ(‖θ‖) / ‖u‖ · u                                       (the trust ratio)
+
+with φ the identity and the ratio taken as 1 when ‖θ‖ or ‖u‖ is 0. Every layer moves by η·‖θ‖ in
+norm, whatever the scale of its gradient: that is what lets LAMB train with huge batches, where
+a single global learning rate is too large for some layers and too small for others.
+
+Variants, as options:
+- ``bias_correction=False``: m and v used as they are (the NVIDIA and torch_optimizer versions);
+- ``max_weight_norm=10``: φ(z) = min(z, 10), the clamp of the authors' first public code
+  (torch_optimizer's ``clamp_value``);
+- per group ``adapt=False`` (ratio 1: plain Adam) and ``weight_decay=0``: the usual exclusion of
+  biases and normalisation weights, see :func:`lamb_param_groups`.
+
+Two code paths give the same result: ``foreach=True`` (default) updates all tensors of a group at
+once with ``torch._foreach_*`` kernels; ``foreach=False`` is the formula above, tensor by tensor.
+After each step, ``optimizer.state[p]["trust_ratio"]`` holds the ratio used for ``p``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from labkit.optim.hyperparameters import check_hyperparameters
+
+__all__ = ["Lamb", "lamb_param_groups"]
+
+
+class Lamb(Optimizer):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01, *, bias_correction: bool = True,
+                 max_weight_norm: float | None = None, adapt: bool = True, foreach: bool = True):
+        check_hyperparameters("Lamb", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                              max_weight_norm=max_weight_norm)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        bias_correction=bias_correction, max_weight_norm=max_weight_norm, adapt=adapt)
+        super().__init__(params, defaults)
+        self.foreach = foreach
+
+    def add_param_group(self, param_group: dict) -> None:
+        # Groups given as dicts (e.g. by lamb_param_groups) are checked too.
+        check_hyperparameters("Lamb", **{k: param_group[k] for k in ("lr", "betas", "eps", "weight_decay")
+                                         if k in param_group},
+                              max_weight_norm=param_group.get("max_weight_norm"))
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("Lamb does not support sparse gradients")
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+            (self._group_step_foreach if self.foreach else self._group_step_readable)(group, params)
+        return loss
+
+    # --- the formula, one tensor at a time ----------------------------------------------------------
+
+    def _group_step_readable(self, group: dict, params: list) -> None:
+        beta1, beta2 = group["betas"]
+        for p in params:
+            state = self.state[p]
+            m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+            m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            if group["bias_correction"]:
+                m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
+            else:
+                m_hat, v_hat = m, v
+            update = m_hat / (v_hat.sqrt() + group["eps"])
+            if group["weight_decay"] != 0:
+                update = update + group["weight_decay"] * p
+            ratio = self._trust_ratio(p.norm(), update.norm(), group)
+            state["trust_ratio"] = ratio
+            p.sub_(group["lr"] * ratio * update)
+
+    @staticmethod
+    def _trust_ratio(weight_norm: torch.Tensor, update_norm: torch.Tensor, group: dict) -> torch.Tensor:
+        """φ(‖θ‖)/‖u‖, and 1 where either norm is 0 (or the group does not adapt). Works elementwise."""
+        if not group["adapt"]:
+            return torch.ones_like(weight_norm)
+        if group["max_weight_norm"] is not None:
+            weight_norm = weight_norm.clamp(max=group["max_weight_norm"])
+        usable = (weight_norm > 0) & (update_norm > 0)
+        return torch.where(usable, weight_norm / torch.where(usable, update_norm, 1), 1)
+
+    # --- the same, all tensors of the group at once ---------------------------------------------------
+
+    def _group_step_foreach(self, group: dict, params: list) -> None:
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in params]
+        grads = [p.grad for p in params]
+        ms = [s["exp_avg"] for s in states]
+        vs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_mul_(ms, beta1)
+        torch._foreach_add_(ms, grads, alpha=1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        if group["bias_correction"]:
+            # m̂/(√v̂+ε) = m / ((√v / √(1−β2ᵗ) + ε)·(1−β1ᵗ)): corrections applied to the denominator
+            torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** s["step"]) for s in states])
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_mul_(denom, [1 - beta1 ** s["step"] for s in states])
+        else:
+            torch._foreach_add_(denom, group["eps"])
+        update = torch._foreach_div(ms, denom)
+        if group["weight_decay"] != 0:
+            torch._foreach_add_(update, params, alpha=group["weight_decay"])
+        if group["adapt"]:
+            ratios = self._trust_ratio(torch.stack(torch._foreach_norm(params)),
+                                       torch.stack(torch._foreach_norm(update)), group)
+        else:
+            ratios = torch.ones(len(params), dtype=params[0].dtype, device=params[0].device)
+        for s, ratio in zip(states, ratios.unbind()):
+            s["trust_ratio"] = ratio
+        torch._foreach_mul_(update, (-group["lr"] * ratios).unbind())   # one scalar per tensor
+        torch._foreach_add_(params, update)
+
+
+def lamb_param_groups(model: nn.Module, weight_decay: float = 0.01, exclude=None) -> list[dict]:
+    """Two parameter groups: weights (decayed, trust ratio on), and the parameters that ``exclude``
+    selects (default: tensors of fewer than 2 dimensions, i.e. biases and LayerNorm/BatchNorm
+    weights) with ``weight_decay=0`` and ``adapt=False``, as BERT's LAMB recipe does."""
+    exclude = exclude or (lambda name, p: p.ndim < 2)
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if exclude(name, p) else decay).append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay)]
+    if plain:
+        groups.append(dict(params=plain, weight_decay=0.0, adapt=False))
+    return groups

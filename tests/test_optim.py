@@ -1,0 +1,316 @@
+"""labkit.optim against independent implementations (timm, torch_optimizer, fairscale, torch.optim)
+and against the formulas, in float64."""
+
+import contextlib
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import labkit
+from labkit.ddp import BucketedDDP
+from labkit.optim import LARS, AdaScale, Lamb, lamb_param_groups, linear_scaling_warmup, scaled_lr, warmup_factor
+from labkit.optim.references import fairscale_adascale, timm_lamb, torch_optimizer_lamb
+
+STEPS = 150
+
+
+class Net(nn.Module):
+    """Weights of very different norms (one above torch_optimizer's clamp of 10), a LayerNorm, and
+    a bias that starts at exactly zero (its trust ratio must be 1 on the first step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 8)
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 3)
+        with torch.no_grad():
+            self.inp.weight.mul_(12.0)     # ‖W‖ ≈ 15
+            self.out.bias.zero_()
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(self.inp(x))))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def _train(make_optimizer, steps=STEPS):
+    """Parameters after ``steps`` steps on mini-batches of 8, and the model."""
+    torch.manual_seed(0)
+    model = Net().double()
+    optimizer = make_optimizer(model)
+    x, y = _data()
+    for i in range(steps):
+        batch = slice(8 * (i % 8), 8 * (i % 8 + 1))
+        optimizer.zero_grad()
+        ((model(x[batch]) - y[batch]) ** 2).mean().backward()
+        optimizer.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), model
+
+
+def _assert_same(a, b, tol=1e-12):
+    assert a.shape == b.shape
+    moved = (a - _train(lambda m: torch.optim.SGD(m.parameters(), lr=0.0), steps=0)[0]).abs().max()
+    assert moved > 1e-2, "the parameters did not move: the comparison would prove nothing"
+    assert (a - b).abs().max() <= tol * max(1.0, b.abs().max()), (a - b).abs().max()
+
+
+# --- LAMB ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "readable"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_lamb_equals_timm_lamb_the_papers_algorithm(foreach, weight_decay):
+    Timm = timm_lamb()
+    ours, _ = _train(lambda m: Lamb(m.parameters(), lr=0.01, weight_decay=weight_decay, foreach=foreach))
+    theirs, _ = _train(lambda m: Timm(m.parameters(), lr=0.01, weight_decay=weight_decay,
+                                      max_grad_norm=None, always_adapt=True))
+    _assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "readable"])
+def test_lamb_variant_equals_torch_optimizer_lamb(foreach):
+    TorchOptimizerLamb = torch_optimizer_lamb()
+    ours, model = _train(lambda m: Lamb(m.parameters(), lr=0.01, weight_decay=0.1, bias_correction=False,
+                                        max_weight_norm=10.0, foreach=foreach))
+    theirs, _ = _train(lambda m: TorchOptimizerLamb(m.parameters(), lr=0.01, weight_decay=0.1, clamp_value=10.0))
+    assert model.inp.weight.norm() > 10, "the clamp must be exercised"
+    _assert_same(ours, theirs)
+
+
+def test_lamb_without_the_clamp_differs_from_torch_optimizer():
+    # The clamp binds for inp.weight: without it the results must differ (the comparison above can fail).
+    ours, _ = _train(lambda m: Lamb(m.parameters(), lr=0.01, weight_decay=0.1, bias_correction=False))
+    theirs, _ = _train(lambda m: torch_optimizer_lamb()(m.parameters(), lr=0.01, weight_decay=0.1, clamp_value=10.0))
+    assert (ours - theirs).abs().max() > 1e-3
+
+
+def test_lamb_fast_and_readable_paths_agree():
+    fast, _ = _train(lambda m: Lamb(m.parameters(), lr=0.02, weight_decay=0.05, foreach=True))
+    readable, _ = _train(lambda m: Lamb(m.parameters(), lr=0.02, weight_decay=0.05, foreach=False))
+    _assert_same(fast, readable, tol=1e-13)
+
+
+def test_lamb_param_groups_equal_timm_with_the_same_exclusions():
+    Timm = timm_lamb()
+
+    def timm_groups(model):
+        groups = lamb_param_groups(model, weight_decay=0.1)
+        for g in groups:
+            g["always_adapt"] = g.pop("adapt", True)
+        return Timm(groups, lr=0.01, max_grad_norm=None)
+
+    ours, model = _train(lambda m: Lamb(lamb_param_groups(m, weight_decay=0.1), lr=0.01))
+    theirs, _ = _train(timm_groups)
+    _assert_same(ours, theirs)
+    groups = lamb_param_groups(model)
+    assert {id(p) for p in groups[1]["params"]} == {id(model.inp.bias), id(model.norm.weight),
+                                                   id(model.norm.bias), id(model.out.bias)}
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "readable"])
+def test_first_lamb_step_follows_the_formula_and_records_trust_ratios(foreach):
+    torch.manual_seed(0)
+    model = Net().double()
+    opt = Lamb(model.parameters(), lr=0.01, weight_decay=0.1, eps=1e-6, foreach=foreach)
+    x, y = _data()
+    ((model(x) - y) ** 2).mean().backward()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    opt.step()
+    for name, p in model.named_parameters():
+        g, w = p.grad, before[name]
+        r = g / (g.abs() + 1e-6)             # step 1: m̂ = g and v̂ = g², whatever the betas
+        u = r + 0.1 * w
+        expected = w.norm() / u.norm() if w.norm() > 0 else torch.tensor(1.0, dtype=torch.float64)
+        ratio = opt.state[p]["trust_ratio"]
+        assert torch.allclose(ratio, expected, rtol=1e-12), name
+        assert torch.allclose(p.detach(), w - 0.01 * expected * u, rtol=0, atol=1e-14), name
+    assert opt.state[model.out.bias]["trust_ratio"] == 1.0        # ‖θ‖ = 0
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(lr=-1e-3), "lr"), (dict(lr=float("nan")), "lr"), (dict(betas=(1.0, 0.999)), r"betas\[0\]"),
+    (dict(betas=(0.9, -0.1)), r"betas\[1\]"), (dict(eps=-1e-8), "eps"), (dict(weight_decay=-0.01), "weight_decay"),
+    (dict(max_weight_norm=0.0), "max_weight_norm"),
+])
+def test_lamb_rejects_bad_hyperparameters_by_name(kwargs, name):
+    with pytest.raises(ValueError, match=rf"Lamb: invalid {name}="):
+        Lamb(nn.Linear(2, 2).parameters(), **kwargs)
+
+
+def test_lamb_checks_hyperparameters_of_groups_too():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"Lamb: invalid weight_decay=-1"):
+        Lamb([dict(params=[model.weight], weight_decay=-1), dict(params=[model.bias])])
+
+
+# --- LARS ------------------------------------------------------------------------------------------
+
+def test_lars_without_adaptation_is_sgd_with_momentum_and_weight_decay():
+    ours, _ = _train(lambda m: LARS(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, adapt=False))
+    sgd, _ = _train(lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3))
+    _assert_same(ours, sgd)
+
+
+def test_lars_local_learning_rate_follows_the_formula():
+    torch.manual_seed(0)
+    model = Net().double()
+    opt = LARS(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02)
+    x, y = _data()
+    before = {}
+    for step in range(2):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        for name, p in model.named_parameters():
+            w, g = p.detach().clone(), p.grad.clone()
+            local = 0.02 * w.norm() / (g.norm() + 1e-3 * w.norm()) if w.norm() > 0 else torch.tensor(1.0).double()
+            v = 0.9 * before.get(name, (0, torch.zeros_like(w)))[1] + 0.5 * local * (g + 1e-3 * w)
+            before[name] = (w - v, v)
+        opt.step()
+        for name, p in model.named_parameters():
+            assert torch.allclose(p.detach(), before[name][0], rtol=0, atol=1e-14), (step, name)
+        if step == 0:
+            assert opt.state[model.out.bias]["local_lr"] == 1.0       # it started at zero: ‖w‖ = 0
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(lr=-0.1), "lr"), (dict(momentum=1.0), "momentum"),
+                                         (dict(weight_decay=-1.0), "weight_decay"),
+                                         (dict(trust_coefficient=0.0), "trust_coefficient")])
+def test_lars_rejects_bad_hyperparameters_by_name(kwargs, name):
+    with pytest.raises(ValueError, match=rf"LARS: invalid {name}="):
+        LARS(nn.Linear(2, 2).parameters(), **kwargs)
+
+
+# --- linear scaling and warm-up ----------------------------------------------------------------------
+
+def test_linear_scaling_rule():
+    assert scaled_lr(0.1, 8192, 256) == pytest.approx(3.2)      # Goyal et al.'s ResNet-50 setting
+    with pytest.raises(ValueError):
+        scaled_lr(0.1, 0, 256)
+
+
+def test_warmup_goes_from_the_small_batch_rate_to_the_scaled_one_linearly():
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=scaled_lr(0.1, 1024, 128))     # k = 8: 0.8
+    sched = linear_scaling_warmup(opt, scale=8, warmup_steps=10, total_steps=30, decay="cosine")
+    lrs = []
+    for _ in range(31):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1)                                  # starts at η, the small-batch rate
+    assert lrs[10] == pytest.approx(0.8)                                 # k·η after the warm-up
+    steps = [b - a for a, b in zip(lrs[:10], lrs[1:11])]
+    assert max(steps) == pytest.approx(min(steps)) and steps[0] == pytest.approx(0.07)   # linear
+    assert lrs[20] == pytest.approx(0.4) and lrs[30] == pytest.approx(0.0, abs=1e-12)    # cosine
+    assert warmup_factor(25, 8, 10, 30, "linear") == pytest.approx(0.25)
+    assert warmup_factor(100, 8, 10) == 1.0
+
+
+@pytest.mark.parametrize("kwargs", [dict(scale=0.5, warmup_steps=5), dict(scale=2, warmup_steps=-1),
+                                    dict(scale=2, warmup_steps=5, decay="cosine"),
+                                    dict(scale=2, warmup_steps=5, decay="exp", total_steps=9)])
+def test_warmup_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        linear_scaling_warmup(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1), **kwargs)
+
+
+# --- AdaScale --------------------------------------------------------------------------------------
+
+def _adascale_worker(implementation, ddp, accumulate, steps=12):
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)   # fairscale sums the local norms in the default dtype
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+        wrapped = nn.parallel.DistributedDataParallel(model) if ddp == "torch" else BucketedDDP(model)
+        inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+        cls = fairscale_adascale() if implementation == "fairscale" else AdaScale
+        opt = cls(inner, num_gradients_to_accumulate=accumulate)
+        g = torch.Generator().manual_seed(100 + dist.get_rank())
+        gains = []
+        for _ in range(steps):
+            for k in range(accumulate):
+                x = torch.randn(4, 6, generator=g)
+                y = x.sum(1, keepdim=True) + 0.5 * torch.randn(4, 1, generator=g)
+                with wrapped.no_sync() if k < accumulate - 1 else contextlib.nullcontext():
+                    (((wrapped(x) - y) ** 2).mean() / accumulate).backward()
+            opt.step()
+            gains.append(opt.gain())
+            opt.zero_grad()
+        return gains, torch.cat([p.detach().flatten() for p in model.parameters()])
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("world_size,accumulate", [(2, 1), (3, 1), (2, 2)])
+def test_adascale_gain_and_parameters_equal_fairscale(world_size, accumulate):
+    theirs = labkit.launch(_adascale_worker, "fairscale", "torch", accumulate, world_size=world_size)
+    ours = labkit.launch(_adascale_worker, "labkit", "torch", accumulate, world_size=world_size)
+    ours_bucketed = labkit.launch(_adascale_worker, "labkit", "labkit", accumulate, world_size=world_size)
+    (their_gains, their_params), (gains, params) = theirs[0], ours[0]
+    assert 1.05 < max(gains) <= world_size * accumulate            # a gain that is not trivially 1
+    assert gains == pytest.approx(their_gains, rel=1e-12)
+    assert torch.allclose(params, their_params, rtol=0, atol=1e-13)
+    assert ours_bucketed[0][0] == pytest.approx(their_gains, rel=1e-9)   # labkit's DDP: the same local grads
+    assert all(torch.equal(r[1], ours[0][1]) for r in ours)              # the replicas agree
+
+
+def test_adascale_gain_estimates_the_true_noise_and_signal():
+    """Gradients with a known mean μ and noise σ² per sample: the smoothed gain must approach
+    (σ² + μ²) / (σ²/S + μ²). One process, S = 4 accumulated micro-batches of one sample."""
+    torch.manual_seed(0)
+    dim, S, sigma = 20, 4, 0.5
+    mu = torch.full((dim,), 0.1, dtype=torch.float64)
+    w = nn.Parameter(torch.zeros(dim, dtype=torch.float64))
+    opt = AdaScale(torch.optim.SGD([w], lr=0.0), world_size=1, num_gradients_to_accumulate=S, smoothing=0.99)
+    for _ in range(3000):
+        for _ in range(S):
+            x = mu + sigma * torch.randn(dim, dtype=torch.float64)
+            ((w * x).sum() / S).backward()                 # the gradient is x itself
+        opt.step()
+        opt.zero_grad()
+    var, sqr = dim * sigma ** 2, float(mu.pow(2).sum())
+    expected = (var + sqr) / (var / S + sqr)
+    assert expected > 2.5                                   # noise dominates: a gain well above 1
+    assert opt.gain() == pytest.approx(expected, rel=0.1)
+    assert opt.steps == 3000 and 1.0 < opt.progress / opt.steps <= S
+
+
+def test_adascale_scales_the_learning_rate_by_the_gain_and_keeps_the_schedule():
+    w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = AdaScale(torch.optim.SGD([w], lr=1.0), world_size=1, num_gradients_to_accumulate=2, smoothing=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert opt.param_groups[0]["lr"] == 0.5 and opt.optimizer.param_groups[0]["lr"] == 0.5
+    for x in ([1.0, 0.0, 0.0], [0.0, 1.0, 0.0]):          # two orthogonal micro-batch gradients
+        ((w * torch.tensor(x, dtype=torch.float64)).sum() / 2).backward()
+    opt.step()
+    sched.step()
+    # mean ‖gᵢ‖² = 1, ‖ḡ‖² = 0.5: σ² = 2·(1 − 0.5)·2/2 = 1, μ² = 0.5 − 1/2 = 0: the gain is S = 2
+    assert opt.gain() == pytest.approx(2.0)
+    assert torch.allclose(w.detach(), torch.tensor([-0.5, -0.5, 0.0], dtype=torch.float64))   # lr 0.5 × 2 × ḡ
+    assert opt.param_groups[0]["lr"] == 0.5                  # the base rate is restored after the step
+    assert opt.progress == pytest.approx(2.0)
+    saved = opt.state_dict()
+    clone = AdaScale(torch.optim.SGD([w], lr=1.0), world_size=1, num_gradients_to_accumulate=2)
+    clone.load_state_dict(saved)
+    assert clone.progress == opt.progress and clone.gain() == pytest.approx(opt.gain())
+    assert clone.optimizer.param_groups is clone.param_groups
+
+
+def test_adascale_misuse_is_explained():
+    w = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="world_size × num_gradients_to_accumulate >= 2"):
+        AdaScale(torch.optim.SGD([w], lr=0.1), world_size=1)
+    opt = AdaScale(torch.optim.SGD([w], lr=0.1), world_size=1, num_gradients_to_accumulate=2)
+    (w.sum()).backward()
+    with pytest.raises(RuntimeError, match=r"after 1 backward pass\(es\).*expected num_gradients_to_accumulate = 2"):
+        opt.step()
+    with pytest.raises(ValueError, match="smoothing"):
+        AdaScale(torch.optim.SGD([w], lr=0.1), world_size=2, smoothing=1.0)
