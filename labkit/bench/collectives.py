@@ -53,6 +53,7 @@ import torch.distributed as dist  # noqa: E402
 
 import labkit  # noqa: E402
 from labkit import collectives, cost_model  # noqa: E402
+from labkit.bench import load_average  # noqa: E402
 
 __all__ = ["ALGORITHMS", "MAIN", "SLOW", "FIT_LARGE_BYTES", "parse_bytes", "message_sizes", "measure", "summarise",
            "format_results", "fit", "format_fits", "main"]
@@ -281,10 +282,6 @@ def format_fits(fits: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-def _load_average() -> str:
-    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?"
-
-
 def header(world_sizes, dtype_name: str, args_line: str, load_before: str) -> str:
     return (f"labkit.bench.collectives: all-reduce on CPU over gloo, {dtype_name}, world sizes "
             f"{', '.join(map(str, world_sizes))}; torch {torch.__version__}, Python {platform.python_version()}, "
@@ -349,7 +346,7 @@ def main(argv=None) -> None:
         parser.error(str(exc))
 
     started = time.time()
-    load_before = _load_average()
+    load_before = load_average()
 
     def progress(text):
         print(f"[{time.time() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
@@ -373,7 +370,7 @@ def main(argv=None) -> None:
     args_line = (f"sizes {format_bytes(sizes[0])}..{format_bytes(sizes[-1])} x{args.factor}, tree/naive {slow}, "
                  f"warm-up {args.warmup}, at most {args.iters} timed calls (at least {min(args.iters, MIN_TIMED)}) "
                  f"within about {args.budget:g} s per size; whole run {elapsed:.0f} s, load average "
-                 f"{_load_average()} after it")
+                 f"{load_average()} after it")
     text = report(records, args.world_sizes, args.dtype, args_line, load_before, notes)
     print(text)
     if args.output:

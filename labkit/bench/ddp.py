@@ -38,6 +38,7 @@ from torch import nn  # noqa: E402
 import labkit  # noqa: E402
 from labkit.ddp import BucketedDDP, NaiveDDP, OverlapDDP  # noqa: E402
 from labkit.models.gpt import GPT, GPTConfig  # noqa: E402
+from labkit.bench import load_average  # noqa: E402
 
 __all__ = ["VERSIONS", "measure", "summarise", "format_table", "main"]
 
@@ -132,13 +133,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _load_average() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.1f}"
-    except OSError:
-        return "unknown"
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,7 +152,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", metavar="FILE", help="write the raw timings to FILE")
     args = parser.parse_args(argv)
     config = GPTConfig.preset(args.preset, args.vocab_size, block_size=args.block_size)
-    load_before, start = _load_average(), time.perf_counter()
+    load_before, start = load_average(), time.perf_counter()
     result = measure(args.world_size, config, versions=args.versions, batch_size=args.batch_size,
                      steps=args.steps, warmup=args.warmup, bucket_cap_mb=args.bucket_cap_mb, timeout=args.timeout)
     grad_mb = result["params"] * 4 / 2 ** 20
@@ -167,7 +161,7 @@ def main(argv=None) -> None:
         f"{grad_mb:.0f} MB of float32 gradients per step), N = {args.world_size} CPU processes over gloo, "
         f"batch {args.batch_size} x {args.block_size} tokens per rank, AdamW",
         f"torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPU cores, "
-        f"1 torch thread per rank; load average {load_before} before, {_load_average()} after; "
+        f"1 torch thread per rank; load average {load_before} before, {load_average()} after; "
         f"{args.warmup} warm-up + {args.steps} timed steps per version, taking turns; "
         f"bucket_cap_mb {args.bucket_cap_mb:g} (labkit bucketed: {result['buckets']} buckets); "
         f"whole run {time.perf_counter() - start:.0f} s",

@@ -42,7 +42,12 @@ class AdaScale(Optimizer):
     ``scale``: S, the batch-size multiple over the base batch (default: world size × micro-batches).
     ``num_gradients_to_accumulate``: backward passes per step; each loss is assumed divided by it
     (the usual accumulation). ``smoothing``: weight of the past in the moving averages (default,
-    as fairscale: max(0, 1 − n/1000)).
+    as fairscale: max(0, 1 − n/1000)); it remembers about 1/(1 − smoothing) steps, so in a short run
+    the reported gain lags the true one: pass a smaller value there.
+
+    Every backward pass through the wrapped parameters is counted as one of the step's micro-batches
+    (its hooks cannot tell training from analysis): call ``remove_hooks()`` before backward passes
+    that are not training, or run them on a copy of the model.
     """
 
     def __init__(self, optimizer: Optimizer, world_size: int | None = None, scale: float | None = None,

@@ -1,0 +1,87 @@
+"""Smoke test of the optimizer-step benchmark: tiny models, a few steps, no timing thresholds."""
+
+import math
+
+import pytest
+import torch
+
+from labkit.bench import optim as bench
+from labkit.optim import lamb as lamb_module
+
+
+def test_sizes_and_shapes():
+    assert bench.parse_size("10M") == 10_000_000
+    assert bench.parse_size("0.2M") == 200_000
+    assert bench.parse_size("50k") == 50_000
+    assert bench.parse_size("1000") == 1000
+    for bad in ("", "ten", "5T", "0"):
+        with pytest.raises(ValueError, match="parameter count"):
+            bench.parse_size(bad)
+    assert bench.model_shape(10_000_000) == (384, 6)
+    assert bench.model_shape(100_000_000) == (832, 12)
+    model = bench.build_model(200_000)
+    n = sum(p.numel() for p in model.parameters())
+    assert 0.5 * 200_000 < n < 2 * 200_000
+    assert len(list(model.parameters())) == 12 * bench.model_shape(200_000)[1] + 2   # 12 per block, final LN
+
+
+def test_measure_tiny_model(monkeypatch):
+    # Small chunks, so that labkit's foreach path really updates the tensors chunk by chunk on a CPU.
+    monkeypatch.setattr(lamb_module, "CPU_CHUNK_ELEMENTS", 40_000)
+    versions = bench.VERSIONS + bench.EXTRA_VERSIONS
+    result = bench.measure(200_000, versions=versions, steps=2, warmup=1)
+    assert set(result["times"]) == set(versions)
+    assert all(len(ts) == 2 and all(math.isfinite(t) and t > 0 for t in ts) for ts in result["times"].values())
+    assert result["steps_done"] == 3 and result["element_size"] == 4
+    # Every optimizer moved the parameters (lr 1e-3 for 3 steps: by about 3e-3 at most)...
+    assert all(1e-4 < moved < 1e-2 for moved in result["moved"].values()), result["moved"]
+    # ... and the four LAMBs, the same algorithm, to float32 rounding of each other
+    assert result["drift"]["lamb"] == 0.0 and result["drift"]["adamw"] is None
+    for version in ("lamb-readable", "timm", "timm-foreach", "timm-single"):
+        assert result["drift"][version] < 1e-6, (version, result["drift"])
+
+    rows = bench.summarise(result, bandwidth=1e10)
+    assert rows["adamw"]["vs_adamw"] == pytest.approx(1.0) and rows["timm"]["vs_timm"] == pytest.approx(1.0)
+    median = sorted(result["times"]["lamb"])
+    assert rows["lamb"]["step_s"] == pytest.approx((median[0] + median[1]) / 2)
+    assert rows["lamb"]["best_s"] == median[0]
+    assert rows["lamb"]["vs_adamw"] == pytest.approx(rows["lamb"]["step_s"] / rows["adamw"]["step_s"])
+    assert rows["lamb"]["limit_s"] == pytest.approx(10 * 4 * result["params"] / 1e10)
+    assert rows["adamw"]["limit_s"] == pytest.approx(7 * 4 * result["params"] / 1e10)
+    assert rows["lamb"]["of_limit"] == pytest.approx(rows["lamb"]["limit_s"] / rows["lamb"]["step_s"])
+
+    table = bench.format_table(result, bandwidth=1e10).splitlines()
+    assert len(table) == 1 + len(versions)
+    assert table[0].split()[:2] == ["version", "step"]
+    assert [line.split()[0] for line in table[1:]] == list(versions)
+    assert "(AdamW)" in table[1]
+
+
+def test_copy_bandwidth_is_positive():
+    assert bench.copy_bandwidth(nbytes=2 ** 20, repeats=2) > 0
+
+
+def test_main_writes_report_and_json(tmp_path, capsys):
+    out, raw = tmp_path / "optim.txt", tmp_path / "optim.json"
+    bench.main(["--sizes", "0.05M,0.1M", "--steps", "1", "--warmup", "0", "--versions", "adamw", "lamb",
+                "--quiet", "--output", str(out), "--json", str(raw)])
+    report = out.read_text()
+    assert report.strip() == capsys.readouterr().out.strip()
+    assert "torch threads" in report and "load average" in report and report.count("version ") == 2
+    import json
+    data = json.loads(raw.read_text())
+    assert len(data["results"]) == 2 and set(data["results"][0]["times"]) == {"adamw", "lamb"}
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown versions"):
+        bench.measure(1000, versions=("adamw", "sgd"))
+    with pytest.raises(ValueError, match="steps"):
+        bench.measure(1000, steps=0)
+    with pytest.raises(ValueError, match="unknown version"):
+        bench.make_optimizer("sgd", [torch.nn.Parameter(torch.zeros(2))])
+
+
+def test_timm_default_path_on_cpu():
+    # timm follows torch: its foreach path by default on CUDA only
+    assert bench.timm_default_path("cpu") == "its per-tensor path"
