@@ -1,0 +1,180 @@
+"""Execute a pipeline schedule on real processes, one action at a time, over point-to-point messages.
+
+Each rank walks its own list from :mod:`labkit.pipeline.schedules`:
+
+    RECV_F k  dist.recv a (micro-batch, ...) activation from the rank of the previous stage
+    F k       y = stage(x) and keep (x, y) for the backward; the last stage's y is loss_k / m
+    SEND_F k  dist.isend y to the rank of the next stage (non-blocking: the rank moves on)
+    RECV_B k  dist.recv ∂L/∂y from the rank of the next stage
+    B k       backward from y with that gradient (the last stage: from its loss), freeing the graph
+    SEND_B k  dist.isend ∂L/∂x back to the rank of the previous stage
+
+Why the loss is divided by m: the micro-batches' gradients add up in ``.grad`` over the step, so
+Σ_k ∇(loss_k / m) is the gradient of the mean loss over the whole batch, as one process would compute
+it (for a loss that averages over its batch and micro-batches of equal size).
+
+Why sends do not block and receives do: a blocking send in 1F1B's steady state would have stage i
+sending an activation to i + 1 while i + 1 sends a gradient to i, each waiting for the other's receive.
+Every message carries a tag naming (stage, micro-batch, activation or gradient), so messages between
+the same two ranks can never be mistaken for one another, whatever order the schedule posts them in.
+
+The runtime times every action (``time.perf_counter``, one clock for all processes of a machine) and
+counts the bytes autograd saves for each forward, so a step returns its measured timeline and its
+measured activation memory, to set against :func:`labkit.pipeline.simulate.simulate`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from labkit.pipeline.schedules import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Schedule
+from labkit.pipeline.simulate import Event, Timeline
+
+__all__ = ["StepResult", "run_schedule", "merge_timelines", "split_sequential"]
+
+
+@dataclass
+class StepResult:
+    """What one rank did in one step."""
+    rank: int                                      # this rank's place in the pipeline (0 .. p − 1)
+    losses: list = field(default_factory=list)     # per micro-batch (on the rank with the last stage)
+    events: list = field(default_factory=list)     # Event(rank, action, start, end), perf_counter seconds
+    peak_held: float = 0.0                         # most micro-batches' activations held at once
+    peak_saved_bytes: int = 0                      # most bytes autograd held saved for backward at once
+
+    @property
+    def loss(self) -> float | None:
+        """The batch's mean loss (the mean over micro-batches), on the last stage's rank, else None."""
+        return sum(self.losses) / len(self.losses) if self.losses else None
+
+
+def split_sequential(model: nn.Sequential, num_stages: int, costs: Sequence[float] | None = None) -> list:
+    """``model`` cut into ``num_stages`` consecutive ``nn.Sequential`` pieces (sharing its parameters),
+    balanced by layer count or by ``costs`` (see :func:`labkit.layer_split.partition`)."""
+    from labkit.layer_split import partition
+    bounds = partition(list(costs) if costs is not None else len(model), num_stages)
+    layers = list(model)
+    return [nn.Sequential(*layers[r.start:r.stop]) for r in bounds]
+
+
+class _SavedBytes:
+    """Counts the bytes autograd saves for backward during a forward (parameters excluded: they are
+    held anyway). Each tensor's storage counts once, however many operations save it."""
+
+    def __init__(self, module: nn.Module):
+        self.params = {p.data_ptr() for p in module.parameters()}
+        self.seen, self.bytes = set(), 0
+
+    def pack(self, t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if ptr not in self.params and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.bytes += t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+def _tag(schedule: Schedule, what: str, stage: int, k: int) -> int:
+    """The tag of the message that stage ``stage`` receives for micro-batch k: unique within a step."""
+    return 2 * (stage * schedule.num_microbatches + k) + (what == "gradient")
+
+
+def run_schedule(schedule: Schedule, stages: dict, inputs: Sequence | None = None, targets: Sequence | None = None,
+                 loss_fn: Callable | None = None, *, activation_shape: Sequence[int], dtype=torch.float32,
+                 device=None, ranks: Sequence[int] | None = None) -> StepResult:
+    """Run this rank's part of one step of ``schedule``; gradients accumulate in the stages' ``.grad``.
+
+    Args:
+        stages: {stage index: module} for the stages this rank holds (one, or v for interleaved).
+        inputs: the m micro-batches, on the rank holding stage 0 (ignored elsewhere).
+        targets: the m targets, on the rank holding the last stage; ``loss_fn(output, target)`` gives
+            each micro-batch's loss there.
+        activation_shape: the shape of one micro-batch's activation between two stages (all the same).
+        ranks: the global rank of each pipeline rank 0 .. p − 1 (default ``range(p)``); several pipelines
+            side by side (data parallel × pipeline parallel) each pass their own.
+    """
+    p, S, m = schedule.num_ranks, schedule.num_stages, schedule.num_microbatches
+    ranks = list(ranks) if ranks is not None else list(range(p))
+    if len(ranks) != p:
+        raise ValueError(f"ranks names {len(ranks)} processes for a pipeline of {p} ranks")
+    me = ranks.index(dist.get_rank())
+    if sorted(stages) != schedule.stages_of(me):
+        raise ValueError(f"rank {me} holds stages {schedule.stages_of(me)} in {schedule.name}, "
+                         f"but was given stages {sorted(stages)}")
+    if 0 in stages and (inputs is None or len(inputs) != m):
+        raise ValueError(f"the rank with stage 0 needs the {m} input micro-batches")
+    if S - 1 in stages and (targets is None or len(targets) != m or loss_fn is None):
+        raise ValueError(f"the rank with the last stage needs loss_fn and the {m} target micro-batches")
+    device = torch.device(device if device is not None else "cpu")
+
+    def peer(stage: int) -> int:
+        return ranks[schedule.rank_of(stage)]
+
+    result = StepResult(me)
+    received, inputs_kept, outputs, input_grads, saved = {}, {}, {}, {}, {}
+    sending = []     # (work, tensor): the tensor must live until its isend completes
+    held, held_bytes = 0.0, 0
+    per_chunk = p / S
+    for a in schedule.actions[me]:
+        s, k = a.stage, a.microbatch
+        start = time.perf_counter()
+        if a.kind == RECV_F:
+            buf = torch.empty(tuple(activation_shape), dtype=dtype, device=device)
+            dist.recv(buf, src=peer(s - 1), tag=_tag(schedule, "activation", s, k))
+            received[(s, k)] = buf
+        elif a.kind == F:
+            x = inputs[k].to(device) if s == 0 else received.pop((s, k)).requires_grad_()
+            with _SavedBytes(stages[s]) as counter:
+                y = stages[s](x)
+                if s == S - 1:
+                    y = loss_fn(y, targets[k].to(device)) / m
+            inputs_kept[(s, k)], outputs[(s, k)], saved[(s, k)] = x, y, counter.bytes
+            held, held_bytes = held + per_chunk, held_bytes + counter.bytes
+            result.peak_held = max(result.peak_held, held)
+            result.peak_saved_bytes = max(result.peak_saved_bytes, held_bytes)
+        elif a.kind == SEND_F:
+            y = outputs[(s, k)].detach()
+            sending.append((dist.isend(y, dst=peer(s + 1), tag=_tag(schedule, "activation", s + 1, k)), y))
+        elif a.kind == RECV_B:
+            buf = torch.empty(tuple(activation_shape), dtype=dtype, device=device)
+            dist.recv(buf, src=peer(s + 1), tag=_tag(schedule, "gradient", s, k))
+            received[(s, k)] = buf
+        elif a.kind == B:
+            x, y = inputs_kept.pop((s, k)), outputs.pop((s, k))
+            if s == S - 1:
+                y.backward()                  # the graph (and its saved tensors) is freed here
+                result.losses.append((k, y.item() * m))
+            else:
+                torch.autograd.backward(y, received.pop((s, k)))
+            if s > 0:
+                input_grads[(s, k)] = x.grad
+            held, held_bytes = held - per_chunk, held_bytes - saved.pop((s, k))
+        elif a.kind == SEND_B:
+            g = input_grads.pop((s, k))
+            sending.append((dist.isend(g, dst=peer(s - 1), tag=_tag(schedule, "gradient", s - 1, k)), g))
+        result.events.append(Event(me, a, start, time.perf_counter()))
+    for work, _ in sending:
+        work.wait()
+    result.losses = [loss for _, loss in sorted(result.losses)]
+    return result
+
+
+def merge_timelines(results: Sequence[StepResult]) -> Timeline:
+    """One timeline from every rank's :class:`StepResult`, time 0 at the first rank's first action."""
+    events = [e for r in results for e in r.events]
+    origin = min(e.start for e in events)
+    shifted = [Event(e.rank, e.action, e.start - origin, e.end - origin) for e in events]
+    return Timeline(len(results), shifted)
