@@ -196,3 +196,30 @@ def test_figures_render():
     assert [c.description for c in widget.children[:5]] == ["schedule", "stages p", "micro-batches m", "t_B / t_F",
                                                              "chunks v (interleaved)"]
     matplotlib.pyplot.close("all")
+
+
+def test_device_time_keeps_the_layer_and_waits_its_time():
+    import time
+
+    import torch
+    from torch import nn
+
+    from labkit.pipeline.emulated import DeviceTime
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 3).double()
+    stage = DeviceTime(layer, forward_ms=5, backward_ms=10)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    start = time.perf_counter()
+    y = stage(x)
+    middle = time.perf_counter()
+    y.sum().backward()
+    end = time.perf_counter()
+    assert middle - start >= 0.005 and end - middle >= 0.010      # sleep never returns early
+    assert torch.equal(y, layer(x))
+    x2 = x.detach().clone().requires_grad_()
+    layer.zero_grad()
+    layer(x2).sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+    assert DeviceTime(layer, 4).backward_s == 0.008                # default: backward twice the forward
+    with pytest.raises(ValueError, match=">= 0 ms"):
+        DeviceTime(layer, -1)
