@@ -192,9 +192,27 @@ def _bad_call(kind: str):
                      activation_shape=(MB, WIDTH), ranks=[0, 1, 2])
 
 
-@pytest.mark.parametrize("kind,message", [("stages", "holds stages \\[0\\] in GPipe, but was given stages \\[0, 1\\]"),
+@pytest.mark.parametrize("kind,message", [("stages", "holds stages \\[[01]\\] in GPipe, but was given stages \\[0, 1\\]"),
                                           ("inputs", "needs the 2 input micro-batches"),
                                           ("ranks", "names 3 processes for a pipeline of 2 ranks")])
 def test_bad_calls_say_what_is_wrong(kind, message):
     with pytest.raises(labkit.WorkerError, match=message):
         labkit.launch(_bad_call, kind, world_size=2, timeout=20)
+
+
+def _saved_bytes(clone: bool):
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    stage = nn.Linear(8, 8).double()            # saves its input: 2 rows x 8 float64 = 128 bytes per micro-batch
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+    xs, ys = x.chunk(4), y.chunk(4)             # views of one storage each
+    if clone:
+        xs, ys = [t.clone() for t in xs], [t.clone() for t in ys]
+    return run_schedule(make_schedule("GPipe", 2, 4), {rank: stage}, xs, ys, F.mse_loss, activation_shape=(2, 8),
+                        dtype=torch.float64).peak_saved_bytes
+
+
+def test_saved_bytes_count_a_views_own_elements():
+    # stage 0 holds 4 inputs of 128 bytes; the last stage 4 x (its input, its output, the target)
+    assert labkit.launch(_saved_bytes, False, world_size=2) == [4 * 128, 4 * 3 * 128]
+    assert labkit.launch(_saved_bytes, True, world_size=2) == [4 * 128, 4 * 3 * 128]

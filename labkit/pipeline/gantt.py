@@ -36,6 +36,7 @@ def draw_gantt(ax, timeline: Timeline, *, unit: float = 1.0, unit_name: str = ""
     is not covered is the bubble. ``outline=True`` draws only the boxes' edges (to lay a measured run
     over a simulated one). Times are divided by ``unit``."""
     p = timeline.num_ranks
+    right = ax.get_xlim()[1] if ax.has_data() else 0.0   # drawing over another timeline: keep the wider
     events = _compute_events(timeline)
     chunked = num_ranks_per_chunk is not None or any(e.action.stage >= p for e in events)
     for e in events:
@@ -56,7 +57,7 @@ def draw_gantt(ax, timeline: Timeline, *, unit: float = 1.0, unit_name: str = ""
     ax.set_yticks([p - 1 - r + 0.5 for r in range(p)])
     ax.set_yticklabels([f"rank {r}" for r in range(p)], fontsize=8)
     ax.set_ylim(-0.1, p + 0.1)
-    ax.set_xlim(0, timeline.makespan / unit)
+    ax.set_xlim(0, max(right, timeline.makespan / unit))
     ax.set_xlabel(f"time ({unit_name})" if unit_name else "time")
     ax.grid(axis="y", visible=False)
     if title:

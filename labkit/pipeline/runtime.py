@@ -18,6 +18,12 @@ sending an activation to i + 1 while i + 1 sends a gradient to i, each waiting f
 Every message carries a tag naming (stage, micro-batch, activation or gradient), so messages between
 the same two ranks can never be mistaken for one another, whatever order the schedule posts them in.
 
+On GPUs, mind one difference: NCCL ignores tags and runs the messages between two ranks on one CUDA
+stream in the order they were posted, so an ``isend`` to a neighbour can wait behind a ``recv`` from
+it. Production runtimes (torch.distributed.pipelining, Megatron) therefore post each step's sends and
+receives together with ``dist.batch_isend_irecv``. This runtime is written and tested over gloo, where
+the one-action-at-a-time reading is exact; for NCCL runs use :mod:`labkit.pipeline.torch_reference`.
+
 The runtime times every action (``time.perf_counter``, one clock for all processes of a machine) and
 counts the bytes autograd saves for each forward, so a step returns its measured timeline and its
 measured activation memory, to set against :func:`labkit.pipeline.simulate.simulate`.
@@ -65,17 +71,18 @@ def split_sequential(model: nn.Sequential, num_stages: int, costs: Sequence[floa
 
 class _SavedBytes:
     """Counts the bytes autograd saves for backward during a forward (parameters excluded: they are
-    held anyway). Each tensor's storage counts once, however many operations save it."""
+    held anyway). A tensor counts once, however many operations save it, and a view counts its own
+    elements (a micro-batch cut from the batch with ``chunk`` is a view of the whole batch's storage)."""
 
     def __init__(self, module: nn.Module):
         self.params = {p.data_ptr() for p in module.parameters()}
         self.seen, self.bytes = set(), 0
 
     def pack(self, t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
-        if ptr not in self.params and ptr not in self.seen:
-            self.seen.add(ptr)
-            self.bytes += t.untyped_storage().nbytes()
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if t.data_ptr() not in self.params and key not in self.seen:
+            self.seen.add(key)
+            self.bytes += t.numel() * t.element_size()
         return t
 
     def __enter__(self):
