@@ -216,3 +216,36 @@ def test_saved_bytes_count_a_views_own_elements():
     # stage 0 holds 4 inputs of 128 bytes; the last stage 4 x (its input, its output, the target)
     assert labkit.launch(_saved_bytes, False, world_size=2) == [4 * 128, 4 * 3 * 128]
     assert labkit.launch(_saved_bytes, True, world_size=2) == [4 * 128, 4 * 3 * 128]
+
+
+def _sent_tensors_alive():
+    """At each forward of stage 0 in 1F1B, how many tensors this rank sent are still alive."""
+    import weakref
+    sent, isend = [], dist.isend
+
+    def recording_isend(tensor, *args, **kwargs):
+        sent.append(weakref.ref(tensor))
+        return isend(tensor, *args, **kwargs)
+
+    class Probe(nn.Linear):
+        def forward(self, x):
+            alive.append(sum(r() is not None for r in sent))
+            return super().forward(x)
+
+    dist.isend, alive = recording_isend, []
+    try:
+        rank = dist.get_rank()
+        torch.manual_seed(0)
+        m = 8
+        xs, ys = [torch.randn(4, 16) for _ in range(m)], [torch.randn(4, 16) for _ in range(m)]
+        run_schedule(make_schedule("1F1B", 2, m), {rank: Probe(16, 16)}, xs, ys, F.mse_loss, activation_shape=(4, 16))
+    finally:
+        dist.isend = isend
+    return alive
+
+
+def test_sent_activations_are_released_once_their_gradient_is_back():
+    # 1F1B on 2 stages: stage 0 has at most one activation in flight when it starts a forward (the one
+    # whose gradient it has not received yet); keeping every send until the end would give 0, 1, ..., 7
+    alive = labkit.launch(_sent_tensors_alive, world_size=2, timeout=30)[0]
+    assert max(alive) == 1 and len(alive) == 8

@@ -20,33 +20,46 @@ from torch import nn
 __all__ = ["DeviceTime"]
 
 
+def _busy(seconds: float, log: list | None) -> None:
+    start = time.perf_counter()
+    time.sleep(seconds)
+    if log is not None:
+        log.append((start, time.perf_counter()))
+
+
 class _Sleep(torch.autograd.Function):
     """Identity whose forward and backward each take a fixed time."""
 
     @staticmethod
-    def forward(ctx, x, forward_s, backward_s):
-        ctx.backward_s = backward_s
-        time.sleep(forward_s)
+    def forward(ctx, x, forward_s, backward_s, log):
+        ctx.backward_s, ctx.log = backward_s, log
+        _busy(forward_s, log)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        time.sleep(ctx.backward_s)
-        return grad, None, None
+        _busy(ctx.backward_s, ctx.log)
+        return grad, None, None, None
 
 
 class DeviceTime(nn.Module):
     """``layer`` followed by ``forward_ms`` of waiting in the forward and ``backward_ms`` (default twice
     the forward, the usual ratio: a backward computes the gradients of the inputs and of the weights)
-    in the backward."""
+    in the backward. ``log``: a list to which every wait appends its (start, end), perf_counter
+    seconds: the "device's" own busy intervals."""
 
-    def __init__(self, layer: nn.Module, forward_ms: float, backward_ms: float | None = None):
+    def __init__(self, layer: nn.Module, forward_ms: float, backward_ms: float | None = None,
+                 log: list | None = None):
         super().__init__()
         if forward_ms < 0 or (backward_ms is not None and backward_ms < 0):
             raise ValueError("device times must be >= 0 ms")
         self.layer = layer
         self.forward_s = forward_ms / 1e3
         self.backward_s = (2 * forward_ms if backward_ms is None else backward_ms) / 1e3
+        self.log = log
 
     def forward(self, x):
-        return _Sleep.apply(self.layer(x), self.forward_s, self.backward_s)
+        return _Sleep.apply(self.layer(x), self.forward_s, self.backward_s, self.log)
+
+    def extra_repr(self) -> str:
+        return f"forward {self.forward_s * 1e3:g} ms, backward {self.backward_s * 1e3:g} ms"

@@ -2,10 +2,10 @@
 
 Each rank walks its own list from :mod:`labkit.pipeline.schedules`:
 
-    RECV_F k  dist.recv a (micro-batch, ...) activation from the rank of the previous stage
+    RECV_F k  receive a (micro-batch, ...) activation from the rank of the previous stage
     F k       y = stage(x) and keep (x, y) for the backward; the last stage's y is loss_k / m
     SEND_F k  dist.isend y to the rank of the next stage (non-blocking: the rank moves on)
-    RECV_B k  dist.recv ∂L/∂y from the rank of the next stage
+    RECV_B k  receive ∂L/∂y from the rank of the next stage
     B k       backward from y with that gradient (the last stage: from its loss), freeing the graph
     SEND_B k  dist.isend ∂L/∂x back to the rank of the previous stage
 
@@ -17,6 +17,9 @@ Why sends do not block and receives do: a blocking send in 1F1B's steady state w
 sending an activation to i + 1 while i + 1 sends a gradient to i, each waiting for the other's receive.
 Every message carries a tag naming (stage, micro-batch, activation or gradient), so messages between
 the same two ranks can never be mistaken for one another, whatever order the schedule posts them in.
+Each receive is posted (``irecv``) one compute action early: gloo moves a message only once its
+receive is posted, so a receive posted just in time would cost a round trip even when the sender
+finished long ago. A RECV in the timeline is thus only the time the rank really waited.
 
 On GPUs, mind one difference: NCCL ignores tags and runs the messages between two ranks on one CUDA
 stream in the order they were posted, so an ``isend`` to a neighbour can wait behind a ``recv`` from
@@ -39,10 +42,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from labkit.pipeline.schedules import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Schedule
+from labkit.pipeline.schedules import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule
 from labkit.pipeline.simulate import Event, Timeline
 
-__all__ = ["StepResult", "run_schedule", "merge_timelines", "split_sequential"]
+__all__ = ["StepResult", "run_schedule", "merge_timelines", "split_sequential", "SavedBytes"]
 
 
 @dataclass
@@ -69,9 +72,10 @@ def split_sequential(model: nn.Sequential, num_stages: int, costs: Sequence[floa
     return [nn.Sequential(*layers[r.start:r.stop]) for r in bounds]
 
 
-class _SavedBytes:
-    """Counts the bytes autograd saves for backward during a forward (parameters excluded: they are
-    held anyway). A tensor counts once, however many operations save it, and a view counts its own
+class SavedBytes:
+    """``with SavedBytes(module) as counter:`` run a forward; ``counter.bytes`` is then what autograd
+    saved for the backward: one micro-batch's activation memory (``module``'s parameters excluded:
+    they are held anyway). A tensor counts once, however many operations save it, and a view counts its own
     elements (a micro-batch cut from the batch with ``chunk`` is a view of the whole batch's storage)."""
 
     def __init__(self, module: nn.Module):
@@ -97,6 +101,33 @@ class _SavedBytes:
 def _tag(schedule: Schedule, what: str, stage: int, k: int) -> int:
     """The tag of the message that stage ``stage`` receives for micro-batch k: unique within a step."""
     return 2 * (stage * schedule.num_microbatches + k) + (what == "gradient")
+
+
+def _partner(a: Action) -> Action:
+    """The other end of a message: the receive that matches a send, or the send that matches a receive."""
+    s, k = a.stage, a.microbatch
+    return {SEND_F: Action(RECV_F, k, s + 1), RECV_F: Action(SEND_F, k, s - 1),
+            SEND_B: Action(RECV_B, k, s - 1), RECV_B: Action(SEND_B, k, s + 1)}[a.kind]
+
+
+def _sends_known_done(schedule: Schedule, me: int) -> dict:
+    """{receive of rank ``me``: its sends that are surely complete once that message has arrived}.
+
+    gloo cannot say whether an isend has completed without waiting on it, but the schedule can: a
+    peer posts its messages in list order, and waits for each receive before it moves on. So when
+    the peer's message M reaches us, every receive the peer does before sending M is done, and our
+    sends that match them have completed. Waiting on those then returns at once, and their tensors
+    can go (without this a 1F1B stage would hold every output it sent until the end of the step).
+    """
+    where = {a: (r, i) for r, actions in enumerate(schedule.actions) for i, a in enumerate(actions)}
+    mine = schedule.actions[me]
+    done = {}
+    for a in mine:
+        if a.kind in (RECV_F, RECV_B):
+            peer, sent_at = where[_partner(a)]
+            done[a] = [b for b in mine if b.kind in (SEND_F, SEND_B) and where[_partner(b)][0] == peer
+                       and where[_partner(b)][1] < sent_at]
+    return done
 
 
 def run_schedule(schedule: Schedule, stages: dict, inputs: Sequence | None = None, targets: Sequence | None = None,
@@ -131,20 +162,43 @@ def run_schedule(schedule: Schedule, stages: dict, inputs: Sequence | None = Non
         return ranks[schedule.rank_of(stage)]
 
     result = StepResult(me)
-    received, inputs_kept, outputs, input_grads, saved = {}, {}, {}, {}, {}
-    sending = []     # (work, tensor): the tensor must live until its isend completes
+    actions = schedule.actions[me]
+    inputs_kept, outputs, input_grads, saved = {}, {}, {}, {}
+    receiving = {}   # receive action -> (work, buffer), posted ahead of time
+    sending = {}     # send action -> (work, tensor): the tensor must live until its isend completes
+    known_done = _sends_known_done(schedule, me)
     held, held_bytes = 0.0, 0
     per_chunk = p / S
-    for a in schedule.actions[me]:
+
+    def post_receive(a):
+        """irecv the message ``a`` waits for (an activation from the stage before, a gradient from the
+        stage after) into a new buffer; the tag says which micro-batch and stage it is."""
+        if a not in receiving:
+            what, src = ("activation", a.stage - 1) if a.kind == RECV_F else ("gradient", a.stage + 1)
+            buf = torch.empty(tuple(activation_shape), dtype=dtype, device=device)
+            receiving[a] = (dist.irecv(buf, src=peer(src), tag=_tag(schedule, what, a.stage, a.microbatch)), buf)
+        return receiving[a]
+
+    def next_receive(i):
+        return next((b for b in actions[i + 1:] if b.kind in (RECV_F, RECV_B)), None)
+
+    for i, a in enumerate(actions):
         s, k = a.stage, a.microbatch
         start = time.perf_counter()
-        if a.kind == RECV_F:
-            buf = torch.empty(tuple(activation_shape), dtype=dtype, device=device)
-            dist.recv(buf, src=peer(s - 1), tag=_tag(schedule, "activation", s, k))
-            received[(s, k)] = buf
+        if a.kind in (F, B) and next_receive(i) is not None:
+            # gloo moves a message only once its receive is posted: post the next one now, so that it
+            # arrives while this rank computes instead of after (the receive then finds it waiting)
+            post_receive(next_receive(i))
+        if a.kind in (RECV_F, RECV_B):
+            work, buf = post_receive(a)
+            work.wait()
+            receiving[a] = (None, buf)
+            for done in known_done[a]:             # completed: waiting returns at once
+                if done in sending:
+                    sending.pop(done)[0].wait()
         elif a.kind == F:
-            x = inputs[k].to(device) if s == 0 else received.pop((s, k)).requires_grad_()
-            with _SavedBytes(stages[s]) as counter:
+            x = inputs[k].to(device) if s == 0 else receiving.pop(Action(RECV_F, k, s))[1].requires_grad_()
+            with SavedBytes(stages[s]) as counter:
                 y = stages[s](x)
                 if s == S - 1:
                     y = loss_fn(y, targets[k].to(device)) / m
@@ -154,26 +208,22 @@ def run_schedule(schedule: Schedule, stages: dict, inputs: Sequence | None = Non
             result.peak_saved_bytes = max(result.peak_saved_bytes, held_bytes)
         elif a.kind == SEND_F:
             y = outputs[(s, k)].detach()
-            sending.append((dist.isend(y, dst=peer(s + 1), tag=_tag(schedule, "activation", s + 1, k)), y))
-        elif a.kind == RECV_B:
-            buf = torch.empty(tuple(activation_shape), dtype=dtype, device=device)
-            dist.recv(buf, src=peer(s + 1), tag=_tag(schedule, "gradient", s, k))
-            received[(s, k)] = buf
+            sending[a] = (dist.isend(y, dst=peer(s + 1), tag=_tag(schedule, "activation", s + 1, k)), y)
         elif a.kind == B:
             x, y = inputs_kept.pop((s, k)), outputs.pop((s, k))
             if s == S - 1:
                 y.backward()                  # the graph (and its saved tensors) is freed here
                 result.losses.append((k, y.item() * m))
             else:
-                torch.autograd.backward(y, received.pop((s, k)))
+                torch.autograd.backward(y, receiving.pop(Action(RECV_B, k, s))[1])
             if s > 0:
                 input_grads[(s, k)] = x.grad
             held, held_bytes = held - per_chunk, held_bytes - saved.pop((s, k))
         elif a.kind == SEND_B:
             g = input_grads.pop((s, k))
-            sending.append((dist.isend(g, dst=peer(s - 1), tag=_tag(schedule, "gradient", s - 1, k)), g))
+            sending[a] = (dist.isend(g, dst=peer(s - 1), tag=_tag(schedule, "gradient", s - 1, k)), g)
         result.events.append(Event(me, a, start, time.perf_counter()))
-    for work, _ in sending:
+    for work, _ in sending.values():
         work.wait()
     result.losses = [loss for _, loss in sorted(result.losses)]
     return result
