@@ -1,0 +1,282 @@
+"""The parameter server (Li et al. 2014; DistBelief, Dean et al. 2012): S server ranks each keep a shard
+of the parameters, W worker ranks pull the parameters, compute a gradient on their own data and push
+it back. Everything is a point-to-point message over ``torch.distributed``, so each one can be seen.
+
+    rank 0 .. S−1        servers: server s owns elements [start_s, end_s) of the flat parameter vector
+    rank S .. S+W−1      workers: worker w = rank − S
+
+    worker, every step:   PULL  → each server        ← (version, shard)   the current parameters
+                          compute the gradient on this worker's batch
+                          PUSH  → each server: (the version it pulled, the gradient's shard)
+
+    server:               answers PULLs and applies PUSHes, in one of three modes
+      "sync"      waits for all W pushes of a step, applies their mean, then answers the next pulls:
+                  exactly data-parallel SGD with all-reduce (the mean of the shard gradients)
+      "async"     applies each push on arrival; answers every pull at once (Hogwild-style staleness)
+      "bounded"   as async, but a worker may start a step only while it is at most ``staleness`` τ
+                  steps ahead of the slowest worker (stale synchronous parallel, Ho et al. 2013)
+
+Each applied push records its staleness: the server's version when it is applied minus the version
+the worker pulled (0 in sync mode: nobody moves the parameters between a pull and its push).
+
+Why point-to-point messages and not ``torch.distributed.rpc``: the lesson is the message flow, and
+with send/recv every message is one visible line (rpc hides the transport behind remote calls and
+futures, and PyTorch has not developed it further since 2.x). A server receives from *any* worker
+with ``irecv`` without a source: the header names the sender, and a deadline on the wait lets a
+server notice a worker that stopped, instead of hanging.
+
+Messages (tags): a worker's header (kind, worker, version, step) to a server; a gradient shard; the
+server's reply (version) and parameter shard. Failures are reported, not hung on: a server that hears
+nothing for ``timeout`` seconds names the silent workers. In sync mode (and in bounded mode once the
+others are τ steps ahead) the others are waiting for them: the server tells them to stop. In async mode
+the others never wait for anyone: they finish their steps, and the server ends once only the silent
+workers are left (``timeout`` must exceed a step's time, or a straggler looks dead).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+__all__ = ["MODES", "shard_bounds", "ServerResult", "WorkerResult", "PSRun", "serve", "work",
+           "parameter_server", "train"]
+
+MODES = ("sync", "async", "bounded")
+PULL, PUSH, DONE = 0, 1, 2
+_HEADER, _GRAD, _REPLY, _PARAMS = 11, 12, 13, 14   # tags
+_STOP = -1.0                                     # a reply version that tells a worker to stop
+
+
+def shard_bounds(numel: int, servers: int) -> list[tuple[int, int]]:
+    """[start, end) of each server's shard of a ``numel``-element vector: contiguous, disjoint, covering
+    it, sizes differing by at most one."""
+    if servers < 1 or servers > numel:
+        raise ValueError(f"cannot cut {numel} parameters into {servers} server shards")
+    base, extra = divmod(numel, servers)
+    bounds, start = [], 0
+    for s in range(servers):
+        end = start + base + (s < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+@dataclass
+class ServerResult:
+    server: int
+    shard: torch.Tensor                                     # the final parameters of this shard
+    version: int = 0                                        # updates applied
+    updates: list = field(default_factory=list)             # (time, worker, step, staleness) per applied push
+    bytes_in: int = 0                                       # headers and gradients received
+    bytes_out: int = 0                                      # replies and parameters sent
+    lost: list = field(default_factory=list)                # workers that stopped talking
+    stopped: str = ""                                       # why a sync server stopped early, else ""
+
+
+@dataclass
+class WorkerResult:
+    worker: int
+    losses: list = field(default_factory=list)              # (time, step, loss at the pulled parameters)
+    steps_done: int = 0
+    stopped: str = ""
+
+
+def _arrived(work, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for a receive. gloo's own timeout would close the connections (no
+    message could go out afterwards, not even "stop"), so a helper thread waits and we wait for it."""
+    done = threading.Event()
+    threading.Thread(target=lambda: (work.wait(), done.set()), daemon=True).start()
+    return done.wait(timeout)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode: str = "sync", lr: float = 0.1,
+          staleness: int = 0, scale_lr: bool = False, steps: int = 10, timeout: float = 10.0) -> ServerResult:
+    """The server loop of rank ``server``: owns ``shard`` (updated in place) until every worker is done."""
+    result = ServerResult(server, shard)
+    start = time.perf_counter()
+    active = set(range(workers))
+    clock = [0] * workers           # pushes received from each worker
+    pending = []                    # (worker, step) pulls not answered yet
+    inbox = {}                      # sync: worker -> gradient of the current step
+    header = torch.zeros(4, dtype=torch.int64)
+    grad = torch.empty_like(shard)
+
+    def reply(worker: int, version: float):
+        msg = torch.tensor([version], dtype=torch.float64)
+        dist.send(msg, dst=servers + worker, tag=_REPLY)
+        result.bytes_out += _nbytes(msg)
+        if version != _STOP:
+            dist.send(shard, dst=servers + worker, tag=_PARAMS)
+            result.bytes_out += _nbytes(shard)
+
+    def may_start(worker: int, step: int) -> bool:
+        if mode == "sync":
+            return result.version == step           # the previous step's update is in
+        if mode == "bounded":
+            return clock[worker] - min(clock[w] for w in active) <= staleness
+        return True
+
+    def apply(g: torch.Tensor, staleness_of_push: int):
+        rate = lr / (1 + staleness_of_push) if scale_lr else lr
+        shard.sub_(rate * g)
+        result.version += 1
+
+    while active:
+        if not _arrived(dist.irecv(header, tag=_HEADER), timeout):   # from any worker: the header says who
+            # nothing for `timeout` seconds. (A posted receive cannot be taken back: the server stops
+            # listening here, whatever the mode.)
+            silent = sorted(active - {w for w, _ in pending} - set(inbox))
+            result.lost = silent
+            if pending:   # workers waiting for us: sync waits for everyone; bounded for the slowest
+                why = ("synchronous training waits for every worker" if mode == "sync" else
+                       f"bounded staleness lets no worker get more than {staleness} step(s) ahead of the slowest")
+                result.stopped = (f"server {server} (version {result.version}): no message from worker(s) "
+                                  f"{silent} for {timeout:g} s; {why}, so the run stops here and the waiting "
+                                  f"workers {sorted(w for w, _ in pending)} are told to stop.")
+                for w, _ in pending:
+                    reply(w, _STOP)
+            break
+        kind, worker, version, step = (int(v) for v in header)
+        result.bytes_in += _nbytes(header)
+        if kind == PULL:
+            pending.append((worker, step))
+        elif kind == PUSH:
+            dist.recv(grad, src=servers + worker, tag=_GRAD)
+            result.bytes_in += _nbytes(grad)
+            clock[worker] += 1
+            now = time.perf_counter() - start
+            if mode == "sync":
+                inbox[worker] = grad.clone()
+                if len(inbox) == workers:          # everyone's gradient of this step is in
+                    mean = torch.stack([inbox[w] for w in sorted(inbox)]).mean(dim=0)
+                    apply(mean, 0)
+                    result.updates += [(now, w, step, 0) for w in sorted(inbox)]
+                    inbox.clear()
+            else:
+                stale = result.version - version
+                apply(grad, stale)
+                result.updates.append((now, worker, step, stale))
+        elif kind == DONE:
+            active.discard(worker)
+        still = []
+        for w, s in pending:
+            if may_start(w, s):
+                reply(w, float(result.version))
+            else:
+                still.append((w, s))
+        pending = still
+    return result
+
+
+def work(model: nn.Module, worker: int, servers: int, batch_fn: Callable, loss_fn: Callable, *, steps: int = 10,
+         compute_ms: float = 0.0, slow: float = 1.0, die_at: int | None = None) -> WorkerResult:
+    """The worker loop: ``steps`` times pull, compute the gradient of ``loss_fn(model, *batch_fn(worker, step))``,
+    push. ``compute_ms`` × ``slow`` of emulated compute time per step (a straggler has slow > 1);
+    ``die_at``: stop talking before that step, as a crashed worker would."""
+    result = WorkerResult(worker)
+    start = time.perf_counter()
+    params = parameters_to_vector(model.parameters()).detach()
+    bounds = shard_bounds(params.numel(), servers)
+    version = torch.zeros(1, dtype=torch.float64)
+    pulled = [0] * servers
+
+    def tell(server: int, kind: int, pulled_version: int, step: int):
+        dist.send(torch.tensor([kind, worker, pulled_version, step], dtype=torch.int64), dst=server, tag=_HEADER)
+
+    for step in range(steps):
+        if die_at is not None and step >= die_at:
+            result.stopped = f"worker {worker} stopped before step {step} (die_at)"
+            return result
+        for s in range(servers):                   # pull: ask every server for its shard
+            tell(s, PULL, 0, step)
+        for s, (a, b) in enumerate(bounds):
+            dist.recv(version, src=s, tag=_REPLY)
+            if version.item() == _STOP:
+                result.stopped = f"worker {worker}: server {s} stopped the run before step {step}"
+                return result
+            pulled[s] = int(version.item())
+            dist.recv(params[a:b], src=s, tag=_PARAMS)
+        vector_to_parameters(params, model.parameters())
+        model.zero_grad()
+        loss = loss_fn(model, *batch_fn(worker, step))
+        loss.backward()
+        if compute_ms:
+            time.sleep(compute_ms * slow / 1e3)    # the rest of the step's "device" time
+        result.losses.append((time.perf_counter() - start, step, loss.item()))
+        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        for s, (a, b) in enumerate(bounds):        # push: each server gets its shard of the gradient
+            tell(s, PUSH, pulled[s], step)
+            dist.send(grad[a:b].contiguous(), dst=s, tag=_GRAD)
+        result.steps_done = step + 1
+    for s in range(servers):
+        tell(s, DONE, 0, steps)
+    return result
+
+
+def parameter_server(model_fn: Callable, batch_fn: Callable, loss_fn: Callable, *, servers: int = 1,
+                     mode: str = "sync", steps: int = 10, lr: float = 0.1, staleness: int = 0,
+                     scale_lr: bool = False, compute_ms: float = 0.0, slow: dict | None = None,
+                     die_at: dict | None = None, timeout: float = 10.0):
+    """Run this rank's role (call it on every rank of a launched world of S + W processes)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; the modes are {', '.join(MODES)}")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    workers = world - servers
+    if servers < 1 or workers < 1:
+        raise ValueError(f"{world} processes cannot hold {servers} server(s) and at least one worker")
+    model = model_fn()
+    if rank < servers:
+        flat = parameters_to_vector(model.parameters()).detach().clone()
+        a, b = shard_bounds(flat.numel(), servers)[rank]
+        return serve(flat[a:b].clone(), rank, servers, workers, mode=mode, lr=lr, staleness=staleness,
+                     scale_lr=scale_lr, steps=steps, timeout=timeout)
+    w = rank - servers
+    return work(model, w, servers, batch_fn, loss_fn, steps=steps, compute_ms=compute_ms,
+                slow=(slow or {}).get(w, 1.0), die_at=(die_at or {}).get(w))
+
+
+@dataclass
+class PSRun:
+    """A whole run, gathered from every rank."""
+    servers: list
+    workers: list
+
+    @property
+    def params(self) -> torch.Tensor:
+        """The final parameters: the servers' shards, end to end."""
+        return torch.cat([s.shard for s in self.servers])
+
+    @property
+    def staleness(self) -> list:
+        """Every applied push's staleness (on server 0: each push reaches every server once)."""
+        return [u[3] for u in self.servers[0].updates]
+
+    @property
+    def stopped(self) -> str:
+        return next((s.stopped for s in self.servers if s.stopped), "")
+
+
+def train(model_fn: Callable, batch_fn: Callable, loss_fn: Callable, *, workers: int = 2, servers: int = 1,
+          timeout: float = 10.0, **options) -> PSRun:
+    """Launch S + W processes (``labkit.launch``), run the parameter server, return the gathered :class:`PSRun`.
+    ``options``: those of :func:`parameter_server` (mode, steps, lr, staleness, scale_lr, compute_ms, slow,
+    die_at). ``model_fn``, ``batch_fn``, ``loss_fn`` must give the same model and data on every rank."""
+    from labkit.launcher import launch
+    results = launch(_entry, model_fn, batch_fn, loss_fn, servers, timeout, options,
+                     world_size=servers + workers, timeout=timeout + 30.0)
+    return PSRun(results[:servers], results[servers:])
+
+
+def _entry(model_fn, batch_fn, loss_fn, servers, timeout, options):
+    return parameter_server(model_fn, batch_fn, loss_fn, servers=servers, timeout=timeout, **options)
