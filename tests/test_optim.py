@@ -2,7 +2,6 @@
 and against the formulas, in float64."""
 
 import contextlib
-import math
 
 import pytest
 import torch

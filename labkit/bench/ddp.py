@@ -56,7 +56,7 @@ def _wrap(version: str, model: nn.Module, bucket_cap_mb: float) -> nn.Module:
 def _rank_work(config: GPTConfig, versions, batch_size: int, steps: int, warmup: int,
                bucket_cap_mb: float, seed: int) -> dict:
     torch.set_num_threads(1)
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     models, optimizers = {}, {}
     for version in versions:
         torch.manual_seed(seed)                          # the same initial weights for every version

@@ -24,7 +24,6 @@ torch's or labkit's DDP (both act after the gradient is accumulated) replace it 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
