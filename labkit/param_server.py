@@ -112,13 +112,19 @@ def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode:
     header = torch.zeros(4, dtype=torch.int64)
     grad = torch.empty_like(shard)
 
+    sending = []                    # replies still on their way
+
     def reply(worker: int, version: float):
+        # isend of a copy: a blocking send would wait for the worker to post its receive, and a worker
+        # busy pushing to another server that is itself waiting to send closes a cycle (a deadlock with
+        # S >= 2). The copy keeps the message intact while later pushes update the shard in place.
         msg = torch.tensor([version], dtype=torch.float64)
-        dist.send(msg, dst=servers + worker, tag=_REPLY)
+        sending.append(dist.isend(msg, dst=servers + worker, tag=_REPLY))
         result.bytes_out += _nbytes(msg)
         if version != _STOP:
-            dist.send(shard, dst=servers + worker, tag=_PARAMS)
+            sending.append(dist.isend(shard.clone(), dst=servers + worker, tag=_PARAMS))
             result.bytes_out += _nbytes(shard)
+        sending[:] = [w for w in sending if not w.is_completed()]
 
     def may_start(worker: int, step: int) -> bool:
         if mode == "sync":
@@ -176,6 +182,8 @@ def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode:
             else:
                 still.append((w, s))
         pending = still
+    for w in sending:               # every reply delivered (to a live worker) before the server returns
+        _arrived(w, timeout)
     return result
 
 
