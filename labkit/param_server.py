@@ -115,9 +115,10 @@ def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode:
     sending = []                    # replies still on their way
 
     def reply(worker: int, version: float):
-        # isend of a copy: a blocking send would wait for the worker to post its receive, and a worker
-        # busy pushing to another server that is itself waiting to send closes a cycle (a deadlock with
-        # S >= 2). The copy keeps the message intact while later pushes update the shard in place.
+        # isend of a copy: a blocking send (gloo's returns only once the worker has posted its receive)
+        # would stop this server from listening while that worker may be busy sending to another server,
+        # a chain of waits that could close into a cycle with S >= 2. A server never waits for a worker
+        # this way; the copy keeps the message intact while later pushes update the shard in place.
         msg = torch.tensor([version], dtype=torch.float64)
         sending.append(dist.isend(msg, dst=servers + worker, tag=_REPLY))
         result.bytes_out += _nbytes(msg)

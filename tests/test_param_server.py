@@ -119,3 +119,13 @@ def test_shard_bounds():
 def test_bad_arguments():
     with pytest.raises(labkit.WorkerError, match="unknown mode 'hogwild'"):
         train(model_fn, make_batch_fn(2), loss_fn, workers=1, servers=1, mode="hogwild", timeout=2)
+
+
+def test_many_servers_and_workers_never_deadlock():
+    # A stress test: no compute, so the pulls and pushes of 4 workers to 3 servers interleave as densely as
+    # they can. Every server keeps listening (its replies are isends), so every message gets through.
+    run = train(model_fn, make_batch_fn(4), loss_fn, workers=4, servers=3, mode="async", steps=40, lr=0.01,
+                timeout=5.0)
+    assert run.stopped == "" and [w.steps_done for w in run.workers] == [40] * 4
+    assert [s.version for s in run.servers] == [160] * 3
+    assert sum(s.shard.numel() for s in run.servers) == 9
