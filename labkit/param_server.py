@@ -76,6 +76,7 @@ class ServerResult:
     updates: list = field(default_factory=list)             # (time, worker, step, staleness) per applied push
     bytes_in: int = 0                                       # headers and gradients received
     bytes_out: int = 0                                      # replies and parameters sent
+    per_step: dict = field(default_factory=dict)            # step -> [bytes in, bytes out] of the workers' step
     lost: list = field(default_factory=list)                # workers that stopped talking
     stopped: str = ""                                       # why a sync server stopped early, else ""
 
@@ -114,17 +115,24 @@ def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode:
 
     sending = []                    # replies still on their way
 
-    def reply(worker: int, version: float):
+    def count(step: int, direction: int, nbytes: int):        # direction 0: in, 1: out
+        result.per_step.setdefault(step, [0, 0])[direction] += nbytes
+        if direction:
+            result.bytes_out += nbytes
+        else:
+            result.bytes_in += nbytes
+
+    def reply(worker: int, step: int, version: float):
         # isend of a copy: a blocking send (gloo's returns only once the worker has posted its receive)
         # would stop this server from listening while that worker may be busy sending to another server,
         # a chain of waits that could close into a cycle with S >= 2. A server never waits for a worker
         # this way; the copy keeps the message intact while later pushes update the shard in place.
         msg = torch.tensor([version], dtype=torch.float64)
         sending.append(dist.isend(msg, dst=servers + worker, tag=_REPLY))
-        result.bytes_out += _nbytes(msg)
+        count(step, 1, _nbytes(msg))
         if version != _STOP:
             sending.append(dist.isend(shard.clone(), dst=servers + worker, tag=_PARAMS))
-            result.bytes_out += _nbytes(shard)
+            count(step, 1, _nbytes(shard))
         sending[:] = [w for w in sending if not w.is_completed()]
 
     def may_start(worker: int, step: int) -> bool:
@@ -151,16 +159,16 @@ def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode:
                 result.stopped = (f"server {server} (version {result.version}): no message from worker(s) "
                                   f"{silent} for {timeout:g} s; {why}, so the run stops here and the waiting "
                                   f"workers {sorted(w for w, _ in pending)} are told to stop.")
-                for w, _ in pending:
-                    reply(w, _STOP)
+                for w, s in pending:
+                    reply(w, s, _STOP)
             break
         kind, worker, version, step = (int(v) for v in header)
-        result.bytes_in += _nbytes(header)
+        count(step, 0, _nbytes(header))
         if kind == PULL:
             pending.append((worker, step))
         elif kind == PUSH:
             dist.recv(grad, src=servers + worker, tag=_GRAD)
-            result.bytes_in += _nbytes(grad)
+            count(step, 0, _nbytes(grad))
             clock[worker] += 1
             now = time.perf_counter() - start
             if mode == "sync":
@@ -179,7 +187,7 @@ def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode:
         still = []
         for w, s in pending:
             if may_start(w, s):
-                reply(w, float(result.version))
+                reply(w, s, float(result.version))
             else:
                 still.append((w, s))
         pending = still

@@ -69,6 +69,9 @@ def test_traffic_counters_count_every_byte():
         assert run.servers[s].bytes_in == workers * (steps * (2 * header + shard) + header)
         # per worker and step: the version (a float64) and the parameter shard out
         assert run.servers[s].bytes_out == workers * steps * (8 + shard)
+        # the same, step by step (the workers' "done" headers count at step `steps`)
+        assert run.servers[s].per_step == {**{t: [workers * (2 * header + shard), workers * (8 + shard)]
+                                              for t in range(steps)}, steps: [workers * header, 0]}
 
 
 @pytest.mark.parametrize("mode", ["async", "bounded"])
