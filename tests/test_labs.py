@@ -73,7 +73,9 @@ from accelerate import Accelerator
 from labkit.launcher import check_accelerator
 acc = Accelerator(cpu=len(sys.argv) > 1)
 check_accelerator(acc)
-print("ok", acc.process_index, acc.num_processes, flush=True)
+# one write per rank: with PYTHONUNBUFFERED, print() writes each argument separately and the two ranks'
+# lines could interleave ("okok 0 2")
+os.write(1, f"ok {acc.process_index} {acc.num_processes}\\n".encode())
 """
 
 
