@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from labkit import comm
 from labkit.ring import ALL_GATHER, REDUCE_SCATTER, chunk_bounds
 
 __all__ = ["CommStats", "Exchange", "reduce_scatter_phase", "all_gather_phase", "ring_all_reduce",
@@ -64,13 +65,7 @@ class Exchange:
         self.stats = stats
 
     def __call__(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int) -> None:
-        requests = []
-        if recv.numel():
-            requests.append(dist.irecv(recv, src))
-        if send.numel():
-            requests.append(dist.isend(send, dst))
-        for r in requests:
-            r.wait()
+        comm.exchange(send, dst, recv, src)
         if self.stats is not None:
             sent = send.numel() * send.element_size()
             self.stats.bytes_sent += sent
@@ -172,7 +167,7 @@ def _describe_call(tensor, op) -> torch.Tensor:
             _DTYPES.index(tensor.dtype) if tensor.dtype in _DTYPES else -1,
             tensor.dim() if tensor.dim() <= _MAX_DIMS else -1]
     shape = list(tensor.shape)[:_MAX_DIMS] if tensor.dim() <= _MAX_DIMS else []
-    return torch.tensor(code + shape + [0] * (_MAX_DIMS - len(shape)), dtype=torch.int64)
+    return comm.on(torch.tensor(code + shape + [0] * (_MAX_DIMS - len(shape)), dtype=torch.int64))
 
 
 def _explain(desc: list, name: str) -> str | None:
@@ -237,13 +232,13 @@ def _chunks(flat: torch.Tensor, world_size: int) -> list:
 _SCRATCH: dict = {}
 
 
-def _scratch(dtype: torch.dtype, numel: int) -> torch.Tensor:
+def _scratch(dtype: torch.dtype, numel: int, device: torch.device) -> torch.Tensor:
     """A receive buffer kept from call to call (one per dtype, grown when needed). Allocating a
     fresh multi-megabyte buffer every call costs page faults on first touch: at 16-64 MB that
     was 10-30% of the ring's time on gloo (docs/collectives-benchmark.md)."""
-    buf = _SCRATCH.get(dtype)
+    buf = _SCRATCH.get((dtype, device))
     if buf is None or buf.numel() < numel:
-        buf = _SCRATCH[dtype] = torch.empty(numel, dtype=dtype)
+        buf = _SCRATCH[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
@@ -266,7 +261,7 @@ def ring_all_reduce(tensor: torch.Tensor, op="sum", *, stats: CommStats | None =
     combine = _maximum if op == "max" else _add
     if trace is None and reduce_scatter is reduce_scatter_phase:
         reduce_scatter(chunks, rank, world_size, exchange, combine,
-                       scratch=_scratch(flat.dtype, max(c.numel() for c in chunks)))
+                       scratch=_scratch(flat.dtype, max(c.numel() for c in chunks), flat.device))
         all_gather(chunks, rank, world_size, exchange)
     elif trace is None:  # a replacement phase (Exercise 2) has the textbook signature
         reduce_scatter(chunks, rank, world_size, exchange, combine)
@@ -298,7 +293,7 @@ def ring_reduce_scatter(tensor: torch.Tensor, op="sum", *, stats: CommStats | No
     chunks = _chunks(flat, world_size)
     # shift=-1: rank i ends with chunk i (torch's convention) instead of chunk i+1.
     reduce_scatter_phase(chunks, rank, world_size, Exchange(stats), _maximum if op == "max" else _add, shift=-1,
-                         scratch=_scratch(flat.dtype, max(c.numel() for c in chunks)))
+                         scratch=_scratch(flat.dtype, max(c.numel() for c in chunks), flat.device))
     if op == "avg":
         chunks[rank].div_(world_size)
     return chunks[rank]
@@ -306,7 +301,7 @@ def ring_reduce_scatter(tensor: torch.Tensor, op="sum", *, stats: CommStats | No
 
 def _gather_equal_sized(local: torch.Tensor, stats: CommStats | None = None) -> torch.Tensor:
     world_size, rank = dist.get_world_size(), dist.get_rank()
-    out = torch.empty(world_size * local.numel(), dtype=local.dtype)
+    out = torch.empty(world_size * local.numel(), dtype=local.dtype, device=local.device)
     chunks = list(out.view(world_size, -1).unbind(0))
     chunks[rank].copy_(local.reshape(-1))
     all_gather_phase(chunks, rank, world_size, Exchange(stats), shift=0)  # rank i starts with chunk i
@@ -323,14 +318,14 @@ def ring_all_gather(tensor: torch.Tensor, *, stats: CommStats | None = None, che
 
 
 def _send(t, dst, stats):
-    dist.send(t, dst)
+    comm.send(t, dst)
     if stats is not None:
         stats.bytes_sent += t.numel() * t.element_size()
         stats.messages_sent += 1
 
 
 def _recv(t, src, stats):
-    dist.recv(t, src)
+    comm.recv(t, src)
     if stats is not None:
         stats.bytes_received += t.numel() * t.element_size()
 
@@ -345,7 +340,7 @@ def naive_all_reduce(tensor: torch.Tensor, op="sum", *, root: int = 0, stats: Co
     if rank == root:
         incoming = [torch.empty_like(flat) for _ in range(world_size - 1)]
         peers = [r for r in range(world_size) if r != root]
-        requests = [dist.irecv(buf, src) for buf, src in zip(incoming, peers)]
+        requests = [comm.irecv(buf, src) for buf, src in zip(incoming, peers)]
         for req, buf in zip(requests, incoming):  # combine in rank order: deterministic
             req.wait()
             (_maximum if op == "max" else _add)(flat, buf)

@@ -18,6 +18,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from labkit import comm
+
 __all__ = [
     "make_linear_data", "LinearRegression", "shard_indices", "average_gradients",
     "weighted_average_gradients", "server_average_gradients", "broadcast_parameters", "flat_grad",
@@ -119,7 +121,7 @@ def average_gradients(model: torch.nn.Module) -> None:
     world_size = dist.get_world_size()
     for p in model.parameters():
         if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            comm.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad /= world_size
 
 
@@ -129,12 +131,12 @@ def weighted_average_gradients(model: torch.nn.Module, local_count: int) -> None
     Each g_i is the gradient of a *mean* loss over B_i samples, so B_i g_i is the gradient of the
     shard's *summed* loss; summing those and dividing by the total gives the full-batch mean.
     """
-    total = torch.tensor([float(local_count)])
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    total = comm.on(torch.tensor([float(local_count)]))
+    comm.all_reduce(total, op=dist.ReduceOp.SUM)
     for p in model.parameters():
         if p.grad is not None:
             p.grad *= local_count
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            comm.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad /= total.item()
 
 
@@ -149,14 +151,14 @@ def server_average_gradients(model: torch.nn.Module, server: int = 0) -> None:
             continue
         if rank == server:
             inbox = [torch.empty_like(p.grad) for _ in range(world_size)]
-            dist.gather(p.grad, gather_list=inbox, dst=server)
+            comm.gather(p.grad, gather_list=inbox, dst=server)
             p.grad.copy_(torch.stack(inbox).mean(dim=0))
         else:
-            dist.gather(p.grad, dst=server)
-        dist.broadcast(p.grad, src=server)
+            comm.gather(p.grad, None, dst=server)
+        comm.broadcast(p.grad, src=server)
 
 
 def broadcast_parameters(model: torch.nn.Module, src: int = 0) -> None:
     """Make every replica start from rank ``src``'s weights (what DDP does when it wraps a model)."""
     for t in list(model.parameters()) + list(model.buffers()):
-        dist.broadcast(t.data, src=src)
+        comm.broadcast(t.data, src=src)

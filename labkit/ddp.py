@@ -31,6 +31,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd import Variable
 
+from labkit import comm
+
 __all__ = ["NaiveDDP", "OverlapDDP", "BucketedDDP", "Bucket", "plan_buckets", "broadcast_from_rank0",
            "TimelineEvent"]
 
@@ -52,16 +54,16 @@ def broadcast_from_rank0(module: nn.Module, group=None) -> None:
     src = dist.get_global_rank(group, 0) if group is not None else 0
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(t.data, src=src, group=group)
+            comm.broadcast(t.data, src=src, group=group)
 
 
 def _check_same_model_everywhere(module: nn.Module, group) -> None:
     # A fingerprint of (name, shape, dtype, trainable) for every parameter, compared across ranks:
     # different models would otherwise pair up mismatched all-reduces and hang or give garbage.
     desc = repr([(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in module.named_parameters()])
-    mine = torch.tensor([zlib.crc32(desc.encode())], dtype=torch.int64)
+    mine = comm.on(torch.tensor([zlib.crc32(desc.encode())], dtype=torch.int64), group)
     everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, mine, group=group)
+    comm.all_gather(everyone, mine, group=group)
     if any(int(f) != int(mine) for f in everyone):
         raise ValueError("DDP: the ranks wrapped different models (parameter names, shapes, dtypes or "
                          "requires_grad differ). Build the same model on every rank before wrapping it.")
@@ -147,7 +149,7 @@ class _DataParallel(nn.Module):
             self.timeline.append(TimelineEvent("wait", "wait for all-reduces", start, time.perf_counter()))
 
     def _timed_all_reduce(self, tensor: torch.Tensor, label: str):
-        work = dist.all_reduce(tensor, group=self.group, async_op=True)
+        work = comm.all_reduce(tensor, group=self.group, async_op=True)
         if self.timeline is not None:
             event = TimelineEvent("allreduce", label, time.perf_counter(), float("nan"),
                                   tensor.numel() * tensor.element_size())
@@ -298,7 +300,7 @@ class BucketedDDP(_DataParallel):
 
     def _rebuild_from_ready_order(self) -> None:
         index = {p: i for i, p in enumerate(self._params)}
-        order = torch.tensor([index[p] for p in self._ready], dtype=torch.int64)
+        order = comm.on(torch.tensor([index[p] for p in self._ready], dtype=torch.int64), self.group)
         src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-        dist.broadcast(order, src=src, group=self.group)  # rank 0's order for everyone
+        comm.broadcast(order, src=src, group=self.group)  # rank 0's order for everyone
         self._set_buckets(plan_buckets([self._params[i] for i in order.tolist()], self.bucket_cap_bytes))

@@ -8,19 +8,31 @@ Why not an existing launcher?  Measured in ``python -m labkit.bench.launchers``:
 - ``torch.multiprocessing.spawn`` cannot pickle a function defined in a notebook;
 - ``accelerate.notebook_launcher`` forks (good) but returns no values, and when one rank raises it
   reports a peer's secondary "connection closed" error as the cause.
-So this module forks the workers itself, as ``notebook_launcher`` and
-``torch.multiprocessing.start_processes(start_method="fork")`` do, and adds what a lesson needs:
-return values, the *first* failing rank's own traceback, short timeouts, and clean-up that leaves
-the Jupyter kernel usable. Everything distributed inside a worker is plain PyTorch
+- forking the caller itself (``notebook_launcher``, ``start_processes(start_method="fork")``) is
+  fast but breaks on any machine with an NVIDIA GPU once the kernel has queried CUDA or run one
+  backward pass (the children cannot use CUDA, and cannot run autograd even on the CPU), and Python
+  3.12+ warns that forking a multi-threaded process (a Jupyter kernel) may deadlock.
+So the workers are forked from a *fork server*: a clean Python process started once per kernel with
+torch already imported, which never touches CUDA or autograd. The function and its arguments travel
+by value with ``cloudpickle``, so functions, lambdas and classes defined in a notebook keep working.
+Each launch also sends the caller's environment variables, ``sys.path`` and working directory, so a
+worker sees what a forked one would. On top of that, this module adds what a lesson needs: return
+values, the *first* failing rank's own traceback, short timeouts, and clean-up that leaves the
+Jupyter kernel usable. Everything distributed inside a worker is plain PyTorch
 (a ``FileStore`` rendezvous, ``init_process_group``), so the same worker code runs unchanged under
 ``torchrun`` or ``accelerate launch`` (see :func:`init_from_env`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import importlib
+import io
 import multiprocessing as mp
 import multiprocessing.connection
+import multiprocessing.forkserver as mp_forkserver
+import multiprocessing.spawn as mp_spawn
 import os
 import pickle
 import shutil
@@ -30,8 +42,10 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 from dataclasses import dataclass, field
 
+import cloudpickle
 import torch
 import torch.distributed as dist
 
@@ -63,23 +77,37 @@ class WorkerError(RuntimeError):
 # Device and backend
 # --------------------------------------------------------------------------------------------
 
+def gpu_count() -> int:
+    """The number of visible CUDA GPUs, asked of NVML: it does not initialise CUDA in this process.
+
+    (``torch.cuda.is_available()`` asks the CUDA runtime unless PYTORCH_NVML_BASED_CUDA_CHECK=1, and
+    after that no process forked from this one can use CUDA.)
+    """
+    if not torch.cuda._is_compiled():  # a CPU build of torch
+        return 0
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    return torch.cuda.device_count()
+
+
 def pick_device_and_backend(world_size: int, device: str | None = None,
                             backend: str | None = None) -> tuple[str, str]:
     """Choose ``(device, backend)`` for ``world_size`` processes on this machine.
 
-    Default: one CUDA GPU per process with NCCL when there are enough GPUs, else CPU with gloo.
+    ``device=None`` or ``'auto'``: one CUDA GPU per process with NCCL when there are enough GPUs,
+    else CPU with gloo.
     An explicit choice that cannot work raises ``ValueError`` here, before any process starts
     (a wrong backend inside the workers would otherwise fail late or hang).
     """
-    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device is None:
+    n_gpus = gpu_count()
+    if device in (None, "auto"):
         device = "cuda" if (backend in (None, "nccl") and n_gpus >= world_size) else "cpu"
     device = str(device)
     if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}")
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', not {device!r}")
     if device == "cuda" and n_gpus < world_size:
-        raise ValueError(f"device='cuda' needs one GPU per process: asked for world_size={world_size} "
-                         f"but this machine has {n_gpus} CUDA GPU(s). Use device='cpu' (gloo) instead.")
+        raise ValueError(f"device='cuda'{' (backend nccl)' if backend == 'nccl' else ''} needs one GPU per "
+                         f"process: asked for world_size={world_size} but this machine has {n_gpus} CUDA GPU(s). "
+                         f"Use device='cpu' with backend='gloo' instead.")
     if backend is None:
         backend = "nccl" if device == "cuda" else "gloo"
     backend = str(backend).lower()
@@ -134,26 +162,42 @@ def _is_communication_error(exc: BaseException) -> bool:
         "broken pipe", "gloo/transport", "socket timeout"))
 
 
-def _worker_main(rank: int, world_size: int, fn, args, kwargs, conn, device: str,
-                 backend: str, timeout_s: float, threads: int | None) -> None:
+def _worker_main(rank: int, world_size: int, conn, device: str, backend: str, timeout_s: float,
+                 threads: int | None) -> None:
     # The parent decides when workers stop (Kernel -> Interrupt reaches it); workers ignore SIGINT
     # so that an interrupt does not print N copies of the same KeyboardInterrupt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _set_parent_death_signal()
     if threads is not None:
         torch.set_num_threads(threads)
-    # The caller sends the rendezvous file's path once every worker exists (see launch()).
+    # The caller sends the job once every worker exists (see launch()).
     if not conn.poll(timeout_s):
         os._exit(3)
-    store_path = conn.recv()
+    job: _Job = conn.recv()
+    os.environ.clear()
+    os.environ.update(job.environ)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world_size)})
+    sys.path[:] = job.sys_path
+    torch.set_rng_state(job.torch_state["rng"])
+    torch.set_default_dtype(job.torch_state["dtype"])
+    dist.set_debug_level(job.torch_state["debug"])
+    try:
+        os.chdir(job.cwd)
+    except OSError:
+        pass
+    for stream in (sys.stdout, sys.stderr):  # a worker's prints appear as they happen
+        try:
+            stream.reconfigure(line_buffering=True)
+        except Exception:  # noqa: BLE001 - not a text file
+            pass
     message: tuple
     try:
+        fn, args, kwargs = pickle.loads(job.payload)
         if device == "cuda":
-            torch.cuda.set_device(rank)
+            torch.cuda.set_device(rank % max(1, torch.cuda.device_count()))
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = dist.FileStore(store_path, world_size)
+        store = dist.FileStore(job.store_path, world_size)
         store.set_timeout(timeout)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         # Wait until every rank's group is up: a rank whose fn returns at once must not exit (closing
@@ -166,14 +210,14 @@ def _worker_main(rank: int, world_size: int, fn, args, kwargs, conn, device: str
         finally:
             dist.destroy_process_group()
         try:
-            payload = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+            payload = _dumps(result)
         except Exception as exc:  # noqa: BLE001 - reported to the caller
             raise TypeError(f"rank {rank} returned a {type(result).__name__} that cannot be "
                             f"pickled to send back to the caller: {exc}") from exc
         message = ("ok", rank, payload)
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller
         try:
-            exc_bytes = pickle.dumps(exc)
+            exc_bytes = _dumps(exc)
         except Exception:  # noqa: BLE001
             exc_bytes = None
         message = ("error", rank, time.time(), type(exc).__name__, traceback.format_exc(),
@@ -187,14 +231,25 @@ def _worker_main(rank: int, world_size: int, fn, args, kwargs, conn, device: str
         conn.send(message)
     finally:
         conn.close()
-        # Skip interpreter teardown (atexit handlers inherited from the notebook kernel, flushing
-        # its streams): the parent already has the result.
+        # Skip interpreter teardown (atexit handlers, flushing what it inherited): the parent
+        # already has the result.
         os._exit(0)
 
 
 # --------------------------------------------------------------------------------------------
 # In the caller
 # --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Job:
+    """What every worker of one launch receives once all of them exist."""
+    store_path: str        # the rendezvous file
+    payload: bytes         # cloudpickle of (fn, args, kwargs)
+    environ: dict          # the caller's environment variables, as they are now
+    sys_path: list
+    cwd: str
+    torch_state: dict      # what a forked worker would have inherited: RNG, default dtype, debug level
+
 
 @dataclass
 class _Run:
@@ -208,32 +263,145 @@ class _Run:
         return rank in self.results or rank in self.errors or rank in self.deaths
 
 
-def _import_once_for_all_workers() -> None:
-    """Import here, before forking, what nearly every worker would otherwise import on its own.
+# Imported once by the fork server, so that no worker of any launch pays for them again. The first
+# ``optimizer.step()`` in a process imports ``torch._dynamo`` (about 2 s; N ranks at once on a
+# 2-core laptop: seconds).
+_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "labkit.launcher"]
+START_METHODS = ("forkserver", "fork")
 
-    The first ``optimizer.step()`` in a process imports ``torch._dynamo`` (about 2 s). Forked
-    workers inherit this process's modules, so importing it once here saves every rank of every
-    later launch from paying it again (N ranks importing at once on a 2-core laptop: seconds).
+
+def _forget_inherited_forkserver() -> None:
+    """In a process forked from one that runs a fork server: forget that server.
+
+    multiprocessing keeps its fork server in a module global, and a forked child inherits it, then
+    fails to use it (it is not the child's own child: "No child processes"). Forgetting it makes
+    the child start a server of its own when it launches.
     """
-    import torch._dynamo  # noqa: F401
+    server = getattr(mp_forkserver, "_forkserver", None)
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    if alive is not None:
+        try:
+            os.close(alive)
+        except OSError:
+            pass
+    for name in ("_forkserver_alive_fd", "_forkserver_address", "_forkserver_pid", "_forkserver_authkey"):
+        if hasattr(server, name):
+            setattr(server, name, None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited_forkserver)
+
+
+def _context(start_method: str):
+    if start_method not in START_METHODS:
+        raise ValueError(f"start_method must be one of {START_METHODS}, not {start_method!r}")
+    if start_method not in mp.get_all_start_methods():
+        raise RuntimeError(f"labkit.launch needs the {start_method!r} start method (Linux, macOS; on "
+                           f"Windows use WSL). Scripts can use torchrun or accelerate launch instead.")
+    ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        # The server starts (once per process) with this environment: NVML answers CUDA queries,
+        # so even a stray one in an import leaves the server able to fork CUDA-capable workers.
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+        ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+@contextlib.contextmanager
+def _without_main_module():
+    """Start processes without re-running the caller's main script in each of them.
+
+    A forkserver (or spawn) child first imports the parent's ``__main__`` (a script, a lab module,
+    the Jupyter kernel's launcher) so that functions pickled by reference can be found. Here the
+    function travels by value, so that import is wasted time, and in a script without an
+    ``if __name__ == "__main__":`` guard it would start the launch again in every worker.
+    """
+    real = mp_spawn.get_preparation_data
+
+    def without_main(name):
+        data = real(name)
+        data.pop("init_main_from_name", None)
+        data.pop("init_main_from_path", None)
+        return data
+
+    mp_spawn.get_preparation_data = without_main
+    try:
+        yield
+    finally:
+        mp_spawn.get_preparation_data = real
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, plus: a module object that is importable by its name travels by name, whatever
+    its type (torch's config modules, e.g. ``torch._dynamo.config``, subclass ``ModuleType``, and
+    cloudpickle knows only the plain type)."""
+
+    def reducer_override(self, obj):
+        if (isinstance(obj, types.ModuleType) and type(obj) is not types.ModuleType
+                and sys.modules.get(obj.__name__) is obj):
+            return importlib.import_module, (obj.__name__,)
+        return super().reducer_override(obj)
+
+
+def _dumps(obj) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+def _unsendable(fn, args, kwargs) -> list[str]:
+    """Which of the function's globals and the arguments cannot be pickled (for the error message)."""
+    names = getattr(getattr(fn, "__code__", None), "co_names", ())
+    candidates = [(f"the global {n!r} that {getattr(fn, '__name__', 'fn')} uses", fn.__globals__[n])
+                  for n in names if n in getattr(fn, "__globals__", {})]
+    candidates += [(f"argument {i}", a) for i, a in enumerate(args)]
+    candidates += [(f"argument {k}=", v) for k, v in kwargs.items()]
+    bad = []
+    for what, value in candidates:
+        try:
+            _dumps(value)
+        except Exception as exc:  # noqa: BLE001
+            bad.append(f"{what} ({type(value).__name__}: {exc})")
+    return bad
+
+
+def _pickle_job(fn, args, kwargs) -> bytes:
+    try:
+        return _dumps((fn, args, kwargs))
+    except Exception as exc:  # noqa: BLE001 - say which part could not be sent
+        culprits = _unsendable(fn, args, kwargs)
+        where = f" The culprit: {'; '.join(culprits)}." if culprits else ""
+        raise TypeError(f"labkit.launch sends the function and its arguments to the workers by value "
+                        f"(cloudpickle), and this failed: {exc}.{where} Pass what the workers need as "
+                        f"arguments or build it inside the function; open files, locks, generators and "
+                        f"live connections cannot be sent.") from exc
 
 
 def launch(fn, *args, world_size: int = 2, device: str | None = None, backend: str | None = None,
-           timeout: float = 30.0, threads: int | None = 1, **kwargs) -> list:
+           timeout: float = 30.0, threads: int | None = 1, start_method: str = "forkserver",
+           **kwargs) -> list:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` processes and return ``[result of rank 0, ...]``.
 
     Inside ``fn`` the default process group is ready: ``dist.get_rank()``, ``dist.all_reduce`` ...
     The environment variables RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE are set as
-    ``torchrun`` would set them.
+    ``torchrun`` would set them. ``fn``, ``args`` and ``kwargs`` are copied to the workers (by value,
+    with cloudpickle): a worker that changes a global changes only its own copy.
 
     Args:
         world_size: number of processes.
-        device, backend: default ``'cuda'``/``'nccl'`` when there is one GPU per process, else
-            ``'cpu'``/``'gloo'``. An explicit choice that cannot work raises ``ValueError``.
+        device, backend: by default CPU processes over gloo, on every machine, so that a lesson
+            prints the same numbers on a laptop and on a GPU server. ``device='cuda'`` (or
+            ``backend='nccl'``) gives each process its own GPU with NCCL; ``device='auto'`` does so
+            when there is one GPU per process. A choice that cannot work raises ``ValueError``
+            before any process starts.
         timeout: seconds a rank may wait in a collective (and the rest of the ranks may keep running
             after one rank has finished) before the run is stopped. PyTorch's default is 30 minutes.
         threads: ``torch.set_num_threads`` in each worker (1: N workers share a laptop's cores fairly);
             ``None`` leaves PyTorch's default.
+        start_method: ``'forkserver'`` (works on every machine, whatever the caller did before);
+            ``'fork'`` forks the caller itself (kept for the launcher benchmark: it fails on a GPU
+            machine once the caller has touched CUDA or run a backward pass).
 
     Raises:
         WorkerError: naming the rank that failed first, with that rank's own traceback.
@@ -247,41 +415,41 @@ def launch(fn, *args, world_size: int = 2, device: str | None = None, backend: s
     if dist.is_available() and dist.is_initialized():
         raise RuntimeError("launch() starts its own workers; call it from a process that is not itself "
                            "a distributed rank (here a process group is already initialised)")
+    if device is None:
+        device = "cuda" if backend == "nccl" else "cpu"
     device, backend = pick_device_and_backend(world_size, device, backend)
-    if "fork" not in mp.get_all_start_methods():
-        raise RuntimeError("labkit.launch needs the 'fork' start method (Linux, macOS; on Windows use "
-                           "WSL). Scripts can use torchrun or accelerate launch instead.")
-    if device == "cuda" and torch.cuda.is_initialized():
-        raise RuntimeError("CUDA is already initialised in this process, and forked workers cannot use it. "
-                           "Restart the kernel and call launch() before any CUDA work in the notebook.")
+    ctx = _context(start_method)
+    if start_method == "fork" and device == "cuda" and torch.cuda.is_initialized():
+        raise RuntimeError("CUDA is already initialised in this process, and forked workers cannot use it: "
+                           "use start_method='forkserver' (the default).")
+    payload = _pickle_job(fn, args, kwargs)
 
-    _import_once_for_all_workers()
-    ctx = mp.get_context("fork")
     store_dir = tempfile.mkdtemp(prefix="labkit-")
-    store_path = os.path.join(store_dir, "rendezvous")
     env_backup = {k: os.environ.get(k) for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
     loopback = _loopback_interface()
     if loopback:  # gloo/NCCL bind to the loopback interface, never to a public address
         os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
+    # Rendezvous through a file (what PyTorch's own multi-process tests use): no store server,
+    # no port to choose. gloo then listens on ports the OS picks on the loopback interface.
+    # (A TCPStore in this process was tried first: its server thread, and the reverse-DNS
+    # lookups c10d makes when it logs socket addresses, stalled ranks now and then.)
+    job = _Job(os.path.join(store_dir, "rendezvous"), payload, dict(os.environ), list(sys.path), os.getcwd(),
+               dict(rng=torch.get_rng_state(), dtype=torch.get_default_dtype(), debug=dist.get_debug_level()))
     procs, conns = [], []
     sigint_handler = signal.getsignal(signal.SIGINT)
     try:
-        for rank in range(world_size):
-            parent_end, child_end = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, name=f"labkit-rank{rank}", daemon=True,
-                            args=(rank, world_size, fn, args, kwargs, child_end, device,
-                                  backend, timeout, threads))
-            p.start()
-            child_end.close()
-            procs.append(p)
-            conns.append(parent_end)
-        # Rendezvous through a file (what PyTorch's own multi-process tests use): no store server,
-        # no port to choose. gloo then listens on ports the OS picks on the loopback interface.
-        # (A TCPStore in this process was tried first: its server thread, and the reverse-DNS
-        # lookups c10d makes when it logs socket addresses, stalled ranks now and then.)
+        with _without_main_module():
+            for rank in range(world_size):
+                parent_end, child_end = ctx.Pipe()
+                p = ctx.Process(target=_worker_main, name=f"labkit-rank{rank}", daemon=True,
+                                args=(rank, world_size, child_end, device, backend, timeout, threads))
+                p.start()
+                child_end.close()
+                procs.append(p)
+                conns.append(parent_end)
         for c in conns:
-            c.send(store_path)
+            c.send(job)
         run = _wait(procs, conns, timeout)
     finally:
         _stop(procs)

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from labkit import comm
+
 __all__ = ["partition", "stage_module", "train_step", "Event", "busy_fraction", "busy_fractions"]
 
 
@@ -88,19 +90,19 @@ def send_tensor(t: torch.Tensor, dst: int) -> None:
     shape, then the data. Three messages; the first two are tiny. (Megatron's pipeline sends shapes the
     same way when they can change; when every stage's input shape is known in advance, one message is
     enough.)"""
-    dist.send(torch.tensor([t.dim()], device=t.device), dst)
-    dist.send(torch.tensor(t.shape, device=t.device), dst)
-    dist.send(t.contiguous(), dst)
+    comm.send(comm.on(torch.tensor([t.dim()])), dst)
+    comm.send(comm.on(torch.tensor(t.shape)), dst)
+    comm.send(t.contiguous(), dst)
 
 
 def recv_tensor(src: int, dtype: torch.dtype, device) -> torch.Tensor:
     """Receive what :func:`send_tensor` sent: the header tells how much memory the data needs."""
-    ndim = torch.empty(1, dtype=torch.long, device=device)
-    dist.recv(ndim, src)
-    shape = torch.empty(int(ndim), dtype=torch.long, device=device)
-    dist.recv(shape, src)
+    ndim = torch.empty(1, dtype=torch.long, device=comm.device())
+    comm.recv(ndim, src)
+    shape = torch.empty(int(ndim), dtype=torch.long, device=comm.device())
+    comm.recv(shape, src)
     t = torch.empty(shape.tolist(), dtype=dtype, device=device)
-    dist.recv(t, src)
+    comm.recv(t, src)
     return t
 
 
@@ -162,12 +164,12 @@ def train_step(stage: nn.Module, inputs: torch.Tensor | None, target: torch.Tens
     else:
         grad_out = torch.empty_like(out)  # dL/d(output) has the output's shape: no header needed
         with _timed(timeline, "recv"):
-            dist.recv(grad_out, rank + 1)
+            comm.recv(grad_out, rank + 1)
         with _timed(timeline, "backward"):
             torch.autograd.backward(out, grad_out)
     if not first:
         with _timed(timeline, "send"):
-            dist.send(x.grad, rank - 1)
+            comm.send(x.grad, rank - 1)
     return (loss.detach() if last else None), timeline
 
 

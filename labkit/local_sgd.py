@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from labkit import comm
 from labkit.data_parallel import LinearRegression, flat_params, shard_indices
 from labkit.launcher import launch
 
@@ -50,7 +51,7 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
     a single flat buffer first. Every collective pays a fixed latency (milliseconds when processes
     share a few cores), so one call per step instead of one per tensor; DDP's buckets do the same."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    comm.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= dist.get_world_size()
     offset = 0
     for t in tensors:

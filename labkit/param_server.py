@@ -31,6 +31,11 @@ nothing for ``timeout`` seconds names the silent workers. In sync mode (and in b
 others are τ steps ahead) the others are waiting for them: the server tells them to stop. In async mode
 the others never wait for anyone: they finish their steps, and the server ends once only the silent
 workers are left (``timeout`` must exceed a step's time, or a straggler looks dead).
+
+On GPUs: receiving from any source exists only in gloo, so when the world runs NCCL every message of
+the parameter server goes over a gloo group made beside it, with the shards on the CPU, as real parameter
+servers keep them in host memory; workers compute on their own device and copy each message over.
+All messages go through :mod:`labkit.comm`.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from labkit import comm
 
 __all__ = ["MODES", "shard_bounds", "ServerResult", "WorkerResult", "PSRun", "serve", "work",
            "parameter_server", "train"]
@@ -102,7 +109,8 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode: str = "sync", lr: float = 0.1,
-          staleness: int = 0, scale_lr: bool = False, steps: int = 10, timeout: float = 10.0) -> ServerResult:
+          staleness: int = 0, scale_lr: bool = False, steps: int = 10, timeout: float = 10.0,
+          group=None) -> ServerResult:
     """The server loop of rank ``server``: owns ``shard`` (updated in place) until every worker is done."""
     result = ServerResult(server, shard)
     start = time.perf_counter()
@@ -128,10 +136,10 @@ def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode:
         # a chain of waits that could close into a cycle with S >= 2. A server never waits for a worker
         # this way; the copy keeps the message intact while later pushes update the shard in place.
         msg = torch.tensor([version], dtype=torch.float64)
-        sending.append(dist.isend(msg, dst=servers + worker, tag=_REPLY))
+        sending.append(comm.isend(msg, servers + worker, group, tag=_REPLY))
         count(step, 1, _nbytes(msg))
         if version != _STOP:
-            sending.append(dist.isend(shard.clone(), dst=servers + worker, tag=_PARAMS))
+            sending.append(comm.isend(shard.clone(), servers + worker, group, tag=_PARAMS))
             count(step, 1, _nbytes(shard))
         sending[:] = [w for w in sending if not w.is_completed()]
 
@@ -148,7 +156,7 @@ def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode:
         result.version += 1
 
     while active:
-        if not _arrived(dist.irecv(header, tag=_HEADER), timeout):   # from any worker: the header says who
+        if not _arrived(comm.irecv_any(header, group, tag=_HEADER), timeout):   # from any worker: the header says who
             # nothing for `timeout` seconds. (A posted receive cannot be taken back: the server stops
             # listening here, whatever the mode.)
             silent = sorted(active - {w for w, _ in pending} - set(inbox))
@@ -167,7 +175,7 @@ def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode:
         if kind == PULL:
             pending.append((worker, step))
         elif kind == PUSH:
-            dist.recv(grad, src=servers + worker, tag=_GRAD)
+            comm.recv(grad, servers + worker, group, tag=_GRAD)
             count(step, 0, _nbytes(grad))
             clock[worker] += 1
             now = time.perf_counter() - start
@@ -197,19 +205,20 @@ def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode:
 
 
 def work(model: nn.Module, worker: int, servers: int, batch_fn: Callable, loss_fn: Callable, *, steps: int = 10,
-         compute_ms: float = 0.0, slow: float = 1.0, die_at: int | None = None) -> WorkerResult:
+         compute_ms: float = 0.0, slow: float = 1.0, die_at: int | None = None, group=None) -> WorkerResult:
     """The worker loop: ``steps`` times pull, compute the gradient of ``loss_fn(model, *batch_fn(worker, step))``,
     push. ``compute_ms`` × ``slow`` of emulated compute time per step (a straggler has slow > 1);
     ``die_at``: stop talking before that step, as a crashed worker would."""
     result = WorkerResult(worker)
     start = time.perf_counter()
-    params = parameters_to_vector(model.parameters()).detach()
+    params = comm.on(parameters_to_vector(model.parameters()).detach(), group)   # a copy when devices differ
     bounds = shard_bounds(params.numel(), servers)
-    version = torch.zeros(1, dtype=torch.float64)
+    version = torch.zeros(1, dtype=torch.float64, device=params.device)
     pulled = [0] * servers
 
     def tell(server: int, kind: int, pulled_version: int, step: int):
-        dist.send(torch.tensor([kind, worker, pulled_version, step], dtype=torch.int64), dst=server, tag=_HEADER)
+        comm.send(torch.tensor([kind, worker, pulled_version, step], dtype=torch.int64, device=params.device),
+                  server, group, tag=_HEADER)
 
     for step in range(steps):
         if die_at is not None and step >= die_at:
@@ -218,23 +227,23 @@ def work(model: nn.Module, worker: int, servers: int, batch_fn: Callable, loss_f
         for s in range(servers):                   # pull: ask every server for its shard
             tell(s, PULL, 0, step)
         for s, (a, b) in enumerate(bounds):
-            dist.recv(version, src=s, tag=_REPLY)
+            comm.recv(version, s, group, tag=_REPLY)
             if version.item() == _STOP:
                 result.stopped = f"worker {worker}: server {s} stopped the run before step {step}"
                 return result
             pulled[s] = int(version.item())
-            dist.recv(params[a:b], src=s, tag=_PARAMS)
-        vector_to_parameters(params, model.parameters())
+            comm.recv(params[a:b], s, group, tag=_PARAMS)
+        vector_to_parameters(params.to(next(model.parameters()).device), model.parameters())
         model.zero_grad()
         loss = loss_fn(model, *batch_fn(worker, step))
         loss.backward()
         if compute_ms:
             time.sleep(compute_ms * slow / 1e3)    # the rest of the step's "device" time
         result.losses.append((time.perf_counter() - start, step, loss.item()))
-        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        grad = comm.on(torch.cat([p.grad.reshape(-1) for p in model.parameters()]), group)
         for s, (a, b) in enumerate(bounds):        # push: each server gets its shard of the gradient
             tell(s, PUSH, pulled[s], step)
-            dist.send(grad[a:b].contiguous(), dst=s, tag=_GRAD)
+            comm.send(grad[a:b].contiguous(), s, group, tag=_GRAD)
         result.steps_done = step + 1
     for s in range(servers):
         tell(s, DONE, 0, steps)
@@ -252,15 +261,17 @@ def parameter_server(model_fn: Callable, batch_fn: Callable, loss_fn: Callable, 
     workers = world - servers
     if servers < 1 or workers < 1:
         raise ValueError(f"{world} processes cannot hold {servers} server(s) and at least one worker")
+    # any-source receives need gloo: beside an NCCL world, a gloo group over the same ranks carries them
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     model = model_fn()
     if rank < servers:
-        flat = parameters_to_vector(model.parameters()).detach().clone()
+        flat = comm.on(parameters_to_vector(model.parameters()).detach(), group).clone()
         a, b = shard_bounds(flat.numel(), servers)[rank]
         return serve(flat[a:b].clone(), rank, servers, workers, mode=mode, lr=lr, staleness=staleness,
-                     scale_lr=scale_lr, steps=steps, timeout=timeout)
+                     scale_lr=scale_lr, steps=steps, timeout=timeout, group=group)
     w = rank - servers
     return work(model, w, servers, batch_fn, loss_fn, steps=steps, compute_ms=compute_ms,
-                slow=(slow or {}).get(w, 1.0), die_at=(die_at or {}).get(w))
+                slow=(slow or {}).get(w, 1.0), die_at=(die_at or {}).get(w), group=group)
 
 
 @dataclass

@@ -35,6 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from labkit import comm
+
 __all__ = ["copy_to_tensor_parallel", "reduce_from_tensor_parallel", "gather_from_tensor_parallel",
            "ColumnParallelLinear", "RowParallelLinear", "ParallelMLP", "ParallelSelfAttention",
            "ParallelBlock", "tensor_parallel_gpt", "shard_like", "Communication", "count_communication",
@@ -89,7 +91,7 @@ def _all_reduce(x: torch.Tensor, group, op: str, phase: str) -> torch.Tensor:
     if _rank_and_size(group)[1] == 1:
         return x
     total = x.clone(memory_format=torch.contiguous_format)     # gloo wants contiguous tensors
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    comm.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     _record(op, "all_reduce", phase, total)
     return total
 
@@ -134,7 +136,7 @@ class _GatherFromTensorParallel(torch.autograd.Function):
             return x
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(parts, x, group=group)
+        comm.all_gather(parts, x, group=group)
         _record("gather", "all_gather", "forward", x)
         return torch.cat(parts, dim=-1)
 

@@ -23,7 +23,7 @@ def _solution_class():
     """BucketedDDP exactly as the solution notebook defines it (its import cell, then its class cell)."""
     nb = nbformat.read(ROOT / "solutions" / "03_ddp_exercise.ipynb", as_version=4)
     code = [c.source for c in nb.cells if c.cell_type == "code"]
-    namespace = {}
+    namespace = {"__name__": "__main__"}   # as in a notebook: its functions and classes travel by value
     exec(compile(code[0], "solution-imports", "exec"), namespace)
     exec(compile(next(s for s in code if s.startswith("class BucketedDDP")), "solution-class", "exec"), namespace)
     return namespace["BucketedDDP"]

@@ -25,7 +25,7 @@ def _solution_functions():
     """lamb_step and adascale_gain exactly as the solution notebook defines them."""
     nb = nbformat.read(ROOT / "solutions" / "04_large_batch_exercise.ipynb", as_version=4)
     code = [c.source for c in nb.cells if c.cell_type == "code"]
-    namespace = {}
+    namespace = {"__name__": "__main__"}   # as in a notebook: its functions and classes travel by value
     exec(compile(code[0], "solution-imports", "exec"), namespace)
     for name in ("def lamb_step", "def adascale_gain"):
         exec(compile(next(s for s in code if name in s), name, "exec"), namespace)

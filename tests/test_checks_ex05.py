@@ -27,7 +27,7 @@ def _namespace(folder="solutions", **replace):
     f), which the layers pick up: their forward looks CopyToParallel and ReduceFromParallel up when it runs."""
     nb = nbformat.read(ROOT / folder / NOTEBOOK, as_version=4)
     code = [c.source for c in nb.cells if c.cell_type == "code"]
-    namespace = {}
+    namespace = {"__name__": "__main__"}   # as in a notebook: its functions and classes travel by value
     exec(compile(code[0], f"{folder}-imports", "exec"), namespace)
     for source in code:
         if source.startswith(CLASS_CELLS):

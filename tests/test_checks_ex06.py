@@ -25,7 +25,7 @@ def _notebook_function(folder):
     """one_f_one_b exactly as the notebook in ``folder`` defines it."""
     nb = nbformat.read(ROOT / folder / "06_pipeline_schedule_exercise.ipynb", as_version=4)
     code = [c.source for c in nb.cells if c.cell_type == "code"]
-    namespace = {}
+    namespace = {"__name__": "__main__"}   # as in a notebook: its functions and classes travel by value
     exec(compile("from labkit.pipeline.schedules import Action, Schedule, add_communication", "imports", "exec"),
          namespace)
     exec(compile(next(s for s in code if "def one_f_one_b" in s), "one_f_one_b", "exec"), namespace)

@@ -167,7 +167,7 @@ def _repeated_calls():
         if not torch.equal(x, want):
             bad.append((numel, dtype))
         if dtype == torch.float32:
-            pointers.append(C._scratch(dtype, 1).data_ptr())
+            pointers.append(C._scratch(dtype, 1, x.device).data_ptr())
     return bad, pointers
 
 

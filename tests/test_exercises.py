@@ -126,7 +126,7 @@ def test_blocks_become_stubs_with_their_indentation():
         "raise NotImplementedError(\"Exercise 2c: set the answer; see the instructions above\")\n"
         "print('after')")
     # the stubs are valid Python that raises the named exercise
-    namespace = {}
+    namespace = {"__name__": "__main__"}   # as in a notebook: its functions and classes travel by value
     exec(exercise.cells[1].source.split("\nraise NotImplementedError(\"Exercise 2c")[0], namespace)
     with pytest.raises(NotImplementedError, match=r"^Exercise 2a: double x; see the instructions above$"):
         namespace["f"](1)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import labkit
-from labkit.launcher import WorkerError, pick_device_and_backend
+from labkit.launcher import WorkerError, gpu_count, pick_device_and_backend
 
 
 def _rank_sum(offset):
@@ -163,13 +163,13 @@ def test_bad_arguments_fail_before_any_process_starts():
     assert mp.active_children() == []
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error messages")
+@pytest.mark.skipif(gpu_count() >= 2, reason="checks the errors of a machine with fewer than 2 GPUs")
 def test_impossible_device_or_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="nccl|NCCL|not available"):
         pick_device_and_backend(2, backend="nccl")
     with pytest.raises(ValueError, match="one GPU per process"):
         pick_device_and_backend(2, device="cuda")
-    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+    with pytest.raises(ValueError, match="'cpu', 'cuda' or 'auto'"):
         pick_device_and_backend(2, device="tpu")
     assert pick_device_and_backend(4) == ("cpu", "gloo")
 
@@ -232,3 +232,45 @@ def test_jupyter_kernel_interrupt_stops_workers_and_kernel_stays_usable():
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def _device_and_backend():
+    return str(torch.zeros(1).device), dist.get_backend(), os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+
+
+def test_lessons_run_on_cpu_processes_by_default_on_any_machine():
+    # the same numbers on a laptop and on a GPU server: a GPU is used only when asked for
+    assert labkit.launch(_device_and_backend, world_size=1) == [("cpu", "gloo", "1")]
+
+
+def _backward_and_optimizer_step():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([w], lr=0.1)
+    (w * torch.arange(3.0)).sum().backward()
+    opt.step()
+    return w.detach().tolist()
+
+
+def test_workers_run_autograd_after_the_caller_did():
+    # Forking a process that has run a backward pass breaks autograd in the child on machines with a GPU;
+    # the fork server never runs one, so this works wherever the caller has been
+    x = torch.ones(2, requires_grad=True)
+    (x * x).sum().backward()
+    out = labkit.launch(_backward_and_optimizer_step, world_size=2)
+    assert out == [pytest.approx([1.0, 0.9, 0.9])] * 2
+
+
+def test_functions_and_classes_defined_in_main_travel_by_value():
+    import types
+    main = types.ModuleType("__main__")   # what a notebook's namespace is: not importable by workers
+    exec("import torch.distributed as dist\n"
+         "class Point:\n    def __init__(self, x): self.x = x\n"
+         "def worker(k):\n    return Point(dist.get_rank() * k)\n", main.__dict__)
+    points = labkit.launch(main.worker, 10, world_size=2)
+    assert [p.x for p in points] == [0, 10]
+
+
+def test_environment_changes_after_the_first_launch_reach_the_workers(monkeypatch):
+    labkit.launch(_rank_sum, 0, world_size=1)          # the fork server is running now
+    monkeypatch.setenv("LABKIT_TEST_VALUE", "42")
+    assert labkit.launch(lambda: os.environ.get("LABKIT_TEST_VALUE"), world_size=2) == ["42", "42"]

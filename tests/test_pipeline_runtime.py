@@ -221,7 +221,9 @@ def test_saved_bytes_count_a_views_own_elements():
 def _sent_tensors_alive():
     """At each forward of stage 0 in 1F1B, how many tensors this rank sent are still alive."""
     import weakref
-    sent, isend = [], dist.isend
+
+    from labkit import comm
+    sent, isend = [], comm.isend
 
     def recording_isend(tensor, *args, **kwargs):
         sent.append(weakref.ref(tensor))
@@ -232,7 +234,7 @@ def _sent_tensors_alive():
             alive.append(sum(r() is not None for r in sent))
             return super().forward(x)
 
-    dist.isend, alive = recording_isend, []
+    comm.isend, alive = recording_isend, []
     try:
         rank = dist.get_rank()
         torch.manual_seed(0)
@@ -240,7 +242,7 @@ def _sent_tensors_alive():
         xs, ys = [torch.randn(4, 16) for _ in range(m)], [torch.randn(4, 16) for _ in range(m)]
         run_schedule(make_schedule("1F1B", 2, m), {rank: Probe(16, 16)}, xs, ys, F.mse_loss, activation_shape=(4, 16))
     finally:
-        dist.isend = isend
+        comm.isend = isend
     return alive
 
 

@@ -144,6 +144,12 @@ def run_labkit(work, args, world_size, timeout=30.0):
     return labkit.launch(work, *args, world_size=world_size, timeout=timeout, threads=1)
 
 
+def run_labkit_fork(work, args, world_size, timeout=30.0):
+    """labkit.launch as it was before its fork server: forking the caller (fails on GPU machines once
+    the caller has touched CUDA or run a backward pass)."""
+    return labkit.launch(work, *args, world_size=world_size, timeout=timeout, threads=1, start_method="fork")
+
+
 def _init_and_call(rank, world_size, port, work, args):
     """Worker of start_processes and spawn: they pass the rank, and joining the group is up to us."""
     torch.set_num_threads(1)
@@ -289,6 +295,7 @@ class Launcher:
 
 LAUNCHERS = [
     Launcher("labkit.launch", run_labkit, blame_labkit),
+    Launcher("labkit.launch(fork)", run_labkit_fork, blame_labkit),
     Launcher("start_processes(fork)", run_start_processes, blame_torch_mp),
     Launcher("notebook_launcher", run_notebook_launcher, blame_elastic),
     Launcher("torchrun", run_torchrun, blame_torchrun, notebook="no: it runs a script file"),
@@ -348,10 +355,11 @@ def leftover_processes(grace_s: float = 2.0) -> str:
     next measurement starts clean) and reported as left running.
     """
     def ours(p):
-        # multiprocessing's resource tracker (started by the spawn start method) belongs to this
-        # process, not to the workers, and exits with it.
+        # multiprocessing's resource tracker (started by the spawn start method) and fork server
+        # (labkit.launch starts workers from it) belong to this process, not to the workers, and
+        # exit with it; the workers are the fork server's children, and are counted.
         try:
-            return not any("resource_tracker" in part for part in p.cmdline())
+            return not any("resource_tracker" in part or "forkserver import main" in part for part in p.cmdline())
         except psutil.Error:
             return False
 
@@ -700,7 +708,8 @@ def report(results: dict, world_size: int, repeats: int, bad_rank: int, failure_
         f"world size {world_size}, CPU/gloo, torch {torch.__version__}, accelerate {_version('accelerate')}, "
         f"{os.cpu_count()} CPU cores (load average {load_average}), OMP_NUM_THREADS=1, 1 torch thread per worker",
         "",
-        f"Start-up: each rank does one all_reduce of one number and returns (s: median [min, max] of {repeats})",
+        f"Start-up: each rank does one all_reduce of one number and returns (s: median [min, max] of {repeats}; "
+        f"labkit.launch's max is its first call, which starts the fork server)",
         format_table(["launcher", "start-up s", "caller gets each rank's return value",
                       "runs a function defined in a notebook"],
                      [startup_row(n, results[n]) for n in names]),

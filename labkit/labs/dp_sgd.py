@@ -20,6 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from labkit import comm
 from labkit.data_parallel import (LinearRegression, average_gradients, broadcast_parameters,
                                   make_linear_data, server_average_gradients, shard_indices)
 from labkit.labs.entry import run_lab
@@ -75,7 +76,7 @@ def train(args, device: torch.device) -> dict:
     # Check that data parallelism kept the replicas identical: gather every rank's weights on rank 0.
     weights = torch.cat([model.w.detach().reshape(-1), model.b.detach().reshape(-1)])
     gathered = [torch.empty_like(weights) for _ in range(world_size)] if rank == 0 else None
-    dist.gather(weights, gathered, dst=0)
+    comm.gather(weights, gathered, dst=0)
     return dict(rank=rank, world_size=world_size, backend=dist.get_backend(), device=str(device),
                 sync=args.sync, loss=history, seconds=time.perf_counter() - start,
                 weight_error=(model.w.detach().cpu() - w_true).norm().item(),

@@ -34,7 +34,7 @@ def run_lab(train, args, device: str | None = None) -> tuple[int, dict]:
         finally:
             dist.destroy_process_group()
     init_from_env(None)  # catches `accelerate launch --cpu` (one process, no world) with a clear error
-    results = launch(_launched_worker, train, args, world_size=args.world_size or 1, device=device,
+    results = launch(_launched_worker, train, args, world_size=args.world_size or 1, device=device or "auto",
                      timeout=args.timeout)
     return 0, results[0]
 

@@ -71,6 +71,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from labkit import comm
 from labkit.labs.entry import run_lab, under_launcher
 from labkit.models.gpt import GPT, PRESETS, GPTConfig
 from labkit.optim import AdaScale, Lamb, lamb_param_groups, warmup_factor
@@ -300,7 +301,7 @@ def make_optimizer(method: str, model, lr: float, k: int, args, world_size: int)
 def mean_loss(model, x, y, rank: int, world_size: int, chunk: int = 128) -> float:
     """Mean cross-entropy over the blocks (x, y), each rank taking its share, summed over the ranks."""
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
     share = range(rank, len(x), world_size)
     idx = torch.tensor(list(share), dtype=torch.long)
     for part in idx.split(chunk):
@@ -309,7 +310,7 @@ def mean_loss(model, x, y, rank: int, world_size: int, chunk: int = 128) -> floa
         total[1] += y[part].numel()
     model.train()
     if world_size > 1:
-        dist.all_reduce(total)
+        comm.all_reduce(total)
     return (total[0] / total[1]).item()
 
 
@@ -321,7 +322,7 @@ def average_gradients(model, loss: torch.Tensor, world_size: int) -> float:
         return loss.item()
     grads = [p.grad for p in model.parameters()]
     flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype)])
-    dist.all_reduce(flat)                                           # SUM: gloo has no AVG everywhere
+    comm.all_reduce(flat)                                           # SUM: gloo has no AVG everywhere
     flat /= world_size
     offset = 0
     for g in grads:

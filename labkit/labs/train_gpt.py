@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from labkit import comm
 from labkit.ddp import BucketedDDP, NaiveDDP, OverlapDDP
 from labkit.labs.entry import run_lab, under_launcher
 from labkit.models.gpt import GPT, PRESETS, GPTConfig
@@ -267,7 +268,7 @@ def lr_at(step: int, args) -> float:
 
 def mean_over_ranks(value: float, device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)                    # SUM: gloo has no AVG
+    comm.all_reduce(t)                    # SUM: gloo has no AVG
     return t.item() / dist.get_world_size()
 
 
@@ -283,7 +284,7 @@ def checksum(module: nn.Module) -> int:
 def replicas_identical(module: nn.Module, device) -> bool:
     mine = torch.tensor([checksum(module)], dtype=torch.int64, device=device)
     everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, mine)
+    comm.all_gather(everyone, mine)
     return all(int(c) == int(mine) for c in everyone)
 
 
@@ -414,7 +415,7 @@ def train(args, device: torch.device) -> dict:
 
     # One output folder, chosen by rank 0 (under torchrun every rank reads its own clock).
     out_dir = [str(resolve_out_dir(args))]
-    dist.broadcast_object_list(out_dir, src=0)
+    comm.broadcast_objects(out_dir, src=0)
     out_dir = Path(out_dir[0])
 
     config, tok, train_blocks, val_blocks = load_text(preset, args.dropout,

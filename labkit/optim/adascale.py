@@ -30,6 +30,8 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 from torch.autograd import Variable
 
+from labkit import comm
+
 __all__ = ["AdaScale"]
 
 
@@ -122,7 +124,7 @@ class AdaScale(Optimizer):
                                f"expected num_gradients_to_accumulate = {self.accumulate}")
         local = self._local_sqr
         if self.world_size > 1:
-            dist.all_reduce(local, group=self.group)          # Σᵢ ‖gᵢ‖² over the ranks
+            comm.all_reduce(local, group=self.group)          # Σᵢ ‖gᵢ‖² over the ranks
         local = local * self.accumulate ** 2                  # each loss was divided by the micro-batch count
         total = [sum(p.grad.detach().double().pow(2).sum() for p in group["params"] if p.grad is not None)
                  for group in self.param_groups]              # ‖ḡ‖², ḡ the averaged gradient

@@ -13,9 +13,10 @@ stage after every backward; :func:`sum_tied_gradients` does exactly that with on
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from labkit import comm
 
 __all__ = ["Embedding", "Head", "gpt_as_sequential", "gpt_loss", "sum_tied_gradients"]
 
@@ -59,7 +60,5 @@ def sum_tied_gradients(param: torch.Tensor, peer: int) -> None:
     full gradient, and their copies stay equal through identical optimizer steps."""
     mine = param.grad.detach().clone()
     theirs = torch.empty_like(mine)
-    sending = dist.isend(mine, dst=peer)
-    dist.recv(theirs, src=peer)
-    sending.wait()
+    comm.exchange(mine, peer, theirs, peer)
     param.grad += theirs

@@ -24,8 +24,10 @@ finished long ago. A RECV in the timeline is thus only the time the rank really 
 On GPUs, mind one difference: NCCL ignores tags and runs the messages between two ranks on one CUDA
 stream in the order they were posted, so an ``isend`` to a neighbour can wait behind a ``recv`` from
 it. Production runtimes (torch.distributed.pipelining, Megatron) therefore post each step's sends and
-receives together with ``dist.batch_isend_irecv``. This runtime is written and tested over gloo, where
-the one-action-at-a-time reading is exact; for NCCL runs use :mod:`labkit.pipeline.torch_reference`.
+receives together with ``dist.batch_isend_irecv``. This runtime posts one action at a time, which is
+exact over gloo; under NCCL with several ranks it would deadlock (a rank's early ``irecv`` of a gradient
+holds its stream ahead of the activation it must send first), so there it refuses with an error that
+points to :mod:`labkit.pipeline.torch_reference`. Messages go through :mod:`labkit.comm`.
 
 The runtime times every action (``time.perf_counter``, one clock for all processes of a machine) and
 counts the bytes autograd saves for each forward, so a step returns its measured timeline and its
@@ -42,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from labkit import comm
 from labkit.pipeline.schedules import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule
 from labkit.pipeline.simulate import Event, Timeline
 
@@ -156,7 +159,11 @@ def run_schedule(schedule: Schedule, stages: dict, inputs: Sequence | None = Non
         raise ValueError(f"the rank with stage 0 needs the {m} input micro-batches")
     if S - 1 in stages and (targets is None or len(targets) != m or loss_fn is None):
         raise ValueError(f"the rank with the last stage needs loss_fn and the {m} target micro-batches")
-    device = torch.device(device if device is not None else "cpu")
+    if p > 1 and dist.get_backend() == "nccl":
+        raise RuntimeError("labkit.pipeline.runtime posts one send or receive at a time, which deadlocks under "
+                           "NCCL (messages between two GPUs run in posting order on one stream). On GPUs run the "
+                           "schedule with torch.distributed.pipelining: labkit.pipeline.torch_reference.")
+    device = torch.device(device) if device is not None else comm.device()
 
     def peer(stage: int) -> int:
         return ranks[schedule.rank_of(stage)]
@@ -176,7 +183,7 @@ def run_schedule(schedule: Schedule, stages: dict, inputs: Sequence | None = Non
         if a not in receiving:
             what, src = ("activation", a.stage - 1) if a.kind == RECV_F else ("gradient", a.stage + 1)
             buf = torch.empty(tuple(activation_shape), dtype=dtype, device=device)
-            receiving[a] = (dist.irecv(buf, src=peer(src), tag=_tag(schedule, what, a.stage, a.microbatch)), buf)
+            receiving[a] = (comm.irecv(buf, peer(src), tag=_tag(schedule, what, a.stage, a.microbatch)), buf)
         return receiving[a]
 
     def next_receive(i):
@@ -208,7 +215,7 @@ def run_schedule(schedule: Schedule, stages: dict, inputs: Sequence | None = Non
             result.peak_saved_bytes = max(result.peak_saved_bytes, held_bytes)
         elif a.kind == SEND_F:
             y = outputs[(s, k)].detach()
-            sending[a] = (dist.isend(y, dst=peer(s + 1), tag=_tag(schedule, "activation", s + 1, k)), y)
+            sending[a] = (comm.isend(y, peer(s + 1), tag=_tag(schedule, "activation", s + 1, k)), y)
         elif a.kind == B:
             x, y = inputs_kept.pop((s, k)), outputs.pop((s, k))
             if s == S - 1:
@@ -221,7 +228,7 @@ def run_schedule(schedule: Schedule, stages: dict, inputs: Sequence | None = Non
             held, held_bytes = held - per_chunk, held_bytes - saved.pop((s, k))
         elif a.kind == SEND_B:
             g = input_grads.pop((s, k))
-            sending[a] = (dist.isend(g, dst=peer(s - 1), tag=_tag(schedule, "gradient", s - 1, k)), g)
+            sending[a] = (comm.isend(g, peer(s - 1), tag=_tag(schedule, "gradient", s - 1, k)), g)
         result.events.append(Event(me, a, start, time.perf_counter()))
     for work, _ in sending.values():
         work.wait()

@@ -1,0 +1,236 @@
+"""The one communication layer: every message labkit's lessons send goes through this module.
+
+Read it to know what is sent, to whom, and how many bytes. Three rules are kept here, once:
+
+1. **Tensors live on the process group's device**: ``cuda:<current>`` for NCCL, the CPU for gloo.
+   :func:`device` says which; :func:`on` moves a tensor made on the CPU (a header, a checksum)
+   there. A tensor on another device is a ``ValueError`` that names the rank, the tensor and both
+   devices, instead of NCCL's "No backend type associated with device type cpu" or a hang.
+2. **Point-to-point goes through** ``batch_isend_irecv`` **with** ``P2POp`` (what
+   ``torch.distributed.pipelining`` does), which NCCL and gloo both run. Sends and receives that
+   belong together (a ring round) are started together, so a ring cannot deadlock.
+3. **Every message is recorded as one kind of event**, :class:`CommEvent` (what, peer, bytes,
+   start, end), for whoever listens: ``with comm.record() as events: ...``.
+
+Receiving from *any* source (a parameter server waiting for whichever worker pushes first) exists
+only in gloo: :func:`irecv_any` refuses an NCCL group with an error that says what to do instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["CommEvent", "record", "device", "on", "nbytes", "send", "recv", "isend", "irecv",
+           "exchange", "irecv_any", "all_reduce", "all_gather", "all_gather_into_tensor",
+           "reduce_scatter_tensor", "broadcast", "broadcast_objects", "gather", "barrier", "Handle"]
+
+
+@dataclass
+class CommEvent:
+    """One message or collective as this rank saw it. ``peer`` is the other rank of a send or a
+    receive (global rank), ``None`` for a collective; ``bytes`` what this rank handed over (a send,
+    a collective's input) or got (a receive); ``end`` is None until an asynchronous call is waited."""
+    op: str
+    peer: int | None
+    bytes: int
+    start: float
+    end: float | None = None
+    tag: int = 0
+
+
+_listeners: list[list] = []
+
+# torch 2.12 renamed these two (the old names warn); take whichever this torch has
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@contextlib.contextmanager
+def record() -> Iterator[list]:
+    """Collect the :class:`CommEvent` of every call this rank makes inside the ``with`` block."""
+    events: list = []
+    _listeners.append(events)
+    try:
+        yield events
+    finally:
+        _listeners.remove(events)
+
+
+def _log(op: str, peer: int | None, size: int, tag: int = 0) -> CommEvent:
+    event = CommEvent(op, peer, size, time.perf_counter(), tag=tag)
+    for events in _listeners:
+        events.append(event)
+    return event
+
+
+class Handle:
+    """What an asynchronous call returns: ``wait()`` blocks until it is done and records when."""
+
+    def __init__(self, works: list, events: list):
+        self.works, self.events = works, events
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+    def get_future(self):
+        """The future of a single call (torch's ``Work.get_future``), for a callback when it ends."""
+        [work] = self.works
+        return work.get_future()
+
+    def wait(self, timeout=None) -> bool:
+        ok = all(w.wait(timeout) if timeout is not None else w.wait() for w in self.works)
+        now = time.perf_counter()
+        for e in self.events:
+            e.end = e.end if e.end is not None else now
+        return ok
+
+
+def nbytes(t: torch.Tensor) -> int:
+    """The bytes of a tensor's own elements (a view counts its elements, not its whole storage)."""
+    return t.numel() * t.element_size()
+
+
+def device(group=None) -> torch.device:
+    """The device every tensor given to ``group``'s communication must be on."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def on(t: torch.Tensor, group=None) -> torch.Tensor:
+    """``t`` on ``group``'s device (itself when it is there already)."""
+    return t.to(device(group))
+
+
+def _check(group, what: str, *tensors: torch.Tensor) -> None:
+    want = device(group)
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"rank {dist.get_rank()}: {what} needs tensors, got a {type(t).__name__}")
+        if t.device.type != want.type or (want.index is not None and t.device.index != want.index):
+            name = what if len(tensors) == 1 else f"{what} (tensor {i})"
+            raise ValueError(f"rank {dist.get_rank()}: {name} got a tensor of shape {tuple(t.shape)} on "
+                             f"{t.device}, but this process group ({dist.get_backend(group)}) communicates "
+                             f"tensors on {want}: move it there first (labkit.comm.on(t, group))")
+
+
+def _global(rank: int, group) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+# ---------------------------------------------------------------------------------------------
+# Point to point
+# ---------------------------------------------------------------------------------------------
+
+def _p2p(ops: Sequence[tuple[str, torch.Tensor, int]], group=None, tag: int = 0) -> Handle:
+    """Start ``[("send"|"recv", tensor, peer), ...]`` together; peers are ranks in ``group``."""
+    ops = [(kind, t, peer) for kind, t, peer in ops if t.numel()]  # both ends skip empty tensors
+    _check(group, "send/recv", *(t for _, t, _ in ops))
+    if not ops:
+        return Handle([], [])
+    events = [_log(kind, _global(peer, group), nbytes(t), tag) for kind, t, peer in ops]
+    p2p = [dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, _global(peer, group), group, tag)
+           for kind, t, peer in ops]
+    return Handle(dist.batch_isend_irecv(p2p), events)
+
+
+def isend(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> Handle:
+    return _p2p([("send", t, dst)], group, tag)
+
+
+def irecv(t: torch.Tensor, src: int, group=None, tag: int = 0) -> Handle:
+    return _p2p([("recv", t, src)], group, tag)
+
+
+def send(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> None:
+    isend(t, dst, group, tag).wait()
+
+
+def recv(t: torch.Tensor, src: int, group=None, tag: int = 0) -> None:
+    irecv(t, src, group, tag).wait()
+
+
+def exchange(send_t: torch.Tensor, dst: int, recv_t: torch.Tensor, src: int, group=None) -> None:
+    """Send ``send_t`` to ``dst`` while receiving ``recv_t`` from ``src``, and wait for both."""
+    _p2p([("recv", recv_t, src), ("send", send_t, dst)], group).wait()
+
+
+def irecv_any(t: torch.Tensor, group=None, tag: int = 0):
+    """Receive from whichever rank sends first (gloo only). Returns torch's Work: ``source_rank()``."""
+    if dist.get_backend(group) != "gloo":
+        raise RuntimeError(f"receiving from any source needs a gloo group, and this one is "
+                           f"{dist.get_backend(group)}: make a gloo group beside it for such messages "
+                           f"(dist.new_group(backend='gloo'))")
+    _check(group, "irecv_any", t)
+    _log("recv", None, nbytes(t), tag)
+    return dist.irecv(t, group=group, tag=tag)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives
+# ---------------------------------------------------------------------------------------------
+
+def _done(work, events: list, async_op: bool):
+    handle = Handle([work], events)
+    if async_op:
+        return handle
+    handle.wait()
+    return None
+
+
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None, async_op: bool = False):
+    _check(group, "all_reduce", t)
+    return _done(dist.all_reduce(t, op=op, group=group, async_op=True),
+                 [_log("all_reduce", None, nbytes(t))], async_op)
+
+
+def all_gather(outputs: list, t: torch.Tensor, group=None) -> None:
+    _check(group, "all_gather", t, *outputs)
+    _done(dist.all_gather(outputs, t, group=group, async_op=True), [_log("all_gather", None, nbytes(t))], False)
+
+
+def all_gather_into_tensor(output: torch.Tensor, t: torch.Tensor, group=None, async_op: bool = False):
+    _check(group, "all_gather_into_tensor", output, t)
+    return _done(_all_gather_single(output, t, group=group, async_op=True),
+                 [_log("all_gather", None, nbytes(t))], async_op)
+
+
+def reduce_scatter_tensor(output: torch.Tensor, t: torch.Tensor, op=dist.ReduceOp.SUM, group=None,
+                          async_op: bool = False):
+    _check(group, "reduce_scatter_tensor", output, t)
+    return _done(_reduce_scatter_single(output, t, op=op, group=group, async_op=True),
+                 [_log("reduce_scatter", None, nbytes(t))], async_op)
+
+
+def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
+    """``src`` is a global rank, as in ``torch.distributed.broadcast``."""
+    _check(group, "broadcast", t)
+    return _done(dist.broadcast(t, src=src, group=group, async_op=True),
+                 [_log("broadcast", src, nbytes(t))], async_op)
+
+
+def gather(t: torch.Tensor, gather_list: list | None, dst: int, group=None) -> None:
+    """``dst`` is a global rank; only ``dst`` passes a ``gather_list``."""
+    _check(group, "gather", t, *(gather_list or []))
+    _done(dist.gather(t, gather_list=gather_list, dst=dst, group=group, async_op=True),
+          [_log("gather", dst, nbytes(t))], False)
+
+
+def broadcast_objects(objects: list, src: int, group=None) -> None:
+    """Rank ``src``'s picklable objects into ``objects`` on every rank (in place)."""
+    _log("broadcast_objects", src, 0)
+    dist.broadcast_object_list(objects, src=src, group=group)   # torch picks the group's device itself
+
+
+def barrier(group=None) -> None:
+    _log("barrier", None, 0)
+    if dist.get_backend(group) == "nccl":  # NCCL's barrier guesses a device; say which
+        dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier(group=group)
