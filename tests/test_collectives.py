@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 import labkit
+from labkit import comm
 from labkit import collectives as C
 from labkit import ring
 
@@ -86,7 +87,7 @@ def _other_collectives():
     for dtype in (torch.float32, torch.int64):
         x = (torch.arange(4 * world_size) * (rank + 1)).to(dtype)
         want = torch.empty(4, dtype=dtype)
-        dist.reduce_scatter_single(want, x.clone())
+        comm.reduce_scatter_tensor(want, x.clone())   # torch's, under either of its names
         got = C.ring_reduce_scatter(x.clone())
         if not torch.equal(got, want):
             failures.append(f"reduce_scatter {dtype}: {got} != {want}")
@@ -101,7 +102,7 @@ def _other_collectives():
     # all-gather: equals all_gather_single, shape (N, *shape)
     local = torch.full((2, 3), float(rank)) + torch.arange(6.0).view(2, 3)
     want = torch.empty(world_size * 6)
-    dist.all_gather_single(want, local.reshape(-1).clone())
+    comm.all_gather_into_tensor(want, local.reshape(-1).clone())
     got = C.ring_all_gather(local)
     if got.shape != (world_size, 2, 3) or not torch.equal(got.reshape(-1), want):
         failures.append(f"all_gather: {got} != {want}")

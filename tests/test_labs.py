@@ -83,8 +83,10 @@ os.write(1, f"ok {acc.process_index} {acc.num_processes}\\n".encode())
 def test_check_accelerator_catches_the_silent_world_of_one(tmp_path, cpu_flag):
     script = tmp_path / "acc.py"
     script.write_text(ACCEL_SCRIPT)
+    # the trap is a machine without GPUs: on one with a GPU, hide it (there Accelerator() would use it)
     out = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                "configs/accelerate/cpu.yaml", "--num_processes", "2", str(script)] + (["cpu"] if cpu_flag else []))
+                "configs/accelerate/cpu.yaml", "--num_processes", "2", str(script)] + (["cpu"] if cpu_flag else []),
+               CUDA_VISIBLE_DEVICES="")
     if cpu_flag:
         assert out.returncode == 0, out.stderr[-3000:]
         assert sorted(out.stdout.split("\n")[:2]) == ["ok 0 2", "ok 1 2"]

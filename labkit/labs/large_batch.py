@@ -571,7 +571,7 @@ def main(argv=None) -> dict:
     if args.output is None:
         args.output = str(Path("runs") / f"large_batch-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     args.command = _command(args)          # here: in a worker that labkit.launch started, WORLD_SIZE is set
-    rank, results = run_lab(train, args)
+    rank, results = run_lab(train, args, device="cpu")   # a tiny model: CPU processes, also on GPU machines
     if rank == 0:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
