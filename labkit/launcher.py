@@ -300,6 +300,8 @@ def _context(start_method: str):
         raise RuntimeError(f"labkit.launch needs the {start_method!r} start method (Linux, macOS; on "
                            f"Windows use WSL). Scripts can use torchrun or accelerate launch instead.")
     ctx = mp.get_context(start_method)
+    if start_method == "fork":   # forked workers inherit what the caller imported: import this once here
+        import torch._dynamo  # noqa: F401
     if start_method == "forkserver":
         # The server starts (once per process) with this environment: NVML answers CUDA queries,
         # so even a stray one in an import leaves the server able to fork CUDA-capable workers.
