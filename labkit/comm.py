@@ -19,6 +19,7 @@ only in gloo: :func:`irecv_any` refuses an NCCL group with an error that says wh
 from __future__ import annotations
 
 import contextlib
+import datetime
 import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -33,9 +34,10 @@ __all__ = ["CommEvent", "record", "device", "on", "nbytes", "send", "recv", "ise
 
 @dataclass
 class CommEvent:
-    """One message or collective as this rank saw it. ``peer`` is the other rank of a send or a
-    receive (global rank), ``None`` for a collective; ``bytes`` what this rank handed over (a send,
-    a collective's input) or got (a receive); ``end`` is None until an asynchronous call is waited."""
+    """One message or collective as this rank saw it. ``peer``: the other rank of a send or a receive,
+    the root of a broadcast or gather (global ranks), ``None`` for other collectives and for a receive
+    from any source; ``bytes``: what this rank handed over (a send, a collective's input) or got (a
+    receive); ``end``: None until the call is done (an asynchronous one: until it is waited)."""
     op: str
     peer: int | None
     bytes: int
@@ -70,7 +72,8 @@ def _log(op: str, peer: int | None, size: int, tag: int = 0) -> CommEvent:
 
 
 class Handle:
-    """What an asynchronous call returns: ``wait()`` blocks until it is done and records when."""
+    """What an asynchronous call returns: ``wait()`` blocks until it is done and records when.
+    (Over gloo a wait that times out raises, as torch's does.)"""
 
     def __init__(self, works: list, events: list):
         self.works, self.events = works, events
@@ -83,12 +86,20 @@ class Handle:
         [work] = self.works
         return work.get_future()
 
-    def wait(self, timeout=None) -> bool:
-        ok = all(w.wait(timeout) if timeout is not None else w.wait() for w in self.works)
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for every part of the call, ``timeout`` seconds in all (None: as long as it takes)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for work in self.works:
+            if deadline is None:
+                done = work.wait()
+            else:
+                done = work.wait(datetime.timedelta(seconds=max(0.0, deadline - time.monotonic())))
+            if done is False:
+                return False
         now = time.perf_counter()
         for e in self.events:
             e.end = e.end if e.end is not None else now
-        return ok
+        return True
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -120,23 +131,19 @@ def _check(group, what: str, *tensors: torch.Tensor) -> None:
                              f"tensors on {want}: move it there first (labkit.comm.on(t, group))")
 
 
-def _global(rank: int, group) -> int:
-    return rank if group is None else dist.get_global_rank(group, rank)
-
-
 # ---------------------------------------------------------------------------------------------
 # Point to point
 # ---------------------------------------------------------------------------------------------
 
 def _p2p(ops: Sequence[tuple[str, torch.Tensor, int]], group=None, tag: int = 0) -> Handle:
-    """Start ``[("send"|"recv", tensor, peer), ...]`` together; peers are ranks in ``group``."""
+    """Start ``[("send"|"recv", tensor, peer), ...]`` together. Peers are global ranks, as in
+    ``torch.distributed.send``, also when ``group`` is a subgroup."""
     ops = [(kind, t, peer) for kind, t, peer in ops if t.numel()]  # both ends skip empty tensors
     _check(group, "send/recv", *(t for _, t, _ in ops))
     if not ops:
         return Handle([], [])
-    events = [_log(kind, _global(peer, group), nbytes(t), tag) for kind, t, peer in ops]
-    p2p = [dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, _global(peer, group), group, tag)
-           for kind, t, peer in ops]
+    events = [_log(kind, peer, nbytes(t), tag) for kind, t, peer in ops]
+    p2p = [dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer, group, tag) for kind, t, peer in ops]
     return Handle(dist.batch_isend_irecv(p2p), events)
 
 
@@ -161,76 +168,82 @@ def exchange(send_t: torch.Tensor, dst: int, recv_t: torch.Tensor, src: int, gro
     _p2p([("recv", recv_t, src), ("send", send_t, dst)], group).wait()
 
 
-def irecv_any(t: torch.Tensor, group=None, tag: int = 0):
-    """Receive from whichever rank sends first (gloo only). Returns torch's Work: ``source_rank()``."""
+def irecv_any(t: torch.Tensor, group=None, tag: int = 0) -> Handle:
+    """Receive from whichever rank sends first (gloo only); the message itself must say who sent it."""
     if dist.get_backend(group) != "gloo":
         raise RuntimeError(f"receiving from any source needs a gloo group, and this one is "
                            f"{dist.get_backend(group)}: make a gloo group beside it for such messages "
                            f"(dist.new_group(backend='gloo'))")
     _check(group, "irecv_any", t)
-    _log("recv", None, nbytes(t), tag)
-    return dist.irecv(t, group=group, tag=tag)
+    event = _log("recv", None, nbytes(t), tag)
+    return Handle([dist.irecv(t, group=group, tag=tag)], [event])
 
 
 # ---------------------------------------------------------------------------------------------
 # Collectives
 # ---------------------------------------------------------------------------------------------
 
-def _done(work, events: list, async_op: bool):
-    handle = Handle([work], events)
+def _done(work, event: CommEvent, async_op: bool):
+    handle = Handle([work], [event])
     if async_op:
         return handle
     handle.wait()
     return None
 
 
+# Each logs its event before torch starts the call: ``start`` is when this rank asked for it.
+
 def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None, async_op: bool = False):
     _check(group, "all_reduce", t)
-    return _done(dist.all_reduce(t, op=op, group=group, async_op=True),
-                 [_log("all_reduce", None, nbytes(t))], async_op)
+    event = _log("all_reduce", None, nbytes(t))
+    return _done(dist.all_reduce(t, op=op, group=group, async_op=True), event, async_op)
 
 
 def all_gather(outputs: list, t: torch.Tensor, group=None) -> None:
     _check(group, "all_gather", t, *outputs)
-    _done(dist.all_gather(outputs, t, group=group, async_op=True), [_log("all_gather", None, nbytes(t))], False)
+    event = _log("all_gather", None, nbytes(t))
+    _done(dist.all_gather(outputs, t, group=group, async_op=True), event, False)
 
 
 def all_gather_into_tensor(output: torch.Tensor, t: torch.Tensor, group=None, async_op: bool = False):
     _check(group, "all_gather_into_tensor", output, t)
-    return _done(_all_gather_single(output, t, group=group, async_op=True),
-                 [_log("all_gather", None, nbytes(t))], async_op)
+    event = _log("all_gather", None, nbytes(t))
+    return _done(_all_gather_single(output, t, group=group, async_op=True), event, async_op)
 
 
 def reduce_scatter_tensor(output: torch.Tensor, t: torch.Tensor, op=dist.ReduceOp.SUM, group=None,
                           async_op: bool = False):
     _check(group, "reduce_scatter_tensor", output, t)
-    return _done(_reduce_scatter_single(output, t, op=op, group=group, async_op=True),
-                 [_log("reduce_scatter", None, nbytes(t))], async_op)
+    event = _log("reduce_scatter", None, nbytes(t))
+    return _done(_reduce_scatter_single(output, t, op=op, group=group, async_op=True), event, async_op)
 
 
 def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
     """``src`` is a global rank, as in ``torch.distributed.broadcast``."""
     _check(group, "broadcast", t)
-    return _done(dist.broadcast(t, src=src, group=group, async_op=True),
-                 [_log("broadcast", src, nbytes(t))], async_op)
+    event = _log("broadcast", src, nbytes(t))
+    return _done(dist.broadcast(t, src=src, group=group, async_op=True), event, async_op)
 
 
 def gather(t: torch.Tensor, gather_list: list | None, dst: int, group=None) -> None:
     """``dst`` is a global rank; only ``dst`` passes a ``gather_list``."""
     _check(group, "gather", t, *(gather_list or []))
-    _done(dist.gather(t, gather_list=gather_list, dst=dst, group=group, async_op=True),
-          [_log("gather", dst, nbytes(t))], False)
+    event = _log("gather", dst, nbytes(t))
+    _done(dist.gather(t, gather_list=gather_list, dst=dst, group=group, async_op=True), event, False)
 
 
 def broadcast_objects(objects: list, src: int, group=None) -> None:
-    """Rank ``src``'s picklable objects into ``objects`` on every rank (in place)."""
-    _log("broadcast_objects", src, 0)
+    """Rank ``src``'s picklable objects into ``objects`` on every rank (in place; ``bytes`` is 0: torch
+    pickles them itself)."""
+    event = _log("broadcast_objects", src, 0)
     dist.broadcast_object_list(objects, src=src, group=group)   # torch picks the group's device itself
+    event.end = time.perf_counter()
 
 
 def barrier(group=None) -> None:
-    _log("barrier", None, 0)
+    event = _log("barrier", None, 0)
     if dist.get_backend(group) == "nccl":  # NCCL's barrier guesses a device; say which
         dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier(group=group)
+    event.end = time.perf_counter()

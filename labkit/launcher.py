@@ -15,8 +15,9 @@ Why not an existing launcher?  Measured in ``python -m labkit.bench.launchers``:
 So the workers are forked from a *fork server*: a clean Python process started once per kernel with
 torch already imported, which never touches CUDA or autograd. The function and its arguments travel
 by value with ``cloudpickle``, so functions, lambdas and classes defined in a notebook keep working.
-Each launch also sends the caller's environment variables, ``sys.path`` and working directory, so a
-worker sees what a forked one would. On top of that, this module adds what a lesson needs: return
+Each launch also sends the caller's environment variables, ``sys.path``, working directory, torch's
+CPU random state, default dtype and distributed debug level (what lessons set before launching); other
+global state of the caller (numpy's random state, a monkeypatch of a module) stays behind. On top of that, this module adds what a lesson needs: return
 values, the *first* failing rank's own traceback, short timeouts, and clean-up that leaves the
 Jupyter kernel usable. Everything distributed inside a worker is plain PyTorch
 (a ``FileStore`` rendezvous, ``init_process_group``), so the same worker code runs unchanged under
@@ -40,6 +41,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import types
@@ -141,7 +143,9 @@ def _loopback_interface() -> str | None:
 # --------------------------------------------------------------------------------------------
 
 def _set_parent_death_signal() -> None:
-    """Linux: have the kernel kill this worker if the launching process dies (no orphans)."""
+    """Linux: have the kernel kill this worker if its parent dies (no orphans). The parent is the fork
+    server, which exits when the caller does (once no worker holds its "caller alive" pipe open: see
+    :func:`_forget_inherited_forkserver`)."""
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -162,12 +166,31 @@ def _is_communication_error(exc: BaseException) -> bool:
         "broken pipe", "gloo/transport", "socket timeout"))
 
 
+class _Forward(io.TextIOBase):
+    """A worker's ``sys.stdout`` or ``sys.stderr``: each write goes to the caller as a message."""
+
+    def __init__(self, conn, name: str, lock: threading.Lock):
+        self.conn, self.name, self.lock = conn, name, lock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if text:
+            with self.lock:          # the worker's own threads may print too
+                self.conn.send(("out", self.name, text))
+        return len(text)
+
+
 def _worker_main(rank: int, world_size: int, conn, device: str, backend: str, timeout_s: float,
                  threads: int | None) -> None:
     # The parent decides when workers stop (Kernel -> Interrupt reaches it); workers ignore SIGINT
     # so that an interrupt does not print N copies of the same KeyboardInterrupt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _set_parent_death_signal()
+    # A forkserver child holds the write end of the server's "caller alive" pipe: drop it, or a hung
+    # worker would keep the server, and so itself, alive after the caller died.
+    _forget_inherited_forkserver()
     if threads is not None:
         torch.set_num_threads(threads)
     # The caller sends the job once every worker exists (see launch()).
@@ -179,18 +202,17 @@ def _worker_main(rank: int, world_size: int, conn, device: str, backend: str, ti
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world_size)})
     sys.path[:] = job.sys_path
-    torch.set_rng_state(job.torch_state["rng"])
+    torch.set_rng_state(torch.frombuffer(bytearray(job.torch_state["rng"]), dtype=torch.uint8))
     torch.set_default_dtype(job.torch_state["dtype"])
     dist.set_debug_level(job.torch_state["debug"])
     try:
         os.chdir(job.cwd)
     except OSError:
         pass
-    for stream in (sys.stdout, sys.stderr):  # a worker's prints appear as they happen
-        try:
-            stream.reconfigure(line_buffering=True)
-        except Exception:  # noqa: BLE001 - not a text file
-            pass
+    # What the worker prints goes to the caller, which prints it: into the notebook's cell, whatever the
+    # worker's file descriptors are connected to (the fork server's are the kernel's at its start)
+    lock = threading.Lock()
+    sys.stdout, sys.stderr = _Forward(conn, "stdout", lock), _Forward(conn, "stderr", lock)
     message: tuple
     try:
         fn, args, kwargs = pickle.loads(job.payload)
@@ -199,7 +221,11 @@ def _worker_main(rank: int, world_size: int, conn, device: str, backend: str, ti
         timeout = datetime.timedelta(seconds=timeout_s)
         store = dist.FileStore(job.store_path, world_size)
         store.set_timeout(timeout)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        # NCCL: name the device, so the communicator is made now (and its first point-to-point call
+        # need not involve every rank)
+        device_id = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                                device_id=device_id)
         # Wait until every rank's group is up: a rank whose fn returns at once must not exit (closing
         # its sockets) while a peer is still connecting to it.
         if store.add("labkit/joined", 1) == world_size:
@@ -222,13 +248,9 @@ def _worker_main(rank: int, world_size: int, conn, device: str, backend: str, ti
             exc_bytes = None
         message = ("error", rank, time.time(), type(exc).__name__, traceback.format_exc(),
                    _is_communication_error(exc), exc_bytes)
-    for stream in (sys.stdout, sys.stderr):  # what the worker printed must reach the notebook
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001
-            pass
     try:
-        conn.send(message)
+        with lock:
+            conn.send(message)
     finally:
         conn.close()
         # Skip interpreter teardown (atexit handlers, flushing what it inherited): the parent
@@ -248,7 +270,8 @@ class _Job:
     environ: dict          # the caller's environment variables, as they are now
     sys_path: list
     cwd: str
-    torch_state: dict      # what a forked worker would have inherited: RNG, default dtype, debug level
+    torch_state: dict      # torch's CPU RNG state, default dtype and distributed debug level (other global
+                           # state of the caller, numpy's RNG say, is not carried over)
 
 
 @dataclass
@@ -301,7 +324,7 @@ def _context(start_method: str):
                            f"Windows use WSL). Scripts can use torchrun or accelerate launch instead.")
     ctx = mp.get_context(start_method)
     if start_method == "fork":   # forked workers inherit what the caller imported: import this once here
-        import torch._dynamo  # noqa: F401
+        importlib.import_module("torch._dynamo")
     if start_method == "forkserver":
         # The server starts (once per process) with this environment: NVML answers CUDA queries,
         # so even a stray one in an import leaves the server able to fork CUDA-capable workers.
@@ -437,7 +460,9 @@ def launch(fn, *args, world_size: int = 2, device: str | None = None, backend: s
     # (A TCPStore in this process was tried first: its server thread, and the reverse-DNS
     # lookups c10d makes when it logs socket addresses, stalled ranks now and then.)
     job = _Job(os.path.join(store_dir, "rendezvous"), payload, dict(os.environ), list(sys.path), os.getcwd(),
-               dict(rng=torch.get_rng_state(), dtype=torch.get_default_dtype(), debug=dist.get_debug_level()))
+               # the RNG state as bytes: a tensor would travel through shared memory and a helper thread
+               dict(rng=torch.get_rng_state().numpy().tobytes(), dtype=torch.get_default_dtype(),
+                    debug=dist.get_debug_level()))
     procs, conns = [], []
     sigint_handler = signal.getsignal(signal.SIGINT)
     try:
@@ -446,12 +471,17 @@ def launch(fn, *args, world_size: int = 2, device: str | None = None, backend: s
                 parent_end, child_end = ctx.Pipe()
                 p = ctx.Process(target=_worker_main, name=f"labkit-rank{rank}", daemon=True,
                                 args=(rank, world_size, child_end, device, backend, timeout, threads))
-                p.start()
-                child_end.close()
+                conns.append(parent_end)          # closed below, also if the start fails
+                try:
+                    p.start()
+                finally:
+                    child_end.close()
                 procs.append(p)
-                conns.append(parent_end)
         for c in conns:
-            c.send(job)
+            try:
+                c.send(job)
+            except OSError:   # that worker died already: _wait reports how
+                pass
         run = _wait(procs, conns, timeout)
     finally:
         _stop(procs)
@@ -498,8 +528,11 @@ def _wait(procs, conns, timeout: float) -> _Run:
 def _collect(run: _Run, rank: int, conn, proc) -> None:
     """Read rank's message if there is one; else, if it has exited, record how it died."""
     try:
-        if conn.poll():
+        while conn.poll():
             message = conn.recv()
+            if message[0] == "out":      # something the worker printed
+                (sys.stdout if message[1] == "stdout" else sys.stderr).write(message[2])
+                continue
             if message[0] == "ok":
                 run.results[rank] = pickle.loads(message[2])
             else:
@@ -606,7 +639,8 @@ def init_from_env(expected_world_size: int | None = None, device: str | None = N
         dev = torch.device("cuda", local_rank) if dev_name == "cuda" else torch.device("cpu")
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout),
+                                device_id=dev if dev.type == "cuda" else None)
     else:
         rank, world_size, dev = 0, 1, torch.device("cpu")
         if "MASTER_ADDR" in os.environ and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):

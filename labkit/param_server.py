@@ -141,7 +141,7 @@ def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode:
         if version != _STOP:
             sending.append(comm.isend(shard.clone(), servers + worker, group, tag=_PARAMS))
             count(step, 1, _nbytes(shard))
-        sending[:] = [w for w in sending if not w.is_completed()]
+        sending[:] = [w for w in sending if not (w.is_completed() and w.wait())]   # a done one's wait is instant
 
     def may_start(worker: int, step: int) -> bool:
         if mode == "sync":

@@ -98,8 +98,32 @@ def test_collectives_give_what_torch_gives():
 # Modules that still call torch.distributed's communication directly (the checkers and benchmarks
 # are moved over in a later change); everything else must go through labkit.comm.
 _NOT_YET = ("labkit/checks/", "labkit/bench/")
-_DIRECT = re.compile(r"\bdist\.(send|recv|isend|irecv|all_reduce|all_gather\w*|reduce_scatter\w*|broadcast\w*|"
-                     r"reduce|gather|scatter|barrier|batch_isend_irecv|all_to_all\w*|monitored_barrier)\(")
+_OPS = (r"(send|recv|isend|irecv|all_reduce|all_gather\w*|reduce_scatter\w*|broadcast\w*|reduce|gather|scatter|"
+        r"barrier|batch_isend_irecv|P2POp|all_to_all\w*|monitored_barrier)")
+_DIRECT = re.compile(rf"\bdist\.{_OPS}\(|^\s*from torch\.distributed import .*\b{_OPS}\b")
+
+
+def _subgroup_and_waits():
+    rank = dist.get_rank()
+    pair = dist.new_group([1, 2])          # every rank takes part in making it
+    got = None
+    with comm.record() as events:
+        if rank == 1:
+            comm.send(torch.tensor([7.0]), 2, group=pair)        # global rank 2, as in torch.distributed.send
+        elif rank == 2:
+            got = torch.zeros(1)
+            assert comm.irecv(got, 1, group=pair).wait(timeout=5.0)
+            got = got.item()
+        comm.barrier()
+        comm.broadcast_objects([rank], src=0)
+    return got, [(e.op, e.peer, e.end is not None) for e in events]
+
+
+def test_peers_are_global_ranks_in_a_subgroup_and_every_event_ends():
+    out = labkit.launch(_subgroup_and_waits, world_size=3)
+    assert out[2][0] == 7.0
+    assert out[1][1] == [("send", 2, True), ("barrier", None, True), ("broadcast_objects", 0, True)]
+    assert out[2][1] == [("recv", 1, True), ("barrier", None, True), ("broadcast_objects", 0, True)]
 
 
 def test_lesson_code_sends_every_message_through_comm():

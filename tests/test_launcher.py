@@ -30,7 +30,7 @@ def test_results_come_back_in_rank_order(world_size):
 def test_args_kwargs_closures_and_environment():
     secret = torch.arange(3.0)
 
-    def worker(a, *, b):  # a closure: fork needs no pickling of fn or of what it captures
+    def worker(a, *, b):  # a closure: it travels by value, with what it captures
         return dict(rank=dist.get_rank(), world=dist.get_world_size(), a=a, b=b, secret=secret * 2,
                     env=(os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]),
                     threads=torch.get_num_threads(), backend=dist.get_backend(), pid=os.getpid())
@@ -248,7 +248,7 @@ def _backward_and_optimizer_step():
     opt = torch.optim.Adam([w], lr=0.1)
     (w * torch.arange(3.0)).sum().backward()
     opt.step()
-    return w.detach().tolist()
+    return w.detach().tolist(), os.getppid()
 
 
 def test_workers_run_autograd_after_the_caller_did():
@@ -257,7 +257,8 @@ def test_workers_run_autograd_after_the_caller_did():
     x = torch.ones(2, requires_grad=True)
     (x * x).sum().backward()
     out = labkit.launch(_backward_and_optimizer_step, world_size=2)
-    assert out == [pytest.approx([1.0, 0.9, 0.9])] * 2
+    assert [w for w, _ in out] == [pytest.approx([1.0, 0.9, 0.9])] * 2
+    assert all(parent != os.getpid() for _, parent in out)     # not forked from this process
 
 
 def test_functions_and_classes_defined_in_main_travel_by_value():
@@ -274,3 +275,28 @@ def test_environment_changes_after_the_first_launch_reach_the_workers(monkeypatc
     labkit.launch(_rank_sum, 0, world_size=1)          # the fork server is running now
     monkeypatch.setenv("LABKIT_TEST_VALUE", "42")
     assert labkit.launch(lambda: os.environ.get("LABKIT_TEST_VALUE"), world_size=2) == ["42", "42"]
+
+
+def test_what_workers_print_appears_in_the_notebook():
+    """Workers are forked from the fork server, not from the kernel: their prints must still reach the cell."""
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3")
+    streams = []
+
+    def keep(msg):
+        if msg["msg_type"] == "stream":
+            streams.append(msg["content"]["text"])
+    try:
+        code = ("import torch.distributed as dist, labkit\n"
+                "def f():\n    print('hello from rank', dist.get_rank(), flush=True)\n    return 1\n"
+                "assert labkit.launch(f, world_size=2) == [1, 1]\n")
+        reply = kc.execute_interactive(code, timeout=120, output_hook=keep)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        # ipykernel forwards what reaches the kernel's file descriptors from a thread: give it a moment
+        kc.execute_interactive("import sys, time; time.sleep(1); sys.stdout.flush()", timeout=60, output_hook=keep)
+        text = "".join(streams)
+        assert "hello from rank 0" in text and "hello from rank 1" in text, text
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)

@@ -4,7 +4,7 @@ A lab's ``train(args, device)`` is the code of one rank. ``run_lab`` runs it on 
 
 * under ``torchrun`` / ``accelerate launch`` (WORLD_SIZE is set), this process is one rank: join the
   group the launcher describes, check it is the world asked for (``--world-size``), train;
-* as a plain ``python -m labkit.labs.<lab>``, fork ``--world-size`` workers with ``labkit.launch``
+* as a plain ``python -m labkit.labs.<lab>``, start ``--world-size`` workers with ``labkit.launch``
   (gloo on CPU, NCCL when every worker has its own GPU) and return rank 0's result.
 """
 
