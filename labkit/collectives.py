@@ -67,9 +67,9 @@ class Exchange:
     def __call__(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int) -> None:
         comm.exchange(send, dst, recv, src)
         if self.stats is not None:
-            sent = send.numel() * send.element_size()
+            sent = comm.nbytes(send)
             self.stats.bytes_sent += sent
-            self.stats.bytes_received += recv.numel() * recv.element_size()
+            self.stats.bytes_received += comm.nbytes(recv)
             self.stats.messages_sent += 1 if send.numel() else 0
             self.stats.per_round.append(sent)
 
@@ -320,14 +320,14 @@ def ring_all_gather(tensor: torch.Tensor, *, stats: CommStats | None = None, che
 def _send(t, dst, stats):
     comm.send(t, dst)
     if stats is not None:
-        stats.bytes_sent += t.numel() * t.element_size()
+        stats.bytes_sent += comm.nbytes(t)
         stats.messages_sent += 1
 
 
 def _recv(t, src, stats):
     comm.recv(t, src)
     if stats is not None:
-        stats.bytes_received += t.numel() * t.element_size()
+        stats.bytes_received += comm.nbytes(t)
 
 
 def naive_all_reduce(tensor: torch.Tensor, op="sum", *, root: int = 0, stats: CommStats | None = None,
@@ -345,7 +345,7 @@ def naive_all_reduce(tensor: torch.Tensor, op="sum", *, root: int = 0, stats: Co
             req.wait()
             (_maximum if op == "max" else _add)(flat, buf)
             if stats is not None:
-                stats.bytes_received += buf.numel() * buf.element_size()
+                stats.bytes_received += comm.nbytes(buf)
         if op == "avg":
             flat.div_(world_size)
         for dst in peers:

@@ -152,7 +152,7 @@ class _DataParallel(nn.Module):
         work = comm.all_reduce(tensor, group=self.group, async_op=True)
         if self.timeline is not None:
             event = TimelineEvent("allreduce", label, time.perf_counter(), float("nan"),
-                                  tensor.numel() * tensor.element_size())
+                                  comm.nbytes(tensor))
             self.timeline.append(event)
 
             def done(fut, event=event):  # runs on the communication thread when the all-reduce ends
@@ -213,7 +213,7 @@ class Bucket:
 
     @property
     def nbytes(self) -> int:
-        return self.buffer.numel() * self.buffer.element_size()
+        return comm.nbytes(self.buffer)
 
 
 def plan_buckets(params, bucket_cap_bytes: int) -> list[list]:
@@ -221,7 +221,7 @@ def plan_buckets(params, bucket_cap_bytes: int) -> list[list]:
     (a parameter larger than the cap gets a bucket of its own; a change of dtype starts a new bucket)."""
     buckets, current, size = [], [], 0
     for p in params:
-        nbytes = p.numel() * p.element_size()
+        nbytes = comm.nbytes(p)
         if current and (size + nbytes > bucket_cap_bytes or p.dtype != current[0].dtype):
             buckets.append(current)
             current, size = [], 0

@@ -104,10 +104,6 @@ def _arrived(work, timeout: float) -> bool:
     return done.wait(timeout)
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode: str = "sync", lr: float = 0.1,
           staleness: int = 0, scale_lr: bool = False, steps: int = 10, timeout: float = 10.0,
           group=None) -> ServerResult:
@@ -137,10 +133,10 @@ def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode:
         # this way; the copy keeps the message intact while later pushes update the shard in place.
         msg = torch.tensor([version], dtype=torch.float64)
         sending.append(comm.isend(msg, servers + worker, group, tag=_REPLY))
-        count(step, 1, _nbytes(msg))
+        count(step, 1, comm.nbytes(msg))
         if version != _STOP:
             sending.append(comm.isend(shard.clone(), servers + worker, group, tag=_PARAMS))
-            count(step, 1, _nbytes(shard))
+            count(step, 1, comm.nbytes(shard))
         sending[:] = [w for w in sending if not (w.is_completed() and w.wait())]   # a done one's wait is instant
 
     def may_start(worker: int, step: int) -> bool:
@@ -171,12 +167,12 @@ def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode:
                     reply(w, s, _STOP)
             break
         kind, worker, version, step = (int(v) for v in header)
-        count(step, 0, _nbytes(header))
+        count(step, 0, comm.nbytes(header))
         if kind == PULL:
             pending.append((worker, step))
         elif kind == PUSH:
             comm.recv(grad, servers + worker, group, tag=_GRAD)
-            count(step, 0, _nbytes(grad))
+            count(step, 0, comm.nbytes(grad))
             clock[worker] += 1
             now = time.perf_counter() - start
             if mode == "sync":

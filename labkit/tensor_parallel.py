@@ -81,7 +81,7 @@ def count_communication():
 
 def _record(op: str, collective: str, phase: str, t: torch.Tensor) -> None:
     if _log is not None:
-        _log.append(Communication(op, collective, phase, t.numel(), t.numel() * t.element_size()))
+        _log.append(Communication(op, collective, phase, t.numel(), comm.nbytes(t)))
 
 
 # --- the collectives, and f, g and gather as autograd functions ---------------------------------------
