@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 __all__ = ["CommEvent", "record", "device", "on", "nbytes", "send", "recv", "isend", "irecv",
            "exchange", "irecv_any", "all_reduce", "all_gather", "all_gather_into_tensor",
-           "reduce_scatter_tensor", "broadcast", "broadcast_objects", "gather", "barrier", "Handle"]
+           "reduce_scatter_tensor", "broadcast", "broadcast_objects", "all_gather_objects", "gather", "barrier",
+           "Handle"]
 
 
 @dataclass
@@ -238,6 +239,15 @@ def broadcast_objects(objects: list, src: int, group=None) -> None:
     event = _log("broadcast_objects", src, 0)
     dist.broadcast_object_list(objects, src=src, group=group)   # torch picks the group's device itself
     event.end = time.perf_counter()
+
+
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's picklable ``obj``, in rank order (``bytes`` is 0: torch pickles them itself)."""
+    event = _log("all_gather_objects", None, 0)
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    event.end = time.perf_counter()
+    return out
 
 
 def barrier(group=None) -> None:

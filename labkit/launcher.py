@@ -330,7 +330,26 @@ def _context(start_method: str):
         # so even a stray one in an import leaves the server able to fork CUDA-capable workers.
         os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
         ctx.set_forkserver_preload(_PRELOAD)
+        _start_fork_server()
     return ctx
+
+
+def _start_fork_server() -> None:
+    """Start the fork server (if it is not running) deaf to Ctrl-C.
+
+    Kernel → Interrupt signals the kernel's whole process group. The server ignores SIGINT only once
+    it has imported torch (seconds); hit before, it dies and the next launch fails with "unexpected
+    EOF". A process started with SIGINT ignored keeps it ignored from its first instruction, so the
+    caller ignores it for the few milliseconds it takes to start the server.
+    """
+    if threading.current_thread() is not threading.main_thread():   # only the main thread may
+        mp_forkserver.ensure_running()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        mp_forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

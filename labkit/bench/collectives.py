@@ -52,6 +52,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import labkit  # noqa: E402
+from labkit import comm  # noqa: E402
 from labkit import collectives, cost_model  # noqa: E402
 from labkit.bench import load_average  # noqa: E402
 
@@ -62,7 +63,7 @@ __all__ = ["ALGORITHMS", "MAIN", "SLOW", "FIT_LARGE_BYTES", "parse_bytes", "mess
 ALGORITHMS = {
     "ring": (lambda t: collectives.ring_all_reduce(t, check=False), "ring"),
     "ring+check": (lambda t: collectives.ring_all_reduce(t), None),
-    "torch": (lambda t: dist.all_reduce(t), "ring"),
+    "torch": (lambda t: comm.all_reduce(t), "ring"),
     "tree": (lambda t: collectives.tree_all_reduce(t, check=False), "tree"),
     "naive": (lambda t: collectives.naive_all_reduce(t, check=False), "naive"),
 }
@@ -123,7 +124,7 @@ def _warm_up(name: str, tensor: torch.Tensor, warmup: int) -> float:
     seconds = 0.0
     for i in range(max(warmup, 1)):
         _fill(tensor)
-        dist.barrier()
+        comm.barrier()
         start = time.perf_counter()
         call(tensor)
         seconds = time.perf_counter() - start
@@ -140,8 +141,8 @@ def _warm_up(name: str, tensor: torch.Tensor, warmup: int) -> float:
 def _agreed_iterations(per_round_s: float, iters: int, budget_s: float) -> int:
     """How many timed rounds fit the budget, from the slowest rank's warm-up: every rank must run
     the same number of calls, so the ranks agree on it with one all_reduce(MAX)."""
-    slowest = torch.tensor([per_round_s], dtype=torch.float64)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    slowest = comm.on(torch.tensor([per_round_s], dtype=torch.float64))
+    comm.all_reduce(slowest, op=dist.ReduceOp.MAX)
     fit = math.floor(budget_s / slowest.item()) if slowest.item() > 0 else iters
     return max(min(iters, fit), min(iters, MIN_TIMED))
 
@@ -164,7 +165,7 @@ def _rank_work(sizes: list, dtype: torch.dtype, iters: int, warmup: int, budget_
         for _ in range(rounds):
             for name in names:  # take turns: a burst of load elsewhere slows every algorithm alike
                 _fill(tensor)
-                dist.barrier()
+                comm.barrier()
                 start = time.perf_counter()
                 ALGORITHMS[name][0](tensor)
                 times[(nbytes, name)].append(time.perf_counter() - start)

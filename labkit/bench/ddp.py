@@ -36,6 +36,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 import labkit  # noqa: E402
+from labkit import comm  # noqa: E402
 from labkit.ddp import BucketedDDP, NaiveDDP, OverlapDDP  # noqa: E402
 from labkit.models.gpt import GPT, GPTConfig  # noqa: E402
 from labkit.bench import load_average  # noqa: E402
@@ -68,7 +69,7 @@ def _rank_work(config: GPTConfig, versions, batch_size: int, steps: int, warmup:
         x = torch.randint(0, config.vocab_size, (batch_size, config.block_size + 1), generator=data)
         for version in versions:
             model, opt = models[version], optimizers[version]
-            dist.barrier()
+            comm.barrier()
             start = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             _, loss = model(x[:, :-1], x[:, 1:])
@@ -79,8 +80,8 @@ def _rank_work(config: GPTConfig, versions, batch_size: int, steps: int, warmup:
     # a step is done when its slowest rank is
     slowest = {}
     for version in versions:
-        t = torch.tensor(times[version], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = comm.on(torch.tensor(times[version], dtype=torch.float64))
+        comm.all_reduce(t, op=dist.ReduceOp.MAX)
         slowest[version] = t.tolist()
     reference = models[versions[0]]
     reference = getattr(reference, "module", reference)

@@ -55,6 +55,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as torch_mp  # noqa: E402
 
 import labkit  # noqa: E402
+from labkit import comm  # noqa: E402
 
 __all__ = ["measure_labkit", "measure", "LAUNCHERS", "main"]
 
@@ -68,21 +69,21 @@ _FORK = multiprocessing.get_context("fork")
 
 def startup_work() -> dict:
     """One all_reduce of one number: the smallest run that shows the process group works."""
-    t = torch.ones(1)
-    dist.all_reduce(t)
+    t = comm.on(torch.ones(1))
+    comm.all_reduce(t)
     return {"rank": dist.get_rank(), "sum": t.item()}
 
 
 def raise_work(bad_rank: int, stamp_path: str) -> int:
     """``bad_rank`` raises after one all_reduce; the others are then waiting in a second one."""
-    t = torch.ones(1)
-    dist.all_reduce(t)
+    t = comm.on(torch.ones(1))
+    comm.all_reduce(t)
     if dist.get_rank() == bad_rank:
         # The bench times from this moment; a file outlives the process that wrote it.
         with open(stamp_path, "w") as f:
             f.write(repr(time.time()))
         raise ValueError(f"rank {bad_rank} raised on purpose")
-    dist.all_reduce(t)
+    comm.all_reduce(t)
     return dist.get_rank()
 
 
@@ -95,8 +96,8 @@ def hang_work(sleepy_rank: int, marker_dir: str) -> int:
         # group really uses, read here rather than taken from the documentation.
         with open(os.path.join(marker_dir, f"rank{dist.get_rank()}"), "w") as f:
             json.dump({"entered_at": time.time(), "timeout": _collective_timeout()}, f)
-    t = torch.ones(1)
-    dist.all_reduce(t)
+    t = comm.on(torch.ones(1))
+    comm.all_reduce(t)
     return dist.get_rank()
 
 
@@ -113,11 +114,12 @@ def _collective_timeout() -> str:
 # function as "module + name", which cannot work. Here pickling already fails in the caller; in
 # Jupyter, whose __main__ does hold the function, the spawned worker fails to find it instead.
 _NOTEBOOK_CELL = """
-import torch, torch.distributed as dist
+import torch
+from labkit import comm
 
 def train():
-    t = torch.ones(1)
-    dist.all_reduce(t)
+    t = comm.on(torch.ones(1))
+    comm.all_reduce(t)
     return t.item()
 """
 

@@ -64,6 +64,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 import labkit  # noqa: E402
+from labkit import comm  # noqa: E402
 from labkit.bench import load_average  # noqa: E402
 from labkit.pipeline.emulated import DeviceTime  # noqa: E402
 from labkit.pipeline.runtime import SavedBytes, merge_timelines, run_schedule  # noqa: E402
@@ -153,7 +154,7 @@ def _run_config(workload: str, name: str, m: int, *, dim: int, layers_per_stage:
         for version in VERSIONS:
             stages[version].zero_grad(set_to_none=True)
             _DEVICE_LOG.clear()
-            dist.barrier()
+            comm.barrier()
             start = time.perf_counter()
             result = _step(version, rank, p, runners[version], stages[version], X, Y, xs, ys, loss_fn, shape)
             end = time.perf_counter()
@@ -172,15 +173,14 @@ def _run_config(workload: str, name: str, m: int, *, dim: int, layers_per_stage:
     # a step takes as long as its slowest rank; the rest is gathered on rank 0
     slowest = {}
     for version in VERSIONS:
-        t = torch.tensor(times[version], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = comm.on(torch.tensor(times[version], dtype=torch.float64))
+        comm.all_reduce(t, op=dist.ReduceOp.MAX)
         slowest[version] = t.tolist()
-    diff = torch.tensor([grad_diff], dtype=torch.float64)
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    diff = comm.on(torch.tensor([grad_diff], dtype=torch.float64))
+    comm.all_reduce(diff, op=dist.ReduceOp.MAX)
     mine = dict(events=events, device=device, peak_held=last.peak_held, peak_saved_bytes=last.peak_saved_bytes,
                 saved_per_microbatch=per_mb)
-    gathered = [None] * p if rank == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
+    gathered = comm.all_gather_objects(mine)
     if rank != 0:
         return None
 

@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from labkit import comm
 from labkit.checks import (CheckFailed, fail, first_mismatch, fmt_index, fmt_pair, passed, run_on_ranks, time_limit,
                            time_limit_paused)
 from labkit.collectives import Exchange, decode_contributions, provenance_input, ring_all_reduce
@@ -139,10 +140,7 @@ class _CheckedExchange:
         want = self.expected[min(self.round, len(self.expected) - 1)][self.rank]
         row[_STATE] = int(any(_first_wrong(values, want[c], self.world_size) is not None
                               for c, values in enumerate(state)))
-        mine = torch.tensor(row, dtype=torch.int64)
-        everyone = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(everyone, mine)
-        rows = [t.tolist() for t in everyone]
+        rows = comm.all_gather_objects(row)
         self.rows.append(rows)
         if any(r[_STATE] for r in rows) or _round_problem(self.phase, self.world_size, self.numel, self.round, rows):
             self.off = True
@@ -497,7 +495,7 @@ def _all_reduce_worker(reduce_scatter, all_gather, cases, seconds: float) -> lis
     for shape, op in cases:
         x = torch.randn(shape, generator=g, dtype=torch.float64)
         want = x.clone()
-        dist.all_reduce(want, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        comm.all_reduce(want, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         if op == "avg":
             want /= world_size
         with time_limit(seconds, f"ring_all_reduce with your phases did not return within {seconds:g} s on N="

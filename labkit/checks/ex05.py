@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from labkit import comm
 from labkit.checks import (CheckFailed, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, passed, run_on_ranks,
                            student_traceback, time_limit, time_limit_paused)
 from labkit.tensor_parallel import grid_groups
@@ -114,10 +115,8 @@ def _student(seconds: float, what: str):
 
 def _everyone(obj) -> list:
     """Every rank's ``obj`` (the checker's own collective, not the watched all-reduce)."""
-    out = [None] * dist.get_world_size()
     with time_limit_paused():
-        dist.all_gather_object(out, obj)
-    return out
+        return comm.all_gather_objects(obj)
 
 
 def _keep(t):
