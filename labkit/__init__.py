@@ -3,6 +3,38 @@
 Every concept of the course is built here from scratch, small enough to read as part of the lecture,
 and checked against PyTorch's own implementation. Start with :func:`labkit.launch`; every message the
 lessons send goes through :mod:`labkit.comm`.
+
+The map: lesson → module → the names a student uses.
+
+Lecture code (a concept per file; read it beside its notebook)
+    all       launcher          launch, WorkerError (N real processes from a notebook cell)
+              comm              the one communication layer: send, recv, exchange, all_reduce, ...,
+                                record() and CommEvent (what was sent, to whom, how many bytes)
+    1         data_parallel     shard_indices, average_gradients, server_average_gradients,
+                                weighted_average_gradients, broadcast_parameters, LinearRegression
+              local_sgd         average_parameters, averaging_gap (parameter vs gradient averaging)
+    2         ring              the ring as a schedule: reduce_scatter_rounds, all_gather_rounds,
+                                chunk_bounds, simulate
+              collectives       reduce_scatter_phase, all_gather_phase (exercise 2), ring_all_reduce,
+                                tree_all_reduce, naive_all_reduce, broadcast
+              cost_model        the α–β model: predict, fit_alpha_beta, bus_bandwidth
+    3         ddp               NaiveDDP, OverlapDDP, BucketedDDP (exercise 3 subclasses it), plan_buckets
+    4         optim             LARS, Lamb, AdaScale, scaled_lr, warmup_factor
+    5         layer_split       partition, train_step (the model cut over ranks, send/recv)
+              tensor_parallel   ColumnParallelLinear, RowParallelLinear, the f/g operators,
+                                ParallelMLP, ParallelSelfAttention, tensor_parallel_gpt, grid_groups
+    6         pipeline          schedules as data (gpipe, one_f_one_b, interleaved_1f1b), simulate,
+                                bubble_fraction, run_schedule (the runtime), gantt (the figures)
+    7         param_server      shard_bounds, serve, work, train (sync, async, bounded staleness)
+    models    models            GPT, GPTConfig (the small GPT every lesson trains)
+              text              load_corpus, CharTokenizer, TokenBlocks, distributed_loader (no download)
+    figures   viz               the figures of lessons 1–4 (pipeline figures live in pipeline.gantt)
+
+Infrastructure (not lecture code)
+    checks/     the exercises' checkers (run a student's code on N processes, name the mistake)
+    exercises   makes exercises/ from solutions/
+    labs/       command-line labs, the same code under labkit.launch, torchrun and accelerate
+    bench/      benchmarks that print numbers (docs/results/ holds what they printed)
 """
 
 from labkit.launcher import WorkerError, launch

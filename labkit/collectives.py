@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from labkit import comm
-from labkit.ring import ALL_GATHER, REDUCE_SCATTER, chunk_bounds
+from labkit.ring import ALL_GATHER, REDUCE_SCATTER, all_gather_rounds, chunk_bounds, reduce_scatter_rounds
 
 __all__ = ["CommStats", "Exchange", "reduce_scatter_phase", "all_gather_phase", "ring_all_reduce",
            "ring_reduce_scatter", "ring_all_gather", "naive_all_reduce", "tree_all_reduce", "broadcast",
@@ -94,25 +94,21 @@ def reduce_scatter_phase(chunks: list, rank: int, world_size: int, exchange: Cal
     over all ranks. ``chunks`` are views into one buffer, changed in place.
     ``scratch``: an optional 1-D buffer (the chunks' dtype, at least the largest chunk's size) for
     the incoming chunks; by default one is allocated for this call."""
-    right, left = (rank + 1) % world_size, (rank - 1) % world_size
     if scratch is None:  # one buffer for every round
         scratch = torch.empty_like(max(chunks, key=torch.numel))
-    for j in range(world_size - 1):
-        send_chunk = (rank - j + shift) % world_size
-        recv_chunk = (rank - j - 1 + shift) % world_size
-        buffer = scratch[:chunks[recv_chunk].numel()]
-        exchange(chunks[send_chunk], right, buffer, left)
-        combine(chunks[recv_chunk], buffer)
+    for rnd in reduce_scatter_rounds(world_size, shift):     # ring.py's schedule, round by round
+        send, recv = rnd.sent_by(rank), rnd.received_by(rank)
+        buffer = scratch[:chunks[recv.chunk].numel()]
+        exchange(chunks[send.chunk], send.receiver, buffer, recv.sender)
+        combine(chunks[recv.chunk], buffer)
 
 
 def all_gather_phase(chunks: list, rank: int, world_size: int, exchange: Callable, shift: int = 1) -> None:
     """N-1 rounds; in round j rank i sends chunk (i+1-j) mod N right and receives chunk (i-j) mod N
     from the left straight into its own copy (overwrite: the incoming chunk is already complete)."""
-    right, left = (rank + 1) % world_size, (rank - 1) % world_size
-    for j in range(world_size - 1):
-        send_chunk = (rank - j + shift) % world_size
-        recv_chunk = (rank - j - 1 + shift) % world_size
-        exchange(chunks[send_chunk], right, chunks[recv_chunk], left)
+    for rnd in all_gather_rounds(world_size, shift):         # ring.py's schedule, round by round
+        send, recv = rnd.sent_by(rank), rnd.received_by(rank)
+        exchange(chunks[send.chunk], send.receiver, chunks[recv.chunk], recv.sender)
 
 
 class _Recorder:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from labkit import comm
 
 __all__ = [
-    "make_linear_data", "LinearRegression", "shard_indices", "average_gradients",
+    "make_linear_data", "LinearRegression", "shard_indices", "average_gradients", "all_reduce_mean_",
     "weighted_average_gradients", "server_average_gradients", "broadcast_parameters", "flat_grad",
     "flat_params",
 ]
@@ -112,17 +112,37 @@ def shard_indices(num_samples: int, rank: int, world_size: int, epoch: int = 0, 
 # Agreeing on the gradient
 # --------------------------------------------------------------------------------------------
 
-def average_gradients(model: torch.nn.Module) -> None:
+def average_gradients(model: torch.nn.Module, one_message: bool = False) -> None:
     """All-reduce: every rank's ``.grad`` becomes the mean over ranks, g = (1/N) Σ g_i.
 
     Written as sum-then-divide, the way the math reads and the way every backend can do it
     (``ReduceOp.AVG`` exists only on some backends and versions: NCCL always, gloo in recent torch).
+    Parameters without a gradient (unused, frozen) are skipped. ``one_message``: one all-reduce of
+    all the gradients at once (:func:`all_reduce_mean_`) instead of one per tensor.
     """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if one_message:
+        all_reduce_mean_(grads)
+        return
     world_size = dist.get_world_size()
-    for p in model.parameters():
-        if p.grad is not None:
-            comm.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad /= world_size
+    for g in grads:
+        comm.all_reduce(g, op=dist.ReduceOp.SUM)
+        g /= world_size
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor, in place, by its mean over the ranks, with ONE all-reduce: copy them into
+    a single flat buffer first. Every collective pays a fixed latency (milliseconds when processes
+    share a few cores), so one call per step instead of one per tensor; DDP's buckets do the same."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    comm.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def weighted_average_gradients(model: torch.nn.Module, local_count: int) -> None:
@@ -158,7 +178,9 @@ def server_average_gradients(model: torch.nn.Module, server: int = 0) -> None:
         comm.broadcast(p.grad, src=server)
 
 
-def broadcast_parameters(model: torch.nn.Module, src: int = 0) -> None:
-    """Make every replica start from rank ``src``'s weights (what DDP does when it wraps a model)."""
-    for t in list(model.parameters()) + list(model.buffers()):
-        comm.broadcast(t.data, src=src)
+def broadcast_parameters(model: torch.nn.Module, src: int = 0, group=None) -> None:
+    """Make every replica start from rank ``src``'s parameters and buffers (what DDP does when it wraps
+    a model; ``src`` is a global rank). Frozen parameters too: they are part of the shared model."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            comm.broadcast(t, src=src, group=group)

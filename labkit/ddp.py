@@ -21,6 +21,7 @@ returns only when the gradients are averaged.
 
 from __future__ import annotations
 
+import itertools
 import time
 import zlib
 from contextlib import contextmanager
@@ -32,9 +33,9 @@ from torch import nn
 from torch.autograd import Variable
 
 from labkit import comm
+from labkit.data_parallel import broadcast_parameters
 
-__all__ = ["NaiveDDP", "OverlapDDP", "BucketedDDP", "Bucket", "plan_buckets", "broadcast_from_rank0",
-           "TimelineEvent"]
+__all__ = ["NaiveDDP", "OverlapDDP", "BucketedDDP", "Bucket", "plan_buckets", "TimelineEvent"]
 
 
 @dataclass
@@ -47,14 +48,6 @@ class TimelineEvent:
     start: float
     end: float
     nbytes: int = 0
-
-
-def broadcast_from_rank0(module: nn.Module, group=None) -> None:
-    """Copy the first rank's parameters and buffers to every rank of ``group`` (in place)."""
-    src = dist.get_global_rank(group, 0) if group is not None else 0
-    with torch.no_grad():
-        for t in [*module.parameters(), *module.buffers()]:
-            comm.broadcast(t.data, src=src, group=group)
 
 
 def _check_same_model_everywhere(module: nn.Module, group) -> None:
@@ -70,7 +63,9 @@ def _check_same_model_everywhere(module: nn.Module, group) -> None:
 
 
 class _DataParallel(nn.Module):
-    """What the three versions share: broadcast at wrap, hooks, end-of-backward callback, no_sync."""
+    """What the three versions share: the broadcast at wrap time, the per-parameter hook, the
+    end-of-backward callback, no_sync. Each version writes ``on_grad_ready`` (a gradient is final) and
+    ``finish_backward`` (backward is over), and may reset its state in ``start_backward``."""
 
     def __init__(self, module: nn.Module, process_group=None, record_timeline: bool = False):
         super().__init__()
@@ -83,24 +78,24 @@ class _DataParallel(nn.Module):
         self.group = process_group
         self.world_size = dist.get_world_size(process_group)
         # parameters() lists a tied weight once; frozen parameters never get a gradient to average
-        self._params = [p for p in module.parameters() if p.requires_grad]
-        if not self._params:
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        if not self.params:
             raise ValueError("DDP: the model has no trainable parameters")
         self._names = {}
         for name, p in module.named_parameters():
             self._names.setdefault(p, name)
         _check_same_model_everywhere(module, process_group)
-        broadcast_from_rank0(module, process_group)
+        self.broadcast_from_rank0()
         self._sync = True
-        self._in_backward = False
+        self.in_backward = False
         self._ready: list = []          # parameters in the order their gradients became ready
         self.timeline: list | None = [] if record_timeline else None
-        self._hook_handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self._params]
+        self._hook_handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
 
     # --- the training-loop interface -------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
-        self._in_backward = False          # a new forward starts a new iteration
+        self.in_backward = False           # a new forward starts a new iteration
         if self.timeline is None:
             return self.module(*args, **kwargs)
         start = time.perf_counter()
@@ -117,34 +112,40 @@ class _DataParallel(nn.Module):
         finally:
             self._sync = previous
 
+    def broadcast_from_rank0(self) -> None:
+        """At wrap time: every rank gets the group's first rank's parameters and buffers (lesson 1)."""
+        first = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        broadcast_parameters(self.module, src=first, group=self.group)
+
     # --- the hooks ----------------------------------------------------------------------------------
 
-    def _on_grad_ready(self, param: torch.Tensor) -> None:
+    def _hook(self, param: torch.Tensor) -> None:
+        """Called by autograd right after ``param.grad`` is final: once per parameter per backward."""
         if not self._sync:
             return
-        if not self._in_backward:      # the first gradient of this backward pass
-            self._in_backward = True
+        if not self.in_backward:       # the first gradient of this backward pass
+            self.in_backward = True
             self._ready = []
-            self._start_backward()
-            Variable._execution_engine.queue_callback(self._on_backward_end)
+            self.start_backward()
+            Variable._execution_engine.queue_callback(self._end_of_backward)   # once backward is done
         self._ready.append(param)
         if self.timeline is not None:
             now = time.perf_counter()
             self.timeline.append(TimelineEvent("grad", self._names[param], now, now))
-        self._grad_ready(param)
+        self.on_grad_ready(param)
 
-    def _on_backward_end(self) -> None:
-        self._in_backward = False
-        if len(self._ready) != len(self._params):
+    def _end_of_backward(self) -> None:
+        self.in_backward = False
+        if len(self._ready) != len(self.params):
             got = set(self._ready)
-            missing = [self._names[p] for p in self._params if p not in got]
+            missing = [self._names[p] for p in self.params if p not in got]
             raise RuntimeError(
                 f"{type(self).__name__}: these trainable parameters got no gradient in this backward pass: "
                 f"{', '.join(missing)}. Every rank waits for every gradient, so each must take part in the "
                 "loss. Freeze parameters you do not train (p.requires_grad_(False)) before wrapping; "
                 "torch's DDP has find_unused_parameters=True for parameters that are skipped only sometimes.")
         start = time.perf_counter()
-        self._finish()
+        self.finish_backward()
         if self.timeline is not None:
             self.timeline.append(TimelineEvent("wait", "wait for all-reduces", start, time.perf_counter()))
 
@@ -163,13 +164,14 @@ class _DataParallel(nn.Module):
 
     # --- what each version does differently -------------------------------------------------------
 
-    def _start_backward(self) -> None:
-        pass
+    def start_backward(self) -> None:
+        """The first gradient of a backward pass is ready: reset what the last one left."""
 
-    def _grad_ready(self, param: torch.Tensor) -> None:
-        pass
+    def on_grad_ready(self, param: torch.Tensor) -> None:
+        """``param.grad`` is final."""
 
-    def _finish(self) -> None:
+    def finish_backward(self) -> None:
+        """Backward is over: when this returns, every ``.grad`` holds the average over the ranks."""
         raise NotImplementedError
 
 
@@ -177,8 +179,8 @@ class NaiveDDP(_DataParallel):
     """Step 1: wait until backward is over, then all-reduce each gradient in turn and divide by N.
     Correct, but the network idles during backward and the CPU idles during communication."""
 
-    def _finish(self) -> None:
-        for p in self._params:
+    def finish_backward(self) -> None:
+        for p in self.params:
             work = self._timed_all_reduce(p.grad, self._names[p])
             work.wait()
             p.grad.div_(self.world_size)
@@ -189,14 +191,14 @@ class OverlapDDP(_DataParallel):
     communication runs while backward computes the earlier layers; wait for all of them at the end.
     One message per parameter: many small, latency-bound messages."""
 
-    def _start_backward(self) -> None:
+    def start_backward(self) -> None:
         self._pending = []
 
-    def _grad_ready(self, param: torch.Tensor) -> None:
+    def on_grad_ready(self, param: torch.Tensor) -> None:
         param.grad.div_(self.world_size)          # divide first, then sum: the mean, without overflow
         self._pending.append(self._timed_all_reduce(param.grad, self._names[param]))
 
-    def _finish(self) -> None:
+    def finish_backward(self) -> None:
         for work in self._pending:
             work.wait()
         self._pending = []
@@ -235,13 +237,17 @@ def plan_buckets(params, bucket_cap_bytes: int) -> list[list]:
 class BucketedDDP(_DataParallel):
     """Step 3: pack gradients into buckets of about ``bucket_cap_mb`` megabytes, in the order they
     become ready, and start one asynchronous all-reduce per bucket as soon as it is full. Few, large,
-    bandwidth-bound messages, still overlapped with backward.
+    bandwidth-bound messages, still overlapped with backward. (Exercise 3 writes its four methods:
+    ``broadcast_from_rank0``, ``bucket_plan``, ``on_grad_ready``, ``finish_backward``.)
 
-    Before the first backward the ready order is unknown; like torch, assume it is the reverse of
-    ``module.parameters()`` (backward runs from the output layer back), record the real order during
-    the first backward, and rebuild the buckets from it (rank 0's order, so that all ranks agree).
-    Buckets are launched strictly in index order on every rank: the k-th all-reduce of every rank
-    must be the same bucket.
+    ``self.buckets[k]`` is a :class:`Bucket`; ``self.bucket_of[p] = (k, offset)`` says where ``p``'s
+    gradient sits; ``self.next_to_launch`` is the next bucket to launch. Buckets are launched strictly
+    in index order on every rank: the k-th all-reduce of every rank must be the same bucket.
+
+    Before the first backward the ready order is unknown: :meth:`bucket_plan` guesses the reverse of
+    ``module.parameters()`` (backward runs from the output layer back). Like torch, the buckets are
+    then rebuilt from the order recorded in the first backward (rank 0's, so that all ranks agree),
+    unless ``rebuild_buckets=False``.
     """
 
     def __init__(self, module: nn.Module, bucket_cap_mb: float = 25.0, process_group=None,
@@ -251,47 +257,48 @@ class BucketedDDP(_DataParallel):
         super().__init__(module, process_group, record_timeline)
         self.bucket_cap_bytes = int(bucket_cap_mb * 2 ** 20)
         self._rebuild_pending = rebuild_buckets
-        self._set_buckets(plan_buckets(reversed(self._params), self.bucket_cap_bytes))
+        self.next_to_launch = 0
+        self._set_buckets(self.bucket_plan())
+
+    def bucket_plan(self) -> list[list]:
+        """The parameters of each bucket, bucket 0 first, in the order their gradients become ready."""
+        return plan_buckets(reversed(self.params), self.bucket_cap_bytes)
 
     def _set_buckets(self, groups: list[list]) -> None:
-        self.buckets = []
-        self._bucket_of = {}
+        self.buckets, self.bucket_of = [], {}
         for index, params in enumerate(groups):
-            numel = sum(p.numel() for p in params)
-            bucket = Bucket(params, torch.zeros(numel, dtype=params[0].dtype, device=params[0].device))
-            offset = 0
-            for p in params:
-                bucket.offsets.append(offset)
-                self._bucket_of[p] = (index, offset)
-                offset += p.numel()
-            self.buckets.append(bucket)
+            offsets = list(itertools.accumulate((p.numel() for p in params), initial=0))
+            buffer = torch.zeros(offsets[-1], dtype=params[0].dtype, device=params[0].device)
+            self.buckets.append(Bucket(params, buffer, offsets[:-1]))
+            for p, offset in zip(params, offsets):
+                self.bucket_of[p] = (index, offset)
 
     @property
     def bucket_names(self) -> list[list[str]]:
         """Each bucket's parameter names, in bucket order (for figures and checks)."""
-        return [[self._names[p] for p in b.params] for b in self.buckets]
+        return [[self._names.get(p, "?") for p in b.params] for b in self.buckets]
 
-    def _start_backward(self) -> None:
+    def start_backward(self) -> None:
         for bucket in self.buckets:
             bucket.ready, bucket.work = 0, None
-        self._next_to_launch = 0
+        self.next_to_launch = 0
 
-    def _grad_ready(self, param: torch.Tensor) -> None:
-        index, offset = self._bucket_of[param]
+    def on_grad_ready(self, param: torch.Tensor) -> None:
+        index, offset = self.bucket_of[param]
         bucket = self.buckets[index]
         bucket.buffer[offset:offset + param.numel()].copy_(param.grad.reshape(-1))
         bucket.ready += 1
         # Launch every full bucket whose predecessors are all launched: same order on every rank.
-        while (self._next_to_launch < len(self.buckets)
-               and self.buckets[self._next_to_launch].ready == len(self.buckets[self._next_to_launch].params)):
-            full = self.buckets[self._next_to_launch]
-            full.buffer.div_(self.world_size)
-            full.work = self._timed_all_reduce(full.buffer, f"bucket {self._next_to_launch}")
-            self._next_to_launch += 1
+        while (self.next_to_launch < len(self.buckets)
+               and self.buckets[self.next_to_launch].ready == len(self.buckets[self.next_to_launch].params)):
+            full = self.buckets[self.next_to_launch]
+            full.buffer.div_(self.world_size)       # divide first, then sum: the mean, without overflow
+            full.work = self._timed_all_reduce(full.buffer, f"bucket {self.next_to_launch}")
+            self.next_to_launch += 1
 
-    def _finish(self) -> None:
+    def finish_backward(self) -> None:
         for bucket in self.buckets:
-            bucket.work.wait()
+            bucket.work.wait()                      # its own handle: until then the buffer may be stale
             for p, offset in zip(bucket.params, bucket.offsets):
                 p.grad.copy_(bucket.buffer[offset:offset + p.numel()].view_as(p.grad))
         if self._rebuild_pending:
@@ -299,8 +306,8 @@ class BucketedDDP(_DataParallel):
             self._rebuild_from_ready_order()
 
     def _rebuild_from_ready_order(self) -> None:
-        index = {p: i for i, p in enumerate(self._params)}
+        index = {p: i for i, p in enumerate(self.params)}
         order = comm.on(torch.tensor([index[p] for p in self._ready], dtype=torch.int64), self.group)
         src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         comm.broadcast(order, src=src, group=self.group)  # rank 0's order for everyone
-        self._set_buckets(plan_buckets([self._params[i] for i in order.tolist()], self.bucket_cap_bytes))
+        self._set_buckets(plan_buckets([self.params[i] for i in order.tolist()], self.bucket_cap_bytes))

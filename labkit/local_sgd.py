@@ -25,11 +25,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from labkit import comm
-from labkit.data_parallel import LinearRegression, flat_params, shard_indices
+from labkit.data_parallel import LinearRegression, all_reduce_mean_, average_gradients, flat_params, shard_indices
 from labkit.launcher import launch
 
-__all__ = ["OPTIMIZERS", "make_optimizer", "all_reduce_mean_", "average_parameters", "run_gradient_averaging",
+__all__ = ["OPTIMIZERS", "make_optimizer", "average_parameters", "run_gradient_averaging",
            "run_parameter_averaging", "averaging_gap"]
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -44,24 +43,6 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {name!r}")
-
-
-def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """Replace each tensor, in place, by its mean over the ranks, with ONE all-reduce: copy them into
-    a single flat buffer first. Every collective pays a fixed latency (milliseconds when processes
-    share a few cores), so one call per step instead of one per tensor; DDP's buckets do the same."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    comm.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def average_gradients(model: torch.nn.Module) -> None:
-    """g ← (1/N) Σ_i g_i on every rank: the gradient-averaging collective (one bucket)."""
-    all_reduce_mean_([p.grad for p in model.parameters()])
 
 
 def average_parameters(model: torch.nn.Module) -> None:
@@ -79,8 +60,8 @@ def run_gradient_averaging(X, y, optimizer: str, steps: int, lr: float) -> torch
     for _ in range(steps):
         opt.zero_grad()
         model.loss(X, y).backward()
-        average_gradients(model)     # communicate every step...
-        opt.step()                   # ...so every replica takes the same step
+        average_gradients(model, one_message=True)   # communicate every step...
+        opt.step()                                   # ...so every replica takes the same step
         history.append(flat_params(model))
     return torch.stack(history)
 

@@ -51,6 +51,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from labkit import comm
+from labkit.ring import chunk_bounds
 
 __all__ = ["MODES", "shard_bounds", "ServerResult", "WorkerResult", "PSRun", "serve", "work",
            "parameter_server", "train"]
@@ -62,17 +63,11 @@ _STOP = -1.0                                     # a reply version that tells a 
 
 
 def shard_bounds(numel: int, servers: int) -> list[tuple[int, int]]:
-    """[start, end) of each server's shard of a ``numel``-element vector: contiguous, disjoint, covering
-    it, sizes differing by at most one."""
+    """[start, end) of each server's shard of a ``numel``-element vector: the ring's chunks (contiguous,
+    disjoint, covering it, sizes differing by at most one), none of them empty."""
     if servers < 1 or servers > numel:
         raise ValueError(f"cannot cut {numel} parameters into {servers} server shards")
-    base, extra = divmod(numel, servers)
-    bounds, start = [], 0
-    for s in range(servers):
-        end = start + base + (s < extra)
-        bounds.append((start, end))
-        start = end
-    return bounds
+    return chunk_bounds(numel, servers)
 
 
 @dataclass

@@ -90,6 +90,40 @@ def skips_collective_on_rank_2(model):
         average_gradients(model)
 
 
+def in_float32(model):
+    """A real student's version: averaged in float32 to save bandwidth, then cast back."""
+    for p in model.parameters():
+        if p.grad is not None:
+            g = p.grad.to(torch.float32)
+            dist.all_reduce(g)
+            p.grad.copy_(g / dist.get_world_size())
+
+
+def in_bfloat16(model):
+    """Summed in bfloat16 (half the bytes of float32), divided in the gradient's own dtype."""
+    for p in model.parameters():
+        if p.grad is not None:
+            g = p.grad.to(torch.bfloat16)
+            dist.all_reduce(g)
+            p.grad.copy_(g)
+            p.grad /= dist.get_world_size()
+
+
+def no_skip(model):
+    """The solution without the rule for parameters that have no gradient."""
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+        p.grad /= dist.get_world_size()
+
+
+def gives_unused_a_gradient(model):
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= dist.get_world_size()
+
+
 def stub(model):
     raise NotImplementedError("Exercise 1a: average every parameter's .grad; see the instructions above")
 
@@ -118,6 +152,14 @@ def test_reference_passes_on_the_default_world_sizes(capsys):
                   "'layer.weight', 'table' are averaged correctly"]),
     (ranks_disagree, ["the ranks disagree after your function: parameter 'layer.weight', element [0, 0]:",
                       "rank 2 has"]),
+    (in_float32, ["in_float32 is wrong on 3 processes: the average lost precision",
+                  "rank 0, parameter 'layer.weight', element [0, 0]: expected ", "float32 (about 7 digits)",
+                  "the gradient is float64 again"]),
+    (in_bfloat16, ["the average lost precision", "rank 0, parameter 'layer.weight', element [0, 0]"]),
+    (no_skip, ["with parameter 'gain' unused by the loss (its p.grad is None", "your function raised ",
+               "on rank 0", "skip it (if p.grad is None: continue)"]),
+    (gives_unused_a_gradient, ["with parameter 'gain' unused by the loss (p.grad is None), your function gave it "
+                               "a gradient on rank 0"]),
 ])
 def test_wrong_average_gradients_is_named(wrong, expected):
     with pytest.raises(CheckFailed) as info:

@@ -12,7 +12,9 @@ import pytest
 
 from labkit.checks import CheckFailed
 from labkit.checks import ex06
-from labkit.checks.ex06 import SIZES, check_one_f_one_b, expected_warmup, reference_compute
+from labkit.checks.ex06 import SIZES, check_one_f_one_b
+from labkit.pipeline.schedules import one_f_one_b_compute as reference_compute
+from labkit.pipeline.schedules import one_f_one_b_warmup as expected_warmup
 from labkit.pipeline import schedules
 from labkit.pipeline.schedules import Action, Schedule, add_communication
 from labkit.pipeline.simulate import (bubble_fraction, expected_bubble, expected_peak_activations, peak_activations,

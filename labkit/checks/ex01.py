@@ -89,14 +89,28 @@ def _portable(x, depth: int = 0):
     return f"<{type(x).__name__}>"
 
 
-def _average_gradients_worker(student_fn) -> dict:
-    """On each rank: a model with this rank's known gradients, the student's function, a report."""
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+# Two more probes, run after the main one: each exercises one rule of the brief that the main
+# gradients (multiples of 1/4, exact in any float format, none missing) cannot.
+_FINE = 2.0 ** -30        # below float32's resolution near 1 (2^-23), far above float64's (2^-52)
+_UNUSED = "gain"          # the parameter that took no part in the loss in the third probe
+
+
+def _fine_gradients(world_size: int) -> tuple[list[dict], dict]:
+    """The main gradients plus rank-dependent offsets of 1..40 × 2^-30 per element: exact in float64
+    (sums included), lost by an average computed in float32 or bfloat16."""
+    per_rank, _ = _gradients(world_size)
+    g = torch.Generator().manual_seed(2000 + world_size)
+    fine = [{n: per_rank[r][n] + _FINE * torch.randint(1, 41, per_rank[r][n].shape, generator=g).to(torch.float64)
+             for n, _ in _PARAMS} for r in range(world_size)]
+    mean = {n: torch.stack([fine[r][n] for r in range(world_size)]).sum(dim=0) / world_size for n, _ in _PARAMS}
+    return fine, mean
+
+
+def _run_probe(student_fn, grads: dict, missing: str | None = None) -> dict:
     model = _Net()
-    grads = _gradients(world_size)[0][rank]
     originals = {}
     for name, p in model.named_parameters():
-        p.grad = grads[name].clone()
+        p.grad = None if name == missing else grads[name].clone()
         originals[name] = p.grad
     weights_before = {name: p.detach().clone() for name, p in model.named_parameters()}
     returned = student_fn(model)
@@ -107,6 +121,23 @@ def _average_gradients_worker(student_fn) -> dict:
         "weights_changed": [n for n, p in params.items() if not torch.equal(p.detach(), weights_before[n])],
         "returned": _portable(returned),
     }
+
+
+def _average_gradients_worker(student_fn) -> dict:
+    """On each rank: a model with this rank's known gradients, the student's function, a report."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    return _run_probe(student_fn, _gradients(world_size)[0][rank])
+
+
+def _probes_worker(student_fn) -> dict:
+    """Once the main gradients come out right: the precision probe and the missing-gradient probe."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    report = {"fine": _run_probe(student_fn, _fine_gradients(world_size)[0][rank])}
+    try:  # every rank has the same missing gradient: a crash happens at the same place on every rank
+        report["unused"] = _run_probe(student_fn, _gradients(world_size)[0][rank], missing=_UNUSED)
+    except Exception as exc:  # noqa: BLE001 - reported as the rule it breaks
+        report["unused"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return report
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -323,13 +354,55 @@ def _returned_the_mean(returned, mean: dict) -> bool:
     return bool(tensors) and all(any(_close(t, m) for t in tensors) for m in mean.values())
 
 
+def _diagnose_probes(world_size: int, reports: list[dict]) -> str | None:
+    """The precision probe, then the missing-gradient probe (run when the main gradients are right)."""
+    N = world_size
+    names = [n for n, _ in _PARAMS]
+    _, mean = _fine_gradients(N)
+    for r in range(N):
+        for n in names:
+            got = reports[r]["fine"]["grads"][n]
+            if got is None or got.shape != mean[n].shape:
+                return f"rank {r}, parameter {n!r}: {_where(r, n, mean[n], got) if got is not None else 'no gradient'}"
+            found = first_mismatch(mean[n], got.to(torch.float64), _RTOL, _ATOL)
+            if found is None:
+                continue
+            index, e, g = found
+            if got.dtype != torch.float64:
+                how = f"the gradient came back as {got.dtype}"
+            else:
+                how = "the gradient is float64 again, but its digits past the 7th are gone"
+            return (f"the average lost precision: with gradients that need float64's digits (rank-dependent "
+                    f"parts of about 1e-9), {expected_got(f'rank {r}, parameter {n!r}, element {fmt_index(index)}', e, g)} "
+                    f"(relative error {abs(g - e) / abs(e):.1e}; {how}). That is what an all-reduce in float32 "
+                    f"(about 7 digits) or bfloat16 (about 3) leaves. All-reduce p.grad itself, in its own dtype.")
+    for r in range(N):
+        unused = reports[r]["unused"]
+        if "error" in unused:
+            return (f"with parameter {_UNUSED!r} unused by the loss (its p.grad is None, as for a frozen or unused "
+                    f"parameter) your function raised {unused['error']} on rank {r}. A parameter without a "
+                    f"gradient has nothing to average: skip it (if p.grad is None: continue).")
+        if unused["grads"][_UNUSED] is not None:
+            return (f"with parameter {_UNUSED!r} unused by the loss (p.grad is None), your function gave it a "
+                    f"gradient on rank {r}. Leave p.grad None where it is None: skip the parameter.")
+        _, main_mean = _gradients(N)
+        for n in names:
+            got = unused["grads"][n]
+            if n != _UNUSED and (got is None or not _close(got, main_mean[n])):
+                return (f"with parameter {_UNUSED!r} unused by the loss (p.grad is None), the other parameters were "
+                        f"not averaged on rank {r} ({_where(r, n, main_mean[n], got) if got is not None else 'no gradient'}). Skip only "
+                        f"the parameters whose gradient is None, and average the rest.")
+    return None
+
+
 def check_average_gradients(student_fn, *, world_sizes=(1, 2, 3, 4), timeout: float = 5.0) -> None:
     """Check exercise 1a: ``student_fn(model)`` averages every ``p.grad`` over the ranks, in place.
 
     On each world size N, each rank builds the same model (parameters of shapes (3, 4), (3,), (), and
     (2, 2, 2), float64) with rank-dependent known gradients, calls ``student_fn(model)``, and reports
     what its gradients became. The checker compares with the exact mean (1/N) Σ g_i and names the
-    mistake. ``timeout``: seconds a rank may wait in a collective (a rank that skips one is reported).
+    mistake. Two more calls test the other rules: gradients with parts of about 1e-9 (an average
+    computed in float32 or bfloat16 loses them), and a parameter whose gradient is None (skipped). ``timeout``: seconds a rank may wait in a collective (a rank that skips one is reported).
     """
     __tracebackhide__ = True  # IPython and pytest show the message, not the checker's frames
     name = getattr(student_fn, "__name__", "your function")
@@ -338,6 +411,9 @@ def check_average_gradients(student_fn, *, world_sizes=(1, 2, 3, 4), timeout: fl
     for N in world_sizes:
         reports = run_on_ranks(_average_gradients_worker, student_fn, world_size=N, timeout=timeout, name=name)
         problem = _diagnose_average(N, reports)
+        if not problem:
+            probes = run_on_ranks(_probes_worker, student_fn, world_size=N, timeout=timeout, name=name)
+            problem = _diagnose_probes(N, probes)
         if problem:
             fail(f"{name} is wrong on {N} process{'es' if N > 1 else ''}: {problem}")
     passed(f"{name} is correct on world sizes {', '.join(str(n) for n in world_sizes)}")

@@ -6,11 +6,11 @@
     check_finish_backward(BucketedDDP)   # 3d: finish_backward, with labkit's 3a, 3b, 3c
     check_bucketed_ddp(BucketedDDP)      # all of it, on 3, 2 and 4 processes, against torch's DDP
 
-The student's class is the skeleton of the notebook (``__init__``, the per-parameter hook, the
-end-of-backward callback) with four methods to write. Each task's check runs the student's method with
-labkit's version of the other three (:class:`ReferenceBucketedDDP`), so that a task is checked on its
-own; :func:`check_bucketed_ddp` runs the whole class as written (any class ``cls(module,
-bucket_cap_mb=...)`` that works like torch's DDP, skeleton or not).
+The student's class subclasses :class:`labkit.ddp.BucketedDDP` (its ``__init__``, the per-parameter
+hook, the end-of-backward callback) and writes four of its methods. Each task's check runs the
+student's method with labkit's own version of the other three, so that a task is checked on its own;
+:func:`check_bucketed_ddp` runs the whole class as written (any class ``cls(module,
+bucket_cap_mb=...)`` that works like torch's DDP, labkit's subclass or not).
 
 What runs. On N real processes, each rank builds a small float64 model with its own seed (so only the
 broadcast at wrap time makes the replicas equal): a tied embedding/output weight, a frozen layer, a
@@ -36,7 +36,6 @@ What is watched, in each rank, during the student's code:
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from contextlib import contextmanager
@@ -44,14 +43,14 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.autograd import Variable
 
+from labkit import comm
 from labkit.checks import (CheckFailed, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, passed, run_on_ranks,
                            time_limit)
-from labkit.ddp import Bucket, plan_buckets
+from labkit import ddp
 
 __all__ = ["check_broadcast", "check_bucket_plan", "check_on_grad_ready", "check_finish_backward",
-           "check_bucketed_ddp", "ReferenceBucketedDDP", "TASKS", "WORLD_SIZES"]
+           "check_bucketed_ddp", "TASKS", "WORLD_SIZES"]
 
 # 3 first (the message of a first failure on 3 ranks reads best: rank 1 and 2 both exist), then 2, 4.
 WORLD_SIZES = (3, 2, 4)
@@ -63,79 +62,6 @@ MB = 2 ** 20
 
 # The methods of the skeleton that the student writes, by task.
 TASKS = {"3a": "broadcast_from_rank0", "3b": "bucket_plan", "3c": "on_grad_ready", "3d": "finish_backward"}
-
-
-# ============================================================================================
-# The reference: the notebook's skeleton with labkit's solution of the four methods
-# ============================================================================================
-
-class ReferenceBucketedDDP(nn.Module):
-    """The exercise's class, solved: the skeleton of the notebook and the four methods.
-
-    The checks of 3a-3d take the student's class and replace the three methods that are not being
-    checked by these (they use only the skeleton's attributes: ``params``, ``world_size``,
-    ``bucket_cap_bytes``, ``buckets``, ``bucket_of``, ``next_to_launch``)."""
-
-    def __init__(self, module: nn.Module, bucket_cap_mb: float = 25.0):
-        super().__init__()
-        self.module = module
-        self.world_size = dist.get_world_size()
-        self.params = [p for p in module.parameters() if p.requires_grad]  # a tied weight once; no frozen ones
-        self.bucket_cap_bytes = int(bucket_cap_mb * MB)
-        self.broadcast_from_rank0()                                          # 3a
-        self.buckets, self.bucket_of = [], {}
-        for index, params in enumerate(self.bucket_plan()):                  # 3b
-            offsets = list(itertools.accumulate((p.numel() for p in params), initial=0))
-            buffer = torch.zeros(offsets[-1], dtype=params[0].dtype, device=params[0].device)
-            self.buckets.append(Bucket(params, buffer, offsets[:-1]))
-            for p, offset in zip(params, offsets):
-                self.bucket_of[p] = (index, offset)
-        self.in_backward = False
-        self.next_to_launch = 0
-        for p in self.params:
-            p.register_post_accumulate_grad_hook(self._hook)
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def _hook(self, param):
-        if not self.in_backward:
-            self.in_backward = True
-            for bucket in self.buckets:
-                bucket.ready, bucket.work = 0, None
-            self.next_to_launch = 0
-            Variable._execution_engine.queue_callback(self._end_of_backward)
-        self.on_grad_ready(param)                                            # 3c
-
-    def _end_of_backward(self):
-        self.in_backward = False
-        self.finish_backward()                                               # 3d
-
-    def broadcast_from_rank0(self):
-        with torch.no_grad():
-            for t in [*self.module.parameters(), *self.module.buffers()]:
-                dist.broadcast(t, src=0)
-
-    def bucket_plan(self):
-        return plan_buckets(reversed(self.params), self.bucket_cap_bytes)
-
-    def on_grad_ready(self, param):
-        index, offset = self.bucket_of[param]
-        bucket = self.buckets[index]
-        bucket.buffer[offset:offset + param.numel()].copy_(param.grad.reshape(-1))
-        bucket.ready += 1
-        while (self.next_to_launch < len(self.buckets)
-               and self.buckets[self.next_to_launch].ready == len(self.buckets[self.next_to_launch].params)):
-            full = self.buckets[self.next_to_launch]
-            full.buffer.div_(self.world_size)
-            full.work = dist.all_reduce(full.buffer, async_op=True)
-            self.next_to_launch += 1
-
-    def finish_backward(self):
-        for bucket in self.buckets:
-            bucket.work.wait()
-            for p, offset in zip(bucket.params, bucket.offsets):
-                p.grad.copy_(bucket.buffer[offset:offset + p.numel()].view_as(p.grad))
 
 
 # ============================================================================================
@@ -192,12 +118,12 @@ def _torch_ddp_run(steps: int) -> tuple[list, dict]:
     """torch's DDP on this rank's data: the averaged gradients after every backward, the final state."""
     rank = dist.get_rank()
     module = _Net(seed=_SEED + rank)
-    ddp = nn.parallel.DistributedDataParallel(module)
+    torch_ddp = nn.parallel.DistributedDataParallel(module)
     opt = torch.optim.SGD([p for _, p in _trainable(module)], lr=LR)
     grads = []
     for step in range(steps):
         opt.zero_grad()
-        ddp(*_batch(step, rank)).backward()
+        torch_ddp(*_batch(step, rank)).backward()
         grads.append(_grads(module))
         opt.step()
     return grads, _state(module)
@@ -309,9 +235,7 @@ def _student_code(seconds: float, what: str):
 
 def _everyone(obj) -> list:
     """Every rank's ``obj`` (the checker's own collective; never the watched all_reduce)."""
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    return comm.all_gather_objects(obj)
 
 
 def _verdict(problem: str | None) -> None:
@@ -666,11 +590,13 @@ def _mixed(cls, task: str | None):
     if task is None:
         return cls
     missing = [m for m in TASKS.values() if not callable(getattr(cls, m, None))]
-    if missing:
-        fail(f"{cls.__name__} has no method {', '.join(missing)}: the check of exercise {task} runs your "
-             f"{TASKS[task]} inside the skeleton of the notebook, with labkit's version of the other methods. Keep "
-             f"the skeleton's methods (or check a class of your own design with check_bucketed_ddp).")
-    reference = {m: ReferenceBucketedDDP.__dict__[m] for t, m in TASKS.items() if t != task}
+    if missing or not issubclass(cls, ddp.BucketedDDP):
+        lacks = f"has no method {', '.join(missing)}" if missing else "is not a subclass of labkit.ddp.BucketedDDP"
+        fail(f"{cls.__name__} {lacks}: the check of exercise {task} runs your {TASKS[task]} inside "
+             f"labkit.ddp.BucketedDDP, with labkit's version of the other methods. Define your class as the notebook "
+             f"does, class BucketedDDP(labkit.ddp.BucketedDDP), with its methods (or check a class of your own "
+             f"design with check_bucketed_ddp).")
+    reference = {m: getattr(ddp.BucketedDDP, m) for t, m in TASKS.items() if t != task}
     return type(cls.__name__, (cls,), reference)
 
 

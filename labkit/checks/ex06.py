@@ -45,10 +45,12 @@ from torch import nn
 from labkit.checks import CheckFailed, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, passed, run_on_ranks, \
     student_traceback, time_limit
 from labkit.pipeline.schedules import B, COMPUTE, F, Action, Schedule, add_communication
+from labkit.pipeline.schedules import one_f_one_b_compute as reference_compute
+from labkit.pipeline.schedules import one_f_one_b_warmup as expected_warmup
 from labkit.pipeline.simulate import (ScheduleError, bubble_fraction, expected_bubble, expected_peak_activations,
                                       peak_activations, simulate, validate)
 
-__all__ = ["check_one_f_one_b", "reference_compute", "expected_warmup", "SIZES", "RUNS"]
+__all__ = ["check_one_f_one_b", "SIZES", "RUNS"]
 
 # The first sizes are the ones whose messages read best (m > p: warm-up, steady state and cool-down all
 # present); then m = p, p = 1, and m < p (where the warm-up is capped at m) last.
@@ -58,24 +60,6 @@ RUNS = ((2, (4,)), (3, (2, 5)))            # (processes p, the values of m run o
 T_FORWARD, T_BACKWARD = 1.0, 2.0           # the simulation's costs: a backward takes twice a forward
 WIDTH, MICRO = 3, 2                        # the real run: layers of width 3, micro-batches of 2 samples
 _SECONDS = 10.0                            # for one call of the student's function
-
-
-def reference_compute(p: int, m: int) -> list:
-    """The 1F1B order of every stage: min(p − i − 1, m) warm-up forwards, then F k + w, B k, then the
-    remaining backwards (the same as :func:`labkit.pipeline.schedules.one_f_one_b`)."""
-    out = []
-    for i in range(p):
-        w = min(p - i - 1, m)
-        order = [Action(F, k, i) for k in range(w)]
-        for k in range(m - w):
-            order += [Action(F, k + w, i), Action(B, k, i)]
-        out.append(order + [Action(B, k, i) for k in range(m - w, m)])
-    return out
-
-
-def expected_warmup(p: int, m: int) -> list:
-    """Stage i's warm-up forwards in 1F1B: min(p − i − 1, m)."""
-    return [min(p - i - 1, m) for i in range(p)]
 
 
 def _name(fn) -> str:

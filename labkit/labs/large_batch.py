@@ -72,6 +72,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from labkit import comm
+from labkit.data_parallel import all_reduce_mean_
 from labkit.labs.entry import run_lab, under_launcher
 from labkit.models.gpt import GPT, PRESETS, GPTConfig
 from labkit.optim import AdaScale, Lamb, lamb_param_groups, warmup_factor
@@ -314,21 +315,16 @@ def mean_loss(model, x, y, rank: int, world_size: int, chunk: int = 128) -> floa
     return (total[0] / total[1]).item()
 
 
-def average_gradients(model, loss: torch.Tensor, world_size: int) -> float:
-    """Average the gradients (and this step's loss) over the ranks with ONE all-reduce of one flat
+def average_gradients_and_loss(model, loss: torch.Tensor, world_size: int) -> float:
+    """Average the gradients and this step's loss over the ranks with ONE all-reduce of one flat
     buffer: with a batch of a few blocks per rank, one message per tensor would cost more than the
     computation. Returns the mean loss."""
     if world_size == 1:
         return loss.item()
-    grads = [p.grad for p in model.parameters()]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype)])
-    comm.all_reduce(flat)                                           # SUM: gloo has no AVG everywhere
-    flat /= world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-    return flat[-1].item()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    mean_loss = loss.detach().reshape(1).to(grads[0].dtype, copy=True)
+    all_reduce_mean_(grads + [mean_loss])
+    return mean_loss.item()
 
 
 def first_reach(curve, target: float):
@@ -382,7 +378,7 @@ def train_run(method: str, base_lr: float, k: int, data: Data, args, rank: int, 
             _, loss = model(data.x[part], data.y[part])
             (loss / micro).backward()
             loss_sum += loss.detach() / micro
-        loss_value = average_gradients(model, loss_sum, world_size)  # the data-parallel average
+        loss_value = average_gradients_and_loss(model, loss_sum, world_size)  # the data-parallel average
         optimizer.step()
         step += 1
         if adascale:

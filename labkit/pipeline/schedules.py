@@ -32,7 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = ["Action", "Schedule", "F", "B", "SEND_F", "RECV_F", "SEND_B", "RECV_B", "COMPUTE",
-           "gpipe", "one_f_one_b", "interleaved_1f1b", "add_communication", "SCHEDULES", "make_schedule"]
+           "gpipe", "gpipe_compute", "one_f_one_b", "one_f_one_b_compute", "one_f_one_b_warmup",
+           "interleaved_1f1b", "add_communication", "SCHEDULES", "make_schedule"]
 
 F, B = "F", "B"
 SEND_F, RECV_F, SEND_B, RECV_B = "SEND_F", "RECV_F", "SEND_B", "RECV_B"
@@ -126,27 +127,40 @@ def add_communication(compute: list[list[Action]], num_stages: int) -> list[list
     return out
 
 
+def gpipe_compute(p: int, m: int) -> list[list[Action]]:
+    """GPipe's compute order: stage i runs F0 .. F(m−1), then B0 .. B(m−1)."""
+    return [[Action(F, k, i) for k in range(m)] + [Action(B, k, i) for k in range(m)] for i in range(p)]
+
+
 def gpipe(p: int, m: int) -> Schedule:
     """All forwards, then all backwards (GPipe). Bubble (p − 1)/(m + p − 1); every stage holds m."""
     _check_sizes(p, m)
-    compute = [[Action(F, k, i) for k in range(m)] + [Action(B, k, i) for k in range(m)] for i in range(p)]
-    return Schedule("GPipe", p, p, m, add_communication(compute, p))
+    return Schedule("GPipe", p, p, m, add_communication(gpipe_compute(p, m), p))
 
 
-def one_f_one_b(p: int, m: int) -> Schedule:
-    """One forward, one backward (PipeDream-Flush). Stage i: min(p − i − 1, m) warm-up forwards, then
-    alternate F and B while forwards remain, then the remaining backwards. Bubble (p − 1)/(m + p − 1)
-    as GPipe; stage i holds at most min(p − i, m) micro-batches' activations."""
-    _check_sizes(p, m)
+def one_f_one_b_warmup(p: int, m: int) -> list[int]:
+    """Stage i's warm-up forwards in 1F1B: min(p − i − 1, m), enough to fill the stages after it."""
+    return [min(p - i - 1, m) for i in range(p)]
+
+
+def one_f_one_b_compute(p: int, m: int) -> list[list[Action]]:
+    """1F1B's compute order (exercise 6): stage i's warm-up forwards, then alternate F and B while
+    forwards remain, then the remaining backwards."""
     compute = []
-    for i in range(p):
-        warmup = min(p - i - 1, m)
+    for i, warmup in enumerate(one_f_one_b_warmup(p, m)):
         order = [Action(F, k, i) for k in range(warmup)]
         for k in range(m - warmup):            # steady state: the forward of k + warmup, the backward of k
             order += [Action(F, k + warmup, i), Action(B, k, i)]
         order += [Action(B, k, i) for k in range(m - warmup, m)]  # cool-down
         compute.append(order)
-    return Schedule("1F1B", p, p, m, add_communication(compute, p))
+    return compute
+
+
+def one_f_one_b(p: int, m: int) -> Schedule:
+    """One forward, one backward (PipeDream-Flush). Bubble (p − 1)/(m + p − 1) as GPipe; stage i holds
+    at most min(p − i, m) micro-batches' activations."""
+    _check_sizes(p, m)
+    return Schedule("1F1B", p, p, m, add_communication(one_f_one_b_compute(p, m), p))
 
 
 def interleaved_1f1b(p: int, m: int, chunks: int = 2) -> Schedule:
