@@ -47,13 +47,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from labkit import comm
 from labkit.ring import chunk_bounds
 
-__all__ = ["MODES", "shard_bounds", "ServerResult", "WorkerResult", "PSRun", "serve", "work",
+__all__ = ["MODES", "shard_bounds", "run_server", "run_worker", "ServerResult", "WorkerResult", "PSRun", "serve", "work",
            "parameter_server", "train"]
 
 MODES = ("sync", "async", "bounded")
@@ -69,6 +70,42 @@ def shard_bounds(numel: int, servers: int) -> list[tuple[int, int]]:
         raise ValueError(f"cannot cut {numel} parameters into {servers} server shards")
     return chunk_bounds(numel, servers)
 
+
+# --- the synchronous parameter server, in its simplest form (exercise 7) ---------------------------------
+# Every step, in a fixed order: server s sends its shard to every worker (the workers' pull), receives
+# every worker's gradient of it (their push) and applies the mean. Exactly data-parallel SGD.
+
+def run_server(shard: torch.Tensor, server: int, servers: int, workers: int, steps: int,
+               lr: float) -> torch.Tensor:
+    """Server ``server`` (rank ``server``) holds ``shard``, its elements of the flat parameters (updated in
+    place and returned). Worker w is rank ``servers + w``."""
+    for step in range(steps):
+        for w in range(workers):
+            comm.send(shard, servers + w)                 # answer worker w's pull: the current parameters
+        grads = [torch.empty_like(shard) for _ in range(workers)]
+        for w in range(workers):
+            comm.recv(grads[w], servers + w)              # worker w's gradient, this server's elements of it
+        shard -= lr * torch.stack(grads).mean(dim=0)     # all W are in: one SGD step with their mean
+    return shard
+
+
+def run_worker(model: nn.Module, batches, worker: int, servers: int) -> None:
+    """Worker ``worker`` (rank ``servers + worker``): for each batch (x, y), pull every server's shard into
+    the model, compute the gradient of ``F.mse_loss(model(x), y)``, push each server its shard of it."""
+    flat = parameters_to_vector(model.parameters()).detach().clone()
+    bounds = shard_bounds(flat.numel(), servers)          # server s holds flat[a:b], (a, b) = bounds[s]
+    for x, y in batches:
+        for s, (a, b) in enumerate(bounds):
+            comm.recv(flat[a:b], s)                       # pull: server s's current shard, in place
+        vector_to_parameters(flat, model.parameters())
+        model.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        for s, (a, b) in enumerate(bounds):
+            comm.send(grad[a:b], s)                       # push: server s gets its elements of the gradient
+
+
+# --- the general parameter server: any order, three modes, failures ---------------------------------------
 
 @dataclass
 class ServerResult:

@@ -37,7 +37,8 @@ from torch import nn
 
 from labkit import comm
 
-__all__ = ["copy_to_tensor_parallel", "reduce_from_tensor_parallel", "gather_from_tensor_parallel",
+__all__ = ["CopyToParallel", "ReduceFromParallel", "GatherFromParallel", "copy_to_tensor_parallel",
+           "reduce_from_tensor_parallel", "gather_from_tensor_parallel", "shard_rows", "shard_columns",
            "ColumnParallelLinear", "RowParallelLinear", "ParallelMLP", "ParallelSelfAttention",
            "ParallelBlock", "tensor_parallel_gpt", "shard_like", "Communication", "count_communication",
            "grid_groups"]
@@ -105,7 +106,10 @@ def _my_slice(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return x.narrow(dim, rank * step, step)
 
 
-class _CopyToTensorParallel(torch.autograd.Function):
+class CopyToParallel(torch.autograd.Function):
+    """f: forward the identity; backward all-reduce (sum) the gradient over ``group``. Called as
+    ``CopyToParallel.apply(x, group)`` (exercise 5a, 5b)."""
+
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
@@ -117,9 +121,12 @@ class _CopyToTensorParallel(torch.autograd.Function):
         return _all_reduce(grad, ctx.group, "f", "backward"), None
 
 
-class _ReduceFromTensorParallel(torch.autograd.Function):
+class ReduceFromParallel(torch.autograd.Function):
+    """g: forward all-reduce (sum) over ``group``; backward the identity (exercise 5c, 5d)."""
+
     @staticmethod
     def forward(ctx, x, group):
+        ctx.group = group
         return _all_reduce(x, group, "g", "forward")     # y = Σ_r y_r
 
     @staticmethod
@@ -127,7 +134,10 @@ class _ReduceFromTensorParallel(torch.autograd.Function):
         return grad, None                         # dL/dy_r = dL/dy, already on every rank
 
 
-class _GatherFromTensorParallel(torch.autograd.Function):
+class GatherFromParallel(torch.autograd.Function):
+    """Forward: all-gather the ranks' slices along the last dimension, in rank order; backward: keep
+    this rank's slice of the gradient."""
+
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
@@ -148,61 +158,42 @@ class _GatherFromTensorParallel(torch.autograd.Function):
 
 def copy_to_tensor_parallel(x: torch.Tensor, group=None) -> torch.Tensor:
     """f: forward the identity; backward all-reduce (sum) the gradient over ``group`` (default: world)."""
-    return _CopyToTensorParallel.apply(x, group)
+    return CopyToParallel.apply(x, group)
 
 
 def reduce_from_tensor_parallel(x: torch.Tensor, group=None) -> torch.Tensor:
     """g: forward all-reduce (sum) over ``group``; backward the identity."""
-    return _ReduceFromTensorParallel.apply(x, group)
+    return ReduceFromParallel.apply(x, group)
 
 
 def gather_from_tensor_parallel(x: torch.Tensor, group=None) -> torch.Tensor:
     """Forward: all-gather the ranks' slices and concatenate them along the last dimension, in rank
     order; backward: keep this rank's slice of the gradient."""
-    return _GatherFromTensorParallel.apply(x, group)
+    return GatherFromParallel.apply(x, group)
+
+
+# --- which part of a dense weight a rank keeps ----------------------------------------------------------
+
+def shard_rows(tensor: torch.Tensor, rank: int, size: int, parts: int = 1) -> torch.Tensor:
+    """Rows [rank·n/size, (rank+1)·n/size) of a (n, ...) tensor: a column-parallel layer's part of a
+    dense weight (out, in) or bias (out,). ``parts``: the tensor is that many stacked matrices (q, k, v),
+    each cut separately; the rank's rows of each are stacked in the same order."""
+    stacked = tensor.unflatten(0, (parts, -1))                   # (parts, n/parts, ...)
+    step = stacked.size(1) // size
+    return stacked[:, rank * step:(rank + 1) * step].flatten(0, 1)
+
+
+def shard_columns(weight: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """Columns [rank·in/size, (rank+1)·in/size) of a dense (out, in) weight: a row-parallel layer's part."""
+    step = weight.size(1) // size
+    return weight[:, rank * step:(rank + 1) * step]
 
 
 # --- the two parallel linear layers ---------------------------------------------------------------------
 
-class _ParallelLinear(nn.Module):
-    """What both layers share: the shapes, nn.Linear's initialisation, and loading a dense layer."""
-
-    def __init__(self, in_features, out_features, group, weight_shape, bias_size, device, dtype):
-        super().__init__()
-        self.in_features, self.out_features, self.group = in_features, out_features, group
-        self.rank, self.tp_size = _rank_and_size(group)
-        self.weight = nn.Parameter(torch.empty(weight_shape, device=device, dtype=dtype))
-        self.bias = None
-        if bias_size is not None:
-            self.bias = nn.Parameter(torch.empty(bias_size, device=device, dtype=dtype))
-
-    def reset_parameters(self) -> None:
-        """nn.Linear's initialisation of the whole dense layer, then keep this rank's shard (Megatron's
-        "master weight"): with the same seed on every rank, the shards form exactly one dense layer."""
-        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                          device=self.weight.device, dtype=self.weight.dtype)
-        self.load_dense(dense)
-
-    @torch.no_grad()
-    def load_dense(self, linear: nn.Linear) -> None:
-        """Copy this rank's shard of a dense nn.Linear (the same on every rank) into this layer."""
-        self.weight.copy_(self.dense_shard(linear.weight))
-        if self.bias is not None:
-            self.bias.copy_(self.dense_shard(linear.bias))
-
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, group=None, **kwargs):
-        """This rank's shard of ``linear``: its outputs equal the dense layer's (``kwargs``: the
-        layer's own options, e.g. ``gather_output``)."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group, **kwargs,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-        layer.load_dense(linear)
-        return layer
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, rank {self.rank} of {self.tp_size}, "
-                f"weight shard {tuple(self.weight.shape)}")
+def _check_dense(layer: str, linear) -> None:
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{layer} cuts a dense nn.Linear, got {type(linear).__name__}")
 
 
 def _check_divisible(name: str, value: int, by: int, what: str) -> None:
@@ -210,57 +201,80 @@ def _check_divisible(name: str, value: int, by: int, what: str) -> None:
         raise ValueError(f"{name}={value} is not divisible by {what}={by}: each rank needs an equal slice")
 
 
+class _ParallelLinear(nn.Module):
+    """What both layers share: built from a dense ``nn.Linear`` that every rank holds (the same seed:
+    Megatron's "master weight"), each rank keeps its :meth:`shard` of the weight, and of the bias where
+    the bias is cut. Its outputs then equal the dense layer's."""
+
+    shards_bias = True
+
+    def __init__(self, linear: nn.Linear, group=None):
+        super().__init__()
+        self.group = group
+        self.rank, self.tp = _rank_and_size(group)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            self.weight = nn.Parameter(self.shard(linear.weight).clone())
+            self.bias = None
+            if linear.bias is not None:
+                bias = self.shard(linear.bias) if self.shards_bias else linear.bias
+                self.bias = nn.Parameter(bias.clone())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, rank {self.rank} of {self.tp}, "
+                f"weight shard {tuple(self.weight.shape)}")
+
+
 class ColumnParallelLinear(_ParallelLinear):
-    """Y = f(X) W_rᵀ + b_r: rank r holds rows [r·out/tp, (r+1)·out/tp) of W (shape (out/tp, in)) and
-    that slice of the bias, and computes those output features. Communication: f's all-reduce of
-    dL/dX (B·T·in numbers) in backward; with ``gather_output=True`` also an all-gather of Y in forward.
+    """Y_r = f(X) W_rᵀ + b_r: rank r keeps rows [r·out/tp, (r+1)·out/tp) of the dense W (its shard has
+    shape (out/tp, in)) and that slice of the bias, and computes those output features. Communication:
+    f's all-reduce of dL/dX (B·T·in numbers) in backward; with ``gather_output=True`` also an
+    all-gather of Y in forward. Exercise 5 writes :meth:`shard` and :meth:`forward`.
 
-    ``parts``: W is that many matrices stacked (attention's c_attn: q, k and v, so 3); each is split
-    separately and this rank holds its slice of every one, stacked in the same order."""
+    ``parts``: W is that many matrices stacked (attention's c_attn: q, k and v, so 3); each is cut
+    separately and this rank keeps its slice of every one, stacked in the same order."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, group=None,
-                 gather_output: bool = False, parts: int = 1, *, device=None, dtype=None):
-        _, tp = _rank_and_size(group)
-        _check_divisible("out_features", out_features, tp * parts,
+    def __init__(self, linear: nn.Linear, group=None, gather_output: bool = False, parts: int = 1):
+        _check_dense(type(self).__name__, linear)
+        tp = _rank_and_size(group)[1]
+        _check_divisible("out_features", linear.out_features, tp * parts,
                          "the group size" if parts == 1 else f"parts × group size ({parts} × {tp})")
         if gather_output and parts > 1:
             raise ValueError("gather_output=True with parts > 1 would interleave the parts: gather each "
                              "part yourself")
-        super().__init__(in_features, out_features, group, (out_features // tp, in_features),
-                         out_features // tp if bias else None, device, dtype)
         self.gather_output, self.parts = gather_output, parts
-        self.reset_parameters()
+        super().__init__(linear, group)
 
-    def dense_shard(self, tensor: torch.Tensor) -> torch.Tensor:
+    def shard(self, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a dense (out, in) weight or (out,) bias, or of their gradients."""
-        stacked = tensor.unflatten(0, (self.parts, -1))          # (parts, out/parts, ...)
-        return _my_slice(stacked, 1, self.group).flatten(0, 1)
+        return shard_rows(tensor, self.rank, self.tp, self.parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tensor_parallel(x, self.group), self.weight, self.bias)
-        return gather_from_tensor_parallel(y, self.group) if self.gather_output else y
+        y = F.linear(CopyToParallel.apply(x, self.group), self.weight, self.bias)
+        return GatherFromParallel.apply(y, self.group) if self.gather_output else y
 
 
 class RowParallelLinear(_ParallelLinear):
-    """Y = g(X_r W_rᵀ) + b: rank r holds columns [r·in/tp, (r+1)·in/tp) of W (shape (out, in/tp)) and
-    takes X_r, its slice of the input's last dimension (what a ColumnParallelLinear outputs). The
-    partial products are summed by g's all-reduce (B·T·out numbers) in forward. The bias is whole on
-    every rank and added once, after the sum; its gradient is then the same on every rank."""
+    """Y = g(X_r W_rᵀ) + b: rank r keeps columns [r·in/tp, (r+1)·in/tp) of the dense W (shape
+    (out, in/tp)) and takes X_r, its slice of the input's last dimension (what a ColumnParallelLinear
+    outputs). The partial products are summed by g's all-reduce (B·T·out numbers) in forward. The bias
+    is whole on every rank and added once, after the sum; its gradient is then the same on every rank.
+    Exercise 5 writes :meth:`shard` and :meth:`forward`."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, group=None, *,
-                 device=None, dtype=None):
-        _, tp = _rank_and_size(group)
-        _check_divisible("in_features", in_features, tp, "the group size")
-        super().__init__(in_features, out_features, group, (out_features, in_features // tp),
-                         out_features if bias else None, device, dtype)
-        self.reset_parameters()
+    shards_bias = False
 
-    def dense_shard(self, tensor: torch.Tensor) -> torch.Tensor:
+    def __init__(self, linear: nn.Linear, group=None):
+        _check_dense(type(self).__name__, linear)
+        _check_divisible("in_features", linear.in_features, _rank_and_size(group)[1], "the group size")
+        super().__init__(linear, group)
+
+    def shard(self, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's columns of a dense (out, in) weight; a (out,) bias is replicated: all of it."""
-        return _my_slice(tensor, 1, self.group) if tensor.dim() == 2 else tensor
+        return shard_columns(tensor, self.rank, self.tp) if tensor.dim() == 2 else tensor
 
     def forward(self, x_r: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tensor_parallel(F.linear(x_r, self.weight), self.group)
+        y = ReduceFromParallel.apply(F.linear(x_r, self.weight), self.group)
         return y + self.bias if self.bias is not None else y
 
 
@@ -278,8 +292,7 @@ class ParallelMLP(nn.Module):
 
     @classmethod
     def from_dense(cls, mlp, group=None) -> "ParallelMLP":
-        return cls(ColumnParallelLinear.from_dense(mlp.c_fc, group),
-                   RowParallelLinear.from_dense(mlp.c_proj, group), mlp.dropout.p)
+        return cls(ColumnParallelLinear(mlp.c_fc, group), RowParallelLinear(mlp.c_proj, group), mlp.dropout.p)
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
@@ -294,8 +307,8 @@ class ParallelSelfAttention(nn.Module):
     def __init__(self, c_attn: ColumnParallelLinear, c_proj: RowParallelLinear, n_head: int,
                  mask: torch.Tensor, flash: bool = False, dropout: float = 0.0):
         super().__init__()
-        _check_divisible("n_head", n_head, c_attn.tp_size, "the group size")
-        self.n_head = n_head // c_attn.tp_size            # this rank's heads
+        _check_divisible("n_head", n_head, c_attn.tp, "the group size")
+        self.n_head = n_head // c_attn.tp                 # this rank's heads
         self.head_size = c_attn.in_features // n_head
         self.c_attn, self.c_proj, self.flash = c_attn, c_proj, flash
         self.attn_dropout, self.resid_dropout = nn.Dropout(dropout), nn.Dropout(dropout)
@@ -304,9 +317,8 @@ class ParallelSelfAttention(nn.Module):
     @classmethod
     def from_dense(cls, attn, group=None) -> "ParallelSelfAttention":
         _check_divisible("n_head", attn.n_head, _rank_and_size(group)[1], "the group size")
-        return cls(ColumnParallelLinear.from_dense(attn.c_attn, group, parts=3),
-                   RowParallelLinear.from_dense(attn.c_proj, group), attn.n_head, attn.mask.clone(),
-                   attn.flash, attn.attn_dropout.p)
+        return cls(ColumnParallelLinear(attn.c_attn, group, parts=3), RowParallelLinear(attn.c_proj, group),
+                   attn.n_head, attn.mask.clone(), attn.flash, attn.attn_dropout.p)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -362,7 +374,7 @@ def shard_like(parallel_model: nn.Module, dense_tensors: dict) -> dict:
             full = f"{module_name}.{name}" if module_name else name
             if full in dense_tensors:
                 tensor = dense_tensors[full]
-                shards[full] = module.dense_shard(tensor) if isinstance(module, _ParallelLinear) else tensor
+                shards[full] = module.shard(tensor) if isinstance(module, _ParallelLinear) else tensor
     return shards
 
 

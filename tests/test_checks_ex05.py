@@ -64,11 +64,11 @@ def test_the_solution_passes_every_check(capsys):
         "of 4 processes: f's forward is the identity and its backward sums the ranks' gradients, g's forward sums "
         "and its backward is the identity; one all-reduce each, in the right direction; the incoming gradient and "
         "the input left as they were",
-        "✓ ColumnParallelLinear is correct on 1, 2, 3 and 4 processes: rank r keeps rows [r·out/tp, (r+1)·out/tp) "
-        "of W and b; its output features, the input gradient (one all-reduce, in backward) and the weight and bias "
+        "✓ ColumnParallelLinear is correct on 1, 2, 3 and 4 processes (the shards also in groups of 2 of 4 processes): "
+        "rank r keeps rows [r·out/tp, (r+1)·out/tp) of W and b; its output features, the input gradient (one all-reduce, in backward) and the weight and bias "
         "gradients equal the dense nn.Linear's, sliced the same way",
-        "✓ RowParallelLinear is correct on 1, 2, 3 and 4 processes: rank r keeps columns [r·in/tp, (r+1)·in/tp) of "
-        "W and the whole bias, added once after the sum; the output (one all-reduce, in forward), the input slice's "
+        "✓ RowParallelLinear is correct on 1, 2, 3 and 4 processes (the shards also in groups of 2 of 4 processes): "
+        "rank r keeps columns [r·in/tp, (r+1)·in/tp) of W and the whole bias, added once after the sum; the output (one all-reduce, in forward), the input slice's "
         "gradient and the weight and bias gradients equal the dense nn.Linear's, sliced the same way",
         "✓ ColumnParallelLinear → GELU → RowParallelLinear equals the dense MLP on 1, 2, 3 and 4 processes (and in "
         "tensor-parallel groups of 2 on 4 processes): the output, the input gradient and every weight and bias "
@@ -435,6 +435,34 @@ def test_wrong_layers_are_named(check, args, expected):
 def test_layers_with_a_wrong_f_or_g_name_its_mistake(check, names, replace, expected):
     namespace = _namespace(**replace)
     assert_rejected(check, tuple(namespace[n] for n in names), expected)
+
+
+def test_a_shard_by_the_world_rank_is_named_in_groups_of_two():
+    """A real student's mistake: dist.get_rank() in shard, right as long as the group is the world."""
+    class ColumnWorldRank(ColumnParallelLinear):
+        def shard(self, tensor):
+            step = tensor.shape[0] // self.tp
+            return tensor[dist.get_rank() * step:(dist.get_rank() + 1) * step]
+
+    class RowWorldRank(RowParallelLinear):
+        def shard(self, weight):
+            step = weight.shape[1] // self.tp
+            return weight[:, dist.get_rank() * step:(dist.get_rank() + 1) * step]
+
+    for check, cls in ((check_column_parallel, ColumnWorldRank), (check_row_parallel, RowWorldRank)):
+        assert_rejected(check, (cls,), [
+            f"{cls.__name__} is wrong on 4 processes in tensor-parallel groups of 2",
+            "Rank 2 of the world is rank 0 of its group: a shard is cut by the rank in the group, self.rank"])
+
+
+def test_a_layer_that_is_not_labkits_subclass_is_refused():
+    class OwnColumn(torch.nn.Module):
+        def __init__(self, linear, group=None):
+            super().__init__()
+
+    with pytest.raises(CheckFailed, match=r"OwnColumn must be a subclass of labkit's layer, as in the notebook: "
+                                          r"class OwnColumn\(labkit.tensor_parallel.ColumnParallelLinear\)"):
+        check_column_parallel(OwnColumn)
 
 
 def test_layers_that_drop_their_group_are_named_in_groups_of_two():

@@ -87,11 +87,11 @@ def check_linear(errors, kind, bias, gather_output=False, parts=1):
 
     key = f"{kind}(bias={bias}, gather={gather_output}, parts={parts})"
     if kind == "column":
-        layer = ColumnParallelLinear.from_dense(dense, gather_output=gather_output, parts=parts)
+        layer = ColumnParallelLinear(dense, gather_output=gather_output, parts=parts)
         x_in = x.detach().clone().requires_grad_()
         expected_x_grad = x.grad                          # f's backward sums the ranks' contributions
     else:
-        layer = RowParallelLinear.from_dense(dense)
+        layer = RowParallelLinear(dense)
         cols = slice(rank * in_f // n, (rank + 1) * in_f // n)
         x_in = x.detach()[..., cols].clone().requires_grad_()   # the row layer takes its slice of x
         expected_x_grad = x.grad[..., cols]
@@ -100,7 +100,7 @@ def check_linear(errors, kind, bias, gather_output=False, parts=1):
         """A dense (..., out) tensor as this rank's output: its columns, unless the output is whole."""
         if kind == "row" or gather_output:
             return t
-        return layer.dense_shard(t.movedim(-1, 0)).movedim(0, -1)
+        return layer.shard(t.movedim(-1, 0)).movedim(0, -1)
 
     y = layer(x_in)
     errors[f"{key}: output"] = diff(y, as_output(y_dense))
@@ -179,8 +179,8 @@ def check_errors():
     """Dimensions that do not divide: a ValueError naming the dimension, raised before any collective."""
     n = dist.get_world_size()
     messages = []
-    attempts = [lambda: ColumnParallelLinear(4, n + 1), lambda: RowParallelLinear(n + 1, 4),
-                lambda: ColumnParallelLinear(4, 3 * n * 2, parts=3, gather_output=True)]
+    attempts = [lambda: ColumnParallelLinear(nn.Linear(4, n + 1)), lambda: RowParallelLinear(nn.Linear(n + 1, 4)),
+                lambda: ColumnParallelLinear(nn.Linear(4, 3 * n * 2), parts=3, gather_output=True)]
     n_head = 4 if n == 3 else 3
     attn = GPT(GPTConfig(vocab_size=VOCAB, n_head=n_head, n_embd=12 * n_head, block_size=T)).blocks[0].attn
     attempts.append(lambda: ParallelSelfAttention.from_dense(attn))
@@ -278,8 +278,9 @@ def test_without_a_process_group_the_layers_are_the_dense_ones():
     with count_communication() as log:
         assert torch.equal(parallel(idx, targets)[0], dense(idx, targets)[0])
     assert log == []
-    torch.manual_seed(3)
-    layer = ColumnParallelLinear(3, 4, dtype=torch.float64)
-    torch.manual_seed(3)
-    reference = nn.Linear(3, 4, dtype=torch.float64)      # the same initialisation as nn.Linear
+    reference = nn.Linear(3, 4, dtype=torch.float64)
+    layer, row = ColumnParallelLinear(reference), RowParallelLinear(reference)   # one rank: all of it
     assert torch.equal(layer.weight, reference.weight) and torch.equal(layer.bias, reference.bias)
+    assert torch.equal(row.weight, reference.weight) and torch.equal(row.bias, reference.bias)
+    with pytest.raises(TypeError, match="ColumnParallelLinear cuts a dense nn.Linear, got Conv1d"):
+        ColumnParallelLinear(nn.Conv1d(3, 4, 1))

@@ -10,10 +10,13 @@ mistake when it is not.
 
 What the student writes. ``f`` and ``g`` are ``torch.autograd.Function`` subclasses called as
 ``f.apply(x, group)``: f's forward is the identity and its backward all-reduces (sums) the gradient over
-``group``; g's forward all-reduces (sums) and its backward is the identity. The layers are built from a dense
-``nn.Linear`` that every rank holds: ``cls(linear, group)``, whose ``__init__`` (given in the notebook) calls
-the student's ``shard(tensor)`` to keep this rank's part of the weight (and, for the column layer, of the
-bias), and whose ``forward`` the student writes with f and g. The layers call the student's own f and g.
+``group``; g's forward all-reduces (sums) and its backward is the identity. The layers subclass labkit's
+(:class:`labkit.tensor_parallel.ColumnParallelLinear`, :class:`~labkit.tensor_parallel.RowParallelLinear`):
+``cls(linear, group)`` is labkit's ``__init__``, which calls the student's ``shard(tensor)`` to keep this rank's
+part of the dense weight (and, for the column layer, of the bias); the student writes ``shard`` and ``forward``
+(with their own f and g). labkit's own classes are the reference: a forward is checked with labkit's shards, a
+shard with labkit's ``__init__``, and the expected shards are :func:`~labkit.tensor_parallel.shard_rows` and
+:func:`~labkit.tensor_parallel.shard_columns`; on 4 processes the layers are also built in groups of 2.
 
 What runs. Every check runs on 3, 2, 4 and 1 real processes (:data:`WORLD_SIZES`, one launch each, stopping
 at the first world size with a problem), in float64, against the dense computation: an ``nn.Linear`` or a
@@ -45,7 +48,8 @@ from torch import nn
 from labkit import comm
 from labkit.checks import (CheckFailed, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, passed, run_on_ranks,
                            student_traceback, time_limit, time_limit_paused)
-from labkit.tensor_parallel import grid_groups
+from labkit.tensor_parallel import (ColumnParallelLinear, CopyToParallel, ReduceFromParallel, RowParallelLinear,
+                                    grid_groups, shard_columns, shard_rows)
 
 __all__ = ["check_f_and_g", "check_column_parallel", "check_row_parallel", "check_parallel_mlp", "WORLD_SIZES"]
 
@@ -183,39 +187,18 @@ def _repr_nie(e) -> str:
     return f"NotImplementedError({str(e)!r})" if str(e) else "NotImplementedError"
 
 
-def _identity_forward(ctx, x, group):
-    ctx.group = group
-    return x
-
-
-def _sum_forward(ctx, x, group):
-    ctx.group = group
-    total = x.clone()
-    dist.all_reduce(total, group=group)
-    return total
-
-
 def _with_forward(cls, forward):
     """``cls``'s backward behind labkit's ``forward``."""
     return type(cls.__name__, (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(cls.backward)})
 
 
+_LABKIT = {"column": ColumnParallelLinear, "row": RowParallelLinear}
+
+
 def _bare(cls, dense: nn.Linear, group, kind: str):
     """An instance of the student's layer with labkit's shards, without calling the student's ``shard``."""
-    layer = cls.__new__(cls)
-    nn.Module.__init__(layer)
-    rank, tp = dist.get_rank(group), dist.get_world_size(group)
-    layer.group, layer.rank, layer.tp = group, rank, tp
-    layer.in_features, layer.out_features = dense.in_features, dense.out_features
-    W, b = dense.weight.detach(), dense.bias.detach()
-    if kind == "column":
-        rows = slice(rank * W.shape[0] // tp, (rank + 1) * W.shape[0] // tp)
-        layer.weight, layer.bias = nn.Parameter(W[rows].clone()), nn.Parameter(b[rows].clone())
-    else:
-        cols = slice(rank * W.shape[1] // tp, (rank + 1) * W.shape[1] // tp)
-        layer.weight, layer.bias = nn.Parameter(W[:, cols].clone()), nn.Parameter(b.clone())
-    return layer
+    return type(cls.__name__, (cls,), {"shard": _LABKIT[kind].shard})(dense, group)
 
 
 def _layer_probes(cls, dense, group, kind: str, x):
@@ -234,11 +217,12 @@ def _f_and_g_worker(f_cls, g_cls, seconds: float) -> list:
         x = _randn(4, 6, seed=1)
         probes = [("5a", f"{f_cls.__name__}.forward", lambda: f_cls.apply(x.clone().requires_grad_(), group)),
                   ("5b", f"{f_cls.__name__}.backward",
-                   lambda: _with_forward(f_cls, _identity_forward).apply(x.clone().requires_grad_(), group).sum()
+                   lambda: _with_forward(f_cls, CopyToParallel.forward).apply(x.clone().requires_grad_(), group).sum()
                    .backward()),
                   ("5c", f"{g_cls.__name__}.forward", lambda: g_cls.apply(x.clone().requires_grad_(), group)),
                   ("5d", f"{g_cls.__name__}.backward",
-                   lambda: _with_forward(g_cls, _sum_forward).apply(x.clone().requires_grad_(), group).sum()
+                   lambda: _with_forward(g_cls, ReduceFromParallel.forward).apply(x.clone().requires_grad_(), group)
+                   .sum()
                    .backward())]
         try:
             cases.append(_f_and_g_case(f_cls, g_cls, group, members, grouped, seconds))
@@ -315,7 +299,7 @@ def _build(cls, dense, group, kind: str, seconds: float) -> dict:
         rec["error"] = (type(err).__name__, str(err), student_traceback(traceback.format_exc()))
         try:
             with _student(seconds, f"{cls.__name__}.shard(linear.weight)"):
-                rec["weight"] = _keep(_bare(cls, dense, group, kind).shard(dense.weight.detach()))
+                rec["weight"] = _keep(cls.shard(_bare(cls, dense, group, kind), dense.weight.detach()))
         except Exception:  # noqa: BLE001
             rec["weight"] = None
         rec["bias"] = None
@@ -331,11 +315,10 @@ def _shards_ok(rec, W, b, kind: str, group) -> bool:
 
 
 def _want_shards(W, b, kind: str, r: int, tp: int):
+    """labkit's shards of rank r of tp."""
     if kind == "column":
-        rows = slice(r * W.shape[0] // tp, (r + 1) * W.shape[0] // tp)
-        return W[rows], b[rows]
-    cols = slice(r * W.shape[1] // tp, (r + 1) * W.shape[1] // tp)
-    return W[:, cols], b
+        return shard_rows(W, r, tp), shard_rows(b, r, tp)
+    return shard_columns(W, r, tp), b
 
 
 def _params(layer) -> dict:
@@ -374,6 +357,10 @@ def _layer_worker(cls, kind: str, seconds: float) -> dict:
                 y.backward(dy.clone())
             rec.update(x_grad=_keep(x_in.grad), grads={n: _keep(None if p is None else p.grad)
                                                        for n, p in _params(layer).items()})
+        if N == 4:  # the same layer in groups of 2: the shard is the group's (self.rank), not the world's
+            group, _, r = _groups(N, True)
+            built = _build(cls, dense, group, kind, seconds)
+            rec["group_shard"] = dict(rank=r, weight=built["weight"], bias=built["bias"], error=built["error"])
         return rec
     except NotImplementedError as err:
         raise _not_written(_layer_probes(cls, dense, None, kind, x_in.detach().clone()), err) from None
@@ -793,7 +780,23 @@ def _column_problem(name: str, N: int, recs: list) -> str | None:
             return (f"{text}; y is the whole output of the dense layer: a ColumnParallelLinear returns its own "
                     f"out/tp output features, which is what a RowParallelLinear takes (no gather).")
         return text + "."
-    return _layer_grads_problem(head, name, "column", N, recs)
+    return _layer_grads_problem(head, name, "column", N, recs) or _group_shard_problem(name, "column", N, recs)
+
+
+def _group_shard_problem(name: str, kind: str, N: int, recs: list) -> str | None:
+    """On 4 processes the layer is also built in tensor-parallel groups of 2: each rank keeps the shard of its
+    rank in the group (what labkit's __init__ sets as self.rank), not of its rank in the world."""
+    W, b = recs[0]["W"], recs[0]["b"]
+    for rec in recs:
+        g = rec.get("group_shard")
+        if g is None:
+            continue
+        problem = _shard_problem(_head(name, N, True), name, kind, g, W, b, g["rank"], 2)
+        if problem:
+            return (f"{problem} (Rank {rec['rank']} of the world is rank {g['rank']} of its group: a shard is cut "
+                    f"by the rank in the group, self.rank, which labkit's __init__ sets with "
+                    f"dist.get_rank(group); dist.get_rank() is the rank in the world.)")
+    return None
 
 
 def _row_problem(name: str, N: int, recs: list) -> str | None:
@@ -815,7 +818,7 @@ def _row_problem(name: str, N: int, recs: list) -> str | None:
                 f"slice of the input: " + _differs("y", want, got) + " (the dense layer's output, x Wᵀ + b)")
         problem = _reduced_output_problem(text, got, want, partial, b, r, N, rec["calls"])
         return problem or text + "."
-    return _layer_grads_problem(head, name, "row", N, recs)
+    return _layer_grads_problem(head, name, "row", N, recs) or _group_shard_problem(name, "row", N, recs)
 
 
 def _reduced_output_problem(text: str, got, want, partial: list, b, r: int, N: int, calls) -> str | None:
@@ -1032,9 +1035,13 @@ def _need_class(cls, what: str, base=None) -> None:
     __tracebackhide__ = True
     if not isinstance(cls, type):
         fail(f"pass your class itself ({what}), not a {type(cls).__name__} object")
-    if base is not None and not issubclass(cls, base):
+    if base is torch.autograd.Function and not issubclass(cls, base):
         fail(f"{cls.__name__} must be a subclass of torch.autograd.Function (class {cls.__name__}("
              f"torch.autograd.Function): ...), called as {cls.__name__}.apply(x, group)")
+    if base in _LABKIT.values() and not issubclass(cls, base):
+        fail(f"{cls.__name__} must be a subclass of labkit's layer, as in the notebook: class {cls.__name__}("
+             f"labkit.tensor_parallel.{base.__name__}), whose __init__ calls your shard (the check runs your "
+             f"forward with labkit's shards, and your shard with labkit's __init__)")
 
 
 def check_f_and_g(copy_to_parallel, reduce_from_parallel, *, world_sizes=WORLD_SIZES, timeout: float = 10.0) -> None:
@@ -1071,14 +1078,15 @@ def check_column_parallel(cls, *, world_sizes=WORLD_SIZES, timeout: float = 10.0
     output slice, x.grad (the whole input's gradient, summed by f's backward) and the weight and bias gradients
     (the dense gradients' rows) are compared with the dense layer's. One all-reduce, in backward."""
     __tracebackhide__ = True
-    _need_class(cls, "check_column_parallel(ColumnParallelLinear)")
+    _need_class(cls, "check_column_parallel(ColumnParallelLinear)", ColumnParallelLinear)
     for N in world_sizes:
         records = run_on_ranks(_layer_worker, cls, "column", 0.6 * timeout, world_size=N, timeout=timeout,
                                name=cls.__name__, task="5e-5f", device="cpu")
         problem = _column_problem(cls.__name__, N, records)
         if problem:
             fail(problem)
-    passed(f"{cls.__name__} is correct on {_sizes(world_sizes)}: rank r keeps rows [r·out/tp, (r+1)·out/tp) of W "
+    grouped = " (the shards also in groups of 2 of 4 processes)" if 4 in world_sizes else ""
+    passed(f"{cls.__name__} is correct on {_sizes(world_sizes)}{grouped}: rank r keeps rows [r·out/tp, (r+1)·out/tp) of W "
            f"and b; its output features, the input gradient (one all-reduce, in backward) and the weight and bias "
            f"gradients equal the dense nn.Linear's, sliced the same way")
 
@@ -1091,14 +1099,15 @@ def check_row_parallel(cls, *, world_sizes=WORLD_SIZES, timeout: float = 10.0) -
     input; the shards, the output (whole on every rank), x_r.grad and the weight and bias gradients are compared
     with the dense layer's. One all-reduce, in forward."""
     __tracebackhide__ = True
-    _need_class(cls, "check_row_parallel(RowParallelLinear)")
+    _need_class(cls, "check_row_parallel(RowParallelLinear)", RowParallelLinear)
     for N in world_sizes:
         records = run_on_ranks(_layer_worker, cls, "row", 0.6 * timeout, world_size=N, timeout=timeout,
                                name=cls.__name__, task="5g-5h", device="cpu")
         problem = _row_problem(cls.__name__, N, records)
         if problem:
             fail(problem)
-    passed(f"{cls.__name__} is correct on {_sizes(world_sizes)}: rank r keeps columns [r·in/tp, (r+1)·in/tp) of W "
+    grouped = " (the shards also in groups of 2 of 4 processes)" if 4 in world_sizes else ""
+    passed(f"{cls.__name__} is correct on {_sizes(world_sizes)}{grouped}: rank r keeps columns [r·in/tp, (r+1)·in/tp) of W "
            f"and the whole bias, added once after the sum; the output (one all-reduce, in forward), the input "
            f"slice's gradient and the weight and bias gradients equal the dense nn.Linear's, sliced the same way")
 
@@ -1110,8 +1119,8 @@ def check_parallel_mlp(column_cls, row_cls, *, world_sizes=WORLD_SIZES, timeout:
     the dense gradients' slices); exactly one all-reduce in forward and one in backward. On 4 processes also in
     two tensor-parallel groups of 2, each with its own data (``group`` must reach f and g)."""
     __tracebackhide__ = True
-    _need_class(column_cls, "check_parallel_mlp(ColumnParallelLinear, RowParallelLinear)")
-    _need_class(row_cls, "check_parallel_mlp(ColumnParallelLinear, RowParallelLinear)")
+    _need_class(column_cls, "check_parallel_mlp(ColumnParallelLinear, RowParallelLinear)", ColumnParallelLinear)
+    _need_class(row_cls, "check_parallel_mlp(ColumnParallelLinear, RowParallelLinear)", RowParallelLinear)
     names = (column_cls.__name__, row_cls.__name__)
     for N in world_sizes:
         records = run_on_ranks(_mlp_worker, column_cls, row_cls, 0.6 * timeout, world_size=N, timeout=timeout,

@@ -24,8 +24,8 @@ and hands the server its ``shard``). Every step, in this fixed order:
 What runs. Every check runs on :data:`CONFIGS` (W workers, S servers) = (3, 2), (2, 1), (4, 1), (3, 3), one
 launch of S + W real processes each, stopping at the first configuration with a problem: a float64 MLP of 23
 parameters (4 → 3 → 2, tanh), trained :data:`STEPS` steps with SGD. :func:`check_server` runs the student's
-server with labkit's workers (:func:`reference_worker`), :func:`check_worker` the student's worker with labkit's
-servers (:func:`reference_server`). The reference is data-parallel SGD with all-reduce, computed here in one
+server with labkit's workers (:func:`labkit.param_server.run_worker`), :func:`check_worker` the student's worker
+with labkit's servers (:func:`labkit.param_server.run_server`). The reference is data-parallel SGD with all-reduce, computed here in one
 process: θ_{t+1} = θ_t − lr · (1/W) Σ_w ∇L_w(θ_t), the mean of the W workers' batch gradients.
 
 How the mistakes are found: ``dist.send``, ``dist.recv``, ``dist.isend`` and ``dist.irecv`` are replaced, in the
@@ -66,10 +66,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from labkit import comm
 from labkit.checks import CheckFailed, fail, first_mismatch, fmt_number, fmt_pair, passed, run_on_ranks
+from labkit.param_server import run_server as labkit_server
+from labkit.param_server import run_worker as labkit_worker
 from labkit.param_server import shard_bounds
 
-__all__ = ["check_server", "check_worker", "check_parameter_server", "reference_server", "reference_worker",
+__all__ = ["check_server", "check_worker", "check_parameter_server",
            "make_model", "make_batches", "sync_sgd", "CONFIGS", "STEPS", "LR"]
 
 # (workers W, servers S). (3, 2) first: its messages read best (a factor 3 is unmistakable, 23 parameters do not
@@ -145,33 +148,6 @@ def sync_sgd(workers: int, steps: int = STEPS, lr: float = LR) -> list:
         mean = torch.stack([grad(w, step, thetas[-1]) for w in range(workers)]).mean(dim=0)
         thetas.append(thetas[-1] - lr * mean)
     return thetas
-
-
-def reference_server(shard, server, servers, workers, steps, lr):
-    """labkit's server loop (the solution of 7a): the other side of :func:`check_worker`."""
-    for step in range(steps):
-        for w in range(workers):
-            dist.send(shard, dst=servers + w)
-        grads = [torch.empty_like(shard) for _ in range(workers)]
-        for w in range(workers):
-            dist.recv(grads[w], src=servers + w)
-        shard -= lr * torch.stack(grads).mean(dim=0)
-    return shard
-
-
-def reference_worker(model, batches, worker, servers):
-    """labkit's worker loop (the solution of 7b): the other side of :func:`check_server`."""
-    flat = _flat(model)
-    bounds = shard_bounds(flat.numel(), servers)
-    for x, y in batches:
-        for s, (a, b) in enumerate(bounds):
-            dist.recv(flat[a:b], src=s)
-        _set_flat(model, flat)
-        model.zero_grad()
-        F.mse_loss(model(x), y).backward()
-        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-        for s, (a, b) in enumerate(bounds):
-            dist.send(grad[a:b], dst=s)
 
 
 # ============================================================================================
@@ -250,14 +226,20 @@ class _Comm:
 
     @contextmanager
     def installed(self):
+        """The student calls torch.distributed's send and recv; labkit's side of a check (run_server,
+        run_worker) calls labkit.comm's: both go through this rank's checked versions."""
         names = ("send", "recv", "isend", "irecv")
         self.real = {n: getattr(dist, n) for n in names}
-        dist.send, dist.recv, dist.isend, dist.irecv = self.send, self.recv, self.isend, self.irecv
+        labkit_comm = {n: getattr(comm, n) for n in names}
+        for n in names:
+            setattr(dist, n, getattr(self, n))
+            setattr(comm, n, getattr(self, n))
         try:
             yield self
         finally:
             for n in names:
                 setattr(dist, n, self.real[n])
+                setattr(comm, n, labkit_comm[n])
 
     # --- checks before a message goes -------------------------------------------------------------------
 
@@ -883,13 +865,13 @@ def _success(configs) -> str:
 
 def check_server(run_server, *, configs=CONFIGS, timeout: float = 10.0) -> None:
     """Check exercise 7a: ``run_server(shard, server, servers, workers, steps, lr)`` with labkit's workers
-    (:func:`reference_worker`), on every configuration (W, S) of ``configs``."""
+    (:func:`labkit.param_server.run_worker`), on every configuration (W, S) of ``configs``."""
     __tracebackhide__ = True
     _need_function(run_server, "check_server(run_server)")
     name = getattr(run_server, "__name__", "run_server")
     names = {"server": name, "worker": "labkit's worker"}
     for workers, servers in configs:
-        problem = _run_config(run_server, reference_worker, workers, servers, timeout, name, "7a", names)
+        problem = _run_config(run_server, labkit_worker, workers, servers, timeout, name, "7a", names)
         if problem:
             fail(f"{name} (with labkit's workers) is wrong {problem}")
     passed(f"{name} is correct with labkit's workers " + _success(configs))
@@ -897,13 +879,13 @@ def check_server(run_server, *, configs=CONFIGS, timeout: float = 10.0) -> None:
 
 def check_worker(run_worker, *, configs=CONFIGS, timeout: float = 10.0) -> None:
     """Check exercise 7b: ``run_worker(model, batches, worker, servers)`` with labkit's servers
-    (:func:`reference_server`), on every configuration (W, S) of ``configs``."""
+    (:func:`labkit.param_server.run_server`), on every configuration (W, S) of ``configs``."""
     __tracebackhide__ = True
     _need_function(run_worker, "check_worker(run_worker)")
     name = getattr(run_worker, "__name__", "run_worker")
     names = {"server": "labkit's server", "worker": name}
     for workers, servers in configs:
-        problem = _run_config(reference_server, run_worker, workers, servers, timeout, name, "7b", names)
+        problem = _run_config(labkit_server, run_worker, workers, servers, timeout, name, "7b", names)
         if problem:
             fail(f"{name} (with labkit's servers) is wrong {problem}")
     passed(f"{name} is correct with labkit's servers " + _success(configs))
