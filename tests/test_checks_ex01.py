@@ -144,7 +144,7 @@ def test_reference_passes_on_the_default_world_sizes(capsys):
                        "Use dist.all_reduce"]),
     (wrong_divisor, ["divided by the wrong number: got 1.5× the expected mean",
                      "the sum divided by 2 instead of by the world size N = 3"]),
-    (returns_new_tensors, ["returned a list of 4 item(s) and left every p.grad unchanged",
+    (returns_new_tensors, ["returned a list of 4 items and left every p.grad unchanged",
                            "what you returned are the right averages", "in place"]),
     (replaces_grad, ["the values are right, but not in place: on rank 0 parameter 'layer.weight' has a new .grad tensor",
                      "p.grad /= world_size"]),

@@ -437,6 +437,49 @@ def test_layers_with_a_wrong_f_or_g_name_its_mistake(check, names, replace, expe
     assert_rejected(check, tuple(namespace[n] for n in names), expected)
 
 
+class FGathers(torch.autograd.Function):
+    """A valid f: its backward all-gathers the ranks' gradients and sums them (an all-reduce in two steps)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(ctx.group))]
+        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
+        return torch.stack(parts).sum(dim=0), None
+
+
+class GGathers(torch.autograd.Function):
+    """A valid g: its forward all-gathers the partial sums and adds them up."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.stack(parts).sum(dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def test_f_and_g_written_with_all_gather_pass_every_check_and_are_not_called_all_reduces(capsys):
+    """Behaviour, not call names: all-gather + sum is an all-reduce; the ✓ lines say "collective"."""
+    namespace = _namespace(CopyToParallel=FGathers, ReduceFromParallel=GGathers)
+    column, row = namespace["ColumnParallelLinear"], namespace["RowParallelLinear"]
+    check_f_and_g(FGathers, GGathers, world_sizes=(3, 4))
+    check_column_parallel(column, world_sizes=(3,))
+    check_row_parallel(row, world_sizes=(3,))
+    check_parallel_mlp(column, row, world_sizes=(3,))
+    out = capsys.readouterr().out
+    assert out.count("✓") == 4 and "all-reduce" not in out, out
+    assert "one collective each, in the right direction" in out
+    assert "the input gradient (one collective, in backward)" in out
+
+
 def test_a_shard_by_the_world_rank_is_named_in_groups_of_two():
     """A real student's mistake: dist.get_rank() in shard, right as long as the group is the world."""
     class ColumnWorldRank(ColumnParallelLinear):

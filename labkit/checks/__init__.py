@@ -25,7 +25,7 @@ import torch
 
 from labkit.launcher import WorkerError, launch
 
-__all__ = ["CheckFailed", "fail", "passed", "fmt_number", "fmt_pair", "fmt_index", "fmt_list",
+__all__ = ["CheckFailed", "fail", "passed", "describe", "fmt_number", "fmt_pair", "fmt_index", "fmt_list",
            "call_repr", "first_mismatch", "expected_got", "student_traceback", "run_on_ranks", "time_limit",
            "time_limit_paused"]
 
@@ -62,6 +62,21 @@ def fmt_number(x: Any, digits: int = 6) -> str:
     if x == int(x) and abs(x) < 1e15:
         return str(int(x))
     return f"{x:.{digits}g}"
+
+
+def describe(x: Any) -> str:
+    """What a student's function gave, in a few words: None, a tensor of shape (2, 3), a list, [1, 2] (or a
+    list of 12 items when long), a dict of 3 items, a float (0.5)."""
+    if x is None:
+        return "None"
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    if isinstance(x, (list, tuple)):
+        shown = repr(x)
+        return f"a {type(x).__name__}, {shown}" if len(shown) <= 40 else f"a {type(x).__name__} of {len(x)} items"
+    if isinstance(x, dict):
+        return f"a dict of {len(x)} items"
+    return f"a {type(x).__name__} ({x!r:.60})"
 
 
 def fmt_pair(expected: Any, got: Any) -> tuple[str, str]:

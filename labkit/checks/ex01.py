@@ -18,7 +18,7 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
-from labkit.checks import (CheckFailed, call_repr, expected_got, fail, first_mismatch, fmt_index, fmt_list,
+from labkit.checks import (CheckFailed, call_repr, describe, expected_got, fail, first_mismatch, fmt_index, fmt_list,
                            fmt_number, passed, run_on_ranks)
 
 __all__ = ["check_average_gradients", "check_shard_indices"]
@@ -222,7 +222,7 @@ def _diagnose_average(world_size: int, reports: list[dict]) -> str | None:
         returned = reports[0]["returned"]
         if returned is not None:
             right = _returned_the_mean(returned, mean)
-            return (f"your function returned {_describe(returned)} and left every p.grad unchanged (each rank still "
+            return (f"your function returned {describe(returned)} and left every p.grad unchanged (each rank still "
                     f"holds its own gradient{'; what you returned are the right averages' if right else ''}). "
                     f"Write the average into p.grad, in place, and return nothing: the optimizer reads p.grad.")
         return (f"no communication: on every rank .grad is still that rank's own gradient ({example}; "
@@ -326,15 +326,6 @@ def _all_close(values) -> bool:
     return bool(values) and max(values) - min(values) <= _RTOL * max(abs(v) for v in values)
 
 
-def _describe(returned) -> str:
-    if isinstance(returned, torch.Tensor):
-        return f"a tensor of shape {tuple(returned.shape)}"
-    if isinstance(returned, list):
-        return f"a list of {len(returned)} item(s)"
-    if isinstance(returned, dict):
-        return f"a dict of {len(returned)} item(s)"
-    return f"a value ({returned if isinstance(returned, str) else type(returned).__name__})"
-
 
 def _returned_the_mean(returned, mean: dict) -> bool:
     """Whether what the function returned contains the averaged gradients (in any container)."""
@@ -372,10 +363,11 @@ def _diagnose_probes(world_size: int, reports: list[dict]) -> str | None:
                 how = f"the gradient came back as {got.dtype}"
             else:
                 how = "the gradient is float64 again, but its digits past the 7th are gone"
+            where = expected_got(f"rank {r}, parameter {n!r}, element {fmt_index(index)}", e, g)
             return (f"the average lost precision: with gradients that need float64's digits (rank-dependent "
-                    f"parts of about 1e-9), {expected_got(f'rank {r}, parameter {n!r}, element {fmt_index(index)}', e, g)} "
-                    f"(relative error {abs(g - e) / abs(e):.1e}; {how}). That is what an all-reduce in float32 "
-                    f"(about 7 digits) or bfloat16 (about 3) leaves. All-reduce p.grad itself, in its own dtype.")
+                    f"parts of about 1e-9), {where} (relative error {abs(g - e) / abs(e):.1e}; {how}). That is "
+                    f"what an all-reduce in float32 (about 7 digits) or bfloat16 (about 3) leaves. All-reduce "
+                    f"p.grad itself, in its own dtype.")
     for r in range(N):
         unused = reports[r]["unused"]
         if "error" in unused:
@@ -389,9 +381,10 @@ def _diagnose_probes(world_size: int, reports: list[dict]) -> str | None:
         for n in names:
             got = unused["grads"][n]
             if n != _UNUSED and (got is None or not _close(got, main_mean[n])):
+                where = _where(r, n, main_mean[n], got) if got is not None else f"{n!r} has no gradient"
                 return (f"with parameter {_UNUSED!r} unused by the loss (p.grad is None), the other parameters were "
-                        f"not averaged on rank {r} ({_where(r, n, main_mean[n], got) if got is not None else 'no gradient'}). Skip only "
-                        f"the parameters whose gradient is None, and average the rest.")
+                        f"not averaged on rank {r} ({where}). Skip only the parameters whose gradient is None, "
+                        f"and average the rest.")
     return None
 
 
@@ -402,7 +395,8 @@ def check_average_gradients(student_fn, *, world_sizes=(1, 2, 3, 4), timeout: fl
     (2, 2, 2), float64) with rank-dependent known gradients, calls ``student_fn(model)``, and reports
     what its gradients became. The checker compares with the exact mean (1/N) Σ g_i and names the
     mistake. Two more calls test the other rules: gradients with parts of about 1e-9 (an average
-    computed in float32 or bfloat16 loses them), and a parameter whose gradient is None (skipped). ``timeout``: seconds a rank may wait in a collective (a rank that skips one is reported).
+    computed in float32 or bfloat16 loses them), and a parameter whose gradient is None (skipped).
+    ``timeout``: seconds a rank may wait in a collective (a rank that skips one is reported).
     """
     __tracebackhide__ = True  # IPython and pytest show the message, not the checker's frames
     name = getattr(student_fn, "__name__", "your function")

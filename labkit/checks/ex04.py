@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from labkit.checks import (CheckFailed, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, passed, run_on_ranks,
-                           time_limit)
+from labkit.checks import (CheckFailed, describe, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, passed,
+                           run_on_ranks, time_limit)
 
 __all__ = ["check_lamb", "check_adascale_gain", "lamb_variant_step", "gain_formula", "labkit_gain", "gain_cases",
            "LambVariant", "LAMB_MISTAKES", "GAIN_MISTAKES", "WORLD_SIZES"]
@@ -57,15 +57,6 @@ def _as_number(x):
         return float(x)
     return None
 
-
-def _describe(x) -> str:
-    if x is None:
-        return "None"
-    if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {tuple(x.shape)}"
-    if isinstance(x, (list, tuple)):
-        return f"a {type(x).__name__} of {len(x)} items"
-    return f"a {type(x).__name__} ({x!r:.60})"
 
 
 # ============================================================================================
@@ -246,7 +237,7 @@ def _ratios_returned(result, n: int, name: str, step: int) -> list:
     if isinstance(result, torch.Tensor) and result.dim() == 1:
         result = list(result.unbind())
     if not isinstance(result, (list, tuple)):
-        fail(f"{name} returned {_describe(result)} at step {step}: return the list of trust ratios, one number "
+        fail(f"{name} returned {describe(result)} at step {step}: return the list of trust ratios, one number "
              f"per tensor ({n} here).")
     if len(result) != n:
         fail(f"{name} returned {len(result)} trust ratios at step {step} for {n} tensors: one per tensor, in the "
@@ -254,7 +245,7 @@ def _ratios_returned(result, n: int, name: str, step: int) -> list:
     numbers = [_as_number(x) for x in result]
     for i, (x, value) in enumerate(zip(result, numbers)):
         if value is None:
-            fail(f"{name} returned {_describe(x)} as the trust ratio of {_TENSORS[i][0]!r} (item {i}) at step "
+            fail(f"{name} returned {describe(x)} as the trust ratio of {_TENSORS[i][0]!r} (item {i}) at step "
                  f"{step}: each ratio is a number (a float, or a tensor of one element).")
     return numbers
 
@@ -614,7 +605,7 @@ def _gain_worker(student_fn, name: str, seconds: float) -> list:
                                 if isinstance(exc, ZeroDivisionError) else ")"))
             raise
         records.append(dict(
-            gain=_as_number(returned), returned=_describe(returned),
+            gain=_as_number(returned), returned=describe(returned),
             originals=[t.detach().clone() for t in originals],
             listed=[t.detach().clone() if isinstance(t, torch.Tensor) else None for t in grads]))
     return records

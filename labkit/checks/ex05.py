@@ -75,30 +75,64 @@ def _linear(n_in: int, n_out: int, seed: int) -> nn.Linear:
 
 
 class _Watch:
-    """Inside ``with``: ``dist.all_reduce`` records every call (the checker's phase, the size of the group,
-    the op) and then does the all-reduce."""
+    """Inside ``with``: ``dist.all_reduce`` and the all-gathers record every call (the checker's phase, the
+    collective, the size of the group, the op) and then do it. An all-gather followed by a sum is as good as an
+    all-reduce: what is checked is that the ranks communicated, where and over which group, not which call."""
+
+    _GATHERS = ("all_gather", "all_gather_into_tensor", "all_gather_single")
 
     def __init__(self):
         self.phase = "setup"
         self.calls: list = []
-        self._original = dist.all_reduce
+        self._original = {}
+
+    def _record(self, kind: str, tensor, group, op=dist.ReduceOp.SUM) -> None:
+        self.calls.append(dict(phase=self.phase, kind=kind, numel=tensor.numel(), group=dist.get_world_size(group),
+                               sum=op == dist.ReduceOp.SUM, op=str(op)))
 
     def __call__(self, tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
-        self.calls.append(dict(phase=self.phase, numel=tensor.numel(), group=dist.get_world_size(group),
-                               sum=op == dist.ReduceOp.SUM, op=str(op)))
+        self._record("all-reduce", tensor, group, op)
         with time_limit_paused():       # waiting for a peer is not this rank's endless loop: the launch's timeout
-            return self._original(tensor, op=op, group=group, async_op=async_op)
+            return self._original["all_reduce"](tensor, op=op, group=group, async_op=async_op)
+
+    def _gather(self, name: str):
+        def watched(*args, group=None, **kwargs):
+            self._record("all-gather", args[1] if len(args) > 1 else kwargs.get("tensor"), group)
+            with time_limit_paused():
+                return self._original[name](*args, group=group, **kwargs)
+        return watched
 
     def start(self, phase: str) -> None:
         self.phase = phase
 
     def __enter__(self):
+        for name in ("all_reduce", *self._GATHERS):
+            if hasattr(dist, name):
+                self._original[name] = getattr(dist, name)
         dist.all_reduce = self
+        for name in self._GATHERS:
+            if name in self._original:
+                setattr(dist, name, self._gather(name))
         return self
 
     def __exit__(self, *exc):
-        dist.all_reduce = self._original
+        for name, fn in self._original.items():
+            setattr(dist, name, fn)
         return False
+
+
+def _collective(records) -> str:
+    """"all-reduce" when every recorded collective was one, else "collective" (for the ✓ lines)."""
+    kinds = set()
+
+    def walk(x):
+        if isinstance(x, dict):
+            kinds.update(c["kind"] for c in x.get("calls", []))
+        elif isinstance(x, list):
+            for item in x:
+                walk(item)
+    walk(records)
+    return "all-reduce" if kinds <= {"all-reduce"} else "collective"
 
 
 @contextmanager
@@ -480,8 +514,11 @@ def _phase(phase: str) -> str:
 
 
 def _calls_text(calls, phase: str) -> str:
-    n = _count(calls, phase)
-    return f"{n} all-reduce{'s' if n != 1 else ''} in {_phase(phase)}"
+    kinds = [c["kind"] for c in calls if c["phase"] == phase]
+    if not kinds or set(kinds) == {"all-reduce"}:
+        return f"{len(kinds)} all-reduce{'s' if len(kinds) != 1 else ''} in {_phase(phase)}"
+    parts = [f"{kinds.count(k)} {k}{'s' if kinds.count(k) != 1 else ''}" for k in sorted(set(kinds))]
+    return f"{' and '.join(parts)} in {_phase(phase)}"
 
 
 _F_BACKWARD = ("f's backward must all-reduce (sum) the gradient: x feeds every rank's slice of the layer, so "
@@ -509,7 +546,7 @@ def _group_problem(head: str, rec: dict) -> str | None:
     if not wrong:
         return None
     c = wrong[0]
-    return (f"{head}: on rank {rec['world_rank']}, an all-reduce in {_phase(c['phase'])} ran over {c['group']} "
+    return (f"{head}: on rank {rec['world_rank']}, an {c['kind']} in {_phase(c['phase'])} ran over {c['group']} "
             f"ranks, not over the {rec['size']} ranks of `group`: the ranks of the other tensor-parallel group, which work on "
             f"other data, were summed in. Pass the group on: dist.all_reduce(t, group=group) (in backward, the group "
             f"saved in ctx.group), and in the layers CopyToParallel.apply(x, self.group).")
@@ -1058,16 +1095,19 @@ def check_f_and_g(copy_to_parallel, reduce_from_parallel, *, world_sizes=WORLD_S
     _need_class(reduce_from_parallel, "check_f_and_g(CopyToParallel, ReduceFromParallel)", torch.autograd.Function)
     names = (copy_to_parallel.__name__, reduce_from_parallel.__name__)
     what = f"{names[0]} and {names[1]}"
+    seen = []
     for N in world_sizes:
         records = run_on_ranks(_f_and_g_worker, copy_to_parallel, reduce_from_parallel, 0.6 * timeout,
                                world_size=N, timeout=timeout, name=what, task="5a-5d", device="cpu")
+        seen.append(records)
         problem = _f_and_g_problem(names, N, records)
         if problem:
             fail(problem)
     grouped = " and in groups of 2 of 4 processes" if 4 in world_sizes else ""
     passed(f"{names[0]} (f) and {names[1]} (g) are correct on {_sizes(world_sizes)}{grouped}: f's forward is the "
            f"identity and its backward sums the ranks' gradients, g's forward sums and its backward is the identity; "
-           f"one all-reduce each, in the right direction; the incoming gradient and the input left as they were")
+           f"one {_collective(seen)} each, in the right direction; the incoming gradient and the input left as they "
+           f"were")
 
 
 def check_column_parallel(cls, *, world_sizes=WORLD_SIZES, timeout: float = 10.0) -> None:
@@ -1079,15 +1119,17 @@ def check_column_parallel(cls, *, world_sizes=WORLD_SIZES, timeout: float = 10.0
     (the dense gradients' rows) are compared with the dense layer's. One all-reduce, in backward."""
     __tracebackhide__ = True
     _need_class(cls, "check_column_parallel(ColumnParallelLinear)", ColumnParallelLinear)
+    seen = []
     for N in world_sizes:
         records = run_on_ranks(_layer_worker, cls, "column", 0.6 * timeout, world_size=N, timeout=timeout,
                                name=cls.__name__, task="5e-5f", device="cpu")
+        seen.append(records)
         problem = _column_problem(cls.__name__, N, records)
         if problem:
             fail(problem)
     grouped = " (the shards also in groups of 2 of 4 processes)" if 4 in world_sizes else ""
     passed(f"{cls.__name__} is correct on {_sizes(world_sizes)}{grouped}: rank r keeps rows [r·out/tp, (r+1)·out/tp) of W "
-           f"and b; its output features, the input gradient (one all-reduce, in backward) and the weight and bias "
+           f"and b; its output features, the input gradient (one {_collective(seen)}, in backward) and the weight and bias "
            f"gradients equal the dense nn.Linear's, sliced the same way")
 
 
@@ -1100,15 +1142,17 @@ def check_row_parallel(cls, *, world_sizes=WORLD_SIZES, timeout: float = 10.0) -
     with the dense layer's. One all-reduce, in forward."""
     __tracebackhide__ = True
     _need_class(cls, "check_row_parallel(RowParallelLinear)", RowParallelLinear)
+    seen = []
     for N in world_sizes:
         records = run_on_ranks(_layer_worker, cls, "row", 0.6 * timeout, world_size=N, timeout=timeout,
                                name=cls.__name__, task="5g-5h", device="cpu")
+        seen.append(records)
         problem = _row_problem(cls.__name__, N, records)
         if problem:
             fail(problem)
     grouped = " (the shards also in groups of 2 of 4 processes)" if 4 in world_sizes else ""
     passed(f"{cls.__name__} is correct on {_sizes(world_sizes)}{grouped}: rank r keeps columns [r·in/tp, (r+1)·in/tp) of W "
-           f"and the whole bias, added once after the sum; the output (one all-reduce, in forward), the input "
+           f"and the whole bias, added once after the sum; the output (one {_collective(seen)}, in forward), the input "
            f"slice's gradient and the weight and bias gradients equal the dense nn.Linear's, sliced the same way")
 
 
@@ -1122,13 +1166,15 @@ def check_parallel_mlp(column_cls, row_cls, *, world_sizes=WORLD_SIZES, timeout:
     _need_class(column_cls, "check_parallel_mlp(ColumnParallelLinear, RowParallelLinear)", ColumnParallelLinear)
     _need_class(row_cls, "check_parallel_mlp(ColumnParallelLinear, RowParallelLinear)", RowParallelLinear)
     names = (column_cls.__name__, row_cls.__name__)
+    seen = []
     for N in world_sizes:
         records = run_on_ranks(_mlp_worker, column_cls, row_cls, 0.6 * timeout, world_size=N, timeout=timeout,
                                name=f"{names[0]} → GELU → {names[1]}", task="5e-5h", device="cpu")
+        seen.append(records)
         problem = _mlp_problem(names, N, records)
         if problem:
             fail(problem)
     grouped = " (and in tensor-parallel groups of 2 on 4 processes)" if 4 in world_sizes else ""
     passed(f"{names[0]} → GELU → {names[1]} equals the dense MLP on {_sizes(world_sizes)}{grouped}: the output, "
-           f"the input gradient and every weight and bias gradient, sliced as the shards are; one all-reduce in "
-           f"forward, one in backward")
+           f"the input gradient and every weight and bias gradient, sliced as the shards are; one {_collective(seen)} "
+           f"in forward, one in backward")

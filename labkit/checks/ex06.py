@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from labkit.checks import CheckFailed, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, passed, run_on_ranks, \
-    student_traceback, time_limit
+from labkit.checks import (CheckFailed, describe, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, passed,
+                           run_on_ranks, student_traceback, time_limit)
 from labkit.pipeline.schedules import B, COMPUTE, F, Action, Schedule, add_communication
 from labkit.pipeline.schedules import one_f_one_b_compute as reference_compute
 from labkit.pipeline.schedules import one_f_one_b_warmup as expected_warmup
@@ -96,14 +96,6 @@ def _call(fn, name: str, p: int, m: int):
         fail(f"{name}({p}, {m}) raised {type(exc).__name__}: {exc}\n\n--- traceback ---\n{tb}")
 
 
-def _describe(x) -> str:
-    if x is None:
-        return "None"
-    if isinstance(x, (list, tuple)):
-        shown = repr(x)
-        return f"a {type(x).__name__}, {shown}" if len(shown) <= 40 else f"a {type(x).__name__} of {len(x)} items"
-    return f"a {type(x).__name__} ({x!r:.60})"
-
 
 def _read(result, name: str, p: int, m: int) -> tuple[list, Schedule | None]:
     """(the compute order of each stage, the Schedule if the student returned one), or fail."""
@@ -117,7 +109,7 @@ def _read(result, name: str, p: int, m: int) -> tuple[list, Schedule | None]:
                      f"m = {m} micro-batches)")
         given, result = result, [result.compute_order(r) for r in range(p)]
     if not isinstance(result, (list, tuple)):
-        fail(f"{head} returned {_describe(result)}: return a list of p = {p} lists, the list of stage i holding "
+        fail(f"{head} returned {describe(result)}: return a list of p = {p} lists, the list of stage i holding "
              f"its actions Action(\"F\", k, i) and Action(\"B\", k, i) in order")
     if result and all(isinstance(a, Action) for a in result):
         fail(f"{head} returned one flat list of {len(result)} Actions: return one list per stage (a list of "
@@ -127,12 +119,12 @@ def _read(result, name: str, p: int, m: int) -> tuple[list, Schedule | None]:
     compute = []
     for i, actions in enumerate(result):
         if not isinstance(actions, (list, tuple)):
-            fail(f"{head}: item {i} (the list of stage {i}) is {_describe(actions)}: a list of Actions is expected")
+            fail(f"{head}: item {i} (the list of stage {i}) is {describe(actions)}: a list of Actions is expected")
         for j, a in enumerate(actions):
             where = f"{head}: stage {i}'s list, item {j}" if given is None else \
                 f"{head}: rank {i}'s compute action {j}"
             if not isinstance(a, Action):
-                fail(f"{where} is {_describe(a)}: write each step as Action(\"F\", k, {i}) or Action(\"B\", k, {i}) "
+                fail(f"{where} is {describe(a)}: write each step as Action(\"F\", k, {i}) or Action(\"B\", k, {i}) "
                      f"(from labkit.pipeline.schedules import Action)")
             if a.kind not in COMPUTE:
                 fail(f"{where} is {a}: return only the compute actions F and B; the sends and receives are added "

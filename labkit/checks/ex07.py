@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit import comm
-from labkit.checks import CheckFailed, fail, first_mismatch, fmt_number, fmt_pair, passed, run_on_ranks
+from labkit.checks import CheckFailed, describe, fail, first_mismatch, fmt_number, fmt_pair, passed, run_on_ranks
 from labkit.param_server import run_server as labkit_server
 from labkit.param_server import run_worker as labkit_worker
 from labkit.param_server import shard_bounds
@@ -584,7 +584,7 @@ def _rank_main(server_fn, worker_fn, workers: int, servers: int, steps: int, lr:
             shard = flat[a:b].clone()
             given = shard
             returned = server_fn(shard, rank, servers, workers, steps, lr)
-            out["returned"] = _describe_value(returned)
+            out["returned"] = describe(returned)
             if isinstance(returned, torch.Tensor):
                 out["final"] = returned.detach().clone()
             else:
@@ -595,13 +595,6 @@ def _rank_main(server_fn, worker_fn, workers: int, servers: int, steps: int, lr:
     out["records"] = comm.records
     return out
 
-
-def _describe_value(x) -> str:
-    if x is None:
-        return "None"
-    if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {tuple(x.shape)}"
-    return f"a {type(x).__name__}"
 
 
 # ============================================================================================
