@@ -437,13 +437,8 @@ def test_layers_with_a_wrong_f_or_g_name_its_mistake(check, names, replace, expe
     assert_rejected(check, tuple(namespace[n] for n in names), expected)
 
 
-class FGathers(torch.autograd.Function):
+class FGathers(FNoAllReduce):
     """A valid f: its backward all-gathers the ranks' gradients and sums them (an all-reduce in two steps)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
 
     @staticmethod
     def backward(ctx, grad):
