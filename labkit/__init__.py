@@ -31,6 +31,7 @@ Lecture code (a concept per file; read it beside its notebook)
     figures   viz               the figures of lessons 1–4 (pipeline figures live in pipeline.gantt)
 
 Infrastructure (not lecture code)
+    collectives_support   the collectives' pre-flight check of a call, reused buffers, the trace recorder
     checks/     the exercises' checkers (run a student's code on N processes, name the mistake)
     exercises   makes exercises/ from solutions/
     labs/       command-line labs, the same code under labkit.launch, torchrun and accelerate

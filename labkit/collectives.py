@@ -13,7 +13,9 @@ All work in place on any shape (contiguous or not), like ``torch.distributed``'s
 
 Before any data moves, the ranks exchange a few numbers describing their call (op, dtype, shape)
 round the same ring, so that a mismatch is the same clear ``ValueError`` on every rank instead of a
-hang or garbage (``check=False`` skips this for benchmarks of the bare algorithm).
+hang or garbage (``check=False`` skips this for benchmarks of the bare algorithm). That check, the
+reused receive buffer and the trace recorder live in :mod:`labkit.collectives_support`: this file is
+the algorithms.
 """
 
 from __future__ import annotations
@@ -25,17 +27,13 @@ import torch
 import torch.distributed as dist
 
 from labkit import comm
+from labkit.collectives_support import OPS, Recorder, preflight, resolve_op, scratch_buffer
 from labkit.ring import ALL_GATHER, REDUCE_SCATTER, all_gather_rounds, chunk_bounds, reduce_scatter_rounds
 
 __all__ = ["CommStats", "Exchange", "reduce_scatter_phase", "all_gather_phase", "ring_all_reduce",
            "ring_reduce_scatter", "ring_all_gather", "naive_all_reduce", "tree_all_reduce", "broadcast",
            "provenance_input", "decode_contributions", "OPS"]
 
-OPS = ("sum", "avg", "max")
-# Codes exchanged by the pre-flight check. Unknown values are sent as -1, so every rank learns of them.
-_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-           torch.int16, torch.int8, torch.uint8]
-_MAX_DIMS = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,106 +109,6 @@ def all_gather_phase(chunks: list, rank: int, world_size: int, exchange: Callabl
         exchange(chunks[send.chunk], send.receiver, chunks[recv.chunk], recv.sender)
 
 
-class _Recorder:
-    """Wraps an exchange to record, for a trace, what each round sent and what every chunk held."""
-
-    def __init__(self, exchange: Callable, chunks: list, rank: int, phase: str, trace: list):
-        self.exchange, self.chunks, self.rank, self.phase, self.trace = exchange, chunks, rank, phase, trace
-        self.round = 0
-
-    def _index(self, t: torch.Tensor) -> int:
-        for c, chunk in enumerate(self.chunks):
-            if t is chunk:
-                return c
-        for c, chunk in enumerate(self.chunks):  # an equal view made anew
-            if t.numel() and chunk.numel() == t.numel() and chunk.data_ptr() == t.data_ptr():
-                return c
-        return -1  # a buffer that is not one of the chunks
-
-    def __call__(self, send, dst, recv, src):
-        if self.round:  # the previous round's combine is done: record what it left
-            self._snapshot()
-        self.pending = dict(phase=self.phase, round=self.round, rank=self.rank, sent_to=dst,
-                            sent_chunk=self._index(send), received_from=src)
-        self.exchange(send, dst, recv, src)
-        self.round += 1
-
-    def _snapshot(self):
-        self.trace.append(dict(self.pending, chunks=[c.clone() for c in self.chunks]))
-
-    def finish(self):
-        if self.round:
-            self._snapshot()
-
-
-# ---------------------------------------------------------------------------------------------
-# Pre-flight: do all ranks agree on what they are calling?
-# ---------------------------------------------------------------------------------------------
-
-def _normalise_op(op) -> str | None:
-    names = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.AVG: "avg", dist.ReduceOp.MAX: "max"}
-    if isinstance(op, str):
-        return op.lower() if op.lower() in OPS else None
-    try:
-        return names.get(op)
-    except TypeError:  # unhashable: certainly not an op
-        return None
-
-
-def _describe_call(tensor, op) -> torch.Tensor:
-    op_name = _normalise_op(op)
-    code = [OPS.index(op_name) if op_name else -1,
-            _DTYPES.index(tensor.dtype) if tensor.dtype in _DTYPES else -1,
-            tensor.dim() if tensor.dim() <= _MAX_DIMS else -1]
-    shape = list(tensor.shape)[:_MAX_DIMS] if tensor.dim() <= _MAX_DIMS else []
-    return comm.on(torch.tensor(code + shape + [0] * (_MAX_DIMS - len(shape)), dtype=torch.int64))
-
-
-def _explain(desc: list, name: str) -> str | None:
-    """The error every rank raises, or None if the call is valid and the same everywhere."""
-    def text(d):
-        op = OPS[d[0]] if d[0] >= 0 else "an unknown op"
-        dtype = str(_DTYPES[d[1]]).replace("torch.", "") if d[1] >= 0 else "an unsupported dtype"
-        shape = tuple(d[3:3 + d[2]]) if d[2] >= 0 else f"more than {_MAX_DIMS} dims"
-        return f"op={op}, dtype={dtype}, shape={shape}"
-    calls = [text(d) for d in desc]
-    listing = "; ".join(f"rank {r}: {c}" for r, c in enumerate(calls))
-    bad_op = [r for r, d in enumerate(desc) if d[0] < 0]
-    if bad_op:
-        return f"{name}: op must be one of {OPS} (or dist.ReduceOp.SUM/AVG/MAX); rank(s) {bad_op} passed another. [{listing}]"
-    if any(d[1] < 0 for d in desc):
-        return f"{name}: supported dtypes are {[str(d).replace('torch.', '') for d in _DTYPES]}. [{listing}]"
-    if any(d[2] < 0 for d in desc):
-        return f"{name}: tensors may have at most {_MAX_DIMS} dimensions. [{listing}]"
-    if len(set(calls)) > 1:
-        return (f"{name}: every rank must pass a tensor of the same shape and dtype, with the same op; "
-                f"they differ. [{listing}]")
-    if OPS[desc[0][0]] == "avg" and not _DTYPES[desc[0][1]].is_floating_point:
-        return f"{name}: op='avg' needs a floating-point tensor (the mean of integers is not an integer). [{listing}]"
-    return None
-
-
-def _resolve_op(tensor: torch.Tensor, op, name: str, check: bool) -> str:
-    if check:
-        return _preflight(tensor, op, name)
-    op_name = _normalise_op(op)  # unchecked: only this rank's own arguments can be verified
-    if op_name is None:
-        raise ValueError(f"{name}: op must be one of {OPS} (or dist.ReduceOp.SUM/AVG/MAX), not {op!r}")
-    if op_name == "avg" and not tensor.dtype.is_floating_point:
-        raise ValueError(f"{name}: op='avg' needs a floating-point tensor")
-    return op_name
-
-
-def _preflight(tensor: torch.Tensor, op, name: str) -> str:
-    """Exchange call descriptions round the ring; raise the same error on every rank if they disagree."""
-    mine = _describe_call(tensor, op)
-    everyone = _gather_equal_sized(mine)
-    error = _explain(everyone.view(dist.get_world_size(), -1).tolist(), name)
-    if error:
-        raise ValueError(error)
-    return _normalise_op(op)
-
-
 # ---------------------------------------------------------------------------------------------
 # The collectives
 # ---------------------------------------------------------------------------------------------
@@ -225,19 +123,6 @@ def _chunks(flat: torch.Tensor, world_size: int) -> list:
     return [flat[a:b] for a, b in chunk_bounds(flat.numel(), world_size)]
 
 
-_SCRATCH: dict = {}
-
-
-def _scratch(dtype: torch.dtype, numel: int, device: torch.device) -> torch.Tensor:
-    """A receive buffer kept from call to call (one per dtype, grown when needed). Allocating a
-    fresh multi-megabyte buffer every call costs page faults on first touch: at 16-64 MB that
-    was 10-30% of the ring's time on gloo (docs/collectives-benchmark.md)."""
-    buf = _SCRATCH.get((dtype, device))
-    if buf is None or buf.numel() < numel:
-        buf = _SCRATCH[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel]
-
-
 def ring_all_reduce(tensor: torch.Tensor, op="sum", *, stats: CommStats | None = None,
                     trace: list | None = None, check: bool = True,
                     reduce_scatter: Callable = reduce_scatter_phase,
@@ -250,23 +135,23 @@ def ring_all_reduce(tensor: torch.Tensor, op="sum", *, stats: CommStats | None =
     ``reduce_scatter`` / ``all_gather``: the two phases, replaceable (Exercise 2 plugs its own in).
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    op = _resolve_op(tensor, op, "ring_all_reduce", check)
+    op = resolve_op(tensor, op, "ring_all_reduce", check, _gather_equal_sized)
     flat = _flat_work_copy(tensor)
     chunks = _chunks(flat, world_size)
     exchange = Exchange(stats)
     combine = _maximum if op == "max" else _add
     if trace is None and reduce_scatter is reduce_scatter_phase:
         reduce_scatter(chunks, rank, world_size, exchange, combine,
-                       scratch=_scratch(flat.dtype, max(c.numel() for c in chunks), flat.device))
+                       scratch=scratch_buffer(flat.dtype, max(c.numel() for c in chunks), flat.device))
         all_gather(chunks, rank, world_size, exchange)
     elif trace is None:  # a replacement phase (Exercise 2) has the textbook signature
         reduce_scatter(chunks, rank, world_size, exchange, combine)
         all_gather(chunks, rank, world_size, exchange)
     else:
-        rec = _Recorder(exchange, chunks, rank, REDUCE_SCATTER, trace)
+        rec = Recorder(exchange, chunks, rank, REDUCE_SCATTER, trace)
         reduce_scatter(chunks, rank, world_size, rec, combine)
         rec.finish()
-        rec = _Recorder(exchange, chunks, rank, ALL_GATHER, trace)
+        rec = Recorder(exchange, chunks, rank, ALL_GATHER, trace)
         all_gather(chunks, rank, world_size, rec)
         rec.finish()
     if op == "avg":
@@ -282,14 +167,14 @@ def ring_reduce_scatter(tensor: torch.Tensor, op="sum", *, stats: CommStats | No
     reduced over all ranks (a view into ``tensor``, whose other chunks hold partial sums).
     With N dividing M this equals ``dist.reduce_scatter_single`` (formerly ``reduce_scatter_tensor``)'s output."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    op = _resolve_op(tensor, op, "ring_reduce_scatter", check)
+    op = resolve_op(tensor, op, "ring_reduce_scatter", check, _gather_equal_sized)
     if not tensor.is_contiguous():
         raise ValueError("ring_reduce_scatter returns a view into its input: pass a contiguous tensor")
     flat = tensor.view(-1)
     chunks = _chunks(flat, world_size)
     # shift=-1: rank i ends with chunk i (torch's convention) instead of chunk i+1.
     reduce_scatter_phase(chunks, rank, world_size, Exchange(stats), _maximum if op == "max" else _add, shift=-1,
-                         scratch=_scratch(flat.dtype, max(c.numel() for c in chunks), flat.device))
+                         scratch=scratch_buffer(flat.dtype, max(c.numel() for c in chunks), flat.device))
     if op == "avg":
         chunks[rank].div_(world_size)
     return chunks[rank]
@@ -308,7 +193,7 @@ def ring_all_gather(tensor: torch.Tensor, *, stats: CommStats | None = None, che
     """Every rank's ``tensor`` (same shape everywhere), stacked along a new first dimension, on every
     rank: ``dist.all_gather_single`` (formerly ``all_gather_into_tensor``) round the ring."""
     if check:
-        _preflight(tensor, "sum", "ring_all_gather")
+        preflight(tensor, "sum", "ring_all_gather", _gather_equal_sized)
     out = _gather_equal_sized(tensor, stats)
     return out.view(dist.get_world_size(), *tensor.shape)
 
@@ -331,7 +216,7 @@ def naive_all_reduce(tensor: torch.Tensor, op="sum", *, root: int = 0, stats: Co
     """The central server: every rank sends its whole tensor to ``root``, which reduces and sends
     the result back to every rank. The root receives and sends (N-1)·M elements: its load grows with N."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    op = _resolve_op(tensor, op, "naive_all_reduce", check)
+    op = resolve_op(tensor, op, "naive_all_reduce", check, _gather_equal_sized)
     flat = _flat_work_copy(tensor)
     if rank == root:
         incoming = [torch.empty_like(flat) for _ in range(world_size - 1)]
@@ -393,7 +278,7 @@ def tree_all_reduce(tensor: torch.Tensor, op="sum", *, stats: CommStats | None =
     """Binomial-tree reduce to rank 0, then binomial-tree broadcast: 2·ceil(log2 N) steps of M
     elements each. Few rounds (good for small messages), but whole tensors in every step."""
     world_size = dist.get_world_size()
-    op = _resolve_op(tensor, op, "tree_all_reduce", check)
+    op = resolve_op(tensor, op, "tree_all_reduce", check, _gather_equal_sized)
     flat = _flat_work_copy(tensor)
     _tree_reduce(flat, 0, _maximum if op == "max" else _add, stats)
     if dist.get_rank() == 0 and op == "avg":
@@ -411,7 +296,7 @@ def broadcast(tensor: torch.Tensor, src: int = 0, *, stats: CommStats | None = N
     if not (isinstance(src, int) and 0 <= src < world_size):
         raise ValueError(f"src must be a rank in 0..{world_size - 1}, not {src!r}")
     if check:
-        _preflight(tensor, "sum", "broadcast")
+        preflight(tensor, "sum", "broadcast", _gather_equal_sized)
     flat = _flat_work_copy(tensor)
     _tree_broadcast(flat, src, stats)
     if not tensor.is_contiguous():  # flat was a copy

@@ -12,6 +12,7 @@ import labkit
 from labkit import comm
 from labkit import collectives as C
 from labkit import ring
+from labkit.collectives_support import scratch_buffer
 
 WORLD_SIZES = [1, 2, 3, 5, 7]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.int64, torch.int32]
@@ -168,7 +169,7 @@ def _repeated_calls():
         if not torch.equal(x, want):
             bad.append((numel, dtype))
         if dtype == torch.float32:
-            pointers.append(C._scratch(dtype, 1, x.device).data_ptr())
+            pointers.append(scratch_buffer(dtype, 1, x.device).data_ptr())
     return bad, pointers
 
 
