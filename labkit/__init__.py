@@ -32,10 +32,10 @@ Lecture code (a concept per file; read it beside its notebook)
 
 Infrastructure (not lecture code)
     collectives_support   the collectives' pre-flight check of a call, reused buffers, the trace recorder
-    checks/     the exercises' checkers (run a student's code on N processes, name the mistake)
-    exercises   makes exercises/ from solutions/
-    labs/       command-line labs, the same code under labkit.launch, torchrun and accelerate
-    bench/      benchmarks that print numbers (docs/results/ holds what they printed)
+    checks/               the exercises' checkers (run a student's code on N processes, name the mistake)
+    exercises             makes exercises/ from solutions/
+    labs/                 command-line labs, the same code under labkit.launch, torchrun and accelerate
+    bench/                benchmarks that print numbers (docs/results/ holds what they printed)
 """
 
 from labkit.launcher import WorkerError, launch
