@@ -8,8 +8,11 @@
     broadcast(t, src)           binomial tree
 
 All work in place on any shape (contiguous or not), like ``torch.distributed``'s, and accept the ops
-"sum", "avg" and "max" (or ``dist.ReduceOp.SUM``/``AVG``/``MAX``). A :class:`CommStats` passed as
-``stats=`` counts the bytes this rank really sent and received.
+"sum", "avg" and "max" (or ``dist.ReduceOp.SUM``/``AVG``/``MAX``). Every message goes through
+:mod:`labkit.comm`, so ``with comm.record() as events:`` sees each one, and ``comm.traffic(events)``
+counts the bytes this rank really sent and received. A ring round is ``comm.exchange(send, dst,
+recv, src)``: the send and the receive start together, so a ring, where every rank sends and
+receives at once, cannot deadlock (empty chunks are not sent: both ends know the sizes).
 
 Before any data moves, the ranks exchange a few numbers describing their call (op, dtype, shape)
 round the same ring, so that a mismatch is the same clear ``ValueError`` on every rank instead of a
@@ -20,7 +23,7 @@ the algorithms.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
 from typing import Callable
 
 import torch
@@ -30,46 +33,10 @@ from labkit import comm
 from labkit.collectives_support import OPS, Recorder, preflight, resolve_op, scratch_buffer
 from labkit.ring import ALL_GATHER, REDUCE_SCATTER, all_gather_rounds, chunk_bounds, reduce_scatter_rounds
 
-__all__ = ["CommStats", "Exchange", "reduce_scatter_phase", "all_gather_phase", "ring_all_reduce",
+__all__ = ["reduce_scatter_phase", "all_gather_phase", "ring_all_reduce",
            "ring_reduce_scatter", "ring_all_gather", "naive_all_reduce", "tree_all_reduce", "broadcast",
            "provenance_input", "decode_contributions", "OPS"]
 
-
-
-# ---------------------------------------------------------------------------------------------
-# One round of communication, counted
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class CommStats:
-    """What one rank really sent and received (payload bytes, as handed to send/recv)."""
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    messages_sent: int = 0
-    per_round: list = field(default_factory=list)  # bytes sent in each ring round
-
-    def reset(self) -> None:
-        self.bytes_sent = self.bytes_received = self.messages_sent = 0
-        self.per_round.clear()
-
-
-class Exchange:
-    """``exchange(send, dst, recv, src)``: send ``send`` to rank ``dst`` while receiving into ``recv``
-    from rank ``src``, and wait for both. Started together (isend + irecv) so that a ring, where every
-    rank sends and receives at once, cannot deadlock. Empty tensors are not sent at all (both ends
-    know the chunk sizes, so both skip them)."""
-
-    def __init__(self, stats: CommStats | None = None):
-        self.stats = stats
-
-    def __call__(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int) -> None:
-        comm.exchange(send, dst, recv, src)
-        if self.stats is not None:
-            sent = comm.nbytes(send)
-            self.stats.bytes_sent += sent
-            self.stats.bytes_received += comm.nbytes(recv)
-            self.stats.messages_sent += 1 if send.numel() else 0
-            self.stats.per_round.append(sent)
 
 
 def _add(mine: torch.Tensor, received: torch.Tensor) -> None:
@@ -123,7 +90,7 @@ def _chunks(flat: torch.Tensor, world_size: int) -> list:
     return [flat[a:b] for a, b in chunk_bounds(flat.numel(), world_size)]
 
 
-def ring_all_reduce(tensor: torch.Tensor, op="sum", *, stats: CommStats | None = None,
+def ring_all_reduce(tensor: torch.Tensor, op="sum", *,
                     trace: list | None = None, check: bool = True,
                     reduce_scatter: Callable = reduce_scatter_phase,
                     all_gather: Callable = all_gather_phase) -> torch.Tensor:
@@ -138,7 +105,7 @@ def ring_all_reduce(tensor: torch.Tensor, op="sum", *, stats: CommStats | None =
     op = resolve_op(tensor, op, "ring_all_reduce", check, _gather_equal_sized)
     flat = _flat_work_copy(tensor)
     chunks = _chunks(flat, world_size)
-    exchange = Exchange(stats)
+    exchange = comm.exchange
     combine = _maximum if op == "max" else _add
     if trace is None and reduce_scatter is reduce_scatter_phase:
         reduce_scatter(chunks, rank, world_size, exchange, combine,
@@ -161,7 +128,7 @@ def ring_all_reduce(tensor: torch.Tensor, op="sum", *, stats: CommStats | None =
     return tensor
 
 
-def ring_reduce_scatter(tensor: torch.Tensor, op="sum", *, stats: CommStats | None = None,
+def ring_reduce_scatter(tensor: torch.Tensor, op="sum", *,
                         check: bool = True) -> torch.Tensor:
     """Reduce-scatter round the ring: returns this rank's chunk ``rank`` of the flattened tensor,
     reduced over all ranks (a view into ``tensor``, whose other chunks hold partial sums).
@@ -173,46 +140,34 @@ def ring_reduce_scatter(tensor: torch.Tensor, op="sum", *, stats: CommStats | No
     flat = tensor.view(-1)
     chunks = _chunks(flat, world_size)
     # shift=-1: rank i ends with chunk i (torch's convention) instead of chunk i+1.
-    reduce_scatter_phase(chunks, rank, world_size, Exchange(stats), _maximum if op == "max" else _add, shift=-1,
+    reduce_scatter_phase(chunks, rank, world_size, comm.exchange, _maximum if op == "max" else _add, shift=-1,
                          scratch=scratch_buffer(flat.dtype, max(c.numel() for c in chunks), flat.device))
     if op == "avg":
         chunks[rank].div_(world_size)
     return chunks[rank]
 
 
-def _gather_equal_sized(local: torch.Tensor, stats: CommStats | None = None) -> torch.Tensor:
+def _gather_equal_sized(local: torch.Tensor, tag: int = 0) -> torch.Tensor:
+    """Every rank's ``local`` end to end, round the ring (``tag``: the pre-flight's messages are tagged)."""
     world_size, rank = dist.get_world_size(), dist.get_rank()
     out = torch.empty(world_size * local.numel(), dtype=local.dtype, device=local.device)
     chunks = list(out.view(world_size, -1).unbind(0))
     chunks[rank].copy_(local.reshape(-1))
-    all_gather_phase(chunks, rank, world_size, Exchange(stats), shift=0)  # rank i starts with chunk i
+    exchange = functools.partial(comm.exchange, tag=tag)
+    all_gather_phase(chunks, rank, world_size, exchange, shift=0)  # rank i starts with chunk i
     return out
 
 
-def ring_all_gather(tensor: torch.Tensor, *, stats: CommStats | None = None, check: bool = True) -> torch.Tensor:
+def ring_all_gather(tensor: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """Every rank's ``tensor`` (same shape everywhere), stacked along a new first dimension, on every
     rank: ``dist.all_gather_single`` (formerly ``all_gather_into_tensor``) round the ring."""
     if check:
         preflight(tensor, "sum", "ring_all_gather", _gather_equal_sized)
-    out = _gather_equal_sized(tensor, stats)
+    out = _gather_equal_sized(tensor)
     return out.view(dist.get_world_size(), *tensor.shape)
 
 
-def _send(t, dst, stats):
-    comm.send(t, dst)
-    if stats is not None:
-        stats.bytes_sent += comm.nbytes(t)
-        stats.messages_sent += 1
-
-
-def _recv(t, src, stats):
-    comm.recv(t, src)
-    if stats is not None:
-        stats.bytes_received += comm.nbytes(t)
-
-
-def naive_all_reduce(tensor: torch.Tensor, op="sum", *, root: int = 0, stats: CommStats | None = None,
-                     check: bool = True) -> torch.Tensor:
+def naive_all_reduce(tensor: torch.Tensor, op="sum", *, root: int = 0, check: bool = True) -> torch.Tensor:
     """The central server: every rank sends its whole tensor to ``root``, which reduces and sends
     the result back to every rank. The root receives and sends (N-1)·M elements: its load grows with N."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -225,21 +180,19 @@ def naive_all_reduce(tensor: torch.Tensor, op="sum", *, root: int = 0, stats: Co
         for req, buf in zip(requests, incoming):  # combine in rank order: deterministic
             req.wait()
             (_maximum if op == "max" else _add)(flat, buf)
-            if stats is not None:
-                stats.bytes_received += comm.nbytes(buf)
         if op == "avg":
             flat.div_(world_size)
         for dst in peers:
-            _send(flat, dst, stats)
+            comm.send(flat, dst)
     else:
-        _send(flat, root, stats)
-        _recv(flat, root, stats)
+        comm.send(flat, root)
+        comm.recv(flat, root)
     if not tensor.is_contiguous():  # flat was a copy
         tensor.copy_(flat.view(tensor.shape))
     return tensor
 
 
-def _tree_reduce(flat, root, combine, stats):
+def _tree_reduce(flat, root, combine):
     """Binomial tree: in step k, ranks whose relative number has bit k set send to the rank 2^k
     below and drop out; after log2(N) steps the root holds the reduction."""
     rank, n = dist.get_rank(), dist.get_world_size()
@@ -248,48 +201,48 @@ def _tree_reduce(flat, root, combine, stats):
     mask = 1
     while mask < n:
         if vr & mask:
-            _send(flat, (vr - mask + root) % n, stats)
+            comm.send(flat, (vr - mask + root) % n)
             return
         if vr + mask < n:
-            _recv(buf, (vr + mask + root) % n, stats)
+            comm.recv(buf, (vr + mask + root) % n)
             combine(flat, buf)
         mask <<= 1
 
 
-def _tree_broadcast(flat, root, stats):
+def _tree_broadcast(flat, root):
     """Binomial tree: receive once from the parent, then send to children 2^k above, largest first."""
     rank, n = dist.get_rank(), dist.get_world_size()
     vr = (rank - root) % n
     mask = 1
     while mask < n:
         if vr & mask:
-            _recv(flat, (vr - mask + root) % n, stats)
+            comm.recv(flat, (vr - mask + root) % n)
             break
         mask <<= 1
     mask >>= 1
     while mask > 0:
         if vr + mask < n:
-            _send(flat, (vr + mask + root) % n, stats)
+            comm.send(flat, (vr + mask + root) % n)
         mask >>= 1
 
 
-def tree_all_reduce(tensor: torch.Tensor, op="sum", *, stats: CommStats | None = None,
+def tree_all_reduce(tensor: torch.Tensor, op="sum", *,
                     check: bool = True) -> torch.Tensor:
     """Binomial-tree reduce to rank 0, then binomial-tree broadcast: 2·ceil(log2 N) steps of M
     elements each. Few rounds (good for small messages), but whole tensors in every step."""
     world_size = dist.get_world_size()
     op = resolve_op(tensor, op, "tree_all_reduce", check, _gather_equal_sized)
     flat = _flat_work_copy(tensor)
-    _tree_reduce(flat, 0, _maximum if op == "max" else _add, stats)
+    _tree_reduce(flat, 0, _maximum if op == "max" else _add)
     if dist.get_rank() == 0 and op == "avg":
         flat.div_(world_size)
-    _tree_broadcast(flat, 0, stats)
+    _tree_broadcast(flat, 0)
     if not tensor.is_contiguous():  # flat was a copy
         tensor.copy_(flat.view(tensor.shape))
     return tensor
 
 
-def broadcast(tensor: torch.Tensor, src: int = 0, *, stats: CommStats | None = None,
+def broadcast(tensor: torch.Tensor, src: int = 0, *,
               check: bool = True) -> torch.Tensor:
     """Rank ``src``'s tensor on every rank (in place), down a binomial tree: ceil(log2 N) steps."""
     world_size = dist.get_world_size()
@@ -298,7 +251,7 @@ def broadcast(tensor: torch.Tensor, src: int = 0, *, stats: CommStats | None = N
     if check:
         preflight(tensor, "sum", "broadcast", _gather_equal_sized)
     flat = _flat_work_copy(tensor)
-    _tree_broadcast(flat, src, stats)
+    _tree_broadcast(flat, src)
     if not tensor.is_contiguous():  # flat was a copy
         tensor.copy_(flat.view(tensor.shape))
     return tensor

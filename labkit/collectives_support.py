@@ -15,13 +15,15 @@ import torch.distributed as dist
 
 from labkit import comm
 
-__all__ = ["OPS", "normalise_op", "resolve_op", "preflight", "scratch_buffer", "Recorder"]
+__all__ = ["OPS", "PREFLIGHT_TAG", "normalise_op", "resolve_op", "preflight", "scratch_buffer", "Recorder"]
 
 OPS = ("sum", "avg", "max")
 # Codes exchanged by the pre-flight check. Unknown values are sent as -1, so every rank learns of them.
 _DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8]
 _MAX_DIMS = 8
+# The pre-flight's messages carry this tag: comm.traffic(events) (tag 0) counts the payload only.
+PREFLIGHT_TAG = 7
 
 
 class Recorder:
@@ -115,7 +117,7 @@ def preflight(tensor: torch.Tensor, op, name: str, gather: Callable) -> str:
     """Exchange call descriptions (``gather``: the collectives' own all-gather of equal-sized tensors);
     raise the same error on every rank if they disagree."""
     mine = _describe_call(tensor, op)
-    everyone = gather(mine)
+    everyone = gather(mine, PREFLIGHT_TAG)
     error = _explain(everyone.view(dist.get_world_size(), -1).tolist(), name)
     if error:
         raise ValueError(error)

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["CommEvent", "record", "device", "on", "nbytes", "send", "recv", "isend", "irecv",
+__all__ = ["CommEvent", "record", "Traffic", "traffic", "device", "on", "nbytes", "send", "recv", "isend", "irecv",
            "exchange", "irecv_any", "all_reduce", "all_gather", "all_gather_into_tensor",
            "reduce_scatter_tensor", "broadcast", "broadcast_objects", "all_gather_objects", "gather", "barrier",
            "Handle"]
@@ -70,6 +70,30 @@ def _log(op: str, peer: int | None, size: int, tag: int = 0) -> CommEvent:
     for events in _listeners:
         events.append(event)
     return event
+
+
+@dataclass
+class Traffic:
+    """What one rank sent and received in point-to-point messages: see :func:`traffic`."""
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+
+
+def traffic(events: Sequence[CommEvent], tag: int | None = 0) -> Traffic:
+    """The bytes this rank sent and received, and the messages it sent, in the recorded ``events``
+    (sends and receives with ``tag``; None: every tag). Collectives are not counted: what they put
+    on the wire is up to the backend."""
+    out = Traffic()
+    for e in events:
+        if tag is not None and e.tag != tag:
+            continue
+        if e.op == "send":
+            out.bytes_sent += e.bytes
+            out.messages_sent += 1
+        elif e.op == "recv":
+            out.bytes_received += e.bytes
+    return out
 
 
 class Handle:
@@ -164,9 +188,10 @@ def recv(t: torch.Tensor, src: int, group=None, tag: int = 0) -> None:
     irecv(t, src, group, tag).wait()
 
 
-def exchange(send_t: torch.Tensor, dst: int, recv_t: torch.Tensor, src: int, group=None) -> None:
-    """Send ``send_t`` to ``dst`` while receiving ``recv_t`` from ``src``, and wait for both."""
-    _p2p([("recv", recv_t, src), ("send", send_t, dst)], group).wait()
+def exchange(send_t: torch.Tensor, dst: int, recv_t: torch.Tensor, src: int, group=None, tag: int = 0) -> None:
+    """Send ``send_t`` to ``dst`` while receiving ``recv_t`` from ``src``, and wait for both (one round of
+    a ring: started together, so that it cannot deadlock)."""
+    _p2p([("recv", recv_t, src), ("send", send_t, dst)], group, tag).wait()
 
 
 def irecv_any(t: torch.Tensor, group=None, tag: int = 0) -> Handle:

@@ -12,7 +12,7 @@ import labkit
 from labkit import comm
 from labkit import collectives as C
 from labkit import ring
-from labkit.collectives_support import scratch_buffer
+from labkit.collectives_support import PREFLIGHT_TAG, scratch_buffer
 
 WORLD_SIZES = [1, 2, 3, 5, 7]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.int64, torch.int32]
@@ -183,9 +183,11 @@ def _count_bytes(numel, dtype):
     stats = {}
     x = torch.ones(numel, dtype=dtype)
     for name, fn in ALGORITHMS.items():
-        s = C.CommStats()
-        fn(x.clone(), stats=s)
+        with comm.record() as events:
+            fn(x.clone())                       # the pre-flight's messages are tagged: not counted below
+        s = comm.traffic(events)
         stats[name] = (s.bytes_sent, s.bytes_received, s.messages_sent)
+        stats[name + " pre-flight"] = comm.traffic(events, tag=PREFLIGHT_TAG).messages_sent
     return stats
 
 
@@ -213,6 +215,8 @@ def test_bytes_sent_are_the_formulas(world_size):
     # the tree: every message is the whole tensor, 2(N-1) of them in all
     assert sum(r["tree"][2] for r in results) == 2 * (n - 1)
     assert sum(r["tree"][0] for r in results) == 2 * (n - 1) * m * item
+    # the pre-flight ran (N-1 ring rounds per call), recorded beside the payload under its own tag
+    assert all(r[name + " pre-flight"] == n - 1 for r in results for name in ALGORITHMS)
 
 
 def _bad_call(case):

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from labkit import comm
 from labkit.checks import (CheckFailed, fail, first_mismatch, fmt_index, fmt_pair, passed, run_on_ranks, time_limit,
                            time_limit_paused)
-from labkit.collectives import Exchange, decode_contributions, provenance_input, ring_all_reduce
+from labkit.collectives import decode_contributions, provenance_input, ring_all_reduce
 from labkit.collectives import reduce_scatter_phase as _reference_reduce_scatter
 from labkit.ring import (ALL_GATHER, REDUCE_SCATTER, all_gather_rounds, chunk_bounds, chunk_sizes,
                          reduce_scatter_rounds, simulate)
@@ -103,7 +103,7 @@ class _CheckedExchange:
         self.schedule = phase.rounds(world_size)
         start = phase.first_state(world_size)
         self.expected = simulate(world_size)[start:start + world_size]  # [t][rank][chunk]: contributing ranks
-        self.transport = Exchange()
+        self.transport = comm.exchange
         self.round = 0
         self.off = False
         self.rows: list = []      # per call: every rank's row
@@ -198,7 +198,7 @@ def _phase_worker(phase_name: str, student_fn, name: str, sizes, seconds: float)
         flat = provenance_input(rank, world_size, numel)
         views = [flat[a:b] for a, b in chunk_bounds(numel, world_size)]
         if phase is _AG:  # start from what a correct reduce-scatter leaves
-            _reference_reduce_scatter(list(views), rank, world_size, Exchange())
+            _reference_reduce_scatter(list(views), rank, world_size, comm.exchange)
         given = list(views)  # the student's list: its entries can be replaced, our views stay
         exchange = _CheckedExchange(phase, views, given, rank, world_size, numel)
         args = (given, rank, world_size, exchange) + ((exchange.combine,) if phase is _RS else ())
