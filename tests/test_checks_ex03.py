@@ -4,6 +4,7 @@ handle (the bucket never waited on is named), buckets in registration order (no 
 broadcast at wrap time (rank r's weights differ from rank 0's), and more. A wrong version stops at the
 first world size (3), in one launch; the solution runs on every default world size."""
 
+import functools
 from pathlib import Path
 
 import nbformat
@@ -284,6 +285,28 @@ class WrongSlice(BucketedDDP):
             bucket.work.wait()
             for p in bucket.params:
                 p.grad.copy_(bucket.buffer[:p.numel()].view_as(p.grad))
+
+
+def _averaging_all_reduce(cls):
+    """``cls`` whose all-reduces pass op=ReduceOp.AVG (the rest of its code unchanged)."""
+    class Averaging(cls):
+        def on_grad_ready(self, param):
+            watched = dist.all_reduce            # during a check: the check's recording all-reduce
+            dist.all_reduce = functools.partial(watched, op=dist.ReduceOp.AVG)
+            try:
+                super().on_grad_ready(param)
+            finally:
+                dist.all_reduce = watched
+    Averaging.__name__ = f"Averaging{cls.__name__}"
+    return Averaging
+
+
+def test_reduce_op_avg_is_an_average_as_in_exercise_1(capsys):
+    """One rule set across the exercises: ReduceOp.AVG without dividing is accepted (exercise 1 accepts it)."""
+    check_on_grad_ready(_averaging_all_reduce(NoDivision))
+    assert capsys.readouterr().out.startswith("✓ AveragingNoDivision.on_grad_ready is correct")
+    assert_rejected(check_on_grad_ready, _averaging_all_reduce(BucketedDDP), [
+        "is 1/3 of the average", "op=ReduceOp.AVG already divides by N"])
 
 
 @pytest.mark.parametrize("wrong,expected", [

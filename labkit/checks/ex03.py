@@ -426,7 +426,7 @@ def _step_problem(name: str, case: str, step: int, records: list) -> str | None:
     plan = records[0]["plan"]
     for r, rec in enumerate(records):
         for i, row in enumerate(rec["launches"]):
-            if not row["sum"]:
+            if not row["sum"] and "AVG" not in row["op"]:   # AVG without dividing is an average too (as in 1a)
                 return (f"{head} rank {r} called dist.all_reduce with op={row['op']}: sum the buckets (the default "
                         f"op) and divide by the world size.")
     rows = records[0]["launches"]
@@ -533,9 +533,11 @@ def _grad_problem(head: str, records: list, plan) -> str | None:
                     f"is g = (1/N) Σ g_i: divide each bucket by the world size (bucket.buffer.div_(self.world_size)) "
                     f"before you launch its all-reduce" + (" (every bucket)." if len(wrong) < len(names) else "."))
         if len(values) == 1 and abs(values[0] - 1 / N) < 1e-6:
+            avg = any("AVG" in row["op"] for rec in records for row in rec["launches"])
+            why = (" op=ReduceOp.AVG already divides by N: with it, do not divide the bucket yourself (or sum, the "
+                   "default op, and divide once)." if avg else " Divide each bucket once, before its all-reduce.")
             return (f"{head} every wrong gradient ({', '.join(wrong)}) is 1/{N} of the average (measured factor "
-                    f"{fmt_number(factors[wrong[0]])}): divided by N = {N} twice? Divide each bucket once, before "
-                    f"its all-reduce.")
+                    f"{fmt_number(factors[wrong[0]])}): divided by N = {N} twice?{why}")
     # 2. element by element: the first wrong one, and what it equals
     for n in wrong:
         for r, rec in enumerate(records):
