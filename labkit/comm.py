@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["CommEvent", "record", "Traffic", "traffic", "device", "on", "nbytes", "send", "recv", "isend", "irecv",
+__all__ = ["CommEvent", "record", "label", "Traffic", "traffic", "device", "on", "nbytes", "send", "recv", "isend", "irecv",
            "exchange", "irecv_any", "all_reduce", "all_gather", "all_gather_into_tensor",
            "reduce_scatter_tensor", "broadcast", "broadcast_objects", "all_gather_objects", "gather", "barrier",
            "Handle"]
@@ -45,9 +45,12 @@ class CommEvent:
     start: float
     end: float | None = None
     tag: int = 0
+    numel: int = 0
+    label: str = ""            # what the message is for, set by whoever sends it (see :func:`label`)
 
 
 _listeners: list[list] = []
+_labels: list[str] = []
 
 # torch 2.12 renamed these two (the old names warn); take whichever this torch has
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -65,8 +68,20 @@ def record() -> Iterator[list]:
         _listeners.remove(events)
 
 
-def _log(op: str, peer: int | None, size: int, tag: int = 0) -> CommEvent:
-    event = CommEvent(op, peer, size, time.perf_counter(), tag=tag)
+@contextlib.contextmanager
+def label(text: str) -> Iterator[None]:
+    """The events of the calls made inside the ``with`` block carry ``text`` (what the messages are for:
+    "f backward", "bucket 3"), so that a recording can tell them apart."""
+    _labels.append(text)
+    try:
+        yield
+    finally:
+        _labels.pop()
+
+
+def _log(op: str, peer: int | None, t: torch.Tensor | None, tag: int = 0) -> CommEvent:
+    event = CommEvent(op, peer, 0 if t is None else nbytes(t), time.perf_counter(), tag=tag,
+                      numel=0 if t is None else t.numel(), label=_labels[-1] if _labels else "")
     for events in _listeners:
         events.append(event)
     return event
@@ -167,7 +182,7 @@ def _p2p(ops: Sequence[tuple[str, torch.Tensor, int]], group=None, tag: int = 0)
     _check(group, "send/recv", *(t for _, t, _ in ops))
     if not ops:
         return Handle([], [])
-    events = [_log(kind, peer, nbytes(t), tag) for kind, t, peer in ops]
+    events = [_log(kind, peer, t, tag) for kind, t, peer in ops]
     p2p = [dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer, group, tag) for kind, t, peer in ops]
     return Handle(dist.batch_isend_irecv(p2p), events)
 
@@ -201,7 +216,7 @@ def irecv_any(t: torch.Tensor, group=None, tag: int = 0) -> Handle:
                            f"{dist.get_backend(group)}: make a gloo group beside it for such messages "
                            f"(dist.new_group(backend='gloo'))")
     _check(group, "irecv_any", t)
-    event = _log("recv", None, nbytes(t), tag)
+    event = _log("recv", None, t, tag)
     return Handle([dist.irecv(t, group=group, tag=tag)], [event])
 
 
@@ -221,54 +236,54 @@ def _done(work, event: CommEvent, async_op: bool):
 
 def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None, async_op: bool = False):
     _check(group, "all_reduce", t)
-    event = _log("all_reduce", None, nbytes(t))
+    event = _log("all_reduce", None, t)
     return _done(dist.all_reduce(t, op=op, group=group, async_op=True), event, async_op)
 
 
 def all_gather(outputs: list, t: torch.Tensor, group=None) -> None:
     _check(group, "all_gather", t, *outputs)
-    event = _log("all_gather", None, nbytes(t))
+    event = _log("all_gather", None, t)
     _done(dist.all_gather(outputs, t, group=group, async_op=True), event, False)
 
 
 def all_gather_into_tensor(output: torch.Tensor, t: torch.Tensor, group=None, async_op: bool = False):
     _check(group, "all_gather_into_tensor", output, t)
-    event = _log("all_gather", None, nbytes(t))
+    event = _log("all_gather", None, t)
     return _done(_all_gather_single(output, t, group=group, async_op=True), event, async_op)
 
 
 def reduce_scatter_tensor(output: torch.Tensor, t: torch.Tensor, op=dist.ReduceOp.SUM, group=None,
                           async_op: bool = False):
     _check(group, "reduce_scatter_tensor", output, t)
-    event = _log("reduce_scatter", None, nbytes(t))
+    event = _log("reduce_scatter", None, t)
     return _done(_reduce_scatter_single(output, t, op=op, group=group, async_op=True), event, async_op)
 
 
 def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
     """``src`` is a global rank, as in ``torch.distributed.broadcast``."""
     _check(group, "broadcast", t)
-    event = _log("broadcast", src, nbytes(t))
+    event = _log("broadcast", src, t)
     return _done(dist.broadcast(t, src=src, group=group, async_op=True), event, async_op)
 
 
 def gather(t: torch.Tensor, gather_list: list | None, dst: int, group=None) -> None:
     """``dst`` is a global rank; only ``dst`` passes a ``gather_list``."""
     _check(group, "gather", t, *(gather_list or []))
-    event = _log("gather", dst, nbytes(t))
+    event = _log("gather", dst, t)
     _done(dist.gather(t, gather_list=gather_list, dst=dst, group=group, async_op=True), event, False)
 
 
 def broadcast_objects(objects: list, src: int, group=None) -> None:
     """Rank ``src``'s picklable objects into ``objects`` on every rank (in place; ``bytes`` is 0: torch
     pickles them itself)."""
-    event = _log("broadcast_objects", src, 0)
+    event = _log("broadcast_objects", src, None)
     dist.broadcast_object_list(objects, src=src, group=group)   # torch picks the group's device itself
     event.end = time.perf_counter()
 
 
 def all_gather_objects(obj, group=None) -> list:
     """Every rank's picklable ``obj``, in rank order (``bytes`` is 0: torch pickles them itself)."""
-    event = _log("all_gather_objects", None, 0)
+    event = _log("all_gather_objects", None, None)
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     event.end = time.perf_counter()
@@ -276,7 +291,7 @@ def all_gather_objects(obj, group=None) -> list:
 
 
 def barrier(group=None) -> None:
-    event = _log("barrier", None, 0)
+    event = _log("barrier", None, None)
     if dist.get_backend(group) == "nccl":  # NCCL's barrier guesses a device; say which
         dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
     else:

@@ -54,7 +54,8 @@ def _rank_and_size(group) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Communication:
-    """One collective made by f, g or the gather, as seen by this rank.
+    """One collective made by f, g or the gather, as seen by this rank (read from labkit.comm's events,
+    which f, g and the gather label "f backward", "g forward", "gather forward").
     op: "f", "g" or "gather"; collective: "all_reduce" or "all_gather"; phase: "forward" or
     "backward"; numel, nbytes: the size of the tensor this rank hands to the collective (an
     all-gather brings back tp times as much)."""
@@ -65,24 +66,18 @@ class Communication:
     nbytes: int
 
 
-_log: list | None = None     # the list of the innermost count_communication(), else None
-
-
 @contextmanager
 def count_communication():
     """``with count_communication() as log:`` run forward and backward inside; ``log`` is then the list
-    of :class:`Communication`, in order. A group of one process communicates nothing, so logs nothing."""
-    global _log
-    outer, _log = _log, []
-    try:
-        yield _log
-    finally:
-        _log = outer
-
-
-def _record(op: str, collective: str, phase: str, t: torch.Tensor) -> None:
-    if _log is not None:
-        _log.append(Communication(op, collective, phase, t.numel(), comm.nbytes(t)))
+    of :class:`Communication`, in order (filled when the block ends). A group of one process
+    communicates nothing, so logs nothing."""
+    log: list = []
+    with comm.record() as events:
+        yield log
+    for e in events:
+        op, _, phase = e.label.partition(" ")
+        if op in ("f", "g", "gather"):
+            log.append(Communication(op, e.op, phase, e.numel, e.bytes))
 
 
 # --- the collectives, and f, g and gather as autograd functions ---------------------------------------
@@ -92,8 +87,8 @@ def _all_reduce(x: torch.Tensor, group, op: str, phase: str) -> torch.Tensor:
     if _rank_and_size(group)[1] == 1:
         return x
     total = x.clone(memory_format=torch.contiguous_format)     # gloo wants contiguous tensors
-    comm.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    _record(op, "all_reduce", phase, total)
+    with comm.label(f"{op} {phase}"):
+        comm.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return total
 
 
@@ -146,8 +141,8 @@ class GatherFromParallel(torch.autograd.Function):
             return x
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(size)]
-        comm.all_gather(parts, x, group=group)
-        _record("gather", "all_gather", "forward", x)
+        with comm.label("gather forward"):
+            comm.all_gather(parts, x, group=group)
         return torch.cat(parts, dim=-1)
 
     @staticmethod

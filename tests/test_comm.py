@@ -76,7 +76,9 @@ def _collectives():
     rs = torch.empty(2)
     comm.reduce_scatter_tensor(rs, torch.arange(2.0 * n))
     b = torch.tensor([float(rank)])
-    comm.broadcast(b, src=1)
+    with comm.record() as events, comm.label("the broadcast"):
+        comm.broadcast(b, src=1)
+    assert [(e.op, e.peer, e.label, e.numel, e.bytes) for e in events] == [("broadcast", 1, "the broadcast", 1, 4)]
     inbox = [torch.empty(4) for _ in range(n)] if rank == 0 else None
     comm.gather(x, inbox, dst=0)
     objects = [f"from {rank}"]
