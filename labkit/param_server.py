@@ -5,6 +5,9 @@ it back. Everything is a point-to-point message over ``torch.distributed``, so e
     rank 0 .. S−1        servers: server s owns elements [start_s, end_s) of the flat parameter vector
     rank S .. S+W−1      workers: worker w = rank − S
 
+The simplest form first (exercise 7): :func:`run_server` and :func:`run_worker`, synchronous, every
+message in a fixed order. Then the general one, :func:`serve` and :func:`work`:
+
     worker, every step:   PULL  → each server        ← (version, shard)   the current parameters
                           compute the gradient on this worker's batch
                           PUSH  → each server: (the version it pulled, the gradient's shard)
@@ -54,8 +57,8 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from labkit import comm
 from labkit.ring import chunk_bounds
 
-__all__ = ["MODES", "shard_bounds", "run_server", "run_worker", "ServerResult", "WorkerResult", "PSRun", "serve", "work",
-           "parameter_server", "train"]
+__all__ = ["MODES", "shard_bounds", "run_server", "run_worker", "ServerResult", "WorkerResult", "PSRun", "serve",
+           "work", "parameter_server", "train"]
 
 MODES = ("sync", "async", "bounded")
 PULL, PUSH, DONE = 0, 1, 2

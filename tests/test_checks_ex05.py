@@ -453,7 +453,7 @@ class GGathers(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
+        dist.all_gather(parts, x.contiguous(), group)            # the group by position, as torch allows
         return torch.stack(parts).sum(dim=0)
 
     @staticmethod

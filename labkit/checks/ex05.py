@@ -96,10 +96,12 @@ class _Watch:
             return self._original["all_reduce"](tensor, op=op, group=group, async_op=async_op)
 
     def _gather(self, name: str):
-        def watched(*args, group=None, **kwargs):
-            self._record("all-gather", args[1] if len(args) > 1 else kwargs.get("tensor"), group)
+        def watched(*args, **kwargs):           # (outputs, tensor, group) as torch's, by position or name
+            group = kwargs.get("group", args[2] if len(args) > 2 else None)
+            tensor = args[1] if len(args) > 1 else kwargs.get("tensor", kwargs.get("input_tensor"))
+            self._record("all-gather", tensor, group)
             with time_limit_paused():
-                return self._original[name](*args, group=group, **kwargs)
+                return self._original[name](*args, **kwargs)
         return watched
 
     def start(self, phase: str) -> None:
