@@ -46,6 +46,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 from dataclasses import dataclass, field
 
 import torch
@@ -57,8 +58,8 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from labkit import comm
 from labkit.ring import chunk_bounds
 
-__all__ = ["MODES", "shard_bounds", "run_server", "run_worker", "ServerResult", "WorkerResult", "PSRun", "serve",
-           "work", "parameter_server", "train"]
+__all__ = ["MODES", "shard_bounds", "run_server", "run_worker", "Update", "LossPoint", "ServerResult", "WorkerResult",
+           "PSRun", "serve", "work", "parameter_server", "train"]
 
 MODES = ("sync", "async", "bounded")
 PULL, PUSH, DONE = 0, 1, 2
@@ -110,12 +111,28 @@ def run_worker(model: nn.Module, batches, worker: int, servers: int) -> None:
 
 # --- the general parameter server: any order, three modes, failures ---------------------------------------
 
+class Update(NamedTuple):
+    """One push applied by a server: when (seconds since the server started), whose, of which step, and
+    how stale (the server's version when applied minus the version the worker pulled)."""
+    time: float
+    worker: int
+    step: int
+    staleness: int
+
+
+class LossPoint(NamedTuple):
+    """A worker's loss on its batch, at the parameters it pulled for ``step``."""
+    time: float
+    step: int
+    loss: float
+
+
 @dataclass
 class ServerResult:
     server: int
     shard: torch.Tensor                                     # the final parameters of this shard
     version: int = 0                                        # updates applied
-    updates: list = field(default_factory=list)             # (time, worker, step, staleness) per applied push
+    updates: list = field(default_factory=list)             # an Update per applied push
     bytes_in: int = 0                                       # headers and gradients received
     bytes_out: int = 0                                      # replies and parameters sent
     per_step: dict = field(default_factory=dict)            # step -> [bytes in, bytes out] of the workers' step
@@ -126,7 +143,7 @@ class ServerResult:
 @dataclass
 class WorkerResult:
     worker: int
-    losses: list = field(default_factory=list)              # (time, step, loss at the pulled parameters)
+    losses: list = field(default_factory=list)              # a LossPoint per step (at the pulled parameters)
     steps_done: int = 0
     stopped: str = ""
 
@@ -215,12 +232,12 @@ def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode:
                 if len(inbox) == workers:          # everyone's gradient of this step is in
                     mean = torch.stack([inbox[w] for w in sorted(inbox)]).mean(dim=0)
                     apply(mean, 0)
-                    result.updates += [(now, w, step, 0) for w in sorted(inbox)]
+                    result.updates += [Update(now, w, step, 0) for w in sorted(inbox)]
                     inbox.clear()
             else:
                 stale = result.version - version
                 apply(grad, stale)
-                result.updates.append((now, worker, step, stale))
+                result.updates.append(Update(now, worker, step, stale))
         elif kind == DONE:
             active.discard(worker)
         still = []
@@ -270,7 +287,7 @@ def work(model: nn.Module, worker: int, servers: int, batch_fn: Callable, loss_f
         loss.backward()
         if compute_ms:
             time.sleep(compute_ms * slow / 1e3)    # the rest of the step's "device" time
-        result.losses.append((time.perf_counter() - start, step, loss.item()))
+        result.losses.append(LossPoint(time.perf_counter() - start, step, loss.item()))
         grad = comm.on(torch.cat([p.grad.reshape(-1) for p in model.parameters()]), group)
         for s, (a, b) in enumerate(bounds):        # push: each server gets its shard of the gradient
             tell(s, PUSH, pulled[s], step)
@@ -319,7 +336,7 @@ class PSRun:
     @property
     def staleness(self) -> list:
         """Every applied push's staleness (on server 0: each push reaches every server once)."""
-        return [u[3] for u in self.servers[0].updates]
+        return [u.staleness for u in self.servers[0].updates]
 
     @property
     def stopped(self) -> str:

@@ -55,7 +55,7 @@ def test_sync_equals_all_reduce_sgd(workers, servers):
     assert set(run.staleness) == {0} and len(run.staleness) == 6 * workers
     assert all(s.version == 6 for s in run.servers)
     # the loss each worker saw went down
-    assert all(w.losses[-1][2] < w.losses[0][2] for w in run.workers)
+    assert all(w.losses[-1].loss < w.losses[0].loss for w in run.workers)
 
 
 def test_traffic_counters_count_every_byte():
@@ -83,16 +83,16 @@ def test_asynchronous_modes_record_staleness(mode):
         assert server.version == 24 and len(server.updates) == 24
         assert all(stale >= 0 for *_, stale in server.updates)
     # the straggler's pushes are the stale ones: the others moved the parameters meanwhile
-    slow = [u[3] for u in run.servers[0].updates if u[1] == 0]
+    slow = [u.staleness for u in run.servers[0].updates if u.worker == 0]
     assert max(slow) >= 2
     if mode == "bounded":
         # a worker may start step t only while it is at most 1 step ahead of the slowest: the fast ones
         # never finish more than 2 steps before the straggler's step
-        order = [(u[1], u[2]) for u in run.servers[0].updates]
+        order = [(u.worker, u.step) for u in run.servers[0].updates]
         for i, (worker, step) in enumerate(order):
             done_by_slow = sum(1 for w, _ in order[:i] if w == 0)
             assert step <= done_by_slow + 1, (worker, step, done_by_slow)
-    assert all(w.losses[-1][2] < w.losses[0][2] for w in run.workers)
+    assert all(w.losses[-1].loss < w.losses[0].loss for w in run.workers)
 
 
 def test_a_dead_worker_stops_sync_with_a_clear_message():
