@@ -1,0 +1,449 @@
+"""What every checker shares, beyond formatting (``labkit.checks``): a table of known mistakes, calling the
+student's function, comparing, and watching the student's communication on N processes.
+
+**Mistakes as data.** A checker lists the mistakes it knows as :class:`Mistake` records: a name (which the
+tests use), how to make the wrong version from labkit's own implementation (flags, a subclass, a small
+function: whatever the checker's ``variant`` means), and what the student is told. The checker tries them in
+order where the student's result differs from labkit's (:func:`find_mistake`); the tests build every wrong
+version from the same table and assert that the checker names it. One table, two users: a new mistake is
+one row.
+
+**Watched communication.** :class:`Watch` replaces functions of ``torch.distributed`` (and of
+``labkit.comm``, which labkit's own side of a check calls) while the student's code runs, in the launched
+processes only. Each call is done as the real one and recorded as a :class:`Call`; a rank never waits
+forever: past ``deadline`` seconds in a call, it stops with what *every* rank was doing at that moment
+(each rank writes its state to a small file on a shared :class:`Board`), so a deadlock is named as one (who
+waits in what, who returned, who is still computing) instead of as an endless loop or a timeout. With
+``defer=True``, an asynchronous call's result reaches the student's tensors only at ``wait()``, so a missing
+``wait()`` gives the same wrong result on every run instead of a race.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+
+import torch
+import torch.distributed as dist
+
+from labkit import comm
+from labkit.checks import CheckFailed, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, time_limit_paused
+
+__all__ = ["Mistake", "find_mistake", "need_function", "call_student", "close", "close_number", "element_text",
+           "and_list", "plural", "bound", "Board", "board_dir", "Call", "Watch"]
+
+
+# --------------------------------------------------------------------------------------------
+# Mistakes as data
+# --------------------------------------------------------------------------------------------
+
+class Mistake(NamedTuple):
+    """One known wrong version: ``name`` (what the tests call it), ``variant`` (how to make it from labkit's
+    implementation; its meaning is the checker's), ``says`` (what the student is told)."""
+    name: str
+    variant: Any
+    says: str
+
+
+def find_mistake(mistakes: Iterable[Mistake], matches: Callable[[Mistake], bool]) -> Mistake | None:
+    """The first mistake of the table for which ``matches(mistake)`` is true (the student's result equals
+    what that wrong version gives), or None."""
+    return next((m for m in mistakes if matches(m)), None)
+
+
+# --------------------------------------------------------------------------------------------
+# The student's function, in this process
+# --------------------------------------------------------------------------------------------
+
+def need_function(fn: Any, check: str) -> str:
+    """The name of the student's function; :class:`CheckFailed` when ``fn`` is not callable."""
+    __tracebackhide__ = True
+    if not callable(fn):
+        fail(f"{check} needs your function, not {type(fn).__name__}")
+    return getattr(fn, "__name__", "your function")
+
+
+def call_student(fn: Callable, *args, name: str, task: str, where: str = "", **kwargs) -> Any:
+    """``fn(*args, **kwargs)`` in this process. The exercise's stub (``NotImplementedError("Exercise ...")``)
+    goes up as itself; another ``NotImplementedError`` says that exercise ``task`` is not written yet; any other
+    exception becomes :class:`CheckFailed` ("``name`` raised X ``where``"), the student's traceback chained."""
+    __tracebackhide__ = True
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError as exc:
+        if str(exc).startswith("Exercise "):
+            raise
+        raise NotImplementedError(f"Exercise {task}: {name} is not written yet (it raised "
+                                  f"NotImplementedError({str(exc)!r})); see the instructions above") from None
+    except CheckFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported with the student's traceback chained
+        raise CheckFailed(f"{name} raised {type(exc).__name__}{' ' + where if where else ''}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing, and saying how two things differ
+# --------------------------------------------------------------------------------------------
+
+def close(want: torch.Tensor, got: Any, rtol: float = 1e-9, atol: float = 1e-12) -> bool:
+    """``got`` is a tensor of ``want``'s shape, equal within the tolerances (NaN never is)."""
+    return (isinstance(got, torch.Tensor) and got.shape == want.shape
+            and first_mismatch(want, got, rtol, atol) is None)
+
+
+def close_number(want: float, got: float, rtol: float = 1e-9, atol: float = 1e-12) -> bool:
+    return math.isclose(want, got, rel_tol=rtol, abs_tol=atol) or (math.isnan(want) and math.isnan(got))
+
+
+def element_text(label: str, want: torch.Tensor, got: Any, rtol: float = 1e-9, atol: float = 1e-12) -> str:
+    """``'label[i, j]: expected x, got y'`` at the first differing element (or what is wrong with the shape)."""
+    if not isinstance(got, torch.Tensor):
+        return f"{label} is a {type(got).__name__}, expected a tensor of shape {tuple(want.shape)}"
+    if want.shape != got.shape:
+        return f"{label} has shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    bad = first_mismatch(want, got, rtol, atol)
+    if bad is None:
+        return f"{label} is right"
+    index, e, g = bad
+    e, g = fmt_pair(e, g)
+    return f"{label}{fmt_index(index)}: expected {e}, got {g}"
+
+
+def and_list(values: Iterable) -> str:
+    """``[1, 2, 3]`` -> ``'1, 2 and 3'``."""
+    values = [str(v) for v in values]
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} and {values[-1]}"
+
+
+def plural(n: int, word: str) -> str:
+    """``plural(1, 'send')`` -> ``'1 send'``; ``plural(3, 'send')`` -> ``'3 sends'``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def bound(x: float, floor: int = -14) -> str:
+    """A power of ten above a tiny difference, at least ``1e{floor}``: printed output that does not depend on
+    the last bits of the arithmetic."""
+    return f"1e{max(floor, math.ceil(math.log10(x)) if x > 0 else floor)}"
+
+
+# --------------------------------------------------------------------------------------------
+# The board: what every rank is doing, for a stuck rank's message
+# --------------------------------------------------------------------------------------------
+
+@contextmanager
+def board_dir() -> Iterator[str]:
+    """A fresh directory for a :class:`Board`, made in the checker's process and removed after the launch."""
+    path = tempfile.mkdtemp(prefix="labkit-check-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Board:
+    """Each rank's state in a small JSON file of a shared directory: ``running`` (its own code), ``waiting``
+    (in a call: ``op``, ``peer``, ``index``), ``returned`` (from the student's function), ``checking`` (in the
+    checker's own code, after the student's). Written atomically, read by a rank that is stuck."""
+
+    def __init__(self, path: str, rank: int, world_size: int):
+        self.path, self.rank, self.world_size = path, rank, world_size
+
+    def set(self, state: str, **info) -> None:
+        info.update(state=state, rank=self.rank, time=time.time())
+        file = os.path.join(self.path, f"rank{self.rank}.json")
+        with open(file + ".tmp", "w") as f:
+            json.dump(info, f)
+        os.replace(file + ".tmp", file)
+
+    def states(self) -> dict[int, dict]:
+        out = {}
+        for r in range(self.world_size):
+            try:
+                with open(os.path.join(self.path, f"rank{r}.json")) as f:
+                    out[r] = json.load(f)
+            except (OSError, ValueError):
+                pass
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Watched communication
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Call:
+    """One call of the student's (or of labkit's side of the check) to a watched function."""
+    index: int                    # the how-manieth watched call of this rank
+    op: str                       # "all_reduce", "send", ...
+    phase: str                    # what the checker was running (Watch.phase)
+    numel: int                    # elements of the call's tensor (its input for a collective)
+    dtype: str
+    group_size: int
+    peer: int | None = None       # dst of a send, src of a receive, src of a broadcast
+    reduce_op: str | None = None  # of a reduction: "ReduceOp.SUM", ...
+    async_op: bool = False
+    waits: list = field(default_factory=list)   # for asynchronous calls: Watch.moment() at each wait()
+    info: dict = field(default_factory=dict)    # what the checker adds (Watch.on_call)
+
+
+# Where each watched function takes its tensor and writes its result (names as torch's signatures).
+_TENSOR = {"all_reduce": "tensor", "broadcast": "tensor", "reduce": "tensor", "all_gather": "tensor",
+           "all_gather_into_tensor": "input_tensor", "all_gather_single": "input_tensor",
+           "reduce_scatter": "input_list", "reduce_scatter_tensor": "input", "reduce_scatter_single": "input",
+           "send": "tensor", "recv": "tensor", "isend": "tensor", "irecv": "tensor"}
+_OUTPUT = {"all_reduce": "tensor", "broadcast": "tensor", "reduce": "tensor", "all_gather": "tensor_list",
+           "all_gather_into_tensor": "output_tensor", "all_gather_single": "output_tensor",
+           "reduce_scatter": "output", "reduce_scatter_tensor": "output", "reduce_scatter_single": "output",
+           "recv": "tensor", "irecv": "tensor"}
+_P2P = {"send": "isend", "recv": "irecv", "isend": "isend", "irecv": "irecv"}
+
+
+class Watch:
+    """Inside ``with watch.installed():`` the functions ``ops`` of torch.distributed (and of labkit.comm where
+    it has them, if ``comm_too``) are this rank's watched versions: done as the real ones, recorded in
+    :attr:`calls`, never waiting longer than ``deadline`` seconds (then :class:`CheckFailed` with every rank's
+    state from ``board``). Waiting does not count against a :func:`labkit.checks.time_limit` around it.
+
+    Subclass hooks: :meth:`on_call` (check or annotate a call before it goes; raise :class:`CheckFailed` to
+    stop), :meth:`rank_name`, :meth:`stuck_hints` (what the ranks' states mean for this exercise)."""
+
+    def __init__(self, ops: Sequence[str], *, deadline: float, board: Board | None = None, defer: bool = False,
+                 comm_too: bool = False):
+        self.ops = [op for op in ops if hasattr(dist, op)]
+        self.deadline, self.board, self.defer, self.comm_too = deadline, board, defer, comm_too
+        self.calls: list[Call] = []
+        self.phase = ""
+        self.real: dict[str, Callable] = {n: getattr(dist, n) for n in set(self.ops) | set(_P2P.values())
+                                          if hasattr(dist, n)}
+        self._signatures = {n: inspect.signature(self.real[n]) for n in self.ops}
+
+    # --- what the hooks see -------------------------------------------------------------------------------
+
+    def moment(self) -> Any:
+        """What a checker records at each ``wait()`` of an asynchronous call (e.g. how many gradients were
+        ready); nothing by default."""
+        return None
+
+    def on_call(self, call: Call, args: dict) -> None:
+        """Called before each call goes, with its arguments by name."""
+
+    def rank_name(self, rank: int) -> str:
+        return f"rank {rank}"
+
+    def stuck_hints(self, states: dict[int, dict]) -> list[str]:
+        """What the ranks' states mean; the default names collectives that differ between ranks, a rank that
+        returned and a rank still in its own code."""
+        hints, waiting = [], {r: s for r, s in states.items() if s["state"] == "waiting"}
+        kinds = {(s["op"], s.get("count")) for s in waiting.values() if s.get("peer") is None}
+        if len(kinds) > 1:
+            where = and_list(f"{self.rank_name(r)} in its {_nth(s.get('count', 0))} {s['op']}"
+                             for r, s in sorted(waiting.items()))
+            hints.append(f"→ the ranks wait in different calls ({where}): every rank must call the same "
+                         f"collectives, in the same order, the same number of times.")
+        for r, s in sorted(waiting.items()):
+            other = waiting.get(s.get("peer"))
+            if other is not None and other.get("peer") == r and other["op"] == s["op"] and r < s["peer"]:
+                verb = "receive from" if s["op"] in ("recv", "irecv") else "send to"
+                hints.append(f"→ {self.rank_name(r)} and {self.rank_name(s['peer'])} both wait to {verb} each "
+                             f"other: each waits for the other. One side must {'send' if 'recv' in s['op'] else 'receive'} "
+                             f"first (or both start their send and receive together, as comm.exchange does).")
+        for r, s in sorted(states.items()):
+            if s["state"] == "returned":
+                hints.append(f"→ {self.rank_name(r)} has returned: it made fewer calls than the ranks that wait "
+                             f"for it (a collective inside `if rank == ...`, or a loop that ends early?).")
+            elif s["state"] == "running":
+                hints.append(f"→ {self.rank_name(r)} is still running its own code: a very slow or endless "
+                             f"computation?")
+        return hints
+
+    # --- installing -------------------------------------------------------------------------------------
+
+    @contextmanager
+    def installed(self) -> Iterator["Watch"]:
+        saved_dist = {n: getattr(dist, n) for n in self.ops}
+        saved_comm = {n: getattr(comm, n) for n in self.ops if self.comm_too and hasattr(comm, n)}
+        for n in self.ops:
+            setattr(dist, n, self._watched(n))
+        for n in saved_comm:
+            setattr(comm, n, self._watched(n))
+        self._state("running")
+        try:
+            yield self
+        finally:
+            for n, fn in saved_dist.items():
+                setattr(dist, n, fn)
+            for n, fn in saved_comm.items():
+                setattr(comm, n, fn)
+
+    def returned(self) -> None:
+        """The student's function returned on this rank (for the others' messages if they get stuck)."""
+        self._state("returned")
+
+    def checking(self) -> None:
+        """This rank is in the checker's own code again (e.g. its own exchange of results)."""
+        self._state("checking")
+
+    # --- one call -----------------------------------------------------------------------------------------
+
+    def _watched(self, op: str) -> Callable:
+        def watched(*args, **kwargs):
+            __tracebackhide__ = True
+            return self._call(op, args, kwargs)
+        watched.__name__ = op
+        return watched
+
+    def _call(self, op: str, args: tuple, kwargs: dict):
+        __tracebackhide__ = True
+        try:
+            bound_args = self._signatures[op].bind(*args, **kwargs)
+        except TypeError as exc:
+            raise CheckFailed(f"dist.{op} was called with arguments it does not take: {exc}") from None
+        named = dict(bound_args.arguments)
+        tensor = named.get(_TENSOR.get(op, ""))
+        if isinstance(tensor, (list, tuple)):
+            tensor = tensor[0] if tensor else None
+        group = named.get("group")
+        peer = named.get("dst", named.get("src"))
+        reduce_op = named.get("op")
+        user_async = bool(named.get("async_op", False)) or op in ("isend", "irecv")
+        call = Call(index=len(self.calls), op=op, phase=self.phase,
+                    numel=tensor.numel() if isinstance(tensor, torch.Tensor) else 0,
+                    dtype=str(tensor.dtype).replace("torch.", "") if isinstance(tensor, torch.Tensor) else "",
+                    group_size=dist.get_world_size(group), peer=None if peer is None else int(peer),
+                    reduce_op=None if reduce_op is None else str(reduce_op), async_op=user_async)
+        self.on_call(call, named)
+        self.calls.append(call)
+        if op in _P2P:                       # a blocking send/recv is the non-blocking one, waited here
+            real = self.real[_P2P[op]]
+            call_args = {k: v for k, v in named.items() if k not in ("async_op",)}
+        else:
+            real = self.real[op]
+            call_args = dict(named, async_op=True)
+        targets = []
+        if self.defer and user_async and op in _OUTPUT:
+            # the result goes into copies; the student's tensors get it at wait(): a missing wait() leaves them
+            # as they were, on every run (not a race with gloo's background thread)
+            out = named[_OUTPUT[op]]
+            outs = list(out) if isinstance(out, (list, tuple)) else [out]
+            copies = [t.detach().clone() for t in outs]
+            targets = list(zip(outs, copies))
+            call_args[_OUTPUT[op]] = copies if isinstance(out, (list, tuple)) else copies[0]
+        work = real(**call_args)
+        handle = _Handle(self, call, work, targets)
+        if user_async:
+            return handle
+        handle.wait()
+        return None
+
+    def _wait(self, work, call: Call) -> None:
+        """``work.wait()``, but never longer than the deadline; the time does not count as the student's."""
+        __tracebackhide__ = True
+        self._state("waiting", op=call.op, peer=call.peer, index=call.index, phase=call.phase,
+                    count=sum(c.op == call.op for c in self.calls[: call.index + 1]))
+        box, done = {}, threading.Event()
+
+        def run():
+            try:
+                work.wait()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                box["error"] = exc
+            finally:
+                done.set()
+
+        with time_limit_paused():
+            threading.Thread(target=run, daemon=True).start()
+            finished = done.wait(self.deadline)
+        if not finished:
+            raise CheckFailed(self._stuck_message(call))
+        if "error" in box:
+            states = self.board.states() if self.board else {}
+            if any(s["state"] == "returned" for r, s in states.items() if r != self._rank()):
+                raise CheckFailed(self._stuck_message(call, failed=box["error"]))
+            raise box["error"]
+        self._state("running")
+
+    # --- the message of a stuck rank -----------------------------------------------------------------------
+
+    def _rank(self) -> int:
+        return dist.get_rank()
+
+    def _stuck_message(self, call: Call, failed: BaseException | None = None) -> str:
+        me = self._rank()
+        what = f"dist.{call.op}" + (f" (peer {call.peer})" if call.peer is not None else "")
+        when = f", during {call.phase}" if call.phase else ""
+        nth = _nth(sum(c.op == call.op for c in self.calls[: call.index + 1]))
+        if failed is None:
+            head = (f"{self.rank_name(me)} waited {fmt_number(self.deadline)} s in its {nth} {what}{when}, and the "
+                    f"other side never came: the run is deadlocked, and the check stopped it.")
+        else:
+            head = (f"{self.rank_name(me)}'s {nth} {what}{when} failed ({type(failed).__name__}) because another "
+                    f"rank had already returned: the ranks did not make the same calls.")
+        if self.board is None:
+            return head
+        time.sleep(0.2)   # let the other ranks' states settle (one of them may be about to wait too)
+        states = self.board.states()
+        lines = [f"  {self._describe(states.get(r), r)}" for r in range(self.board.world_size)]
+        hints = self.stuck_hints(states)
+        return head + "\nWhat every rank was doing:\n" + "\n".join(lines) + ("\n" + "\n".join(hints) if hints else "")
+
+    def _describe(self, state: dict | None, rank: int) -> str:
+        name = self.rank_name(rank)
+        if state is None:
+            return f"{name}: had not started"
+        if state["state"] == "waiting":
+            peer = f" (peer {state['peer']})" if state.get("peer") is not None else ""
+            phase = f", during {state['phase']}" if state.get("phase") else ""
+            return f"{name}: waiting in its {_nth(state.get('count', 0))} dist.{state['op']}{peer}{phase}"
+        if state["state"] == "returned":
+            return f"{name}: had returned from its function"
+        if state["state"] == "checking":
+            return f"{name}: had finished its part and was waiting for the others in the check"
+        seconds = time.time() - state["time"]
+        return f"{name}: running its own code, no call for {fmt_number(round(seconds, 1))} s"
+
+    def _state(self, state: str, **info) -> None:
+        if self.board is not None:
+            self.board.set(state, **info)
+
+
+def _nth(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+class _Handle:
+    """What a watched asynchronous call returns: ``wait()`` waits with the deadline, records the moment, and (with
+    ``defer``) copies the result into the student's tensors."""
+
+    def __init__(self, watch: Watch, call: Call, work, targets: list):
+        self._watch, self._call, self._work, self._targets = watch, call, work, targets
+        self._done = False
+
+    def wait(self, timeout=None) -> bool:
+        __tracebackhide__ = True
+        self._call.waits.append(self._watch.moment())
+        if not self._done:
+            self._watch._wait(self._work, self._call)
+            with torch.no_grad():
+                for target, copy in self._targets:
+                    target.copy_(copy)
+            self._done = True
+        return True
+
+    def is_completed(self) -> bool:
+        return self._done or self._work.is_completed()
+
+    def is_success(self) -> bool:
+        return self._work.is_success()
+
+    def get_future(self):
+        raise CheckFailed("During this check, wait for a call with its handle's wait() "
+                          "(work = dist.all_reduce(buffer, async_op=True); ...; work.wait()), not get_future().")
