@@ -69,11 +69,11 @@ def test_the_lamb_variants_default_is_labkits_lamb_and_every_mistake_differs_fro
     for step in range(1, 11):
         grads = ex04._gradients(params, step)
         if step == 1:   # every known mistake changes the first step (so it is named at step 1)
-            for variant, _ in LAMB_MISTAKES:
-                wrong = lamb_variant_step(params, grads, ms, vs, step, variant=variant, **hp)
+            for mistake in LAMB_MISTAKES:
+                wrong = lamb_variant_step(params, grads, ms, vs, step, variant=mistake.variant, **hp)
                 right = lamb_variant_step(params, grads, ms, vs, step, **hp)
                 assert any(not torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(wrong[0] + wrong[1],
-                                                                                      right[0] + right[1])), variant
+                                                                                      right[0] + right[1])), mistake.name
         params, ms, vs, ratios = lamb_variant_step(params, grads, ms, vs, step, **hp)
         for p, g in zip(mirror, grads):
             p.grad = g
@@ -91,9 +91,9 @@ def test_the_gain_formula_is_adascales_and_the_cases_exercise_it():
         signal, doubled, noise, zero = (labkit_gain(c["grads"], c["scale"]) for c in cases)
         assert 1.2 < signal < N - 0.2 and 1.2 < doubled < 2 * N - 0.2   # neither end: no estimate clamped
         assert noise == N and zero == 1.0
-        for flags, _ in GAIN_MISTAKES:   # each mistake changes at least one case
-            assert any(not math.isclose(gain_formula(c["grads"], c["scale"], **flags),
-                                        labkit_gain(c["grads"], c["scale"]), rel_tol=1e-6) for c in cases), flags
+        for mistake in GAIN_MISTAKES:   # each mistake changes at least one case
+            assert any(not math.isclose(gain_formula(c["grads"], c["scale"], **mistake.variant),
+                                        labkit_gain(c["grads"], c["scale"]), rel_tol=1e-6) for c in cases), mistake.name
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,6 +343,25 @@ def test_known_wrong_lamb_steps_are_named(fn, expected):
     assert_rejected(check_lamb, fn, expected)
 
 
+def _lamb_made_wrong(mistake):
+    """A lamb_step that is labkit's step changed as the table's row says (checker and tests share the table)."""
+    @torch.no_grad()
+    def lamb_step(params, grads, exp_avgs, exp_avg_sqs, step, *, lr, betas, eps, weight_decay):
+        new_p, new_m, new_v, ratios = lamb_variant_step(params, grads, exp_avgs, exp_avg_sqs, step, lr=lr,
+                                                        betas=betas, eps=eps, weight_decay=weight_decay,
+                                                        variant=mistake.variant)
+        for olds, news in ((params, new_p), (exp_avgs, new_m), (exp_avg_sqs, new_v)):
+            for old, new in zip(olds, news):
+                old.copy_(new)
+        return ratios
+    return lamb_step
+
+
+@pytest.mark.parametrize("mistake", LAMB_MISTAKES, ids=lambda m: m.name)
+def test_every_lamb_mistake_of_the_table_is_named_with_its_own_message(mistake):
+    assert_rejected(check_lamb, _lamb_made_wrong(mistake), ["lamb_step is wrong at step 1", mistake.says])
+
+
 def test_lamb_step_return_values_and_errors_are_explained():
     def returns_none(params, grads, exp_avgs, exp_avg_sqs, step, **hp):
         lamb_step(params, grads, exp_avgs, exp_avg_sqs, step, **hp)
@@ -528,6 +547,24 @@ GAIN_CASES = [
 @pytest.mark.parametrize("fn,expected", GAIN_CASES)
 def test_known_wrong_gains_are_named(fn, expected):
     assert_rejected(check_adascale_gain, fn, expected)
+
+
+def _gain_made_wrong(flags):
+    """An adascale_gain that gathers every rank's gradients and applies the table row's wrong formula."""
+    def adascale_gain(grads, scale):
+        n = dist.get_world_size()
+        everyone = [[torch.empty_like(g) for _ in range(n)] for g in grads]
+        for g, out in zip(grads, everyone):
+            dist.all_gather(out, g)
+        gain = gain_formula([[out[r] for out in everyone] for r in range(n)], scale, **flags)
+        _average(grads, n)
+        return gain
+    return adascale_gain
+
+
+@pytest.mark.parametrize("mistake", GAIN_MISTAKES, ids=lambda m: m.name)
+def test_every_gain_mistake_of_the_table_is_named_with_its_own_message(mistake):
+    assert_rejected(check_adascale_gain, _gain_made_wrong(mistake.variant), [mistake.says], world_sizes=(3,))
 
 
 def test_gain_stub_is_reported_as_not_done():

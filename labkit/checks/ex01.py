@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from labkit.checks import (CheckFailed, call_repr, describe, expected_got, fail, first_mismatch, fmt_index, fmt_list,
                            fmt_number, passed, run_on_ranks)
+from labkit.checks.harness import close
 
 __all__ = ["check_average_gradients", "check_shard_indices"]
 
@@ -141,8 +142,7 @@ def _probes_worker(student_fn) -> dict:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.allclose(a.to(torch.float64), b.to(torch.float64),
-                                                 rtol=_RTOL, atol=_ATOL)
+    return close(a, b, _RTOL, _ATOL)
 
 
 def _label(got, mean: torch.Tensor, own: torch.Tensor, world_size: int) -> tuple:

@@ -32,17 +32,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from labkit.checks import (CheckFailed, describe, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, passed,
-                           run_on_ranks, time_limit)
+from labkit.checks import (CheckFailed, describe, fail, first_mismatch, fmt_number, fmt_pair, passed, run_on_ranks,
+                           time_limit)
+from labkit.checks.harness import (Mistake, and_list, bound, call_student, close, close_number, element_text,
+                                   find_mistake, need_function)
 
 __all__ = ["check_lamb", "check_adascale_gain", "lamb_variant_step", "gain_formula", "labkit_gain", "gain_cases",
            "LambVariant", "LAMB_MISTAKES", "GAIN_MISTAKES", "WORLD_SIZES"]
 
 _RTOL, _ATOL = 1e-9, 1e-12
-
-
-def _name(fn) -> str:
-    return getattr(fn, "__name__", "your function")
 
 
 def _as_number(x):
@@ -161,46 +159,46 @@ def lamb_variant_step(params, grads, exp_avgs, exp_avg_sqs, step, *, lr, betas, 
 
 
 _DIVIDE = "divide m by (1−β1ᵗ) and v by (1−β2ᵗ)"
-# (variant, what it is): tried in this order at the first step where the student's update is wrong.
+# Tried in this order at the first step where the student's update is wrong; the tests build each one too.
 LAMB_MISTAKES = (
-    (LambVariant(bias_correction=False),
+    Mistake("no bias correction", LambVariant(bias_correction=False),
      f"your update equals LAMB without bias correction (m and v used as they are): {_DIVIDE} before "
      "r = m̂/(√v̂ + ε). The moments start at zero, so without the correction they are too small in the first "
      "steps (m = 0.1·g at step 1 with β1 = 0.9)."),
-    (LambVariant(corrected_in_place=True),
+    Mistake("bias-corrected moments stored", LambVariant(corrected_in_place=True),
      "the bias-corrected m̂ and v̂ were written into exp_avgs and exp_avg_sqs: the state must keep m and v "
      "themselves. Compute m̂ = m / (1−β1ᵗ) and v̂ = v / (1−β2ᵗ) as new tensors (m_hat = m / (1 - beta1 ** step)), "
      "not with m.div_(...)."),
-    (LambVariant(swapped_betas=True),
+    Mistake("betas swapped", LambVariant(swapped_betas=True),
      "β1 and β2 are swapped: the first moment uses β1 (m ← β1·m + (1−β1)·g, β1 = 0.9 here) and the second "
      "β2 (v ← β2·v + (1−β2)·g², β2 = 0.99 here); betas = (beta1, beta2)."),
-    (LambVariant(weight_decay="after_ratio"),
+    Mistake("decay after the ratio (AdamW style)", LambVariant(weight_decay="after_ratio"),
      "weight decay was added after the trust ratio (θ ← θ − η·(‖θ‖/‖r‖·r + λθ), as AdamW decays). In LAMB it "
      "is part of the update, u = r + λθ, and the trust ratio ‖θ‖/‖u‖ scales the whole of u: "
      "θ ← θ − η·‖θ‖/‖u‖·u."),
-    (LambVariant(weight_decay="after_step"),
+    Mistake("decay after the step", LambVariant(weight_decay="after_step"),
      "weight decay was added after the trust ratio (θ ← θ − η·‖θ‖/‖r‖·r, then θ ← θ − ηλθ, as AdamW decays). In "
      "LAMB it is part of the update, u = r + λθ, and the trust ratio ‖θ‖/‖u‖ scales the whole of u: "
      "θ ← θ − η·‖θ‖/‖u‖·u."),
-    (LambVariant(weight_decay="ratio_of_r"),
+    Mistake("ratio from r, not u", LambVariant(weight_decay="ratio_of_r"),
      "the trust ratio was computed from ‖r‖, without the weight decay: it is ‖θ‖/‖u‖ with u = r + λθ, the "
      "update that is applied."),
-    (LambVariant(weight_decay="gradient"),
+    Mistake("decay in the gradient (L2)", LambVariant(weight_decay="gradient"),
      "weight decay was added to the gradient (g + λθ before the moments, Adam's L2 regularisation). LAMB "
      "decouples it: the moments see g alone, and λθ is added to the update, u = r + λθ."),
-    (LambVariant(norm="global"),
+    Mistake("one global ratio", LambVariant(norm="global"),
      "you used one norm over all tensors (a global trust ratio ‖θ‖/‖u‖ over the whole model) instead of one per "
      "tensor. LAMB's point is a ratio per layer: ratio_i = ‖θ_i‖/‖u_i‖, with the norms of tensor i only."),
-    (LambVariant(eps="none"),
+    Mistake("no eps", LambVariant(eps="none"),
      "ε is missing: r = m̂ / (√v̂ + ε) (ε keeps the division finite where v̂ is tiny)."),
-    (LambVariant(eps="inside"),
+    Mistake("eps inside the root", LambVariant(eps="inside"),
      "ε is inside the square root: r = m̂ / (√v̂ + ε), not m̂ / √(v̂ + ε)."),
-    (LambVariant(ratio="clamp10"),
+    Mistake("norm clamped at 10", LambVariant(ratio="clamp10"),
      "you clamped ‖θ‖ at 10 (φ(z) = min(z, 10), as the authors' first public code and torch_optimizer do); "
      "the paper's algorithm, and this exercise, use φ(z) = z: ratio = ‖θ‖/‖u‖."),
-    (LambVariant(ratio="inverted"),
+    Mistake("ratio inverted", LambVariant(ratio="inverted"),
      "the trust ratio is upside down: it is ‖θ‖/‖u‖ (the step then has norm η·‖θ‖), not ‖u‖/‖θ‖."),
-    (LambVariant(ratio="none"),
+    Mistake("no trust ratio", LambVariant(ratio="none"),
      "there is no trust ratio: this is Adam with weight decay, θ ← θ − η·u. LAMB multiplies u by "
      "‖θ‖/‖u‖ (1 when either norm is 0), so that every tensor moves by η·‖θ‖ whatever its gradient's scale."),
 )
@@ -212,21 +210,6 @@ def _lamb_reference(params, weight_decay):
 
     mirror = [torch.nn.Parameter(p.clone()) for p in params]
     return Lamb(mirror, lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay, foreach=False), mirror
-
-
-def _call_lamb(fn, name, params, grads, ms, vs, step, weight_decay):
-    __tracebackhide__ = True
-    try:
-        return fn(params, grads, ms, vs, step, lr=LR, betas=BETAS, eps=EPS, weight_decay=weight_decay)
-    except NotImplementedError as exc:
-        if str(exc).startswith("Exercise "):
-            raise
-        raise NotImplementedError(f"Exercise 4a: {name} is not written yet (it raised "
-                                  f"NotImplementedError({str(exc)!r})); see the instructions above") from None
-    except CheckFailed:
-        raise
-    except Exception as exc:  # noqa: BLE001 - reported with the student's traceback chained
-        raise CheckFailed(f"{name} raised {type(exc).__name__} at step {step}: {exc}") from exc
 
 
 def _ratios_returned(result, n: int, name: str, step: int) -> list:
@@ -250,21 +233,12 @@ def _ratios_returned(result, n: int, name: str, step: int) -> list:
     return numbers
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and first_mismatch(a, b, _RTOL, _ATOL) is None
+_close, _close_number, _element = close, close_number, element_text   # at this module's tolerances: the defaults
 
 
-def _close_number(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=_RTOL, abs_tol=_ATOL) or (math.isnan(a) and math.isnan(b))
-
-
-def _element(label: str, want: torch.Tensor, got: torch.Tensor) -> str:
-    """'label[i, j]: expected x, got y' at the first differing element."""
-    if want.shape != got.shape:
-        return f"{label} has shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-    index, e, g = first_mismatch(want, got, _RTOL, _ATOL)
-    e, g = fmt_pair(e, g)
-    return f"{label}{fmt_index(index)}: expected {e}, got {g}"
+def _all_close(wants, gots) -> bool:
+    """Every tensor of every list in ``gots`` equals its counterpart in ``wants``."""
+    return all(_close(a, b) for want, got in zip(wants, gots) for a, b in zip(want, got))
 
 
 def _source_formula_b(before, after, ms, vs, step, weight_decay):
@@ -306,8 +280,7 @@ def _diagnose_lamb(name, step, run, before, grads, after, ms_after, vs_after, ra
             return (f"{head}: it changed grads[{i}] (the gradient of {names[i]!r}) in place. The gradient is an "
                     f"input: compute new tensors from it (and if you added λθ to it, that is Adam's L2 "
                     f"regularisation, not LAMB's weight decay, which goes into the update u = r + λθ).")
-    all_right = (all(_close(a, b) for a, b in zip(ref_p, after)) and all(_close(a, b) for a, b in zip(ref_m, ms_after))
-                 and all(_close(a, b) for a, b in zip(ref_v, vs_after)))
+    all_right = _all_close((ref_p, ref_m, ref_v), (after, ms_after, vs_after))
     ratios_right = all(_close_number(a, b) for a, b in zip(ref_ratios, ratios))
     if all_right and ratios_right:
         return None
@@ -330,19 +303,17 @@ def _diagnose_lamb(name, step, run, before, grads, after, ms_after, vs_after, ra
 
     # a known mistake, recomputed from the state before this step
     if not all_right:
-        for variant, why in LAMB_MISTAKES:
+        def gives_this(mistake: Mistake) -> bool:
             vp, vm, vv, _ = lamb_variant_step(p0, grads, m0, v0, step, lr=LR, betas=BETAS, eps=EPS,
-                                              weight_decay=weight_decay, variant=variant)
-            same_as_reference = all(_close(a, b) for a, b in zip(vp, ref_p)) and \
-                all(_close(a, b) for a, b in zip(vm, ref_m)) and all(_close(a, b) for a, b in zip(vv, ref_v))
-            if same_as_reference:
-                continue   # the variant does not differ from LAMB in this run (e.g. no decay to misplace)
-            if all(_close(a, b) for a, b in zip(vp, after)) and all(_close(a, b) for a, b in zip(vm, ms_after)) \
-                    and all(_close(a, b) for a, b in zip(vv, vs_after)):
-                evidence = _evidence(names, ref_p, after, ref_m, ms_after, ref_v, vs_after, ref_ratios, ratios)
-                return f"{head} ({evidence}): {why}"
-        moments_right = all(_close(a, b) for a, b in zip(ref_m, ms_after)) and \
-            all(_close(a, b) for a, b in zip(ref_v, vs_after))
+                                              weight_decay=weight_decay, variant=mistake.variant)
+            # a variant that does not differ from LAMB in this run (e.g. no decay to misplace) is not the mistake
+            return not _all_close((vp, vm, vv), (ref_p, ref_m, ref_v)) and _all_close((vp, vm, vv),
+                                                                                       (after, ms_after, vs_after))
+        mistake = find_mistake(LAMB_MISTAKES, gives_this)
+        if mistake:
+            evidence = _evidence(names, ref_p, after, ref_m, ms_after, ref_v, vs_after, ref_ratios, ratios)
+            return f"{head} ({evidence}): {mistake.says}"
+        moments_right = _all_close((ref_m, ref_v), (ms_after, vs_after))
         if moments_right and weight_decay > 0:
             b = _source_formula_b(p0, after, ms_after, vs_after, step, weight_decay)
             if b is not None:
@@ -438,7 +409,8 @@ def _run_lamb(fn, name, steps, weight_decay, zero_grads, run) -> float:
         before = ([p.clone() for p in params], [m.clone() for m in ms], [v.clone() for v in vs])
         given = [g.clone() for g in grads]
         with torch.no_grad():  # fresh lists, as an optimizer builds them: only changes in place persist
-            result = _call_lamb(fn, name, list(params), given, list(ms), list(vs), step, weight_decay)
+            result = call_student(fn, list(params), given, list(ms), list(vs), step, lr=LR, betas=BETAS, eps=EPS,
+                                      weight_decay=weight_decay, name=name, task="4a", where=f"at step {step}")
         ratios = _ratios_returned(result, len(params), name, step)
         for p, g in zip(mirror, grads):
             p.grad = g.clone()
@@ -466,21 +438,13 @@ def check_lamb(lamb_step) -> None:
     m and v (rtol 1e-9) and the returned trust ratios.
     """
     __tracebackhide__ = True
-    if not callable(lamb_step):
-        fail(f"check_lamb needs your function, not {type(lamb_step).__name__}")
-    name = _name(lamb_step)
+    name = need_function(lamb_step, "check_lamb")
     worst = _run_lamb(lamb_step, name, STEPS, WEIGHT_DECAY, (), "")
     _run_lamb(lamb_step, name, ZERO_GRAD_STEPS, 0.0, _ZERO_GRAD,
               " of the run without weight decay, where hidden.bias and out.bias get zero gradients")
     passed(f"{name} matches labkit.optim.Lamb (the paper's Algorithm 2) over {STEPS} steps on 4 tensors (one of norm "
            f"above 10, one tiny, one starting at zero), weight decay {fmt_number(WEIGHT_DECAY)}: parameters within "
-           f"{_bound(worst)}, m, v and the trust ratios equal; with zero gradients and no weight decay the ratio is 1")
-
-
-def _bound(x: float) -> str:
-    """A power of ten above a tiny difference, at least 1e-14 (printed output that does not depend on the
-    last bits of the arithmetic)."""
-    return f"1e{max(-14, math.ceil(math.log10(x)) if x > 0 else -14)}"
+           f"{bound(worst)}, m, v and the trust ratios equal; with zero gradients and no weight decay the ratio is 1")
 
 
 # ============================================================================================
@@ -562,24 +526,24 @@ def gain_formula(grads_per_rank: list, scale: float, *, after_averaging=False, b
 
 
 GAIN_MISTAKES = (
-    (dict(after_averaging=True),
+    Mistake("norms after averaging", dict(after_averaging=True),
      "the gain was computed from the averaged gradient: the local norms must be taken before the all-reduce. "
      "After it every rank holds ḡ, so every \"local\" ‖gᵢ‖² is ‖ḡ‖², the estimated noise σ² is 0 and the gain "
      "is always 1. Compute ‖gᵢ‖² (sum over the tensors of g.pow(2).sum()) first, then all-reduce the gradients."),
-    (dict(sum_not_mean=True),
+    Mistake("sum of squared norms as their mean", dict(sum_not_mean=True),
      "Σᵢ‖gᵢ‖² (the all-reduced sum of the local squared norms) was used as their mean: divide it by n."),
-    (dict(bessel=False),
+    Mistake("no n/(n-1)", dict(bessel=False),
      "the noise estimate lacks the factor n/(n−1): σ²_n ≈ n/(n−1)·(mean ‖gᵢ‖² − ‖ḡ‖²) (mean ‖gᵢ‖² − ‖ḡ‖² alone "
      "is biased low, by the factor (n−1)/n, like a variance divided by n instead of n−1)."),
-    (dict(signal_correction=False),
+    Mistake("mu^2 = |mean g|^2", dict(signal_correction=False),
      "μ² was taken as ‖ḡ‖²; but ‖ḡ‖² also holds the noise of the average, E‖ḡ‖² = μ² + σ²/S: μ² ≈ ‖ḡ‖² − σ²/S."),
-    (dict(scale_seen=False),
+    Mistake("S = n", dict(scale_seen=False),
      "the scale S was ignored (S = n, the world size, was used): use the argument scale for S, in σ² = "
      "σ²_n·S/n and in the gain (σ² + μ²)/(σ²/S + μ²)."),
-    (dict(rescale_noise=False),
+    Mistake("sigma_n^2 as sigma^2", dict(rescale_noise=False),
      "σ²_n, the noise of one rank's gradient, was used as σ², the noise of one base batch: a rank's gradient "
      "averages S/n base batches, so σ² = σ²_n·S/n."),
-    (dict(clamp=False),
+    Mistake("no clamp at 0", dict(clamp=False),
      "the estimates were not clamped at 0: σ² and μ² are estimates of positive numbers, and with few ranks "
      "μ² ≈ ‖ḡ‖² − σ²/S comes out negative when the gradients nearly cancel. Take max(σ², 0) and max(μ², 0) "
      "(then the gain stays between 1 and S)."),
@@ -658,9 +622,10 @@ def _diagnose_gain(name: str, N: int, per_rank: list) -> str | None:
         text = f"{head}: the gain is {g}, expected {e} (labkit.optim.AdaScale's, one step, no smoothing)"
         if math.isnan(got):
             return (f"{text}. nan: 0/0? When σ² + μ² = 0 (e.g. every gradient zero) the gain is 1.")
-        for flags, why in GAIN_MISTAKES:
-            if _close_number(gain_formula(grads, case["scale"], **flags), got):
-                return f"{text}: {why}"
+        mistake = find_mistake(GAIN_MISTAKES, lambda m: _close_number(gain_formula(grads, case["scale"], **m.variant),
+                                                                      got))
+        if mistake:
+            return f"{text}: {mistake.says}"
         if _close_number(1 / expected, got):
             return f"{text}: the ratio is upside down: r = (σ² + μ²)/(σ²/S + μ²), between 1 and S."
         if not 1 - 1e-9 <= got <= case["scale"] * (1 + 1e-9):
@@ -668,11 +633,6 @@ def _diagnose_gain(name: str, N: int, per_rank: list) -> str | None:
         return (f"{text}. With n = {N} local gradients gᵢ and their mean ḡ: σ²_n = n/(n−1)·(mean ‖gᵢ‖² − ‖ḡ‖²), "
                 f"σ² = σ²_n·S/n, μ² = ‖ḡ‖² − σ²/S, both clamped at 0, r = (σ² + μ²)/(σ²/S + μ²).")
     return None
-
-
-def _and(values) -> str:
-    values = [str(v) for v in values]
-    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} and {values[-1]}"
 
 
 def check_adascale_gain(adascale_gain, *, world_sizes=WORLD_SIZES, timeout: float = 10.0) -> None:
@@ -684,9 +644,7 @@ def check_adascale_gain(adascale_gain, *, world_sizes=WORLD_SIZES, timeout: floa
     gradients (rtol 1e-9), and the gradients afterwards with their mean. ``timeout``: seconds before a rank
     that waits in a collective is stopped."""
     __tracebackhide__ = True
-    if not callable(adascale_gain):
-        fail(f"check_adascale_gain needs your function, not {type(adascale_gain).__name__}")
-    name = _name(adascale_gain)
+    name = need_function(adascale_gain, "check_adascale_gain")
     gains = {}
     for N in world_sizes:
         per_rank = run_on_ranks(_gain_worker, adascale_gain, name, 0.6 * timeout, world_size=N, timeout=timeout,
@@ -697,6 +655,6 @@ def check_adascale_gain(adascale_gain, *, world_sizes=WORLD_SIZES, timeout: floa
         gains[N] = per_rank[0][0]["gain"]
     sizes = sorted(world_sizes)
     shown = ", ".join(f"{fmt_number(round(gains[n], 3))} on {n}" for n in sizes)
-    passed(f"{name} matches labkit.optim.AdaScale on {_and(sizes)} processes (gain with signal and noise: "
+    passed(f"{name} matches labkit.optim.AdaScale on {and_list(sizes)} processes (gain with signal and noise: "
            f"{shown}; with S = 2N, nearly pure noise (gain S) and zero gradients (gain 1) too), and leaves every "
            f"rank's gradients averaged in place")
