@@ -44,6 +44,7 @@ from torch import nn
 
 from labkit.checks import (CheckFailed, describe, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, passed,
                            run_on_ranks, student_traceback, time_limit)
+from labkit.checks.harness import bound, call_student, need_function
 from labkit.pipeline.schedules import B, COMPUTE, F, Action, Schedule, add_communication
 from labkit.pipeline.schedules import one_f_one_b_compute as reference_compute
 from labkit.pipeline.schedules import one_f_one_b_warmup as expected_warmup
@@ -62,10 +63,6 @@ WIDTH, MICRO = 3, 2                        # the real run: layers of width 3, mi
 _SECONDS = 10.0                            # for one call of the student's function
 
 
-def _name(fn) -> str:
-    return getattr(fn, "__name__", "your function")
-
-
 def _steps(actions) -> str:
     return " ".join(f"{a.kind}{a.microbatch}" for a in actions) or "(nothing)"
 
@@ -82,19 +79,12 @@ def _call(fn, name: str, p: int, m: int):
     __tracebackhide__ = True
     try:
         with time_limit(_SECONDS, f"{name}({p}, {m}) did not return within {_SECONDS:g} s: an endless loop?"):
-            return fn(p, m)
-    except NotImplementedError as exc:
-        if str(exc).startswith("Exercise "):
-            raise exc.with_traceback(None) from None
-        raised = f"NotImplementedError({str(exc)!r})" if str(exc) else "NotImplementedError"
-        raise NotImplementedError(f"Exercise 6: {name} is not written yet (it raised {raised}); "
-                                  f"see the instructions above") from None
-    except CheckFailed:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the student's error, shown with their frames
-        tb = student_traceback(traceback.format_exc())
-        fail(f"{name}({p}, {m}) raised {type(exc).__name__}: {exc}\n\n--- traceback ---\n{tb}")
-
+            return call_student(fn, p, m, name=name, task="6")
+    except CheckFailed as err:
+        if err.__cause__ is None:       # the time limit
+            raise
+        tb = student_traceback("".join(traceback.format_exception(err.__cause__)))
+        fail(f"{name}({p}, {m}) raised {type(err.__cause__).__name__}: {err.__cause__}\n\n--- traceback ---\n{tb}")
 
 
 def _read(result, name: str, p: int, m: int) -> tuple[list, Schedule | None]:
@@ -385,16 +375,11 @@ def _diagnose_run(name: str, p: int, schedules: list, per_rank: list) -> tuple[s
                     return f"{head}: {label} is None: stage {s} never ran a backward", worst
                 bad = first_mismatch(want, have)
                 if bad:
-                    index, e, g = bad
-                    e, g = fmt_pair(e, g)
-                    return (f"{head}: {label}{fmt_index(index)} is {g}, one process on the whole batch gets {e}",
+                    e, g = fmt_pair(bad[1], bad[2])
+                    return (f"{head}: {label}{fmt_index(bad[0])} is {g}, one process on the whole batch gets {e}",
                             worst)
                 worst = max(worst, ((want - have).abs().max() / want.abs().max().clamp(min=1e-300)).item())
     return None, worst
-
-
-def _bound(x: float) -> str:
-    return f"1e{max(-14, math.ceil(math.log10(x)) if x > 0 else -14)}"
 
 
 # ============================================================================================
@@ -409,12 +394,10 @@ def check_one_f_one_b(one_f_one_b, *, sizes=SIZES, runs=RUNS, timeout: float = 2
     (p − 1)/(m + p − 1) and the peaks min(p − i, m); then run for real on the processes of ``runs`` (loss
     and gradients against one process). ``timeout``: seconds a rank may wait in the real run."""
     __tracebackhide__ = True
-    if not callable(one_f_one_b):
-        fail(f"check_one_f_one_b needs your function, not {type(one_f_one_b).__name__}")
+    name = need_function(one_f_one_b, "check_one_f_one_b")
     from labkit.pipeline import schedules as _labkit
     if one_f_one_b is _labkit.one_f_one_b:
         fail("this is labkit's own one_f_one_b (labkit.pipeline.schedules): write your own")
-    name = _name(one_f_one_b)
     made = {(p, m): _check_size(one_f_one_b, name, p, m) for p, m in sizes}
     worst = 0.0
     for p, ms in runs:
@@ -430,4 +413,4 @@ def check_one_f_one_b(one_f_one_b, *, sizes=SIZES, runs=RUNS, timeout: float = 2
     passed(f"{name} is 1F1B on {len(sizes)} sizes (p, m) ({shown}, ..., with m < p, m = p and p = 1): every stage's "
            f"warm-up is min(p − i − 1, m), the simulated bubble (p − 1)/(m + p − 1), the peak min(p − i, m) "
            f"micro-batches' activations; run for real ({ran}), the loss and gradients equal one process's within "
-           f"{_bound(worst)}")
+           f"{bound(worst)}")
