@@ -133,11 +133,30 @@ class ServerResult:
     shard: torch.Tensor                                     # the final parameters of this shard
     version: int = 0                                        # updates applied
     updates: list = field(default_factory=list)             # an Update per applied push
-    bytes_in: int = 0                                       # headers and gradients received
-    bytes_out: int = 0                                      # replies and parameters sent
-    per_step: dict = field(default_factory=dict)            # step -> [bytes in, bytes out] of the workers' step
+    events: list = field(default_factory=list)              # every message of this server (comm.CommEvent),
+                                                            # labelled with the workers' step it belongs to
     lost: list = field(default_factory=list)                # workers that stopped talking
     stopped: str = ""                                       # why a sync server stopped early, else ""
+
+    # The byte counts are read from the messages comm recorded: one count for the whole course.
+    @property
+    def bytes_in(self) -> int:
+        """Headers and gradients received (a receive still posted when the server stopped does not count)."""
+        return sum(e.bytes for e in self.events if e.op == "recv" and e.end is not None)
+
+    @property
+    def bytes_out(self) -> int:
+        """Replies and parameters sent."""
+        return sum(e.bytes for e in self.events if e.op == "send")
+
+    @property
+    def per_step(self) -> dict:
+        """step -> [bytes in, bytes out] of the workers' step."""
+        out: dict = {}
+        for e in self.events:
+            if e.label and (e.op == "send" or e.end is not None):
+                out.setdefault(int(e.label.split()[-1]), [0, 0])[e.op == "send"] += e.bytes
+        return out
 
 
 @dataclass
@@ -156,100 +175,116 @@ def _arrived(work, timeout: float) -> bool:
     return done.wait(timeout)
 
 
-def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode: str = "sync", lr: float = 0.1,
-          staleness: int = 0, scale_lr: bool = False, steps: int = 10, timeout: float = 10.0,
-          group=None) -> ServerResult:
-    """The server loop of rank ``server``: owns ``shard`` (updated in place) until every worker is done."""
-    result = ServerResult(server, shard)
-    start = time.perf_counter()
-    active = set(range(workers))
-    clock = [0] * workers           # pushes received from each worker
-    pending = []                    # (worker, step) pulls not answered yet
-    inbox = {}                      # sync: worker -> gradient of the current step
-    header = torch.zeros(4, dtype=torch.int64)
-    grad = torch.empty_like(shard)
+def _step(step: int) -> str:
+    return f"step {step}"
 
-    sending = []                    # replies still on their way
 
-    def count(step: int, direction: int, nbytes: int):        # direction 0: in, 1: out
-        result.per_step.setdefault(step, [0, 0])[direction] += nbytes
-        if direction:
-            result.bytes_out += nbytes
-        else:
-            result.bytes_in += nbytes
+class _Server:
+    """The state of one server's loop (see :func:`serve`): who is active, who waits for a reply, the pushes."""
 
-    def reply(worker: int, step: int, version: float):
+    def __init__(self, shard, server, servers, workers, mode, lr, staleness, scale_lr, group):
+        self.result = ServerResult(server, shard)
+        self.shard, self.servers, self.workers, self.group = shard, servers, workers, group
+        self.mode, self.lr, self.staleness, self.scale_lr = mode, lr, staleness, scale_lr
+        self.start = time.perf_counter()
+        self.active = set(range(workers))
+        self.clock = [0] * workers      # pushes received from each worker
+        self.pending: list = []         # (worker, step) pulls not answered yet
+        self.inbox: dict = {}           # sync: worker -> gradient of the current step
+        self.sending: list = []         # replies still on their way
+
+    def reply(self, worker: int, step: int, version: float) -> None:
         # isend of a copy: a blocking send (gloo's returns only once the worker has posted its receive)
         # would stop this server from listening while that worker may be busy sending to another server,
         # a chain of waits that could close into a cycle with S >= 2. A server never waits for a worker
         # this way; the copy keeps the message intact while later pushes update the shard in place.
-        msg = torch.tensor([version], dtype=torch.float64)
-        sending.append(comm.isend(msg, servers + worker, group, tag=_REPLY))
-        count(step, 1, comm.nbytes(msg))
-        if version != _STOP:
-            sending.append(comm.isend(shard.clone(), servers + worker, group, tag=_PARAMS))
-            count(step, 1, comm.nbytes(shard))
-        sending[:] = [w for w in sending if not (w.is_completed() and w.wait())]   # a done one's wait is instant
+        with comm.label(_step(step)):
+            dst = self.servers + worker
+            self.sending.append(comm.isend(torch.tensor([version], dtype=torch.float64), dst, self.group,
+                                           tag=_REPLY))
+            if version != _STOP:
+                self.sending.append(comm.isend(self.shard.clone(), dst, self.group, tag=_PARAMS))
+        self.sending[:] = [w for w in self.sending if not (w.is_completed() and w.wait())]  # a done one's wait is instant
 
-    def may_start(worker: int, step: int) -> bool:
-        if mode == "sync":
-            return result.version == step           # the previous step's update is in
-        if mode == "bounded":
-            return clock[worker] - min(clock[w] for w in active) <= staleness
+    def may_start(self, worker: int, step: int) -> bool:
+        if self.mode == "sync":
+            return self.result.version == step          # the previous step's update is in
+        if self.mode == "bounded":
+            return self.clock[worker] - min(self.clock[w] for w in self.active) <= self.staleness
         return True
 
-    def apply(g: torch.Tensor, staleness_of_push: int):
-        rate = lr / (1 + staleness_of_push) if scale_lr else lr
-        shard.sub_(rate * g)
-        result.version += 1
+    def apply(self, g: torch.Tensor, staleness_of_push: int) -> None:
+        rate = self.lr / (1 + staleness_of_push) if self.scale_lr else self.lr
+        self.shard.sub_(rate * g)
+        self.result.version += 1
 
-    while active:
-        if not _arrived(comm.irecv_any(header, group, tag=_HEADER), timeout):   # from any worker: the header says who
-            # nothing for `timeout` seconds. (A posted receive cannot be taken back: the server stops
-            # listening here, whatever the mode.)
-            silent = sorted(active - {w for w, _ in pending} - set(inbox))
-            result.lost = silent
-            if pending:   # workers waiting for us: sync waits for everyone; bounded for the slowest
-                why = ("synchronous training waits for every worker" if mode == "sync" else
-                       f"bounded staleness lets no worker get more than {staleness} step(s) ahead of the slowest")
-                result.stopped = (f"server {server} (version {result.version}): no message from worker(s) "
-                                  f"{silent} for {timeout:g} s; {why}, so the run stops here and the waiting "
-                                  f"workers {sorted(w for w, _ in pending)} are told to stop.")
-                for w, s in pending:
-                    reply(w, s, _STOP)
-            break
-        kind, worker, version, step = (int(v) for v in header)
-        count(step, 0, comm.nbytes(header))
-        if kind == PULL:
-            pending.append((worker, step))
-        elif kind == PUSH:
-            comm.recv(grad, servers + worker, group, tag=_GRAD)
-            count(step, 0, comm.nbytes(grad))
-            clock[worker] += 1
-            now = time.perf_counter() - start
-            if mode == "sync":
-                inbox[worker] = grad.clone()
-                if len(inbox) == workers:          # everyone's gradient of this step is in
-                    mean = torch.stack([inbox[w] for w in sorted(inbox)]).mean(dim=0)
-                    apply(mean, 0)
-                    result.updates += [Update(now, w, step, 0) for w in sorted(inbox)]
-                    inbox.clear()
-            else:
-                stale = result.version - version
-                apply(grad, stale)
-                result.updates.append(Update(now, worker, step, stale))
-        elif kind == DONE:
-            active.discard(worker)
+    def push(self, worker: int, version: int, step: int, grad: torch.Tensor) -> None:
+        """A worker's gradient of ``step``, computed at the parameters of ``version``."""
+        self.clock[worker] += 1
+        now = time.perf_counter() - self.start
+        if self.mode == "sync":
+            self.inbox[worker] = grad.clone()
+            if len(self.inbox) == self.workers:          # everyone's gradient of this step is in
+                self.apply(torch.stack([self.inbox[w] for w in sorted(self.inbox)]).mean(dim=0), 0)
+                self.result.updates += [Update(now, w, step, 0) for w in sorted(self.inbox)]
+                self.inbox.clear()
+        else:
+            stale = self.result.version - version
+            self.apply(grad, stale)
+            self.result.updates.append(Update(now, worker, step, stale))
+
+    def answer_pulls(self) -> None:
         still = []
-        for w, s in pending:
-            if may_start(w, s):
-                reply(w, s, float(result.version))
+        for w, s in self.pending:
+            if self.may_start(w, s):
+                self.reply(w, s, float(self.result.version))
             else:
                 still.append((w, s))
-        pending = still
-    for w in sending:               # every reply delivered (to a live worker) before the server returns
-        _arrived(w, timeout)
-    return result
+        self.pending = still
+
+    def give_up(self, timeout: float) -> None:
+        """Nothing for ``timeout`` seconds. (A posted receive cannot be taken back: the server stops listening
+        here, whatever the mode.)"""
+        silent = sorted(self.active - {w for w, _ in self.pending} - set(self.inbox))
+        self.result.lost = silent
+        if self.pending:   # workers waiting for us: sync waits for everyone; bounded for the slowest
+            why = ("synchronous training waits for every worker" if self.mode == "sync" else
+                   f"bounded staleness lets no worker get more than {self.staleness} step(s) ahead of the slowest")
+            self.result.stopped = (f"server {self.result.server} (version {self.result.version}): no message from "
+                                   f"worker(s) {silent} for {timeout:g} s; {why}, so the run stops here and the "
+                                   f"waiting workers {sorted(w for w, _ in self.pending)} are told to stop.")
+            for w, s in self.pending:
+                self.reply(w, s, _STOP)
+
+
+def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode: str = "sync", lr: float = 0.1,
+          staleness: int = 0, scale_lr: bool = False, steps: int = 10, timeout: float = 10.0,
+          group=None) -> ServerResult:
+    """The server loop of rank ``server``: owns ``shard`` (updated in place) until every worker is done."""
+    me = _Server(shard, server, servers, workers, mode, lr, staleness, scale_lr, group)
+    header = torch.zeros(4, dtype=torch.int64)
+    grad = torch.empty_like(shard)
+    with comm.record() as events:
+        while me.active:
+            arrival = comm.irecv_any(header, group, tag=_HEADER)     # from any worker: the header says who
+            if not _arrived(arrival, timeout):
+                me.give_up(timeout)
+                break
+            kind, worker, version, step = (int(v) for v in header)
+            arrival.events[0].label = _step(step)                    # known only now that it has come
+            if kind == PULL:
+                me.pending.append((worker, step))
+            elif kind == PUSH:
+                with comm.label(_step(step)):
+                    comm.recv(grad, servers + worker, group, tag=_GRAD)
+                me.push(worker, version, step, grad)
+            elif kind == DONE:
+                me.active.discard(worker)
+            me.answer_pulls()
+        for w in me.sending:       # every reply delivered (to a live worker) before the server returns
+            _arrived(w, timeout)
+    me.result.events = list(events)
+    return me.result
 
 
 def work(model: nn.Module, worker: int, servers: int, batch_fn: Callable, loss_fn: Callable, *, steps: int = 10,
