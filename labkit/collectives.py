@@ -90,7 +90,7 @@ def _chunks(flat: torch.Tensor, world_size: int) -> list:
     return [flat[a:b] for a, b in chunk_bounds(flat.numel(), world_size)]
 
 
-def ring_all_reduce(tensor: torch.Tensor, op="sum", *,
+def ring_all_reduce(tensor: torch.Tensor, op: str | dist.ReduceOp = "sum", *,
                     trace: list | None = None, check: bool = True,
                     reduce_scatter: Callable = reduce_scatter_phase,
                     all_gather: Callable = all_gather_phase) -> torch.Tensor:
@@ -128,7 +128,7 @@ def ring_all_reduce(tensor: torch.Tensor, op="sum", *,
     return tensor
 
 
-def ring_reduce_scatter(tensor: torch.Tensor, op="sum", *,
+def ring_reduce_scatter(tensor: torch.Tensor, op: str | dist.ReduceOp = "sum", *,
                         check: bool = True) -> torch.Tensor:
     """Reduce-scatter round the ring: returns this rank's chunk ``rank`` of the flattened tensor,
     reduced over all ranks (a view into ``tensor``, whose other chunks hold partial sums).
@@ -167,7 +167,8 @@ def ring_all_gather(tensor: torch.Tensor, *, check: bool = True) -> torch.Tensor
     return out.view(dist.get_world_size(), *tensor.shape)
 
 
-def naive_all_reduce(tensor: torch.Tensor, op="sum", *, root: int = 0, check: bool = True) -> torch.Tensor:
+def naive_all_reduce(tensor: torch.Tensor, op: str | dist.ReduceOp = "sum", *, root: int = 0,
+                     check: bool = True) -> torch.Tensor:
     """The central server: every rank sends its whole tensor to ``root``, which reduces and sends
     the result back to every rank. The root receives and sends (N-1)·M elements: its load grows with N."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -226,7 +227,7 @@ def _tree_broadcast(flat, root):
         mask >>= 1
 
 
-def tree_all_reduce(tensor: torch.Tensor, op="sum", *,
+def tree_all_reduce(tensor: torch.Tensor, op: str | dist.ReduceOp = "sum", *,
                     check: bool = True) -> torch.Tensor:
     """Binomial-tree reduce to rank 0, then binomial-tree broadcast: 2·ceil(log2 N) steps of M
     elements each. Few rounds (good for small messages), but whole tensors in every step."""

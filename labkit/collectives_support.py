@@ -58,7 +58,7 @@ class Recorder:
             self._snapshot()
 
 
-def normalise_op(op) -> str | None:
+def normalise_op(op: object) -> str | None:
     names = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.AVG: "avg", dist.ReduceOp.MAX: "max"}
     if isinstance(op, str):
         return op.lower() if op.lower() in OPS else None
@@ -101,7 +101,7 @@ def _explain(desc: list, name: str) -> str | None:
     return None
 
 
-def resolve_op(tensor: torch.Tensor, op, name: str, check: bool, gather: Callable) -> str:
+def resolve_op(tensor: torch.Tensor, op: object, name: str, check: bool, gather: Callable) -> str:
     """The op's name ("sum", "avg", "max"); with ``check``, after the pre-flight (see :func:`preflight`)."""
     if check:
         return preflight(tensor, op, name, gather)
@@ -113,7 +113,7 @@ def resolve_op(tensor: torch.Tensor, op, name: str, check: bool, gather: Callabl
     return op_name
 
 
-def preflight(tensor: torch.Tensor, op, name: str, gather: Callable) -> str:
+def preflight(tensor: torch.Tensor, op: object, name: str, gather: Callable) -> str:
     """Exchange call descriptions (``gather``: the collectives' own all-gather of equal-sized tensors);
     raise the same error on every rank if they disagree."""
     mine = _describe_call(tensor, op)

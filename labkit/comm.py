@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 __all__ = ["CommEvent", "record", "label", "Traffic", "traffic", "device", "on", "nbytes", "send", "recv", "isend", "irecv",
            "exchange", "irecv_any", "all_reduce", "all_gather", "all_gather_into_tensor",
@@ -121,7 +122,7 @@ class Handle:
     def is_completed(self) -> bool:
         return all(w.is_completed() for w in self.works)
 
-    def get_future(self):
+    def get_future(self) -> torch.futures.Future:
         """The future of a single call (torch's ``Work.get_future``), for a callback when it ends."""
         [work] = self.works
         return work.get_future()
@@ -147,14 +148,14 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def device(group=None) -> torch.device:
+def device(group: ProcessGroup | None = None) -> torch.device:
     """The device every tensor given to ``group``'s communication must be on."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def on(t: torch.Tensor, group=None) -> torch.Tensor:
+def on(t: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
     """``t`` on ``group``'s device (itself when it is there already)."""
     return t.to(device(group))
 
@@ -175,7 +176,7 @@ def _check(group, what: str, *tensors: torch.Tensor) -> None:
 # Point to point
 # ---------------------------------------------------------------------------------------------
 
-def _p2p(ops: Sequence[tuple[str, torch.Tensor, int]], group=None, tag: int = 0) -> Handle:
+def _p2p(ops: Sequence[tuple[str, torch.Tensor, int]], group: ProcessGroup | None = None, tag: int = 0) -> Handle:
     """Start ``[("send"|"recv", tensor, peer), ...]`` together. Peers are global ranks, as in
     ``torch.distributed.send``, also when ``group`` is a subgroup."""
     ops = [(kind, t, peer) for kind, t, peer in ops if t.numel()]  # both ends skip empty tensors
@@ -187,29 +188,30 @@ def _p2p(ops: Sequence[tuple[str, torch.Tensor, int]], group=None, tag: int = 0)
     return Handle(dist.batch_isend_irecv(p2p), events)
 
 
-def isend(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> Handle:
+def isend(t: torch.Tensor, dst: int, group: ProcessGroup | None = None, tag: int = 0) -> Handle:
     return _p2p([("send", t, dst)], group, tag)
 
 
-def irecv(t: torch.Tensor, src: int, group=None, tag: int = 0) -> Handle:
+def irecv(t: torch.Tensor, src: int, group: ProcessGroup | None = None, tag: int = 0) -> Handle:
     return _p2p([("recv", t, src)], group, tag)
 
 
-def send(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> None:
+def send(t: torch.Tensor, dst: int, group: ProcessGroup | None = None, tag: int = 0) -> None:
     isend(t, dst, group, tag).wait()
 
 
-def recv(t: torch.Tensor, src: int, group=None, tag: int = 0) -> None:
+def recv(t: torch.Tensor, src: int, group: ProcessGroup | None = None, tag: int = 0) -> None:
     irecv(t, src, group, tag).wait()
 
 
-def exchange(send_t: torch.Tensor, dst: int, recv_t: torch.Tensor, src: int, group=None, tag: int = 0) -> None:
+def exchange(send_t: torch.Tensor, dst: int, recv_t: torch.Tensor, src: int, group: ProcessGroup | None = None,
+             tag: int = 0) -> None:
     """Send ``send_t`` to ``dst`` while receiving ``recv_t`` from ``src``, and wait for both (one round of
     a ring: started together, so that it cannot deadlock)."""
     _p2p([("recv", recv_t, src), ("send", send_t, dst)], group, tag).wait()
 
 
-def irecv_any(t: torch.Tensor, group=None, tag: int = 0) -> Handle:
+def irecv_any(t: torch.Tensor, group: ProcessGroup | None = None, tag: int = 0) -> Handle:
     """Receive from whichever rank sends first (gloo only); the message itself must say who sent it."""
     if dist.get_backend(group) != "gloo":
         raise RuntimeError(f"receiving from any source needs a gloo group, and this one is "
@@ -234,46 +236,48 @@ def _done(work, event: CommEvent, async_op: bool):
 
 # Each logs its event before torch starts the call: ``start`` is when this rank asked for it.
 
-def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None, async_op: bool = False):
+def all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM, group: ProcessGroup | None = None,
+               async_op: bool = False) -> Handle | None:
     _check(group, "all_reduce", t)
     event = _log("all_reduce", None, t)
     return _done(dist.all_reduce(t, op=op, group=group, async_op=True), event, async_op)
 
 
-def all_gather(outputs: list, t: torch.Tensor, group=None) -> None:
+def all_gather(outputs: list, t: torch.Tensor, group: ProcessGroup | None = None) -> None:
     _check(group, "all_gather", t, *outputs)
     event = _log("all_gather", None, t)
     _done(dist.all_gather(outputs, t, group=group, async_op=True), event, False)
 
 
-def all_gather_into_tensor(output: torch.Tensor, t: torch.Tensor, group=None, async_op: bool = False):
+def all_gather_into_tensor(output: torch.Tensor, t: torch.Tensor, group: ProcessGroup | None = None,
+                           async_op: bool = False) -> Handle | None:
     _check(group, "all_gather_into_tensor", output, t)
     event = _log("all_gather", None, t)
     return _done(_all_gather_single(output, t, group=group, async_op=True), event, async_op)
 
 
-def reduce_scatter_tensor(output: torch.Tensor, t: torch.Tensor, op=dist.ReduceOp.SUM, group=None,
-                          async_op: bool = False):
+def reduce_scatter_tensor(output: torch.Tensor, t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM,
+                          group: ProcessGroup | None = None, async_op: bool = False) -> Handle | None:
     _check(group, "reduce_scatter_tensor", output, t)
     event = _log("reduce_scatter", None, t)
     return _done(_reduce_scatter_single(output, t, op=op, group=group, async_op=True), event, async_op)
 
 
-def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
+def broadcast(t: torch.Tensor, src: int, group: ProcessGroup | None = None, async_op: bool = False) -> Handle | None:
     """``src`` is a global rank, as in ``torch.distributed.broadcast``."""
     _check(group, "broadcast", t)
     event = _log("broadcast", src, t)
     return _done(dist.broadcast(t, src=src, group=group, async_op=True), event, async_op)
 
 
-def gather(t: torch.Tensor, gather_list: list | None, dst: int, group=None) -> None:
+def gather(t: torch.Tensor, gather_list: list | None, dst: int, group: ProcessGroup | None = None) -> None:
     """``dst`` is a global rank; only ``dst`` passes a ``gather_list``."""
     _check(group, "gather", t, *(gather_list or []))
     event = _log("gather", dst, t)
     _done(dist.gather(t, gather_list=gather_list, dst=dst, group=group, async_op=True), event, False)
 
 
-def broadcast_objects(objects: list, src: int, group=None) -> None:
+def broadcast_objects(objects: list, src: int, group: ProcessGroup | None = None) -> None:
     """Rank ``src``'s picklable objects into ``objects`` on every rank (in place; ``bytes`` is 0: torch
     pickles them itself)."""
     event = _log("broadcast_objects", src, None)
@@ -281,7 +285,7 @@ def broadcast_objects(objects: list, src: int, group=None) -> None:
     event.end = time.perf_counter()
 
 
-def all_gather_objects(obj, group=None) -> list:
+def all_gather_objects(obj: object, group: ProcessGroup | None = None) -> list:
     """Every rank's picklable ``obj``, in rank order (``bytes`` is 0: torch pickles them itself)."""
     event = _log("all_gather_objects", None, None)
     out = [None] * dist.get_world_size(group)
@@ -290,7 +294,7 @@ def all_gather_objects(obj, group=None) -> list:
     return out
 
 
-def barrier(group=None) -> None:
+def barrier(group: ProcessGroup | None = None) -> None:
     event = _log("barrier", None, None)
     if dist.get_backend(group) == "nccl":  # NCCL's barrier guesses a device; say which
         dist.barrier(group=group, device_ids=[torch.cuda.current_device()])

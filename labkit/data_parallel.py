@@ -17,6 +17,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 from labkit import comm
 
@@ -32,7 +33,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 def make_linear_data(num_samples: int = 512, num_features: int = 8, noise: float = 0.1,
-                     seed: int = 0, dtype=torch.float32):
+                     seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     """Synthetic regression data y = X w* + b* + noise, made in code (no download).
 
     Returns ``(X, y, w_true, b_true)`` with X of shape (num_samples, num_features), y (num_samples,).
@@ -48,15 +49,15 @@ def make_linear_data(num_samples: int = 512, num_features: int = 8, noise: float
 class LinearRegression(torch.nn.Module):
     """ŷ = x·w + b with mean-squared-error loss; starts from zeros so every replica starts equal."""
 
-    def __init__(self, num_features: int, dtype=torch.float32):
+    def __init__(self, num_features: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(num_features, dtype=dtype))
         self.b = torch.nn.Parameter(torch.zeros((), dtype=dtype))
 
-    def forward(self, X):
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
         return X @ self.w + self.b
 
-    def loss(self, X, y):
+    def loss(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.mean((self(X) - y) ** 2)
 
 
@@ -178,7 +179,7 @@ def server_average_gradients(model: torch.nn.Module, server: int = 0) -> None:
         comm.broadcast(p.grad, src=server)
 
 
-def broadcast_parameters(model: torch.nn.Module, src: int = 0, group=None) -> None:
+def broadcast_parameters(model: torch.nn.Module, src: int = 0, group: ProcessGroup | None = None) -> None:
     """Make every replica start from rank ``src``'s parameters and buffers (what DDP does when it wraps
     a model; ``src`` is a global rank). Frozen parameters too: they are part of the shared model."""
     with torch.no_grad():

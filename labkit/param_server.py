@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -93,7 +94,7 @@ def run_server(shard: torch.Tensor, server: int, servers: int, workers: int, ste
     return shard
 
 
-def run_worker(model: nn.Module, batches, worker: int, servers: int) -> None:
+def run_worker(model: nn.Module, batches: list, worker: int, servers: int) -> None:
     """Worker ``worker`` (rank ``servers + worker``): for each batch (x, y), pull every server's shard into
     the model, compute the gradient of ``F.mse_loss(model(x), y)``, push each server its shard of it."""
     flat = parameters_to_vector(model.parameters()).detach().clone()
@@ -182,7 +183,8 @@ def _step(step: int) -> str:
 class _Server:
     """The state of one server's loop (see :func:`serve`): who is active, who waits for a reply, the pushes."""
 
-    def __init__(self, shard, server, servers, workers, mode, lr, staleness, scale_lr, group):
+    def __init__(self, shard: torch.Tensor, server: int, servers: int, workers: int, mode: str, lr: float,
+                 staleness: int, scale_lr: bool, group: ProcessGroup | None):
         self.result = ServerResult(server, shard)
         self.shard, self.servers, self.workers, self.group = shard, servers, workers, group
         self.mode, self.lr, self.staleness, self.scale_lr = mode, lr, staleness, scale_lr
@@ -204,7 +206,8 @@ class _Server:
                                            tag=_REPLY))
             if version != _STOP:
                 self.sending.append(comm.isend(self.shard.clone(), dst, self.group, tag=_PARAMS))
-        self.sending[:] = [w for w in self.sending if not (w.is_completed() and w.wait())]  # a done one's wait is instant
+        # forget the replies already delivered (a done one's wait is instant)
+        self.sending[:] = [w for w in self.sending if not (w.is_completed() and w.wait())]
 
     def may_start(self, worker: int, step: int) -> bool:
         if self.mode == "sync":
@@ -259,7 +262,7 @@ class _Server:
 
 def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode: str = "sync", lr: float = 0.1,
           staleness: int = 0, scale_lr: bool = False, steps: int = 10, timeout: float = 10.0,
-          group=None) -> ServerResult:
+          group: ProcessGroup | None = None) -> ServerResult:
     """The server loop of rank ``server``: owns ``shard`` (updated in place) until every worker is done."""
     me = _Server(shard, server, servers, workers, mode, lr, staleness, scale_lr, group)
     header = torch.zeros(4, dtype=torch.int64)
@@ -288,7 +291,8 @@ def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode:
 
 
 def work(model: nn.Module, worker: int, servers: int, batch_fn: Callable, loss_fn: Callable, *, steps: int = 10,
-         compute_ms: float = 0.0, slow: float = 1.0, die_at: int | None = None, group=None) -> WorkerResult:
+         compute_ms: float = 0.0, slow: float = 1.0, die_at: int | None = None,
+         group: ProcessGroup | None = None) -> WorkerResult:
     """The worker loop: ``steps`` times pull, compute the gradient of ``loss_fn(model, *batch_fn(worker, step))``,
     push. ``compute_ms`` × ``slow`` of emulated compute time per step (a straggler has slow > 1);
     ``die_at``: stop talking before that step, as a crashed worker would."""
@@ -299,7 +303,7 @@ def work(model: nn.Module, worker: int, servers: int, batch_fn: Callable, loss_f
     version = torch.zeros(1, dtype=torch.float64, device=params.device)
     pulled = [0] * servers
 
-    def tell(server: int, kind: int, pulled_version: int, step: int):
+    def tell(server: int, kind: int, pulled_version: int, step: int) -> None:
         comm.send(torch.tensor([kind, worker, pulled_version, step], dtype=torch.int64, device=params.device),
                   server, group, tag=_HEADER)
 
@@ -336,7 +340,7 @@ def work(model: nn.Module, worker: int, servers: int, batch_fn: Callable, loss_f
 def parameter_server(model_fn: Callable, batch_fn: Callable, loss_fn: Callable, *, servers: int = 1,
                      mode: str = "sync", steps: int = 10, lr: float = 0.1, staleness: int = 0,
                      scale_lr: bool = False, compute_ms: float = 0.0, slow: dict | None = None,
-                     die_at: dict | None = None, timeout: float = 10.0):
+                     die_at: dict | None = None, timeout: float = 10.0) -> ServerResult | WorkerResult:
     """Run this rank's role (call it on every rank of a launched world of S + W processes)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; the modes are {', '.join(MODES)}")

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 import torch.nn.functional as F
 from torch import nn
 
@@ -151,17 +152,17 @@ class GatherFromParallel(torch.autograd.Function):
         return _my_slice(grad, -1, ctx.group).contiguous(), None
 
 
-def copy_to_tensor_parallel(x: torch.Tensor, group=None) -> torch.Tensor:
+def copy_to_tensor_parallel(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
     """f: forward the identity; backward all-reduce (sum) the gradient over ``group`` (default: world)."""
     return CopyToParallel.apply(x, group)
 
 
-def reduce_from_tensor_parallel(x: torch.Tensor, group=None) -> torch.Tensor:
+def reduce_from_tensor_parallel(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
     """g: forward all-reduce (sum) over ``group``; backward the identity."""
     return ReduceFromParallel.apply(x, group)
 
 
-def gather_from_tensor_parallel(x: torch.Tensor, group=None) -> torch.Tensor:
+def gather_from_tensor_parallel(x: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
     """Forward: all-gather the ranks' slices and concatenate them along the last dimension, in rank
     order; backward: keep this rank's slice of the gradient."""
     return GatherFromParallel.apply(x, group)
@@ -203,7 +204,7 @@ class _ParallelLinear(nn.Module):
 
     shards_bias = True
 
-    def __init__(self, linear: nn.Linear, group=None):
+    def __init__(self, linear: nn.Linear, group: ProcessGroup | None = None):
         super().__init__()
         self.group = group
         self.rank, self.tp = _rank_and_size(group)
@@ -230,7 +231,8 @@ class ColumnParallelLinear(_ParallelLinear):
     ``parts``: W is that many matrices stacked (attention's c_attn: q, k and v, so 3); each is cut
     separately and this rank keeps its slice of every one, stacked in the same order."""
 
-    def __init__(self, linear: nn.Linear, group=None, gather_output: bool = False, parts: int = 1):
+    def __init__(self, linear: nn.Linear, group: ProcessGroup | None = None, gather_output: bool = False,
+                 parts: int = 1):
         _check_dense(type(self).__name__, linear)
         tp = _rank_and_size(group)[1]
         _check_divisible("out_features", linear.out_features, tp * parts,
@@ -259,7 +261,7 @@ class RowParallelLinear(_ParallelLinear):
 
     shards_bias = False
 
-    def __init__(self, linear: nn.Linear, group=None):
+    def __init__(self, linear: nn.Linear, group: ProcessGroup | None = None):
         _check_dense(type(self).__name__, linear)
         _check_divisible("in_features", linear.in_features, _rank_and_size(group)[1], "the group size")
         super().__init__(linear, group)
@@ -286,7 +288,7 @@ class ParallelMLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     @classmethod
-    def from_dense(cls, mlp, group=None) -> "ParallelMLP":
+    def from_dense(cls, mlp, group: ProcessGroup | None = None) -> "ParallelMLP":
         return cls(ColumnParallelLinear(mlp.c_fc, group), RowParallelLinear(mlp.c_proj, group), mlp.dropout.p)
 
     def forward(self, x):
@@ -310,7 +312,7 @@ class ParallelSelfAttention(nn.Module):
         self.register_buffer("mask", mask, persistent=False)
 
     @classmethod
-    def from_dense(cls, attn, group=None) -> "ParallelSelfAttention":
+    def from_dense(cls, attn, group: ProcessGroup | None = None) -> "ParallelSelfAttention":
         _check_divisible("n_head", attn.n_head, _rank_and_size(group)[1], "the group size")
         return cls(ColumnParallelLinear(attn.c_attn, group, parts=3), RowParallelLinear(attn.c_proj, group),
                    attn.n_head, attn.mask.clone(), attn.flash, attn.attn_dropout.p)
@@ -340,7 +342,7 @@ class ParallelBlock(nn.Module):
         self.ln_1, self.attn, self.ln_2, self.mlp = ln_1, attn, ln_2, mlp
 
     @classmethod
-    def from_dense(cls, block, group=None) -> "ParallelBlock":
+    def from_dense(cls, block, group: ProcessGroup | None = None) -> "ParallelBlock":
         return cls(copy.deepcopy(block.ln_1), ParallelSelfAttention.from_dense(block.attn, group),
                    copy.deepcopy(block.ln_2), ParallelMLP.from_dense(block.mlp, group))
 
@@ -350,7 +352,7 @@ class ParallelBlock(nn.Module):
         return x
 
 
-def tensor_parallel_gpt(model: nn.Module, group=None) -> nn.Module:
+def tensor_parallel_gpt(model: nn.Module, group: ProcessGroup | None = None) -> nn.Module:
     """A copy of ``model`` (a labkit GPT, the same on every rank) whose blocks are cut across the ranks
     of ``group``; the embeddings, the final LayerNorm and the tied output layer stay whole on every
     rank. Loss and gradients equal the dense model's (compare them with :func:`shard_like`)."""
