@@ -34,7 +34,7 @@ __all__ = ["OPTIMIZERS", "make_optimizer", "average_parameters", "run_gradient_a
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
     """The three optimizers the lesson compares, with the same learning rate."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
@@ -51,7 +51,7 @@ def average_parameters(model: torch.nn.Module) -> None:
         all_reduce_mean_(list(model.parameters()))
 
 
-def run_gradient_averaging(X, y, optimizer: str, steps: int, lr: float) -> torch.Tensor:
+def run_gradient_averaging(X: torch.Tensor, y: torch.Tensor, optimizer: str, steps: int, lr: float) -> torch.Tensor:
     """Synchronous data parallelism on this rank's shard (X, y). Returns θ after each step
     (row 0: the start), shape (steps + 1, num_params)."""
     model = LinearRegression(X.shape[1], dtype=X.dtype)  # zeros: every rank starts equal
@@ -66,7 +66,7 @@ def run_gradient_averaging(X, y, optimizer: str, steps: int, lr: float) -> torch
     return torch.stack(history)
 
 
-def run_parameter_averaging(X, y, optimizer: str, rounds: int, local_steps: int, lr: float,
+def run_parameter_averaging(X: torch.Tensor, y: torch.Tensor, optimizer: str, rounds: int, local_steps: int, lr: float,
                             reset_state: bool = False) -> torch.Tensor:
     """Local SGD on this rank's shard (X, y): ``local_steps`` steps alone, then average the weights.
     The optimizer state (momentum, Adam's moments) stays on the rank and is carried from round to
@@ -104,7 +104,8 @@ def _gap_worker(X, y, optimizers, local_steps, rounds, lr, reset_state):
     return gaps if rank == 0 else None
 
 
-def averaging_gap(X, y, world_size: int, optimizers=OPTIMIZERS, local_steps=(1,), rounds: int = 1,
+def averaging_gap(X: torch.Tensor, y: torch.Tensor, world_size: int, optimizers: tuple = OPTIMIZERS,
+                  local_steps: tuple = (1,), rounds: int = 1,
                   lr: float = 0.05, reset_state: bool = False) -> dict:
     """Parameter averaging versus gradient averaging, measured on ``world_size`` processes: both start
     from the same weights, use the same optimizer and learning rate, and are compared after the same

@@ -25,6 +25,8 @@ torch's or labkit's DDP (both act after the gradient is accumulated) replace it 
 from __future__ import annotations
 
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
@@ -142,7 +144,7 @@ class AdaScale(Optimizer):
         self._local_sqr, self._backwards = None, 0
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         if closure is not None:
             raise ValueError("AdaScale.step does not take a closure: the gain needs the backward passes "
                              "to have run before step()")

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import math
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.optim import Optimizer
@@ -57,7 +59,7 @@ class Lamb(Optimizer):
         super().add_param_group(param_group)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():

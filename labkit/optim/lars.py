@@ -12,6 +12,8 @@ LAMB (``labkit.optim.lamb``) keeps this per-layer idea and puts Adam's direction
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.optim import Optimizer
 
@@ -30,7 +32,7 @@ class LARS(Optimizer):
                                       trust_coefficient=trust_coefficient, adapt=adapt))
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
