@@ -213,8 +213,10 @@ class Watch:
     :attr:`calls`, never waiting longer than ``deadline`` seconds (then :class:`CheckFailed` with every rank's
     state from ``board``). Waiting does not count against a :func:`labkit.checks.time_limit` around it.
 
-    Subclass hooks: :meth:`on_call` (check or annotate a call before it goes; raise :class:`CheckFailed` to
-    stop), :meth:`rank_name`, :meth:`stuck_hints` (what the ranks' states mean for this exercise)."""
+    Subclass hooks: :meth:`on_call` (check or annotate a call before it goes, e.g. its ``phase``, which the
+    stuck message shows as "during <phase>"; raise :class:`CheckFailed` to stop), :meth:`rank_name`,
+    :meth:`stuck_hints` (what the ranks' states mean for this exercise), :meth:`moment`. :attr:`real` holds the
+    functions the watched calls end in (torch's, read at each call): a subclass may wrap them."""
 
     def __init__(self, ops: Sequence[str], *, deadline: float, board: Board | None = None, defer: bool = False,
                  comm_too: bool = False):
@@ -243,10 +245,11 @@ class Watch:
         """What the ranks' states mean; the default names collectives that differ between ranks, a rank that
         returned and a rank still in its own code."""
         hints, waiting = [], {r: s for r, s in states.items() if s["state"] == "waiting"}
-        kinds = {(s["op"], s.get("count")) for s in waiting.values() if s.get("peer") is None}
+        collectives = {r: s for r, s in waiting.items() if s["op"] not in _P2P}   # a receive from any rank has no
+        kinds = {(s["op"], s.get("count")) for s in collectives.values()}         # peer either: not a collective
         if len(kinds) > 1:
             where = and_list(f"{self.rank_name(r)} in its {_nth(s.get('count', 0))} {s['op']}"
-                             for r, s in sorted(waiting.items()))
+                             for r, s in sorted(collectives.items()))
             hints.append(f"→ the ranks wait in different calls ({where}): every rank must call the same "
                          f"collectives, in the same order, the same number of times.")
         for r, s in sorted(waiting.items()):
@@ -313,14 +316,27 @@ class Watch:
             tensor = tensor[0] if tensor else None
         group = named.get("group")
         peer = named.get("dst", named.get("src"))
+        if peer is not None and not isinstance(peer, bool):
+            try:
+                peer = int(peer)            # an int, or a one-element tensor as torch accepts
+            except (TypeError, ValueError, RuntimeError):
+                pass
+        if peer is not None and not isinstance(peer, int):    # on_call may still name it its own way
+            bad_peer, peer = peer, None
+        else:
+            bad_peer = None
         reduce_op = named.get("op")
         user_async = bool(named.get("async_op", False)) or op in ("isend", "irecv")
         call = Call(index=len(self.calls), op=op, phase=self.phase,
                     numel=tensor.numel() if isinstance(tensor, torch.Tensor) else 0,
                     dtype=str(tensor.dtype).replace("torch.", "") if isinstance(tensor, torch.Tensor) else "",
-                    group_size=dist.get_world_size(group), peer=None if peer is None else int(peer),
+                    group_size=dist.get_world_size(group), peer=peer,
                     reduce_op=None if reduce_op is None else str(reduce_op), async_op=user_async)
         self.on_call(call, named)
+        if bad_peer is not None and call.peer is None:
+            key = "dst" if "dst" in named else "src"
+            raise CheckFailed(f"dist.{op} was called with {key}={bad_peer!r}: {key} is a rank, an int "
+                              f"(0 .. {dist.get_world_size(group) - 1}).")
         self.calls.append(call)
         if op in _P2P:                       # a blocking send/recv is the non-blocking one, waited here
             real = self.real[_P2P[op]]
@@ -342,7 +358,7 @@ class Watch:
         if user_async:
             return handle
         handle.wait()
-        return None
+        return call.peer if op == "recv" else None     # torch's recv returns the sender
 
     def _wait(self, work, call: Call) -> None:
         """``work.wait()``, but never longer than the deadline; the time does not count as the student's."""
@@ -365,6 +381,8 @@ class Watch:
         if not finished:
             raise CheckFailed(self._stuck_message(call))
         if "error" in box:
+            if isinstance(box["error"], CheckFailed):       # the checker's own finding inside the wait (a subclass's)
+                raise box["error"]
             states = self.board.states() if self.board else {}
             if any(s["state"] == "returned" for r, s in states.items() if r != self._rank()):
                 raise CheckFailed(self._stuck_message(call, failed=box["error"]))
