@@ -1,11 +1,17 @@
 """The checkers of exercise 7 accept the solution notebook's server and worker loops and reject each known-wrong
-version with a message that names the mistake: the sum instead of the mean (factor W), an update before all
-gradients arrived, one receive buffer for all workers, stale parameters (pulled once, or never copied into the
-model), a worker that never pushes, accumulated gradients, overlapping or gapped shards, messages to the wrong
-rank; a hang is stopped with what every rank was doing, an exception shows that rank's traceback, and the
-exercise notebook's stubs read as not written. A wrong version stops at the first configuration (3 workers,
-2 servers), in one launch; the solution runs on every default configuration."""
+version with a message that names the mistake. The wrong versions are small edits of labkit's own run_server and
+run_worker: every row of the checker's tables (ARRIVAL_MISTAKES, UPDATE_MISTAKES, PUSH_MISTAKES: an update before
+all gradients arrived, the sum instead of the mean, one receive buffer for all workers, no step, stale or never
+copied parameters, accumulated gradients, ...) is built from its own edits and must be named with its own words;
+so are the mistakes found while the messages go (a worker that never pushes or pulls only once, overlapping or
+gapped shards, messages to the wrong rank, a float32 buffer). A hang is stopped with what every rank was doing,
+an exception shows that rank's traceback, and the exercise notebook's stubs read as not written. A wrong version
+stops at the first configuration (3 workers, 2 servers), in one launch; the solution runs on every default
+configuration."""
 
+import inspect
+import re
+import textwrap
 import time
 from pathlib import Path
 
@@ -16,8 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from labkit.checks import CheckFailed
-from labkit.checks.ex07 import (CONFIGS, LR, STEPS, check_parameter_server, check_server, check_worker, make_batches,
-                                make_model, sync_sgd)
+from labkit.checks.ex07 import (ARRIVAL_MISTAKES, CONFIGS, LR, PUSH_MISTAKES, STEPS, UPDATE_MISTAKES,
+                                check_parameter_server, check_server, check_worker, make_batches, make_model, sync_sgd)
 from labkit.param_server import run_server as reference_server
 from labkit.param_server import run_worker as reference_worker
 from labkit.param_server import shard_bounds
@@ -42,6 +48,20 @@ SOLUTION = _namespace()
 run_server, run_worker = SOLUTION["run_server"], SOLUTION["run_worker"]
 set_flat_params, flat_params, flat_grad = SOLUTION["set_flat_params"], SOLUTION["flat_params"], SOLUTION["flat_grad"]
 HEAD = "on 3 workers and 2 servers (5 processes): "
+
+
+def mutant(fn, edits, name):
+    """labkit's ``fn`` with each edit (code, replacement) made on the one line that holds the code: a wrong
+    version as a small change of labkit's implementation."""
+    source = textwrap.dedent(inspect.getsource(fn))
+    for code, replacement in edits:
+        assert source.count(code) == 1, f"{code!r} is not once in {fn.__name__}'s source"
+        source = source.replace(code, replacement)
+    namespace = {**vars(inspect.getmodule(fn)), "__name__": "__main__"}   # travels by value, as a notebook's
+    exec(compile(source, f"<{name}>", "exec"), namespace)
+    wrong = namespace[fn.__name__]
+    wrong.__name__ = wrong.__qualname__ = name
+    return wrong
 
 
 def assert_rejected(check, args, expected, **kwargs):
@@ -116,80 +136,59 @@ def test_a_students_own_not_implemented_is_worded():
 
 
 # --------------------------------------------------------------------------------------------
-# The server (7a): the known-wrong versions
+# The checker's tables: each row's wrong version, built from its edits, is named with its own words
 # --------------------------------------------------------------------------------------------
 
-def server_sums(shard, server, servers, workers, steps, lr):
-    for step in range(steps):
-        for w in range(workers):
-            dist.send(shard, dst=servers + w)
-        grads = [torch.empty_like(shard) for _ in range(workers)]
-        for w in range(workers):
-            dist.recv(grads[w], src=servers + w)
-        shard -= lr * torch.stack(grads).sum(dim=0)
-    return shard
+UPDATE = "Each step: shard -= lr · (1/W) Σ_w g_w, the mean of the 3 gradients received, applied once"
 
 
-def server_applies_each_on_arrival(shard, server, servers, workers, steps, lr):
-    """Answers a worker's pull, takes its gradient, applies it; then the next worker: asynchronous, not sync."""
-    for step in range(steps):
-        for w in range(workers):
-            dist.send(shard, dst=servers + w)
-            grad = torch.empty_like(shard)
-            dist.recv(grad, src=servers + w)
-            shard -= lr * grad / workers
-    return shard
+@pytest.mark.parametrize("mistake", UPDATE_MISTAKES, ids=[m.name for m in UPDATE_MISTAKES])
+def test_every_wrong_update_is_named(mistake):
+    server = mutant(reference_server, mistake.variant.edits, "server_" + mistake.name.replace("-", "_"))
+    assert_rejected(check_server, (server,), [
+        f"{server.__name__} (with labkit's workers) is wrong " + HEAD + "server 0 answered worker 0's pull of step 1 "
+        "with the wrong parameters: parameter ", "The update of step 0 is wrong (what server 0 sent at step 0 and the "
+        "gradients it received then were right): " + mistake.says.format(s=0, v=2, W=3, others="2 gradients"), UPDATE])
 
 
-def server_one_buffer(shard, server, servers, workers, steps, lr):
-    grad = torch.empty_like(shard)
-    for step in range(steps):
-        for w in range(workers):
-            dist.send(shard, dst=servers + w)
-        for w in range(workers):
-            dist.recv(grad, src=servers + w)
-        shard -= lr * grad
-    return shard
+@pytest.mark.parametrize("mistake", ARRIVAL_MISTAKES, ids=[m.name for m in ARRIVAL_MISTAKES])
+def test_every_update_before_all_gradients_arrived_is_named(mistake):
+    server = mutant(reference_server, mistake.variant.edits, "server_" + mistake.name.replace("-", "_"))
+    assert_rejected(check_server, (server,), [
+        HEAD + "server 0 answered worker 1's pull of step 0 with the wrong parameters",
+        "It sent worker 0 the right shard of step 0, then changed its shard before answering worker 1's pull of the "
+        "same step: it applied a gradient before all 3 gradients of the step had arrived",
+        mistake.says.format(w=1, who="worker 0's gradient", t=0, W=3),
+        "Synchronous: send the shard to every worker, then receive all 3 gradients, then apply their mean"])
 
 
-def server_never_updates(shard, server, servers, workers, steps, lr):
-    for step in range(steps):
-        for w in range(workers):
-            dist.send(shard, dst=servers + w)
-        grads = [torch.empty_like(shard) for _ in range(workers)]
-        for w in range(workers):
-            dist.recv(grads[w], src=servers + w)
-        shard - lr * torch.stack(grads).mean(dim=0)   # computed, never stored
-    return shard
+@pytest.mark.parametrize("mistake", PUSH_MISTAKES, ids=[m.name for m in PUSH_MISTAKES])
+def test_every_wrong_gradient_is_named(mistake):
+    worker = mutant(reference_worker, mistake.variant.edits, "worker_" + mistake.name.replace("-", "_"))
+    message = assert_rejected(check_worker, (worker,), [
+        f"{worker.__name__} (with labkit's servers) is wrong " + HEAD + "worker 0 pushed the wrong gradient at step "])
+    t = int(re.search(r"pushed the wrong gradient at step (\d+): element \d+ is ", message).group(1))
+    assert t <= 1 and mistake.says.format(w=0, t=t, prev=t - 1) in message, message
 
 
-def server_skips_worker_0(shard, server, servers, workers, steps, lr):
-    for step in range(steps):
-        for w in range(workers):
-            dist.send(shard, dst=servers + w)
-        grads = [torch.empty_like(shard) for _ in range(workers)]
-        for w in range(1, workers):
-            dist.recv(grads[w], src=servers + w)
-        shard -= lr * torch.stack(grads[1:]).mean(dim=0)
-    return shard
+def test_the_tables_name_different_mistakes():
+    for table in (ARRIVAL_MISTAKES, UPDATE_MISTAKES, PUSH_MISTAKES):
+        assert len({m.name for m in table}) == len({m.says for m in table}) == len(table)
 
 
-def server_receives_first(shard, server, servers, workers, steps, lr):
-    for step in range(steps):
-        grads = [torch.empty_like(shard) for _ in range(workers)]
-        for w in range(workers):
-            dist.recv(grads[w], src=servers + w)
-        shard -= lr * torch.stack(grads).mean(dim=0)
-        for w in range(workers):
-            dist.send(shard, dst=servers + w)
-    return shard
+# --------------------------------------------------------------------------------------------
+# The server (7a): mistakes found while the messages go
+# --------------------------------------------------------------------------------------------
 
-
-def server_wrong_ranks(shard, server, servers, workers, steps, lr):
-    for step in range(steps):
-        for w in range(workers):
-            dist.send(shard, dst=w)          # worker w is rank servers + w
-    return shard
+SEND, RECV = "comm.send(shard, servers + w)", "comm.recv(grads[w], servers + w)"
+MEAN = "shard -= lr * torch.stack(grads).mean(dim=0)"
+server_skips_worker_0 = mutant(reference_server, [(RECV, "if w > 0: " + RECV),
+                                                  (MEAN, MEAN.replace("(grads)", "(grads[1:])"))],
+                               "server_skips_worker_0")
+server_receives_first = mutant(reference_server, [(SEND, "pass"), (MEAN, MEAN + "; [comm.send(shard, servers + v) "
+                                                                        "for v in range(workers)]")],
+                               "server_receives_first")
+server_wrong_ranks = mutant(reference_server, [(SEND, "comm.send(shard, w)")], "server_wrong_ranks")  # w: servers + w
 
 
 def server_broken(shard, server, servers, workers, steps, lr):
@@ -203,55 +202,28 @@ def server_broken(shard, server, servers, workers, steps, lr):
     return shard
 
 
-UPDATE = "Each step: shard -= lr · (1/W) Σ_w g_w, the mean of the 3 gradients received, applied once"
-
-
-@pytest.mark.parametrize("server,expected", [
-    (server_sums, ["server 0 answered worker 0's pull of step 1 with the wrong parameters: parameter 0 is ",
-                   "The update of step 0 is wrong",
-                   "the step is 3 times too large (measured factor 3 = W, the number of workers): server 0 applied "
-                   "the sum of the 3 gradients, not their mean", UPDATE]),
-    (server_applies_each_on_arrival,
-     ["server 0 answered worker 1's pull of step 0 with the wrong parameters",
-      "It sent worker 0 the right shard of step 0, then changed its shard before answering worker 1's pull of the "
-      "same step: it applied a gradient before all 3 gradients of the step had arrived",
-      "The parameters it sent worker 1 had already moved by worker 0's gradient of step 0 (lr · g / 3 each)",
-      "Synchronous: send the shard to every worker, then receive all 3 gradients, then apply their mean"]),
-    (server_one_buffer,
-     ["server 0 answered worker 0's pull of step 1 with the wrong parameters",
-      "the step is −lr · g with g worker 2's gradient alone: the other 2 gradients of the step were lost",
-      "keep one buffer per worker"]),
-    (server_never_updates,
-     ["server 0 answered worker 0's pull of step 1", "The update of step 0 is wrong",
-      "the shard did not change: server 0 sent the same parameters again"]),
-], ids=["sum", "update-on-arrival", "one-buffer", "never-updates"])
-def test_wrong_servers_are_named(server, expected):
-    assert_rejected(check_server, (server,), [f"{server.__name__} (with labkit's workers) is wrong " + HEAD + expected[0],
-                                              *expected[1:]])
-
-
 def test_a_server_that_skips_a_workers_gradient_hangs_and_is_stopped_naming_who_waited():
     message = assert_rejected(check_server, (server_skips_worker_0,), [
-        "waited 1 s in dist.send(dst=", "the run hung, and the check stopped it",
-        "What every rank was doing at that moment:",
-        "server 0 (rank 0): waiting in dist.send(dst=2) with server 0's shard of step 1",
+        "waited 1 s in its ", "the run is deadlocked, and the check stopped it", "What every rank was doing:",
+        "server 0 (rank 0): waiting in its 4th dist.send (peer 2), during worker 0's pull of step 1",
         "→ server 0 went on to step 1 without receiving worker 0's gradient of step 0 (0 gradients from it in all)"],
         timeout=2)
     assert message.startswith("server_skips_worker_0 (with labkit's workers) is wrong " + HEAD)
-    assert "worker 0 (rank 2): waiting in dist.send(dst=0) with worker 0's gradient of step 0 for server 0" in message
+    assert "worker 0 (rank 2): waiting in its 1st dist.send (peer 0), during worker 0's push of step 0 to server 0" \
+        in message
 
 
 def test_a_server_that_receives_before_sending_deadlocks_and_is_explained():
     assert_rejected(check_server, (server_receives_first,), [
-        "waited 1 s in dist.", "the run hung",
+        "waited 1 s in its 1st dist.", "the run is deadlocked",
         "→ server 0 waits for worker 0's gradient of step 0 before it has sent that worker its shard of step 0, "
         "which the worker waits for first: each waits for the other"], timeout=2)
 
 
 def test_a_message_to_the_wrong_rank_is_named():
     assert_rejected(check_server, (server_wrong_ranks,), [
-        "server 0 (rank 0) called dist.send(dst=0): that is itself. Here the 2 servers are ranks 0 .. 1 (server s is rank s), the 3 workers ranks 2 .. 4 (worker w is rank "
-        "servers + w = 2 + w)"])
+        "server 0 (rank 0) called dist.send(dst=0): that is itself. Here the 2 servers are ranks 0 .. 1 (server s is "
+        "rank s), the 3 workers ranks 2 .. 4 (worker w is rank servers + w = 2 + w)"])
 
 
 def test_an_exception_in_the_server_shows_that_ranks_traceback():
@@ -262,154 +234,61 @@ def test_an_exception_in_the_server_shows_that_ranks_traceback():
 
 
 # --------------------------------------------------------------------------------------------
-# The worker (7b): the known-wrong versions
+# The worker (7b): mistakes found while the messages go
 # --------------------------------------------------------------------------------------------
 
-def _step(model, x, y):
-    model.zero_grad()
-    F.mse_loss(model(x), y).backward()
-    return flat_grad(model)
+PULL, PUSH = "comm.recv(flat[a:b], s)", "comm.send(grad[a:b], s)"
+BOUNDS = "bounds = shard_bounds(flat.numel(), servers)"
+WRONG_WORKERS = {
+    "worker_pulls_once": [("for x, y in batches:", "for step, (x, y) in enumerate(batches):"),
+                          (PULL, "if step == 0: " + PULL)],
+    "worker_never_pushes": [(PUSH, "pass")],
+    "worker_overlapping": [(BOUNDS, "bounds = [(a, b + 1) for a, b in shard_bounds(flat.numel(), servers)]")],
+    "worker_gap": [(BOUNDS, "n = flat.numel(); bounds = [(s * (n // servers), (s + 1) * (n // servers)) "
+                            "for s in range(servers)]")],
+    "worker_to_workers": [(PUSH, "comm.send(grad[a:b], servers + s)")],
+    "worker_float32": [(PULL, "comm.recv(torch.empty(b - a), s)")],
+}
+worker_gap = mutant(reference_worker, WRONG_WORKERS["worker_gap"], "worker_gap")
 
 
-def worker_pulls_once(model, batches, worker, servers):
-    flat = flat_params(model)
-    bounds = shard_bounds(flat.numel(), servers)
-    for step, (x, y) in enumerate(batches):
-        if step == 0:
-            for s, (a, b) in enumerate(bounds):
-                dist.recv(flat[a:b], src=s)
-            set_flat_params(model, flat)
-        grad = _step(model, x, y)
-        for s, (a, b) in enumerate(bounds):
-            dist.send(grad[a:b], dst=s)
-
-
-def worker_not_copying(model, batches, worker, servers):
-    flat = flat_params(model)
-    bounds = shard_bounds(flat.numel(), servers)
-    for x, y in batches:
-        for s, (a, b) in enumerate(bounds):
-            dist.recv(flat[a:b], src=s)
-        grad = _step(model, x, y)
-        for s, (a, b) in enumerate(bounds):
-            dist.send(grad[a:b], dst=s)
-
-
-def worker_never_pushes(model, batches, worker, servers):
-    flat = flat_params(model)
-    bounds = shard_bounds(flat.numel(), servers)
-    for x, y in batches:
-        for s, (a, b) in enumerate(bounds):
-            dist.recv(flat[a:b], src=s)
-        set_flat_params(model, flat)
-        _step(model, x, y)
-
-
-def worker_no_zero_grad(model, batches, worker, servers):
-    flat = flat_params(model)
-    bounds = shard_bounds(flat.numel(), servers)
-    for x, y in batches:
-        for s, (a, b) in enumerate(bounds):
-            dist.recv(flat[a:b], src=s)
-        set_flat_params(model, flat)
-        F.mse_loss(model(x), y).backward()
-        grad = flat_grad(model)
-        for s, (a, b) in enumerate(bounds):
-            dist.send(grad[a:b], dst=s)
-
-
-def worker_copies_after_backward(model, batches, worker, servers):
-    flat = flat_params(model)
-    bounds = shard_bounds(flat.numel(), servers)
-    for x, y in batches:
-        for s, (a, b) in enumerate(bounds):
-            dist.recv(flat[a:b], src=s)
-        grad = _step(model, x, y)
-        set_flat_params(model, flat)
-        for s, (a, b) in enumerate(bounds):
-            dist.send(grad[a:b], dst=s)
-
-
-def _with_bounds(bounds_fn):
-    def worker(model, batches, worker, servers):
-        flat = flat_params(model)
-        bounds = bounds_fn(flat.numel(), servers)
-        for x, y in batches:
-            for s, (a, b) in enumerate(bounds):
-                dist.recv(flat[a:b], src=s)
-            set_flat_params(model, flat)
-            grad = _step(model, x, y)
-            for s, (a, b) in enumerate(bounds):
-                dist.send(grad[a:b], dst=s)
-    return worker
-
-
-worker_overlapping = _with_bounds(lambda n, S: [(a, b + 1) for a, b in shard_bounds(n, S)])
-worker_overlapping.__name__ = "worker_overlapping"
-worker_gap = _with_bounds(lambda n, S: [(s * (n // S), (s + 1) * (n // S)) for s in range(S)])
-worker_gap.__name__ = "worker_gap"
-
-
-def worker_to_workers(model, batches, worker, servers):
-    flat = flat_params(model)
-    bounds = shard_bounds(flat.numel(), servers)
-    for x, y in batches:
-        for s, (a, b) in enumerate(bounds):
-            dist.recv(flat[a:b], src=s)
-        set_flat_params(model, flat)
-        grad = _step(model, x, y)
-        for s, (a, b) in enumerate(bounds):
-            dist.send(grad[a:b], dst=servers + s)
-
-
-def worker_float32(model, batches, worker, servers):
-    flat = flat_params(model)
-    bounds = shard_bounds(flat.numel(), servers)
-    for x, y in batches:
-        for s, (a, b) in enumerate(bounds):
-            buffer = torch.empty(b - a)
-            dist.recv(buffer, src=s)
-            flat[a:b] = buffer
-
-
-@pytest.mark.parametrize("worker,expected", [
-    (worker_pulls_once,
+@pytest.mark.parametrize("name,expected", [
+    ("worker_pulls_once",
      ["worker 0 (rank 2) pushes its gradient of step 1 to server 0, but it pulled server 0's shard only 1 time (last "
       "for step 0): it computed the gradient of step 1 on stale parameters, those of step 0",
       "in synchronous training every step starts with a pull from every server"]),
-    (worker_not_copying,
-     ["worker_not_copying (with labkit's servers) is wrong " + HEAD + "worker 0 pushed the wrong gradient at step 1: "
-      "element 0 is ", "It is the gradient at the initial parameters θ_0: the shards worker 0 pulled never reached the "
-      "model, which still holds θ_0", "set_flat_params(model, flat)"]),
-    (worker_never_pushes,
+    ("worker_never_pushes",
      ["worker 0 (rank 2) pulls server 0's shard of step 1, but it has pushed server 0 only 0 gradients: its gradient "
       "of step 0 never went out. Server 0 waits for that gradient before it answers the pull of step 1, so both "
       "would wait forever"]),
-    (worker_no_zero_grad,
-     [HEAD + "worker 0 pushed the wrong gradient at step 1", "It is the sum of worker 0's gradients of steps 0 .. 1: "
-      "backward adds to .grad, and the gradients were never zeroed. Call model.zero_grad()"]),
-    (worker_copies_after_backward,
-     [HEAD + "worker 0 pushed the wrong gradient at step 1", "It is the gradient at the parameters of step 0, one step "
-      "behind"]),
-    (worker_overlapping,
+    ("worker_overlapping",
      ["worker 0 (rank 2) pulls server 0's shard into flat[0:13] (13 elements), but server 0 holds elements [0, 12) of "
       "the 23 parameters (12 elements: shard_bounds(23, 2)[0] = (0, 12)). Elements [12, 13) are in server 1's shard "
       "too: the shards overlap, and those parameters would be pulled from two servers and updated by both "
       "(flat[a:b + 1]: a Python slice already leaves its end out, [a, b) is flat[a:b]). Cut both the pulls and the "
       "pushes with a, b = shard_bounds(flat.numel(), servers)[s]"]),
-    (worker_gap,
+    ("worker_gap",
      ["worker 0 (rank 2) pulls server 0's shard into flat[0:11] (11 elements), but server 0 holds elements [0, 12)",
       "Elements [11, 12) are left out: a gap, those parameters would never be pulled or updated (23 // 2 = 11 "
       "elements per server: the last 1 parameter(s) then belong to no server"]),
-    (worker_to_workers,
-     ["worker 0 (rank 2) called dist.send(dst=2): that is itself"]),
-    (worker_float32,
-     ["worker 0 (rank 2): the buffer it pulls server 0's shard into is a torch.float32 tensor; the parameters and their "
-      "gradients are torch.float64"]),
-], ids=["pulls-once", "not-copying", "never-pushes", "no-zero-grad", "copies-after-backward", "overlap", "gap",
-        "sends-to-a-worker", "float32"])
-def test_wrong_workers_are_named(worker, expected):
-    assert_rejected(check_worker, (worker,), expected)
+    ("worker_to_workers", ["worker 0 (rank 2) called dist.send(dst=2): that is itself"]),
+    ("worker_float32",
+     ["worker 0 (rank 2): the buffer it pulls server 0's shard into is a torch.float32 tensor; the parameters and "
+      "their gradients are torch.float64"]),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_wrong_workers_are_named(name, expected):
+    assert_rejected(check_worker, (mutant(reference_worker, WRONG_WORKERS[name], name),),
+                    [f"{name} (with labkit's servers) is wrong " + HEAD, *expected])
+
+
+def test_a_message_of_another_size_is_named_by_its_header():
+    """A pull from any server (no src=: the slice checks cannot know whose shard it is) into a buffer of the wrong
+    size: the checker's header names both sizes instead of gloo failing."""
+    worker = mutant(reference_worker, [(PULL, "comm.recv(torch.empty(5, dtype=torch.float64))")], "worker_any_source")
+    assert_rejected(check_worker, (worker,), [
+        "worker_any_source (with labkit's servers) is wrong on 2 workers and 1 server (3 processes): worker 0 (rank 1) "
+        "receives worker 0's pull of step 0 from server 0 into a buffer of 5 elements (torch.float64), but server 0 "
+        "sent 23 elements (torch.float64): the two sides must agree on every message's size."], configs=((2, 1),))
 
 
 def test_a_worker_stuck_in_its_own_code_is_stopped_naming_who_waited():
@@ -420,11 +299,11 @@ def test_a_worker_stuck_in_its_own_code_is_stopped_naming_who_waited():
 
     start = time.perf_counter()
     message = assert_rejected(check_worker, (worker_stuck,), [
-        "waited 1 s in dist.", "the run hung, and the check stopped it",
-        "worker 1 (rank 3): running its own code (no send or receive) for "],
+        "waited 1 s in its ", "the run is deadlocked, and the check stopped it",
+        "worker 1 (rank 3): running its own code, no call for ", "→ worker 1 (rank 3) is still running its own code"],
         timeout=2)
     assert time.perf_counter() - start < 15
-    assert "server 0 (rank 0): waiting in dist.send(dst=3) with server 0's shard of step 0" in message
+    assert "server 0 (rank 0): waiting in its 2nd dist.send (peer 3), during worker 1's pull of step 0" in message
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,21 +311,25 @@ def test_a_worker_stuck_in_its_own_code_is_stopped_naming_who_waited():
 # --------------------------------------------------------------------------------------------
 
 def test_together_a_wrong_piece_is_named():
-    assert_rejected(check_parameter_server, (server_sums, run_worker), [
-        "server_sums and run_worker are wrong together " + HEAD,
+    server_sum = mutant(reference_server, next(m for m in UPDATE_MISTAKES if m.name == "sum").variant.edits,
+                        "server_sum")
+    assert_rejected(check_parameter_server, (server_sum, run_worker), [
+        "server_sum and run_worker are wrong together " + HEAD,
         "the step is 3 times too large (measured factor 3 = W, the number of workers)"])
     assert_rejected(check_parameter_server, (run_server, worker_gap), ["Elements [11, 12) are left out: a gap"])
 
 
 def test_nonblocking_sends_and_receives_and_any_source_are_accepted(capsys):
-    """isend/irecv (waited later) and a receive from any source work through the checker's wrappers."""
+    """isend/irecv (waited later) and a receive from any source (which returns the sender, as torch's does) work
+    through the checker's watch."""
     def server_nonblocking(shard, server, servers, workers, steps, lr):
         for step in range(steps):
             for request in [dist.isend(shard, dst=servers + w) for w in range(workers)]:
                 request.wait()
-            grads = [torch.empty_like(shard) for _ in range(workers)]
-            for g in grads:
-                dist.recv(g)                              # from whichever worker is first: the mean is the same
+            grads = [None] * workers
+            for _ in range(workers):
+                g = torch.empty_like(shard)
+                grads[dist.recv(g) - servers] = g             # from whichever worker is first
             shard -= lr * torch.stack(grads).mean(dim=0)
         return shard
 
@@ -457,7 +340,9 @@ def test_nonblocking_sends_and_receives_and_any_source_are_accepted(capsys):
             for request in [dist.irecv(flat[a:b], src=s) for s, (a, b) in enumerate(bounds)]:
                 request.wait()
             set_flat_params(model, flat)
-            grad = _step(model, x, y)
+            model.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            grad = flat_grad(model)
             for request in [dist.isend(grad[a:b], dst=s) for s, (a, b) in enumerate(bounds)]:
                 request.wait()
 
@@ -466,7 +351,7 @@ def test_nonblocking_sends_and_receives_and_any_source_are_accepted(capsys):
 
 
 def test_not_functions_are_refused():
-    with pytest.raises(CheckFailed, match=r"pass your function itself: check_server\(run_server\), not a int"):
+    with pytest.raises(CheckFailed, match=r"check_server\(run_server\) needs your function, not int"):
         check_server(3)
 
 
