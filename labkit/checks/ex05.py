@@ -8,37 +8,33 @@
 Each prints one ``✓`` line when the code is right and raises :class:`labkit.checks.CheckFailed` naming the
 mistake when it is not.
 
-What the student writes. ``f`` and ``g`` are ``torch.autograd.Function`` subclasses called as
-``f.apply(x, group)``: f's forward is the identity and its backward all-reduces (sums) the gradient over
-``group``; g's forward all-reduces (sums) and its backward is the identity. The layers subclass labkit's
-(:class:`labkit.tensor_parallel.ColumnParallelLinear`, :class:`~labkit.tensor_parallel.RowParallelLinear`):
-``cls(linear, group)`` is labkit's ``__init__``, which calls the student's ``shard(tensor)`` to keep this rank's
-part of the dense weight (and, for the column layer, of the bias); the student writes ``shard`` and ``forward``
-(with their own f and g). labkit's own classes are the reference: a forward is checked with labkit's shards, a
-shard with labkit's ``__init__``, and the expected shards are :func:`~labkit.tensor_parallel.shard_rows` and
-:func:`~labkit.tensor_parallel.shard_columns`; on 4 processes the layers are also built in groups of 2.
+What the student writes: ``f`` and ``g``, ``torch.autograd.Function`` subclasses called as ``f.apply(x, group)``,
+and ``shard`` and ``forward`` of subclasses of labkit's :class:`~labkit.tensor_parallel.ColumnParallelLinear` and
+:class:`~labkit.tensor_parallel.RowParallelLinear` (whose ``__init__`` calls the student's ``shard``). labkit's
+classes are the reference: a forward is checked with labkit's shards, a shard with labkit's ``__init__``.
 
-What runs. Every check runs on 3, 2, 4 and 1 real processes (:data:`WORLD_SIZES`, one launch each, stopping
-at the first world size with a problem), in float64, against the dense computation: an ``nn.Linear`` or a
-dense MLP (Linear -> GELU -> Linear) that every rank builds from the same seed. The workers compute and return
-what the student's code produced (the shards, outputs, input gradient and every weight and bias gradient);
-the parent compares them with the dense values (the gradients sliced as the shards are), and names the first
-problem: which rank, which tensor, which element, expected versus got. On 4 processes :func:`check_f_and_g`
-and :func:`check_parallel_mlp` also run in two tensor-parallel groups of 2 ranks ({0, 1} and {2, 3}, each with
-its own data), which tells whether ``group`` is used.
+What runs: every check on 3, 2, 4 and 1 real processes (:data:`WORLD_SIZES`, stopping at the first world size
+with a problem), in float64, against the dense computation that every rank builds from the same seed; on 4
+processes also in tensor-parallel groups of 2 ({0, 1} and {2, 3}, each with its own data), which tells whether
+``group`` is used. ``dist.all_reduce`` and the all-gathers are watched (:class:`labkit.checks.harness.Watch`):
+each call is recorded with the checker's phase, its group's size and its op, and a rank that waits for a peer
+that never comes stops with every rank's state (a deadlock named as one). An all-gather and a sum is as good as
+an all-reduce: what is checked is where the ranks communicate, not which call they use.
 
-How the known mistakes are named: from the numbers, not from the source. A wrong tensor is compared with what
-each known mistake produces (a rank's own partial sum; 1/tp or tp times the answer; the bias added tp times;
-another rank's slice; the other dimension's slice), and ``dist.all_reduce`` is wrapped in the workers to count
-the all-reduces of the forward and of the backward pass and the size of their group. A gradient changed in
-place by f's backward is caught in ``out = x + f(x)`` (x used twice, as in a residual connection), where
-autograd hands the same gradient tensor to both branches; g's forward must leave its input as it was.
+How the mistakes are named: from the numbers, not from the source. The known wrong versions are tables of
+:class:`~labkit.checks.harness.Mistake` (:data:`F_AND_G_MISTAKES`, :data:`COLUMN_MISTAKES`, :data:`ROW_MISTAKES`,
+:data:`MLP_MISTAKES`, and the shards' :data:`COLUMN_SHARD_MISTAKES`, :data:`ROW_SHARD_MISTAKES`), each a small
+change to labkit's classes. Where the student's numbers are wrong, the workers run every wrong version of the
+table on the same inputs, and the first whose value is the student's (and which communicates in the same
+phases) names the mistake; the tests build the same wrong versions from the same tables.
 """
 
 from __future__ import annotations
 
 import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -46,24 +42,349 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit import comm
-from labkit.checks import (CheckFailed, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, passed, run_on_ranks,
-                           student_traceback, time_limit, time_limit_paused)
+from labkit.checks import CheckFailed, describe, fail, passed, run_on_ranks, student_traceback, time_limit, \
+    time_limit_paused
+from labkit.checks.harness import Board, Mistake, Watch, and_list, board_dir, close, element_text, find_mistake, \
+    plural
 from labkit.tensor_parallel import (ColumnParallelLinear, CopyToParallel, ReduceFromParallel, RowParallelLinear,
                                     grid_groups, shard_columns, shard_rows)
 
-__all__ = ["check_f_and_g", "check_column_parallel", "check_row_parallel", "check_parallel_mlp", "WORLD_SIZES"]
+__all__ = ["check_f_and_g", "check_column_parallel", "check_row_parallel", "check_parallel_mlp", "WORLD_SIZES",
+           "F_AND_G_MISTAKES", "COLUMN_SHARD_MISTAKES", "ROW_SHARD_MISTAKES", "COLUMN_MISTAKES", "ROW_MISTAKES",
+           "MLP_MISTAKES"]
 
 # 3 first: its messages read best (a factor 3 is unmistakable, rank 1 sits between two others); 1 last.
 WORLD_SIZES = (3, 2, 4, 1)
 C, H = 12, 24            # model width and hidden width: divisible by 1, 2, 3 and 4
 BT = (2, 3)              # the leading dimensions of the inputs (batch, sequence)
-_RTOL, _ATOL = 1e-9, 1e-12
 _SUBGROUPS = "tensor-parallel groups of 2: ranks {0, 1} and {2, 3}, each group with its own data"
+
+# ============================================================================================
+# What the student is told
+# ============================================================================================
+
+_F_BACKWARD = ("f's backward must all-reduce (sum) the gradient: x feeds every rank's slice of the layer, so "
+               "dL/dx = Σ_r (rank r's contribution), and each rank computed only its own contribution")
+_AVERAGED = ("averaged instead of summed: the ranks hold different parts of one computation (different slices "
+             "of one layer), not copies of the same model on different data as in data parallelism, so their "
+             "contributions add up: all-reduce with the default op, SUM, and do not divide by tp")
+_G_FORWARD = ("g's forward must all-reduce (sum) its input: each rank holds a partial sum x_r W_rᵀ of the "
+              "layer's output, and y = Σ_r x_r W_rᵀ")
+_G_BACKWARD = ("g's backward must be the identity: after g every rank holds the same y, so every rank already "
+               "holds the same dL/dy, and dL/dx_r = dL/dy (y = Σ_r x_r). All-reducing it sums tp equal copies")
+_F_FORWARD = ("f's forward must be the identity: every rank already holds the same x, so all-reducing it sums tp "
+              "equal copies. Return x unchanged; f's all-reduce belongs in its backward")
+_DETACHED = ("the output y does not require grad: it is cut off from the autograd graph, so no gradient can flow "
+             "back through the layer (a .detach(), a .data, torch.no_grad() or .item() in forward?).")
+_OWN = "x.grad is only rank {r}'s own contribution"
+
+# ============================================================================================
+# The known wrong versions: labkit's classes, changed a little
+# ============================================================================================
+
+
+def _summed(x: torch.Tensor, group) -> torch.Tensor:
+    total = x.clone()
+    comm.all_reduce(total, group=group)
+    return total
+
+
+def _then(_, value):
+    return value
+
+
+def _function(name: str, base: type, forward=None, backward=None) -> type:
+    """``base`` (labkit's f or g) with ``forward(x, group) -> y`` and/or ``backward(grad, group) -> grad`` replaced."""
+    def new_forward(ctx, x, group):
+        ctx.group = group
+        return forward(x, group)
+    methods = {"forward": staticmethod(new_forward)} if forward else {}
+    if backward:
+        methods["backward"] = staticmethod(lambda ctx, grad: (backward(grad, ctx.group), None))
+    return type(name, (base,), methods)
+
+
+def _size(group) -> int:
+    return dist.get_world_size(group)
+
+
+FReducesInForward = _function("FReducesInForward", CopyToParallel, forward=_summed)
+FNoAllReduce = _function("FNoAllReduce", CopyToParallel, backward=lambda grad, group: grad)
+FResultDropped = _function("FResultDropped", CopyToParallel,    # all-reduces a copy, returns the gradient itself
+                           backward=lambda grad, group: _then(_summed(grad, group), grad))
+FAverages = _function("FAverages", CopyToParallel, backward=lambda grad, group: _summed(grad, group) / _size(group))
+FInPlace = _function("FInPlace", CopyToParallel,                # all-reduces the gradient autograd hands it
+                     backward=lambda grad, group: _then(comm.all_reduce(grad, group=group), grad))
+GNoAllReduce = _function("GNoAllReduce", ReduceFromParallel, forward=lambda x, group: x.clone())
+GAverages = _function("GAverages", ReduceFromParallel, forward=lambda x, group: _summed(x, group) / _size(group))
+GInPlace = _function("GInPlace", ReduceFromParallel, forward=lambda x, group: _then(comm.all_reduce(x, group=group), x))
+GReducesInBackward = _function("GReducesInBackward", ReduceFromParallel, backward=_summed)
+GDividesInBackward = _function("GDividesInBackward", ReduceFromParallel,
+                               backward=lambda grad, group: grad / _size(group))
+
+
+class _Column(ColumnParallelLinear):
+    """labkit's column-parallel layer with another f (the class attribute ``f``)."""
+    f = CopyToParallel
+
+    def forward(self, x):
+        return F.linear(self.f.apply(x, self.group), self.weight, self.bias)
+
+
+class _Row(RowParallelLinear):
+    """labkit's row-parallel layer with another g (the class attribute ``g``); ``bias_first``: the bias added
+    to each rank's partial sum, before g."""
+    g, bias_first = ReduceFromParallel, False
+
+    def forward(self, x_r):
+        if self.bias_first:
+            return self.g.apply(F.linear(x_r, self.weight, self.bias), self.group)
+        return self.g.apply(F.linear(x_r, self.weight), self.group) + self.bias
+
+
+def _gathers(self, x):
+    y = F.linear(CopyToParallel.apply(x, self.group), self.weight, self.bias)
+    parts = [torch.empty_like(y) for _ in range(self.tp)]
+    comm.all_gather(parts, y.contiguous(), group=self.group)
+    return torch.cat(parts, dim=-1)
+
+
+ColumnFReducesInForward = type("ColumnFReducesInForward", (_Column,), {"f": FReducesInForward})
+ColumnFNoAllReduce = type("ColumnFNoAllReduce", (_Column,), {"f": FNoAllReduce})
+ColumnFAverages = type("ColumnFAverages", (_Column,), {"f": FAverages})
+ColumnWithoutF = type("ColumnWithoutF", (ColumnParallelLinear,),
+                      {"forward": lambda self, x: F.linear(x, self.weight, self.bias)})
+ColumnWithoutBias = type("ColumnWithoutBias", (ColumnParallelLinear,),
+                         {"forward": lambda self, x: F.linear(CopyToParallel.apply(x, self.group), self.weight)})
+ColumnGathers = type("ColumnGathers", (ColumnParallelLinear,), {"forward": _gathers})   # the whole output
+ColumnSlicesInputs = type("ColumnSlicesInputs", (ColumnParallelLinear,),
+                          {"shard": lambda self, t: t.chunk(self.tp, dim=-1)[self.rank]})
+ColumnReversed = type("ColumnReversed", (ColumnParallelLinear,),
+                      {"shard": lambda self, t: shard_rows(t, self.tp - 1 - self.rank, self.tp)})
+ColumnWholeWeight = type("ColumnWholeWeight", (ColumnParallelLinear,), {"shard": lambda self, t: t})
+ColumnWholeBias = type("ColumnWholeBias", (ColumnParallelLinear,),
+                       {"shard": lambda self, t: shard_rows(t, self.rank, self.tp) if t.dim() == 2 else t})
+ColumnBiasReversed = type("ColumnBiasReversed", (ColumnParallelLinear,), {"shard": lambda self, t: shard_rows(
+    t, self.rank if t.dim() == 2 else self.tp - 1 - self.rank, self.tp)})
+RowGNoAllReduce = type("RowGNoAllReduce", (_Row,), {"g": GNoAllReduce})
+RowGAverages = type("RowGAverages", (_Row,), {"g": GAverages})
+RowGReducesInBackward = type("RowGReducesInBackward", (_Row,), {"g": GReducesInBackward})
+RowWithoutG = type("RowWithoutG", (RowParallelLinear,), {"forward": lambda self, x_r: F.linear(x_r, self.weight)})
+RowWithoutBias = type("RowWithoutBias", (_Row,), {"forward": lambda self, x_r: ReduceFromParallel.apply(
+    F.linear(x_r, self.weight), self.group)})
+RowBiasOnEveryRank = type("RowBiasOnEveryRank", (_Row,), {"bias_first": True})     # the sum holds tp copies of b
+RowBiasOnEveryRankAveraged = type("RowBiasOnEveryRankAveraged", (_Row,), {"bias_first": True, "g": GAverages})
+RowBiasOnRankZero = type("RowBiasOnRankZero", (RowParallelLinear,), {"forward": lambda self, x_r: (  # the other ranks'
+    ReduceFromParallel.apply(F.linear(x_r, self.weight, self.bias if self.rank == 0 else None), self.group))})  # b: no grad
+RowSlicesOutputs = type("RowSlicesOutputs", (RowParallelLinear,),
+                        {"shard": lambda self, t: t.chunk(self.tp, dim=0)[self.rank]})
+RowReversed = type("RowReversed", (RowParallelLinear,), {"shard": lambda self, t: (
+    shard_columns(t, self.tp - 1 - self.rank, self.tp) if t.dim() == 2 else t)})
+RowWholeWeight = type("RowWholeWeight", (RowParallelLinear,), {"shard": lambda self, t: t})
+
+# --- the tables: variant = what check_... would be given; says: the end of the message, str.format'ed with
+# {r} (the rank), {tp}, {calls} (the student's collectives in that phase), {times} (the measured factor), ...
+
+F_AND_G_MISTAKES = (
+    Mistake("f-forward-all-reduce", (FReducesInForward, ReduceFromParallel),
+            "; y is tp times x, {times}, after {calls}. " + _F_FORWARD + "."),
+    Mistake("f-result-dropped", (FResultDropped, ReduceFromParallel),
+            "; x.grad is rank {r}'s own dy, only its partial sum (your backward made {calls}, but returned a tensor "
+            "that does not hold its result: dist.all_reduce(t) writes the sum into t; return that t). "
+            + _F_BACKWARD + ": all-reduce (sum) the gradient over ctx.group and return it."),
+    Mistake("f-no-all-reduce", (FNoAllReduce, ReduceFromParallel),
+            "; x.grad is rank {r}'s own dy, only its partial sum. " + _F_BACKWARD + ": all-reduce (sum) the "
+            "gradient over ctx.group and return it."),
+    Mistake("f-averages", (FAverages, ReduceFromParallel),
+            "; x.grad is the mean of the ranks' dy, {times}: " + _AVERAGED + "."),
+    Mistake("f-in-place", (FInPlace, ReduceFromParallel),
+            ". f's backward changed the incoming gradient in place: dist.all_reduce(grad) wrote the sum into the "
+            "tensor autograd handed to f's backward, and autograd had handed the very same tensor to the other "
+            "branch (the residual's x), which then added the sum instead of dy. Autograd may share a gradient "
+            "tensor between the inputs of an operation: all-reduce a copy (grad = grad.clone(); "
+            "dist.all_reduce(grad, group=ctx.group); return grad, None)."),
+    Mistake("g-no-all-reduce", (CopyToParallel, GNoAllReduce),
+            "; y is rank {r}'s own x_r, only its partial sum ({calls}). " + _G_FORWARD + ": all-reduce (sum) a "
+            "copy of x over group and return it."),
+    Mistake("g-averages", (CopyToParallel, GAverages),
+            "; y is the mean of the ranks' x_r, {times}: " + _AVERAGED + "."),
+    Mistake("g-in-place", (CopyToParallel, GInPlace),
+            ". dist.all_reduce(x) writes the sum into x, in place, but x_r may still be needed: by autograd (a "
+            "tanh, for one, saves its output for its backward) or by your own code. All-reduce a copy: total = "
+            "x.clone(); dist.all_reduce(total, group=group); return total."),
+    Mistake("g-backward-all-reduce", (CopyToParallel, GReducesInBackward),
+            "; x_r.grad is {times}, after {calls} (expected none). " + _G_BACKWARD + "."),
+    Mistake("g-backward-divides", (CopyToParallel, GDividesInBackward),
+            "; x_r.grad is dy / tp ({times}). " + _G_BACKWARD + ": return grad as it is."),
+)
+
+_OUT_OF_ORDER = "the shards are in the wrong order: {what} kept {span} of W, the shard of rank {k}; rank {r} keeps {own}. "
+_WHOLE = "{what} is the whole W, shape {dense_shape}: every rank would hold (and compute) all of it. {how}."
+COLUMN_SHARD_MISTAKES = (
+    Mistake("column-slices-inputs", ColumnSlicesInputs,
+            "{what} sliced the wrong dimension: it kept {span} of W, shape {shape}, this rank's input features "
+            "({dense}). {how}."),
+    Mistake("column-reversed", ColumnReversed,
+            _OUT_OF_ORDER + "Out of order, rank {r} computes the output features of rank {k}: the outputs come out "
+            "permuted, wrong once the ranks' slices are put side by side in rank order (a gather), and the "
+            "row-parallel layer after it, whose rank r takes the input features of slice r, gets the wrong ones. "
+            "Take slice r = self.rank of the self.tp slices, in rank order."),
+    Mistake("column-whole-weight", ColumnWholeWeight, _WHOLE),
+    Mistake("column-whole-bias", ColumnWholeBias,
+            "{bias_what} is the whole bias b, shape {b_shape}: a column-parallel layer splits the bias like the "
+            "output features, rank r keeps b[r·out/tp:(r+1)·out/tp], shape {want_b_shape} (shard must handle the "
+            "1-D bias too: tensor[rows] slices its first dimension, whatever the number of dimensions)."),
+    Mistake("column-bias-reversed", ColumnBiasReversed,
+            "the bias shards are in the wrong order: {bias_what} holds entries {bias_span} of b, those of rank "
+            "{bias_k}; rank {r} keeps {own_entries}, the entries of its own output features."),
+)
+ROW_SHARD_MISTAKES = (
+    Mistake("row-slices-outputs", RowSlicesOutputs,
+            "{what} sliced the wrong dimension: it kept {span} of W, shape {shape}, this rank's output features "
+            "({dense}). {how}."),
+    Mistake("row-reversed", RowReversed,
+            _OUT_OF_ORDER + "Out of order, rank {r} multiplies its slice of the input (the features of slice {r}, "
+            "computed by rank {r} of the column-parallel layer before it) by the weights of the features of slice "
+            "{k}: the partial sums no longer add up to x Wᵀ. Take slice r = self.rank of the self.tp slices, in "
+            "rank order."),
+    Mistake("row-whole-weight", RowWholeWeight, _WHOLE),
+)
+
+_MEAN = "; x.grad is the mean of the ranks' contributions, {times}: " + _AVERAGED + "."
+_F_TP_X = ": f's output came out tp times too large, after {calls}. " + _F_FORWARD + "."
+COLUMN_MISTAKES = (
+    Mistake("column-f-forward", ColumnFReducesInForward, "; y = (tp·x) W_rᵀ + b_r" + _F_TP_X),
+    Mistake("column-without-bias", ColumnWithoutBias, "; y = x W_rᵀ: the bias b_r was not added."),
+    Mistake("column-gathers", ColumnGathers,
+            "; y is the whole output of the dense layer: a ColumnParallelLinear returns its own out/tp output "
+            "features, which is what a RowParallelLinear takes (no gather)."),
+    Mistake("column-without-f", ColumnWithoutF,
+            "; " + _OWN + " (its out/tp output features): the forward does not go through f (no autograd "
+            "Function between x and y), so nothing sums the ranks' contributions. " + _F_BACKWARD + ": start "
+            "forward with CopyToParallel.apply(x, self.group)."),
+    Mistake("column-f-no-all-reduce", ColumnFNoAllReduce,
+            "; " + _OWN + ", a partial sum, after {calls}. " + _F_BACKWARD + "."),
+    Mistake("column-f-averages", ColumnFAverages, _MEAN),
+)
+_ROW_OUTPUT = (
+    Mistake("row-g-no-all-reduce", RowGNoAllReduce,
+            "; y is rank {r}'s own partial sum x_r W_rᵀ + b, after {calls}. " + _G_FORWARD + ": y = g(x_r W_rᵀ) + b."),
+    Mistake("row-without-g", RowWithoutG,
+            "; y is rank {r}'s own partial sum x_r W_rᵀ, after {calls}. " + _G_FORWARD + ": y = g(x_r W_rᵀ) + b."),
+    Mistake("row-bias-tp-times", RowBiasOnEveryRank,
+            "; y − (x Wᵀ + b) = (tp − 1)·b: the bias added tp times, once on every rank before the all-reduce, "
+            "which sums the tp copies. Add it once, after the sum: y = g(x_r W_rᵀ) + b (every rank adds it to the "
+            "same sum, so every rank gets the same y)."),
+    Mistake("row-g-averages", RowGAverages,
+            "; y is the mean of the ranks' partial sums (+ b), not their sum: " + _AVERAGED + "."),
+    Mistake("row-g-averages-bias-tp-times", RowBiasOnEveryRankAveraged,
+            "; y is the mean of the ranks' partial sums (+ b), not their sum: " + _AVERAGED + "."),
+    Mistake("row-without-bias", RowWithoutBias,
+            "; y = Σ_r x_r W_rᵀ: the bias b was not added (add it after g, on every rank)."),
+)
+ROW_MISTAKES = (
+    Mistake("row-bias-rank-0", RowBiasOnRankZero,
+            ": rank {r}'s bias did not take part in the output. Add the bias on every rank, after g (y = g(x_r W_rᵀ) "
+            "+ b): then every rank's copy gets the same gradient and the copies stay equal when trained."),
+    *_ROW_OUTPUT,
+    Mistake("row-g-backward", RowGReducesInBackward,
+            ": {times}, after {calls} (expected none). " + _G_BACKWARD + "."),
+)
+MLP_MISTAKES = (
+    Mistake("mlp-bias-rank-0", (ColumnParallelLinear, RowBiasOnRankZero),
+            ": the bias must be added on every rank, after g, so that every rank's copy gets the same gradient."),
+    Mistake("mlp-f-forward", (ColumnFReducesInForward, RowParallelLinear), "; y is the dense MLP of tp·x" + _F_TP_X),
+    *(Mistake("mlp" + m.name[3:], (ColumnParallelLinear, m.variant), m.says) for m in _ROW_OUTPUT),
+    Mistake("mlp-g-backward", (ColumnParallelLinear, RowGReducesInBackward),
+            ": {times}, after {calls} (expected 1, f's). " + _G_BACKWARD + "."),
+    Mistake("mlp-column-without-f", (ColumnWithoutF, RowParallelLinear),
+            "; " + _OWN + " (its H/tp hidden features), a partial sum, after {calls} (the forward goes through "
+            "fewer than two autograd Functions: is f applied?). " + _F_BACKWARD + "."),
+    Mistake("mlp-f-no-all-reduce", (ColumnFNoAllReduce, RowParallelLinear),
+            "; " + _OWN + " (its H/tp hidden features), a partial sum, after {calls}. " + _F_BACKWARD + "."),
+    Mistake("mlp-f-averages", (ColumnFAverages, RowParallelLinear), _MEAN),
+)
+
+# ============================================================================================
+# Records
+# ============================================================================================
+
+
+class _Error(NamedTuple):
+    kind: str
+    message: str
+    traceback: str
+
+
+class Shards(NamedTuple):
+    """What ``cls(linear, group)`` kept on one rank (or, if it raised, what its ``shard`` made of the weight)."""
+    weight: Any
+    bias: Any
+    error: _Error | None = None
+
+
+@dataclass
+class Run:
+    """What one version of the code (the student's, or a known mistake's) produced on one rank: ``values``
+    (outputs and gradients, and the ``want_...`` they should equal), its watched calls, and how many autograd
+    Functions its output went through."""
+    values: dict
+    calls: list
+    functions: int = 0
+
+    def count(self, phase: str) -> int:
+        return sum(c.phase == phase for c in self.calls)
+
+
+@dataclass
+class Case:
+    """One rank's result for one setting (the world, or a group of 2): the student's run and, where the student's
+    numbers were wrong on some rank, each known mistake's run by name."""
+    world_rank: int
+    rank: int            # in its tensor-parallel group
+    size: int            # tp
+    grouped: bool
+    student: Run
+    variants: dict = field(default_factory=dict)
+
+
+class _Check(NamedTuple):
+    """One value of a :class:`Run` against what it should be, and the words of its message (str.format'ed)."""
+    key: str              # in Run.values
+    want: str             # the expected value, in Run.values
+    label: str            # how the message names the value
+    where: str            # what ran: the message before the element that differs
+    meaning: str = ""     # what the expected value is
+    phase: str = ""       # the checker's phase whose calls the message counts
+    otherwise: str = "."  # the end of the message when no known mistake matches
+    scaled: str = ""      # ... when the value is a named factor times the right one
+    none: str = "no gradient reached it (is it used in forward, without .detach()?)."
+    graph: bool = False   # a gradient: the known mistake must go through as many autograd Functions
 
 
 # ============================================================================================
 # Inside the workers
 # ============================================================================================
+
+_OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single")
+
+
+class _Watch(Watch):
+    """``dist.all_reduce`` and the all-gathers, watched (see the module's docstring)."""
+
+    def __init__(self, timeout: float, board: Board | None):
+        super().__init__(_OPS, deadline=0.5 * timeout, board=board)
+
+    def running(self) -> None:
+        self._state("running")
+
+    def stuck_hints(self, states: dict[int, dict]) -> list[str]:
+        hints = super().stuck_hints(states)
+        hints += [f"→ rank {r} went on without that call: every rank must call the same collectives in the same "
+                  f"order (a collective inside `if rank == ...:`?)." for r, s in sorted(states.items())
+                  if s["state"] == "checking"]
+        return hints
+
 
 def _randn(*shape, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -74,73 +395,11 @@ def _linear(n_in: int, n_out: int, seed: int) -> nn.Linear:
     return nn.Linear(n_in, n_out).double()
 
 
-class _Watch:
-    """Inside ``with``: ``dist.all_reduce`` and the all-gathers record every call (the checker's phase, the
-    collective, the size of the group, the op) and then do it. An all-gather followed by a sum is as good as an
-    all-reduce: what is checked is that the ranks communicated, where and over which group, not which call."""
-
-    _GATHERS = ("all_gather", "all_gather_into_tensor", "all_gather_single")
-
-    def __init__(self):
-        self.phase = "setup"
-        self.calls: list = []
-        self._original = {}
-
-    def _record(self, kind: str, tensor, group, op=dist.ReduceOp.SUM) -> None:
-        self.calls.append(dict(phase=self.phase, kind=kind, numel=tensor.numel(), group=dist.get_world_size(group),
-                               sum=op == dist.ReduceOp.SUM, op=str(op)))
-
-    def __call__(self, tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
-        self._record("all-reduce", tensor, group, op)
-        with time_limit_paused():       # waiting for a peer is not this rank's endless loop: the launch's timeout
-            return self._original["all_reduce"](tensor, op=op, group=group, async_op=async_op)
-
-    def _gather(self, name: str):
-        def watched(*args, **kwargs):           # (outputs, tensor, group) as torch's, by position or name
-            group = kwargs.get("group", args[2] if len(args) > 2 else None)
-            tensor = args[1] if len(args) > 1 else kwargs.get("tensor", kwargs.get("input_tensor"))
-            self._record("all-gather", tensor, group)
-            with time_limit_paused():
-                return self._original[name](*args, **kwargs)
-        return watched
-
-    def start(self, phase: str) -> None:
-        self.phase = phase
-
-    def __enter__(self):
-        for name in ("all_reduce", *self._GATHERS):
-            if hasattr(dist, name):
-                self._original[name] = getattr(dist, name)
-        dist.all_reduce = self
-        for name in self._GATHERS:
-            if name in self._original:
-                setattr(dist, name, self._gather(name))
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self._original.items():
-            setattr(dist, name, fn)
-        return False
-
-
-def _collective(records) -> str:
-    """"all-reduce" when every recorded collective was one, else "collective" (for the ✓ lines)."""
-    kinds = set()
-
-    def walk(x):
-        if isinstance(x, dict):
-            kinds.update(c["kind"] for c in x.get("calls", []))
-        elif isinstance(x, list):
-            for item in x:
-                walk(item)
-    walk(records)
-    return "all-reduce" if kinds <= {"all-reduce"} else "collective"
-
-
 @contextmanager
-def _student(seconds: float, what: str):
-    """The student's code: stopped after ``seconds`` (an endless loop); a backward that returns the wrong number
+def _student(timeout: float, what: str):
+    """The student's code: stopped after 0.6·timeout (an endless loop); a backward that returns the wrong number
     of gradients is explained."""
+    seconds = 0.6 * timeout
     try:
         with time_limit(seconds, f"{what} did not return within {seconds:g} s on rank {dist.get_rank()}: an "
                                  f"endless loop?"):
@@ -154,20 +413,31 @@ def _student(seconds: float, what: str):
 
 
 def _everyone(obj) -> list:
-    """Every rank's ``obj`` (the checker's own collective, not the watched all-reduce)."""
+    """Every rank's ``obj`` (the checker's own collective, not a watched one)."""
     with time_limit_paused():
         return comm.all_gather_objects(obj)
 
 
-def _keep(t):
-    """What the student returned, detached and copied; a non-tensor as its type name."""
+def _all_ranks(watch: _Watch, ok: bool) -> bool:
+    watch.checking()
+    result = all(_everyone(bool(ok)))
+    watch.running()
+    return result
+
+
+def _keep(t: Any) -> Any:
+    """What the student returned, detached and copied; a non-tensor in words."""
     if isinstance(t, torch.Tensor):
         return t.detach().clone()
-    return None if t is None else f"<{type(t).__name__}>"
+    return None if t is None else describe(t)
 
 
 def _is(t, shape) -> bool:
     return isinstance(t, torch.Tensor) and tuple(t.shape) == tuple(shape)
+
+
+def _same(want: Any, got: Any) -> bool:
+    return got is None if want is None else close(want, got)
 
 
 def _function_nodes(t) -> int:
@@ -193,19 +463,26 @@ def _groups(world_size: int, grouped: bool):
     return tp_group, [first, first + 1], rank - first
 
 
+def _case(student: Run, table, checks, run: Callable[[Any], Run], rank: int, size: int, grouped: bool) -> Case:
+    """The student's run and, if some rank's numbers are wrong, every known mistake's on the same inputs."""
+    wrong = not all(_everyone(all(_same(student.values.get(c.want), student.values.get(c.key)) for c in checks)))
+    return Case(dist.get_rank(), rank, size, grouped, student, {m.name: run(m.variant) for m in table} if wrong else {})
+
+
 # --- stubs: an unfinished exercise reads as unfinished, with every unwritten piece named -----------------
 
 def _not_written(probes, err: NotImplementedError) -> NotImplementedError:
     """The stub that stopped the check, plus every other piece of ``probes`` that is not written yet.
     ``probes``: [(task, what, call)], each call running one piece with labkit's version of the others."""
+    def worded(e, task, what):
+        return str(e) if str(e).startswith("Exercise ") else (
+            f"Exercise {task}: {what} is not written yet (it raised {_repr_nie(e)}); see the instructions above")
     found = []
     for task, what, call in probes:
         try:
             call()
         except NotImplementedError as e:
-            found.append(str(e) if str(e).startswith("Exercise ") else
-                         f"Exercise {task}: {what} is not written yet (it raised {_repr_nie(e)}); see the "
-                         f"instructions above")
+            found.append(worded(e, task, what))
         except Exception:  # noqa: BLE001 - written (maybe wrong): the check itself will say
             pass
     if not found:
@@ -245,258 +522,267 @@ def _layer_probes(cls, dense, group, kind: str, x):
 
 # --- 5a-5d: f and g --------------------------------------------------------------------------------------
 
-def _f_and_g_worker(f_cls, g_cls, seconds: float) -> list:
+def _f_and_g_worker(f_cls, g_cls, timeout: float, board_path: str) -> list[Case]:
     N = dist.get_world_size()
+    board = Board(board_path, dist.get_rank(), N)
     cases = []
     for grouped in ((False, True) if N == 4 else (False,)):
-        group, members, _ = _groups(N, grouped)
+        group, members, r = _groups(N, grouped)
         x = _randn(4, 6, seed=1)
+
+        def grad_of(cls, forward):
+            return lambda: _with_forward(cls, forward).apply(x.clone().requires_grad_(), group).sum().backward()
         probes = [("5a", f"{f_cls.__name__}.forward", lambda: f_cls.apply(x.clone().requires_grad_(), group)),
-                  ("5b", f"{f_cls.__name__}.backward",
-                   lambda: _with_forward(f_cls, CopyToParallel.forward).apply(x.clone().requires_grad_(), group).sum()
-                   .backward()),
+                  ("5b", f"{f_cls.__name__}.backward", grad_of(f_cls, CopyToParallel.forward)),
                   ("5c", f"{g_cls.__name__}.forward", lambda: g_cls.apply(x.clone().requires_grad_(), group)),
-                  ("5d", f"{g_cls.__name__}.backward",
-                   lambda: _with_forward(g_cls, ReduceFromParallel.forward).apply(x.clone().requires_grad_(), group)
-                   .sum()
-                   .backward())]
+                  ("5d", f"{g_cls.__name__}.backward", grad_of(g_cls, ReduceFromParallel.forward))]
         try:
-            cases.append(_f_and_g_case(f_cls, g_cls, group, members, grouped, seconds))
+            student = _f_and_g_run(f_cls, g_cls, group, members, timeout, board)
         except NotImplementedError as err:
             raise _not_written(probes, err) from None
+        cases.append(_case(student, F_AND_G_MISTAKES, _F_AND_G_CHECKS,
+                           lambda fg: _f_and_g_run(*fg, group, members, timeout, board), r, len(members), grouped))
     return cases
 
 
-def _f_and_g_case(f_cls, g_cls, group, members, grouped: bool, seconds: float) -> dict:
-    rank = dist.get_rank()
-    first = members[0]                   # the data of a group: seeded by its first rank
-    f_name, g_name = f_cls.__name__, g_cls.__name__
-    rec = dict(rank=members.index(rank), size=len(members), grouped=grouped)
-    with _Watch() as watch:
-        rec["calls"] = watch.calls
+def _f_and_g_run(f_cls, g_cls, group, members: list, timeout: float, board: Board) -> Run:
+    rank, first, i = dist.get_rank(), members[0], members.index(dist.get_rank())   # a group's data: its first rank's
+    f, g = f_cls.__name__, g_cls.__name__
+    watch, v = _Watch(timeout, board), {}
+    with watch.installed():
         # f: the same x on every rank; each rank's own dL/dy (its slice's contribution); dL/dx is their sum
         x = _randn(4, 6, seed=10 + first).requires_grad_()
-        dys = {m: _randn(4, 6, seed=100 + m) for m in members}
-        watch.start("f forward")
-        with _student(seconds, f"{f_name}.apply(x, group)"):
+        dys = [_randn(4, 6, seed=100 + m) for m in members]
+        watch.phase = "f forward"
+        with _student(timeout, f"{f}.apply(x, group)"):
             y = f_cls.apply(x, group)
-        rec.update(x=x.detach().clone(), f_out=_keep(y), dy=dys[rank], f_grad_want=sum(dys.values()))
-        if _all_ranks(_is(y, x.shape) and y.requires_grad):
-            watch.start("f backward")
-            with _student(seconds, f"{f_name}.backward (in y = {f_name}.apply(x, group); y.backward(dy))"):
-                y.backward(dys[rank].clone())
-            rec["f_grad"] = _keep(x.grad)
+        v.update(x=x.detach().clone(), f_out=_keep(y), want_f_grad=sum(dys))
+        if _all_ranks(watch, _is(y, x.shape) and y.requires_grad):
+            watch.phase = "f backward"
+            with _student(timeout, f"{f}.backward (in y = {f}.apply(x, group); y.backward(dy))"):
+                y.backward(dys[i].clone())
+            v["f_grad"] = _keep(x.grad)
             # x used twice: out = x + f(x). Autograd hands the same gradient tensor to both branches.
             x2 = _randn(4, 6, seed=20 + first).requires_grad_()
-            dy2 = {m: _randn(4, 6, seed=200 + m) for m in members}
-            watch.start("f residual forward")
-            with _student(seconds, f"{f_name}.apply(x, group)"):
+            dy2 = [_randn(4, 6, seed=200 + m) for m in members]
+            watch.phase = "f residual forward"
+            with _student(timeout, f"{f}.apply(x, group)"):
                 y2 = f_cls.apply(x2, group)
-            handed = []
-            y2.register_hook(lambda grad: handed.append((grad, grad.detach().clone())))
-            watch.start("f residual backward")
-            with _student(seconds, f"{f_name}.backward (in out = x + {f_name}.apply(x, group); out.backward(dy))"):
-                (x2 + y2).backward(dy2[rank].clone())
-            rec.update(res_grad=_keep(x2.grad), res_want=dy2[rank] + sum(dy2.values()),
-                       res_inplace=bool(handed) and not torch.equal(handed[0][0], handed[0][1]))
+            watch.phase = "f residual backward"
+            with _student(timeout, f"{f}.backward (in out = x + {f}.apply(x, group); out.backward(dy))"):
+                (x2 + y2).backward(dy2[i].clone())
+            v.update(res_grad=_keep(x2.grad), want_res_grad=dy2[i] + sum(dy2))
         # g: each rank's own partial sum x_r; y is their sum; dL/dy is the same on every rank
         xr = _randn(4, 6, seed=400 + rank).requires_grad_()
         before = xr.detach().clone()
         dyg = _randn(4, 6, seed=500 + first)
-        watch.start("g forward")
-        with _student(seconds, f"{g_name}.apply(x, group)"):
+        watch.phase = "g forward"
+        with _student(timeout, f"{g}.apply(x, group)"):
             yg = g_cls.apply(xr, group)
-        rec.update(g_in=before, g_in_after=xr.detach().clone(), g_out=_keep(yg),
-                   g_out_want=sum(_randn(4, 6, seed=400 + m) for m in members), g_grad_want=dyg)
-        if _all_ranks(_is(yg, xr.shape) and yg.requires_grad):
-            watch.start("g backward")
-            with _student(seconds, f"{g_name}.backward (in y = {g_name}.apply(x, group); y.backward(dy))"):
+        v.update(g_in=before, g_in_after=xr.detach().clone(), g_out=_keep(yg),
+                 want_g_out=sum(_randn(4, 6, seed=400 + m) for m in members), want_g_grad=dyg)
+        if _all_ranks(watch, _is(yg, xr.shape) and yg.requires_grad):
+            watch.phase = "g backward"
+            with _student(timeout, f"{g}.backward (in y = {g}.apply(x, group); y.backward(dy))"):
                 yg.backward(dyg.clone())
-            rec["g_grad"] = _keep(xr.grad)
-    return rec
-
-
-def _all_ranks(ok: bool) -> bool:
-    return all(_everyone(bool(ok)))
+            v["g_grad"] = _keep(xr.grad)
+    return Run(v, watch.calls)
 
 
 # --- 5e-5h: the layers -----------------------------------------------------------------------------------
 
-def _build(cls, dense, group, kind: str, seconds: float) -> dict:
+class _Built(NamedTuple):
+    layer: Any
+    shards: Shards
+
+
+def _build(cls, dense: nn.Linear, group, kind: str, timeout: float) -> _Built:
     """``cls(dense, group)``, with this rank's shards; if it raises, what the student's ``shard`` makes of the
     weight alone (the error is often in the bias's line, after a weight sliced along the wrong dimension)."""
-    rec = dict(layer=None, error=None)
     try:
-        with _student(seconds, f"{cls.__name__}(linear, group)"):
+        with _student(timeout, f"{cls.__name__}(linear, group)"):
             layer = cls(dense, group)
     except (NotImplementedError, CheckFailed):
         raise
     except Exception as err:  # noqa: BLE001 - diagnosed below, then reported with the student's traceback
-        rec["error"] = (type(err).__name__, str(err), student_traceback(traceback.format_exc()))
+        error = _Error(type(err).__name__, str(err), student_traceback(traceback.format_exc()))
         try:
-            with _student(seconds, f"{cls.__name__}.shard(linear.weight)"):
-                rec["weight"] = _keep(cls.shard(_bare(cls, dense, group, kind), dense.weight.detach()))
+            with _student(timeout, f"{cls.__name__}.shard(linear.weight)"):
+                weight = _keep(cls.shard(_bare(cls, dense, group, kind), dense.weight.detach()))
         except Exception:  # noqa: BLE001
-            rec["weight"] = None
-        rec["bias"] = None
-        return rec
-    rec.update(layer=layer, weight=_keep(getattr(layer, "weight", None)), bias=_keep(getattr(layer, "bias", None)))
-    return rec
+            weight = None
+        return _Built(None, Shards(weight, None, error))
+    return _Built(layer, Shards(_keep(getattr(layer, "weight", None)), _keep(getattr(layer, "bias", None))))
 
 
-def _shards_ok(rec, W, b, kind: str, group) -> bool:
-    r, tp = dist.get_rank(group), dist.get_world_size(group)
-    want_w, want_b = _want_shards(W, b, kind, r, tp)
-    return rec["error"] is None and _same(want_w, rec["weight"]) and _same(want_b, rec["bias"])
-
-
-def _want_shards(W, b, kind: str, r: int, tp: int):
+def _want_shards(W, b, kind: str, r: int, tp: int) -> tuple:
     """labkit's shards of rank r of tp."""
-    if kind == "column":
-        return shard_rows(W, r, tp), shard_rows(b, r, tp)
-    return shard_columns(W, r, tp), b
+    return (shard_rows(W, r, tp), shard_rows(b, r, tp)) if kind == "column" else (shard_columns(W, r, tp), b)
 
 
-def _params(layer) -> dict:
-    return {n: getattr(layer, n, None) for n in ("weight", "bias")}
+def _shards_ok(shards: Shards, dense: nn.Linear, kind: str, group) -> bool:
+    want_w, want_b = _want_shards(dense.weight.detach(), dense.bias.detach(), kind, dist.get_rank(group),
+                                  dist.get_world_size(group))
+    return shards.error is None and _same(want_w, shards.weight) and _same(want_b, shards.bias)
 
 
-def _layer_worker(cls, kind: str, seconds: float) -> dict:
-    rank, N = dist.get_rank(), dist.get_world_size()
-    n_in, n_out = (C, H) if kind == "column" else (H, C)
-    dense = _linear(n_in, n_out, seed=5)
-    W, b = dense.weight.detach().clone(), dense.bias.detach().clone()
-    x = _randn(*BT, n_in, seed=6)
-    w = _randn(*BT, n_out, seed=7)                    # loss = Σ (dense y) · w
-    step_in, step_out = n_in // N, n_out // N
-    x_in = x if kind == "column" else x[..., rank * step_in:(rank + 1) * step_in]
-    rec = dict(kind=kind, rank=rank, size=N, W=W, b=b, x=x, w=w)
-    try:
-        with _Watch() as watch:
-            rec["calls"] = watch.calls
-            built = _build(cls, dense, None, kind, seconds)
-            rec.update(weight=built["weight"], bias=built["bias"], error=built["error"])
-            if not _all_ranks(_shards_ok(built, W, b, kind, None)):
-                return rec
-            layer = built["layer"]
-            x_in = x_in.clone().requires_grad_()
-            watch.start("forward")
-            with _student(seconds, f"{cls.__name__}.forward"):
-                y = layer(x_in)
-            rec.update(y=_keep(y), functions=_function_nodes(y))
-            out_shape = (*BT, step_out) if kind == "column" else (*BT, n_out)
-            if not _all_ranks(_is(y, out_shape) and y.requires_grad):
-                return rec
-            dy = w[..., rank * step_out:(rank + 1) * step_out] if kind == "column" else w
-            watch.start("backward")
-            with _student(seconds, f"{cls.__name__}: y.backward(dy) (backward through your forward)"):
-                y.backward(dy.clone())
-            rec.update(x_grad=_keep(x_in.grad), grads={n: _keep(None if p is None else p.grad)
-                                                       for n, p in _params(layer).items()})
-        if N == 4:  # the same layer in groups of 2: the shard is the group's (self.rank), not the world's
-            group, _, r = _groups(N, True)
-            built = _build(cls, dense, group, kind, seconds)
-            rec["group_shard"] = dict(rank=r, weight=built["weight"], bias=built["bias"], error=built["error"])
-        return rec
-    except NotImplementedError as err:
-        raise _not_written(_layer_probes(cls, dense, None, kind, x_in.detach().clone()), err) from None
+def _grads(layer, prefix: str = "") -> dict:
+    return {f"{prefix}{n}_grad": _keep(None if getattr(layer, n, None) is None else getattr(layer, n).grad)
+            for n in ("weight", "bias")}
 
 
-def _mlp_worker(col_cls, row_cls, seconds: float) -> list:
-    N = dist.get_world_size()
+def _kinds(classes: tuple) -> tuple:
+    return tuple("column" if issubclass(c, ColumnParallelLinear) else "row" for c in classes)
+
+
+_DENSE = {"column": (C, H), "row": (H, C)}      # (in, out) of the dense layer each kind cuts
+
+
+def _layers_worker(classes: tuple, timeout: float, board_path: str) -> list[Case]:
+    """The layers (one, or column -> GELU -> row) against the dense ones: in the world, and on 4 processes in
+    groups of 2 (each rank keeps the shard of its rank in the group, and ``group`` must reach f and g)."""
+    N, kinds = dist.get_world_size(), _kinds(classes)
+    board = Board(board_path, dist.get_rank(), N)
     cases = []
     for grouped in ((False, True) if N == 4 else (False,)):
         group, members, r = _groups(N, grouped)
-        fc, proj = _linear(C, H, seed=11), _linear(H, C, seed=12)
-        x = _randn(*BT, C, seed=13 + members[0])
-        w = _randn(*BT, C, seed=14 + members[0])
+        dense = [_linear(*_DENSE[k], seed=11 + i) for i, k in enumerate(kinds)]
+        x = _randn(*BT, dense[0].in_features, seed=13 + members[0])
+        w = _randn(*BT, dense[-1].out_features, seed=14 + members[0])     # loss = Σ y · w
+
+        def run(variant, group=group, dense=dense, x=x, w=w, tp=len(members)):
+            variant = variant if isinstance(variant, tuple) else (variant,)
+            return _layers_run(variant, kinds, dense, x, w, group, tp, timeout, board)
         try:
-            cases.append(_mlp_case(col_cls, row_cls, fc, proj, x, w, group, r, len(members), grouped, seconds))
+            student = run(classes)
         except NotImplementedError as err:
-            probes = (_layer_probes(col_cls, fc, group, "column", x) +
-                      _layer_probes(row_cls, proj, group, "row", x[..., :H // len(members)].clone()))
+            probes = [p for cls, k, d in zip(classes, kinds, dense) for p in _layer_probes(
+                cls, d, group, k, x if k == "column" else x[..., :H // len(members)].clone())]
             raise _not_written(probes, err) from None
+        cases.append(_case(student, _TABLES[kinds], _CHECKS[kinds], run, r, len(members), grouped))
     return cases
 
 
-def _mlp_case(col_cls, row_cls, fc, proj, x, w, group, r: int, tp: int, grouped: bool, seconds: float) -> dict:
-    rec = dict(rank=r, size=tp, grouped=grouped, W1=fc.weight.detach().clone(), b1=fc.bias.detach().clone(),
-               W2=proj.weight.detach().clone(), b2=proj.bias.detach().clone(), x=x, w=w)
-    with _Watch() as watch:
-        rec["calls"] = watch.calls
-        col = _build(col_cls, fc, group, "column", seconds)
-        row = _build(row_cls, proj, group, "row", seconds)
-        rec.update(col={k: col[k] for k in ("weight", "bias", "error")},
-                   row={k: row[k] for k in ("weight", "bias", "error")})
-        if not _all_ranks(_shards_ok(col, rec["W1"], rec["b1"], "column", group) and
-                          _shards_ok(row, rec["W2"], rec["b2"], "row", group)):
-            return rec
-        x_in = x.clone().requires_grad_()
-        watch.start("forward")
-        with _student(seconds, f"{col_cls.__name__}.forward"):
-            h = col["layer"](x_in)
-        if not _all_ranks(_is(h, (*BT, H // tp))):
-            rec["hidden"] = _keep(h)
-            return rec
-        with _student(seconds, f"{row_cls.__name__}.forward"):
-            y = row["layer"](F.gelu(h))
-        rec.update(y=_keep(y), functions=_function_nodes(y))
-        if not _all_ranks(_is(y, (*BT, C)) and y.requires_grad):
-            return rec
-        watch.start("backward")
-        with _student(seconds, "y.backward(dy) (backward through your column -> GELU -> row)"):
-            y.backward(w.clone())
-        rec.update(x_grad=_keep(x_in.grad),
-                   grads={f"{part}.{n}": _keep(None if p is None else p.grad)
-                          for part, built in (("row", row), ("column", col))
-                          for n, p in _params(built["layer"]).items()})
-    return rec
+def _layers_run(classes: tuple, kinds: tuple, dense: list, x, w, group, tp: int, timeout: float, board: Board) -> Run:
+    r = dist.get_rank(group)
+    mine = slice(r * H // tp, (r + 1) * H // tp)    # this rank's hidden features: a column's outputs, a row's inputs
+    xd = x.clone().requires_grad_()
+    params = [(d.weight.detach().clone().requires_grad_(), d.bias.detach().clone().requires_grad_()) for d in dense]
+    yd = xd
+    for i, (Wd, bd) in enumerate(params):
+        yd = F.linear(F.gelu(yd) if i else yd, Wd, bd)
+    (yd * w).sum().backward()
+    first_row, last_column = kinds[0] == "row", kinds[-1] == "column"
+    x_in, dy = (x[..., mine] if first_row else x), (w[..., mine] if last_column else w)
+    v = dict(want_y=yd.detach()[..., mine] if last_column else yd.detach(),
+             want_x_grad=xd.grad[..., mine] if first_row else xd.grad)
+    for k, d, (Wd, bd) in zip(kinds, dense, params):
+        v[f"{k}_W"], v[f"{k}_b"] = d.weight.detach().clone(), d.bias.detach().clone()
+        v[f"want_{k}_weight_grad"], v[f"want_{k}_bias_grad"] = _want_shards(Wd.grad, bd.grad, k, r, tp)
+    watch, functions = _Watch(timeout, board), 0
+    with watch.installed():
+        built = [_build(cls, d, group, k, timeout) for cls, d, k in zip(classes, dense, kinds)]
+        v.update({k: b.shards for k, b in zip(kinds, built)})
+        if not _all_ranks(watch, all(_shards_ok(b.shards, d, k, group) for b, d, k in zip(built, dense, kinds))):
+            return Run(v, watch.calls)
+        y = x_in = x_in.clone().requires_grad_()
+        watch.phase = "forward"
+        for i, (cls, b) in enumerate(zip(classes, built)):
+            if i:        # between the layers: this rank's H/tp hidden features, through GELU
+                if not _all_ranks(watch, _is(y, (*BT, H // tp))):
+                    v["hidden"] = _keep(y)
+                    return Run(v, watch.calls)
+                y = F.gelu(y)
+            with _student(timeout, f"{cls.__name__}.forward"):
+                y = b.layer(y)
+        v["y"], functions = _keep(y), _function_nodes(y)
+        if _all_ranks(watch, _is(y, v["want_y"].shape)):
+            v["detached"] = not y.requires_grad
+            if _all_ranks(watch, y.requires_grad):
+                watch.phase = "backward"
+                with _student(timeout, f"y.backward(dy) (backward through your "
+                                       f"{' -> GELU -> '.join(c.__name__ for c in classes)})"):
+                    y.backward(dy.clone())
+                v["x_grad"] = _keep(x_in.grad)
+                for k, b in zip(kinds, built):
+                    v.update(_grads(b.layer, f"{k}_"))
+    return Run(v, watch.calls, functions)
 
 
 # ============================================================================================
-# In the parent: comparisons and diagnoses
+# In the parent: diagnoses
 # ============================================================================================
 
-def _same(want, got) -> bool:
-    return (isinstance(got, torch.Tensor) and want.shape == got.shape
-            and first_mismatch(want, got, rtol=_RTOL, atol=_ATOL) is None)
+_F_AND_G_CHECKS = (
+    _Check("f_out", "x", "y", "{head_f}: on rank {r}, y = {f}.apply(x, group)", phase="f forward",
+           otherwise=". f's forward is the identity: return x."),
+    _Check("f_grad", "want_f_grad", "x.grad", "{head_f}: on rank {r}, after y = {f}.apply(x, group); y.backward(dy) "
+           "with each rank's own dy (its slice's dL/dy)", " (the sum of the ranks' dy)", "f backward",
+           scaled="; x.grad is {times}, after {calls}: sum the ranks' gradients once.",
+           none="no gradient came back through f. f's backward returns (the gradient for x, None for group)."),
+    _Check("res_grad", "want_res_grad", "x.grad", "{head_f}: on rank {r}, in out = x + {f}.apply(x, group) (x used "
+           "twice, as in a residual connection), out.backward(dy)", " (dy + the sum of the ranks' dy)",
+           "f residual backward"),
+    _Check("g_out", "want_g_out", "y", "{head_g}: on rank {r}, y = {g}.apply(x_r, group) with each rank's own x_r",
+           " (the sum of the ranks' x_r)", "g forward", scaled="; y is {times}, after {calls}: sum the ranks' x_r once."),
+    _Check("g_in_after", "g_in", "x_r", "{head_g}: on rank {r}, y = {g}.apply(x_r, group) changed its input x_r: "
+           "after the call ", " (its value before)", "g forward",
+           otherwise=". g's forward must leave its input as it was: all-reduce a copy."),
+    _Check("g_grad", "want_g_grad", "x_r.grad", "{head_g}: on rank {r}, after y = {g}.apply(x_r, group); "
+           "y.backward(dy) with the same dy on every rank", " (dy itself)", "g backward",
+           otherwise=". g's backward is the identity: return (grad, None).",
+           none="no gradient came back through g. g's backward returns (the gradient for x, None for group)."),
+)
 
 
-def _factor(want, got):
+def _grad_checks(where: str, kinds: tuple, x_label: str) -> tuple:
+    """The weight and bias gradients of each layer, then x's."""
+    return tuple(_Check(f"{k}_{n}_grad", f"want_{k}_{n}_grad", f"{{{k}}}.{n}.grad", where, phase="backward",
+                        scaled=": {times}, after {calls}.", graph=True) for k in kinds for n in ("weight", "bias")) + (
+        _Check("x_grad", "want_x_grad", x_label, where.replace(" with the same dy on every rank", ""),
+               phase="backward", scaled=": {times}, after {calls}.", graph=True),)
+
+
+_CHECKS = {
+    ("column",): (_Check("y", "want_y", "y", "{head}: on rank {r}, y = layer(x) with the same x on {everywhere}",
+                         " (rank {r}'s output features: x W_rᵀ + b_r, W_r = W[{lo}:{hi}])", "forward"),
+                  *_grad_checks("{head}: on rank {r}, after y.backward(dy)", ("column",), "x.grad")),
+    ("row",): (_Check("y", "want_y", "y", "{head}: on rank {r}, y = layer(x_r) with x_r = x[..., {lo}:{hi}], rank "
+                      "{r}'s slice of the input", " (the dense layer's output, x Wᵀ + b)", "forward"),
+               *_grad_checks("{head}: on rank {r}, after y.backward(dy)", ("row",), "x_r.grad (x_r = x[..., {lo}:{hi}])")),
+    ("column", "row"): (
+        _Check("y", "want_y", "y", "{head}: on rank {r}, y = row(gelu(column(x))) with the same x on {everywhere}",
+               " (the dense MLP's output)", "forward"),
+        *_grad_checks("{head}: on rank {r}, after y.backward(dy) with the same dy on every rank", ("row", "column"),
+                      "x.grad")),
+}
+_TABLES = {("column",): COLUMN_MISTAKES, ("row",): ROW_MISTAKES, ("column", "row"): MLP_MISTAKES}
+
+
+def _factor(want, got) -> float | None:
     """c when got = c · want (want not zero), else None."""
-    if not (isinstance(got, torch.Tensor) and want.shape == got.shape):
+    if not (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and want.shape == got.shape):
         return None
     den = float((want * want).sum())
-    if den == 0:
-        return None
-    c = float((got * want).sum()) / den
-    return c if _same(c * want, got) else None
+    c = float((got * want).sum()) / den if den else None
+    return c if c is not None and close(c * want, got) else None
 
 
-def _differs(where: str, want, got) -> str:
-    """"W[1, 2] is 0.5, expected 0.25" at the first element that differs, or the shapes."""
+def _times(c: float | None, tp: int) -> str:
+    """A measured factor as words ("tp times too large (measured factor 3 = tp)" ...), or "" for one with no name."""
+    if c is None:
+        return ""
+    named = {tp: f"tp times too large (measured factor {tp} = tp)",
+             1 / tp: f"tp times too small (measured factor 1/{tp})",
+             tp * tp: f"tp² times too large (measured factor {tp * tp} = tp²)", 0: "zero"}
+    return next((words for value, words in named.items() if abs(c - value) < 1e-6), "")
+
+
+def _differs(label: str, want, got) -> str:
     if not isinstance(got, torch.Tensor):
         shown = got if isinstance(got, str) else repr(got)
-        return f"{where} is {shown}, expected a tensor of shape {tuple(want.shape)}"
-    if want.shape != got.shape:
-        return f"{where} has shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-    index, e, g = first_mismatch(want, got, rtol=_RTOL, atol=_ATOL)
-    e, g = fmt_pair(e, g)
-    return f"{where}{fmt_index(index)} is {g}, expected {e}"
-
-
-def _times(c: float, tp: int) -> str | None:
-    """A measured factor as words ("tp times too large (measured factor 3 = tp)" ...), or None for a factor
-    with no name."""
-    if abs(c - tp) < 1e-6:
-        return f"tp times too large (measured factor {fmt_number(round(c, 9))} = tp)"
-    if abs(c - 1 / tp) < 1e-6:
-        return f"tp times too small (measured factor 1/{tp})"
-    if abs(c - tp * tp) < 1e-6:
-        return f"tp² times too large (measured factor {fmt_number(round(c, 9))} = tp²)"
-    if abs(c) < 1e-12:
-        return "zero"
-    return None
+        return f"{label} is {shown}, expected a tensor of shape {tuple(want.shape)}"
+    return element_text(label, want, got)
 
 
 def _head(name: str, N: int, grouped: bool, verb: str = "is") -> str:
@@ -504,573 +790,250 @@ def _head(name: str, N: int, grouped: bool, verb: str = "is") -> str:
     return f"{name} {verb} wrong {where}"
 
 
-def _count(calls, phase: str) -> int:
-    return sum(c["phase"] == phase for c in calls)
-
-
-def _phase(phase: str) -> str:
-    """A phase of the checker as words: "f backward" -> "f's backward"."""
-    return {"f forward": "f's forward", "f backward": "f's backward", "g forward": "g's forward",
-            "g backward": "g's backward", "f residual forward": "f's forward (in out = x + f(x))",
-            "f residual backward": "f's backward (in out = x + f(x))"}.get(phase, phase)
+_PHASES = {"f forward": "f's forward", "f backward": "f's backward", "g forward": "g's forward",
+           "g backward": "g's backward", "f residual forward": "f's forward (in out = x + f(x))",
+           "f residual backward": "f's backward (in out = x + f(x))"}
 
 
 def _calls_text(calls, phase: str) -> str:
-    kinds = [c["kind"] for c in calls if c["phase"] == phase]
-    if not kinds or set(kinds) == {"all-reduce"}:
-        return f"{len(kinds)} all-reduce{'s' if len(kinds) != 1 else ''} in {_phase(phase)}"
-    parts = [f"{kinds.count(k)} {k}{'s' if kinds.count(k) != 1 else ''}" for k in sorted(set(kinds))]
-    return f"{' and '.join(parts)} in {_phase(phase)}"
+    kinds = ["all-reduce" if c.op == "all_reduce" else "all-gather" for c in calls if c.phase == phase]
+    counts = [plural(kinds.count(k), k) for k in sorted(set(kinds))] or ["0 all-reduces"]
+    return f"{' and '.join(counts)} in {_PHASES.get(phase, phase)}"
 
 
-_F_BACKWARD = ("f's backward must all-reduce (sum) the gradient: x feeds every rank's slice of the layer, so "
-               "dL/dx = Σ_r (rank r's contribution), and each rank computed only its own contribution")
-_AVERAGED = ("averaged instead of summed: the ranks hold different parts of one computation (different slices "
-             "of one layer), not copies of the same model on different data as in data parallelism, so their "
-             "contributions add up: all-reduce with the default op, SUM, and do not divide by tp")
-_G_FORWARD = ("g's forward must all-reduce (sum) its input: each rank holds a partial sum x_r W_rᵀ of the "
-              "layer's output, and y = Σ_r x_r W_rᵀ")
-_G_BACKWARD = ("g's backward must be the identity: after g every rank holds the same y, so every rank already "
-               "holds the same dL/dy, and dL/dx_r = dL/dy (y = Σ_r x_r). All-reducing it sums tp equal copies")
-_F_FORWARD = ("f's forward must be the identity: every rank already holds the same x, so all-reducing it sums tp "
-              "equal copies. Return x unchanged; f's all-reduce belongs in its backward")
+def _collective(results) -> str:
+    """"all-reduce" when every call of the student's was one, else "collective" (for the ✓ lines)."""
+    calls = [c for per_n in results for per_rank in per_n for case in per_rank for c in case.student.calls]
+    return "all-reduce" if all(c.op == "all_reduce" for c in calls) else "collective"
 
 
-_DETACHED = ("the output y does not require grad: it is cut off from the autograd graph, so no gradient can flow "
-             "back through the layer (a .detach(), a .data, torch.no_grad() or .item() in forward?).")
-
-
-def _group_problem(head: str, rec: dict) -> str | None:
-    """In the 2-rank groups: an all-reduce over the whole world instead of ``group``."""
-    if not rec["grouped"]:
-        return None
-    wrong = [c for c in rec["calls"] if c["group"] != rec["size"]]
-    if not wrong:
-        return None
-    c = wrong[0]
-    return (f"{head}: on rank {rec['world_rank']}, an {c['kind']} in {_phase(c['phase'])} ran over {c['group']} "
-            f"ranks, not over the {rec['size']} ranks of `group`: the ranks of the other tensor-parallel group, which work on "
-            f"other data, were summed in. Pass the group on: dist.all_reduce(t, group=group) (in backward, the group "
-            f"saved in ctx.group), and in the layers CopyToParallel.apply(x, self.group).")
-
-
-def _op_problem(head: str, rec: dict) -> str | None:
-    for c in rec["calls"]:
-        if not c["sum"]:
-            where = f"{head}: on rank {rec['world_rank']}, dist.all_reduce in {_phase(c['phase'])} was called with op="
-            if "AVG" in c["op"]:
-                return f"{where}ReduceOp.AVG: {_AVERAGED}."
-            return f"{where}{c['op']}: f and g sum (the default op, ReduceOp.SUM)."
+def _calls_problem(head: str, case: Case) -> str | None:
+    """An all-reduce over the whole world instead of ``group``; an op other than SUM."""
+    calls, where = case.student.calls, f"{head}: on rank {case.world_rank}, "
+    for c in calls:
+        if case.grouped and c.group_size != case.size:
+            kind = "all-reduce" if c.op == "all_reduce" else "all-gather"
+            return (f"{where}an {kind} in {_PHASES.get(c.phase, c.phase)} ran over {c.group_size} ranks, not over "
+                    f"the {case.size} ranks of `group`: the ranks of the other tensor-parallel group, which work on "
+                    f"other data, were summed in. Pass the group on: dist.all_reduce(t, group=group) (in backward, the "
+                    f"group saved in ctx.group), and in the layers CopyToParallel.apply(x, self.group).")
+    for c in calls:
+        if c.reduce_op is not None and not c.reduce_op.endswith("SUM"):
+            op = "ReduceOp." + c.reduce_op.rpartition(".")[2]
+            why = _AVERAGED if op.endswith("AVG") else "f and g sum (the default op, ReduceOp.SUM)"
+            return f"{where}dist.all_reduce in {_PHASES.get(c.phase, c.phase)} was called with op={op}: {why}."
     return None
 
 
-def _f_and_g_problem(names: tuple, N: int, records: list) -> str | None:
-    f_name, g_name = names
-    for case in range(len(records[0])):
-        recs = [rank_records[case] for rank_records in records]
-        for world_rank, rec in enumerate(recs):
-            rec["world_rank"] = world_rank
-        tp, grouped = recs[0]["size"], recs[0]["grouped"]
-        head_f = _head(f"{f_name} (f)", N, grouped)
-        head_g = _head(f"{g_name} (g)", N, grouped)
-        head = _head(f"{f_name} (f) and {g_name} (g)", N, grouped, "are")
-        for rec in recs:
-            problem = _group_problem(head, rec) or _op_problem(head, rec)
-            if problem:
-                return problem
-        # f's forward
-        for rec in recs:
-            r, got, want = rec["world_rank"], rec["f_out"], rec["x"]
+def _looks_like(variant: Run | None, run: Run, check: _Check, got) -> bool:
+    """The known mistake's run gave the student's value, communicating in the same phases (and, for a gradient,
+    through as many autograd Functions)."""
+    return (variant is not None and _same(variant.values.get(check.key), got)
+            and bool(variant.count(check.phase)) == bool(run.count(check.phase))
+            and (not check.graph or variant.functions == run.functions))
+
+
+def _values_problem(cases, checks, table, **ctx) -> str | None:
+    """The first value (in the order of ``checks``, then of the ranks) that differs from what it should be,
+    named by the first known mistake of ``table`` that gives the same."""
+    for check in checks:
+        for case in cases:
+            run = case.student
+            got, want = run.values.get(check.key), run.values.get(check.want)
             if _same(want, got):
                 continue
-            text = f"{head_f}: on rank {r}, y = {f_name}.apply(x, group): " + _differs("y", want, got)
-            c = _factor(want, got)
-            if c is not None and abs(c - tp) < 1e-6:
-                return (f"{text}; y is tp times x, {_times(c, tp)}, after {_calls_text(rec['calls'], 'f forward')}. "
-                        f"{_F_FORWARD}.")
-            return text + ". f's forward is the identity: return x."
-        # f's backward
-        for rec in recs:
-            r, got, want = rec["world_rank"], rec.get("f_grad"), rec["f_grad_want"]
-            where = (f"{head_f}: on rank {r}, after y = {f_name}.apply(x, group); y.backward(dy) with each rank's "
-                     f"own dy (its slice's dL/dy)")
-            if got is None:
-                return (f"{where}, x.grad is None: no gradient came back through f. f's backward returns (the "
-                        f"gradient for x, None for group).")
-            if _same(want, got):
-                continue
-            text = f"{where}: " + _differs("x.grad", want, got) + " (the sum of the ranks' dy)"
-            calls = _calls_text(rec["calls"], "f backward")
-            if _same(rec["dy"], got):
-                extra = ("" if _count(rec["calls"], "f backward") == 0 else
-                         f" (your backward made {calls}, but returned a tensor that does not hold its result: "
-                         f"dist.all_reduce(t) writes the sum into t; return that t)")
-                return (f"{text}; x.grad is rank {r}'s own dy, only its partial sum{extra}. {_F_BACKWARD}: "
-                        f"all-reduce (sum) the gradient over ctx.group and return it.")
-            c = _factor(want, got)
-            if c is not None and abs(c - 1 / tp) < 1e-6:
-                return f"{text}; x.grad is the mean of the ranks' dy, {_times(c, tp)}: {_AVERAGED}."
-            if c is not None and _times(c, tp):
-                return f"{text}; x.grad is {_times(c, tp)}, after {calls}: sum the ranks' gradients once."
-            return text + "."
-        # f's backward must not change the gradient autograd hands it
-        for rec in recs:
-            r, got, want = rec["world_rank"], rec.get("res_grad"), rec["res_want"]
-            if _same(want, got):
-                continue
-            text = (f"{head_f}: on rank {r}, in out = x + {f_name}.apply(x, group) (x used twice, as in a residual "
-                    "connection), out.backward(dy): " + _differs("x.grad", want, got) + " (dy + the sum of the "
-                    "ranks' dy)")
-            if rec["res_inplace"]:
-                return (f"{text}. f's backward changed the incoming gradient in place: dist.all_reduce(grad) wrote "
-                        f"the sum into the tensor autograd handed to f's backward, and autograd had handed the very "
-                        f"same tensor to the other branch (the residual's x), which then added the sum instead of "
-                        f"dy. Autograd may share a gradient tensor between the inputs of an operation: all-reduce a "
-                        f"copy (grad = grad.clone(); dist.all_reduce(grad, group=ctx.group); return grad, None).")
-            return text + "."
-        # g's forward
-        for rec in recs:
-            r, got, want = rec["world_rank"], rec["g_out"], rec["g_out_want"]
-            if _same(want, got):
-                continue
-            text = (f"{head_g}: on rank {r}, y = {g_name}.apply(x_r, group) with each rank's own x_r: "
-                    + _differs("y", want, got) + " (the sum of the ranks' x_r)")
-            calls = _calls_text(rec["calls"], "g forward")
-            if _same(rec["g_in"], got):
-                return (f"{text}; y is rank {r}'s own x_r, only its partial sum ({calls}). {_G_FORWARD}: all-reduce "
-                        f"(sum) a copy of x over group and return it.")
-            c = _factor(want, got)
-            if c is not None and abs(c - 1 / tp) < 1e-6:
-                return f"{text}; y is the mean of the ranks' x_r, {_times(c, tp)}: {_AVERAGED}."
-            if c is not None and _times(c, tp):
-                return f"{text}; y is {_times(c, tp)}, after {calls}: sum the ranks' x_r once."
-            return text + "."
-        # g's forward must leave its input alone
-        for rec in recs:
-            r = rec["world_rank"]
-            if not _same(rec["g_in"], rec["g_in_after"]):
-                return (f"{head_g}: on rank {r}, y = {g_name}.apply(x_r, group) changed its input x_r: after the "
-                        "call " + _differs("x_r", rec["g_in"], rec["g_in_after"]) + " (its value before). "
-                        "dist.all_reduce(x) writes the sum into x, in place, but x_r may still be needed: by "
-                        "autograd (a tanh, for one, saves its output for its backward) or by your own code. "
-                        "All-reduce a copy: total = x.clone(); dist.all_reduce(total, group=group); return total.")
-        # g's backward
-        for rec in recs:
-            r, got, want = rec["world_rank"], rec.get("g_grad"), rec["g_grad_want"]
-            where = (f"{head_g}: on rank {r}, after y = {g_name}.apply(x_r, group); y.backward(dy) with the same dy "
-                     f"on every rank")
-            if got is None:
-                return (f"{where}, x_r.grad is None: no gradient came back through g. g's backward returns (the "
-                        f"gradient for x, None for group).")
-            if _same(want, got):
-                continue
-            text = f"{where}: " + _differs("x_r.grad", want, got) + " (dy itself)"
-            calls = _calls_text(rec["calls"], "g backward")
-            c = _factor(want, got)
-            if c is not None and abs(c - tp) < 1e-6:
-                return f"{text}; x_r.grad is {_times(c, tp)}, after {calls} (expected none). {_G_BACKWARD}."
-            if c is not None and abs(c - 1 / tp) < 1e-6:
-                return f"{text}; x_r.grad is dy / tp ({_times(c, tp)}). {_G_BACKWARD}: return grad as it is."
-            return text + ". g's backward is the identity: return (grad, None)."
-        # the right numbers, but communication where none is needed
-        if tp > 1:
-            for rec in recs:
-                for phase, name, why in (("f forward", "f's forward", "every rank already holds x"),
-                                         ("g backward", "g's backward", "every rank already holds dL/dy")):
-                    if _count(rec["calls"], phase):
-                        return (f"{head}: the numbers are right, but on rank {rec['world_rank']} there "
-                                f"{'was' if _count(rec['calls'], phase) == 1 else 'were'} "
-                                f"{_calls_text(rec['calls'], phase)}: {why}, so {name} needs no communication (an "
-                                f"all-reduce in every layer, for nothing). {name} is the identity.")
-                for phase, name in (("f backward", "f's backward"), ("g forward", "g's forward")):
-                    if _count(rec["calls"], phase) > 1:
-                        return (f"{head}: the numbers are right, but on rank {rec['world_rank']} there were "
-                                f"{_calls_text(rec['calls'], phase)}: one is enough.")
+            step = H // case.size
+            words = dict(ctx, r=case.world_rank, tp=case.size, lo=case.rank * step, hi=(case.rank + 1) * step,
+                         calls=_calls_text(run.calls, check.phase), times=_times(_factor(want, got), case.size))
+            if check.graph and run.values.get("detached"):
+                return f"{ctx['head']}: on rank {case.world_rank}, {_DETACHED}"
+            where, label = check.where.format(**words), check.label.format(**words)
+            absent = got is None and check.phase.endswith("backward")
+            if absent:
+                text = f"{where}, {label} is None after backward"
+            else:
+                text = where + ("" if where.endswith(" ") else ": ") + _differs(label, want, got) + \
+                       check.meaning.format(**words)
+            mistake = find_mistake(table, lambda m: _looks_like(case.variants.get(m.name), run, check, got))
+            if mistake:
+                return text + mistake.says.format(**words)
+            if absent:
+                return f"{text}: {check.none}"
+            return text + (check.scaled if words["times"] and check.scaled else check.otherwise).format(**words)
     return None
 
 
 # --- the shards ------------------------------------------------------------------------------------------
 
-def _slice_of(t, dense, tp: int):
-    """Which slice of ``dense`` (2-D) the tensor ``t`` is: ("rows"|"cols", k), ("whole", None) or None."""
+def _piece(t, dense: torch.Tensor, tp: int) -> tuple | None:
+    """(dim, k) when ``t`` is slice k of ``dense`` along dim, (None, None) when it is all of it, else None."""
     if not isinstance(t, torch.Tensor):
         return None
-    if _same(dense, t):
-        return "whole", None
-    for dim, kind in ((0, "rows"), (1, "cols")):
-        if dense.dim() <= dim or dense.shape[dim] % tp:
-            continue
+    if close(dense, t):
+        return None, None
+    for dim in range(dense.dim()):
         step = dense.shape[dim] // tp
-        for k in range(tp):
-            if _same(dense.narrow(dim, k * step, step), t):
-                return kind, k
+        for k in range(tp if dense.shape[dim] % tp == 0 else 0):
+            if close(dense.narrow(dim, k * step, step), t):
+                return dim, k
     return None
 
 
-def _span(kind: str, k: int, n: int, tp: int) -> str:
-    step = n // tp
-    return f"{kind} [{k * step}, {(k + 1) * step})"
+def _kind(t, dense: torch.Tensor, dim: int | None, r: int, tp: int) -> str | None:
+    """What a shard ``t`` of ``dense`` is, against slice r of tp along ``dim`` (None: all of ``dense``)."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    step = dense.shape[dim] // tp if dim is not None else 0
+    if close(dense if dim is None else dense.narrow(dim, r * step, step), t):
+        return "right"
+    piece = _piece(t, dense, tp)
+    if piece is None:
+        return None
+    if piece[0] is None:
+        return "whole"
+    return "sliced" if dim is None else "order" if piece[0] == dim else "dimension"
 
 
-def _shard_problem(head: str, cls_name: str, kind: str, rec: dict, W, b, r: int, tp: int) -> str | None:
-    """The student's shards of rank r against the dense W and b."""
+def _shard_of(cls, tensor, rank: int, tp: int):
+    """``cls.shard(tensor)`` as rank ``rank`` of ``tp`` (a known mistake's, in this process)."""
+    layer = cls.__new__(cls)
+    layer.__dict__.update(rank=rank, tp=tp, parts=1, group=None)
+    try:
+        return cls.shard(layer, tensor)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _span(piece, n: int, tp: int, word: bool = True) -> str:
+    if piece is None or piece[0] is None:
+        return ""
+    dim, k = piece
+    return f"{['rows', 'cols'][dim] + ' ' if word else ''}[{k * n // tp}, {(k + 1) * n // tp})"
+
+
+_HOW = {"column": "A column-parallel layer splits W by its output features, the rows (dim 0): rank r keeps "
+                  "W[r·out/tp:(r+1)·out/tp], shape (out/tp, in) = {want_shape}, and the same entries of the bias",
+        "row": "A row-parallel layer splits W by its input features, the columns (dim 1): rank r keeps "
+               "W[:, r·in/tp:(r+1)·in/tp], shape (out, in/tp) = {want_shape}: the weights of the inputs that the "
+               "column-parallel layer before it computes on rank r"}
+
+
+def _shard_problem(head: str, name: str, kind: str, shards: Shards, W, b, r: int, tp: int) -> str | None:
+    """The student's shards of rank r against the dense W and b, named from the table of shard mistakes."""
     want_w, want_b = _want_shards(W, b, kind, r, tp)
-    weight, bias, error = rec["weight"], rec["bias"], rec["error"]
-    out_n, in_n = W.shape
-    dense_text = f"the dense W has shape (out, in) = {tuple(W.shape)}"
-    good = ("rows" if kind == "column" else "cols", r)
-    if kind == "column":
-        how = (f"A column-parallel layer splits W by its output features, the rows (dim 0): rank r keeps "
-               f"W[r·out/tp:(r+1)·out/tp], shape (out/tp, in) = {tuple(want_w.shape)}, and the same entries of the "
-               f"bias")
-    else:
-        how = (f"A row-parallel layer splits W by its input features, the columns (dim 1): rank r keeps "
-               f"W[:, r·in/tp:(r+1)·in/tp], shape (out, in/tp) = {tuple(want_w.shape)}: the weights of the inputs "
-               f"that the column-parallel layer before it computes on rank r")
-    if not _same(want_w, weight):
-        found = _slice_of(weight, W, tp)
-        what = f"{cls_name}.shard(W) on rank {r}"
-        if found and found != good and found[0] in ("rows", "cols") and found[0] != good[0]:
-            dim_n = out_n if found[0] == "rows" else in_n
-            feats = "output features" if found[0] == "rows" else "input features"
-            text = (f"{head}: {what} sliced the wrong dimension: it kept {_span(found[0], found[1], dim_n, tp)} of W, "
-                    f"shape {tuple(weight.shape)}, this rank's {feats} ({dense_text}). {how}.")
-        elif found and found[0] == good[0]:
-            n = out_n if found[0] == "rows" else in_n
-            text = (f"{head}: the shards are in the wrong order: {what} kept {_span(found[0], found[1], n, tp)} of W, "
-                    f"the shard of rank {found[1]}; rank {r} keeps {_span(good[0], r, n, tp)}. ")
-            if kind == "column":
-                text += (f"Out of order, rank {r} computes the output features of rank {found[1]}: the outputs come "
-                         f"out permuted, wrong once the ranks' slices are put side by side in rank order (a gather), "
-                         f"and the row-parallel layer after it, whose rank r takes the input features of slice r, "
-                         f"gets the wrong ones. ")
-            else:
-                text += (f"Out of order, rank {r} multiplies its slice of the input (the features of slice {r}, "
-                         f"computed by rank {r} of the column-parallel layer before it) by the weights of the "
-                         f"features of slice {found[1]}: the partial sums no longer add up to x Wᵀ. ")
-            text += "Take slice r = self.rank of the self.tp slices, in rank order."
-        elif found and found[0] == "whole":
-            text = (f"{head}: {what} is the whole W, shape {tuple(W.shape)}: every rank would hold (and compute) "
-                    f"all of it. {how}.")
-        elif weight is None:
-            text = f"{head}: {what} did not give a tensor. {how}."
-        else:
-            text = f"{head}: " + _differs(what, want_w, weight) + f" ({dense_text}). {how}."
-        if error is not None:
-            text += "\nThen " + _error_text(cls_name, r, error)
-        return text
-    if error is not None:
-        return f"{head}: " + _error_text(cls_name, r, error)
-    if not _same(want_b, bias):
-        what = f"{cls_name}.bias on rank {r}"
-        if kind == "column" and _same(b, bias):
-            return (f"{head}: {what} is the whole bias b, shape {tuple(b.shape)}: a column-parallel layer splits "
-                    f"the bias like the output features, rank r keeps b[r·out/tp:(r+1)·out/tp], shape "
-                    f"{tuple(want_b.shape)} (shard must handle the 1-D bias too: tensor[rows] slices its first "
-                    f"dimension, whatever the number of dimensions).")
-        if kind == "column" and isinstance(bias, torch.Tensor) and bias.shape == want_b.shape:
-            step = out_n // tp
-            for k in range(tp):
-                if _same(b[k * step:(k + 1) * step], bias):
-                    return (f"{head}: the bias shards are in the wrong order: {what} holds entries "
-                            f"[{k * step}, {(k + 1) * step}) of b, those of rank {k}; rank {r} keeps "
-                            f"[{r * step}, {(r + 1) * step}), the entries of its own output features.")
-        if kind == "row" and isinstance(bias, torch.Tensor) and bias.shape != b.shape:
-            return (f"{head}: {what} has shape {tuple(bias.shape)}: a row-parallel layer keeps the whole bias, shape "
-                    f"{tuple(b.shape)}, on every rank, and adds it once, after the sum.")
-        return f"{head}: " + _differs(what, want_b, bias) + "."
-    return None
+    weight_ok = _same(want_w, shards.weight)
+    if weight_ok and shards.error is None and _same(want_b, shards.bias):
+        return None
+    error = "" if shards.error is None else ("\nThen " if not weight_ok else "") + (
+        f"{name}(linear, group) raised {shards.error.kind} on rank {r}: {shards.error.message}\n\n"
+        f"--- traceback of rank {r} ---\n{shards.error.traceback}")
+    if weight_ok and shards.error is not None:
+        return f"{head}: {error}"
+    dim = 0 if kind == "column" else 1
+    wp, bp = _piece(shards.weight, W, tp), _piece(shards.bias, b, tp)
+    shape = lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    words = dict(r=r, what=f"{name}.shard(W) on rank {r}", bias_what=f"{name}.bias on rank {r}",
+                 k=wp[1] if wp else None, span=_span(wp, W.shape[wp[0]] if wp and wp[0] is not None else 0, tp),
+                 own=_span((dim, r), W.shape[dim], tp), shape=shape(shards.weight), dense_shape=tuple(W.shape),
+                 dense=f"the dense W has shape (out, in) = {tuple(W.shape)}", b_shape=tuple(b.shape),
+                 want_b_shape=tuple(want_b.shape), bias_shape=shape(shards.bias), bias_k=bp[1] if bp else None,
+                 bias_span=_span(bp, b.shape[0], tp, word=False), own_entries=_span((0, r), b.shape[0], tp, word=False),
+                 how=_HOW[kind].format(want_shape=tuple(want_w.shape)))
+    b_dim = 0 if kind == "column" else None
+    got_kind = _kind(shards.weight, W, dim, r, tp) if not weight_ok else _kind(shards.bias, b, b_dim, r, tp)
+
+    def kinds(cls, tensor, along) -> set:
+        return {_kind(_shard_of(cls, tensor, k, tp), tensor, along, k, tp) for k in range(tp)}
+
+    def matches(m: Mistake) -> bool:   # the same kind of wrong shard, in the same tensor
+        if got_kind in (None, "right"):
+            return False
+        if not weight_ok:
+            return got_kind in kinds(m.variant, W, dim)
+        return kinds(m.variant, W, dim) == {"right"} and got_kind in kinds(m.variant, b, b_dim)
+    table = COLUMN_SHARD_MISTAKES if kind == "column" else ROW_SHARD_MISTAKES
+    mistake = find_mistake(table, matches)
+    if mistake:
+        return f"{head}: {mistake.says.format(**words)}{error}"
+    if not weight_ok:
+        if shards.weight is None:
+            return f"{head}: {words['what']} did not give a tensor. {words['how']}.{error}"
+        return f"{head}: {_differs(words['what'], want_w, shards.weight)} ({words['dense']}). {words['how']}.{error}"
+    return f"{head}: {_differs(words['bias_what'], want_b, shards.bias)}."
 
 
-def _error_text(cls_name: str, r: int, error) -> str:
-    kind, message, tb = error
-    return f"{cls_name}(linear, group) raised {kind} on rank {r}: {message}\n\n--- traceback of rank {r} ---\n{tb}"
+# --- per check -------------------------------------------------------------------------------------------
 
-
-# --- the layers' outputs and gradients -------------------------------------------------------------------
-
-def _column_problem(name: str, N: int, recs: list) -> str | None:
-    head = _head(name, N, False)
-    W, b, x, w = (recs[0][k] for k in ("W", "b", "x", "w"))
-    for rec in recs:
-        rec["world_rank"] = rec["rank"]
-        problem = _shard_problem(head, name, "column", rec, W, b, rec["rank"], N) or _op_problem(head, rec)
+def _f_and_g_problem(names: tuple, N: int, results: list) -> str | None:
+    f, g = names
+    for cases in zip(*results):
+        tp, grouped = cases[0].size, cases[0].grouped
+        head = _head(f"{f} (f) and {g} (g)", N, grouped, "are")
+        problem = (next(filter(None, (_calls_problem(head, case) for case in cases)), None) or
+                   _values_problem(cases, _F_AND_G_CHECKS, F_AND_G_MISTAKES, f=f, g=g, head=head,
+                                   head_f=_head(f"{f} (f)", N, grouped), head_g=_head(f"{g} (g)", N, grouped)))
         if problem:
             return problem
-    step = H // N
-    for rec in recs:
-        r = rec["rank"]
-        rows = slice(r * step, (r + 1) * step)
-        Wr, br = W[rows], b[rows]
-        want = F.linear(x, Wr, br)
-        got = rec["y"]
-        if _same(want, got):
-            continue
-        text = (f"{head}: on rank {r}, y = layer(x) with the same x on every rank: " +
-                _differs("y", want, got) + f" (rank {r}'s output features: x W_rᵀ + b_r, W_r = W[{rows.start}:"
-                                           f"{rows.stop}])")
-        calls = _calls_text(rec["calls"], "forward")
-        if _same(F.linear(N * x, Wr, br), got):
-            return (f"{text}; y = (tp·x) W_rᵀ + b_r: f's output came out tp times too large, after {calls}. "
-                    f"{_F_FORWARD}.")
-        if _same(F.linear(x, Wr), got):
-            return f"{text}; y = x W_rᵀ: the bias b_r was not added."
-        if _same(F.linear(x, W, b), got):
-            return (f"{text}; y is the whole output of the dense layer: a ColumnParallelLinear returns its own "
-                    f"out/tp output features, which is what a RowParallelLinear takes (no gather).")
-        return text + "."
-    return _layer_grads_problem(head, name, "column", N, recs) or _group_shard_problem(name, "column", N, recs)
-
-
-def _group_shard_problem(name: str, kind: str, N: int, recs: list) -> str | None:
-    """On 4 processes the layer is also built in tensor-parallel groups of 2: each rank keeps the shard of its
-    rank in the group (what labkit's __init__ sets as self.rank), not of its rank in the world."""
-    W, b = recs[0]["W"], recs[0]["b"]
-    for rec in recs:
-        g = rec.get("group_shard")
-        if g is None:
-            continue
-        problem = _shard_problem(_head(name, N, True), name, kind, g, W, b, g["rank"], 2)
-        if problem:
-            return (f"{problem} (Rank {rec['rank']} of the world is rank {g['rank']} of its group: a shard is cut "
-                    f"by the rank in the group, self.rank, which labkit's __init__ sets with "
-                    f"dist.get_rank(group); dist.get_rank() is the rank in the world.)")
+        for case in cases if tp > 1 else ():   # the right numbers, but communication where none is needed
+            for phase, why in (("f forward", "every rank already holds x"), ("g backward", "every rank already holds "
+                                                                                          "dL/dy")):
+                if n := case.student.count(phase):
+                    return (f"{head}: the numbers are right, but on rank {case.world_rank} there "
+                            f"{'was' if n == 1 else 'were'} {_calls_text(case.student.calls, phase)}: {why}, so "
+                            f"{_PHASES[phase]} needs no communication (an all-reduce in every layer, for nothing). "
+                            f"{_PHASES[phase]} is the identity.")
+            for phase in ("f backward", "g forward"):
+                if case.student.count(phase) > 1:
+                    return (f"{head}: the numbers are right, but on rank {case.world_rank} there were "
+                            f"{_calls_text(case.student.calls, phase)}: one is enough.")
     return None
 
 
-def _row_problem(name: str, N: int, recs: list) -> str | None:
-    head = _head(name, N, False)
-    W, b, x, w = (recs[0][k] for k in ("W", "b", "x", "w"))
-    for rec in recs:
-        rec["world_rank"] = rec["rank"]
-        problem = _shard_problem(head, name, "row", rec, W, b, rec["rank"], N) or _op_problem(head, rec)
+def _layers_problem(names: tuple, kinds: tuple, N: int, results: list) -> str | None:
+    label = names[0] if len(names) == 1 else f"{names[0]} → GELU → {names[1]}"
+    for cases in zip(*results):
+        tp, grouped = cases[0].size, cases[0].grouped
+        head = _head(label, N, grouped)
+        for case, k_name in ((case, k_name) for case in cases for k_name in zip(kinds, names)):
+            v, (k, name) = case.student.values, k_name
+            problem = _shard_problem(head, name, k, v[k], v[f"{k}_W"], v[f"{k}_b"], case.rank, tp)
+            if problem:
+                return problem + (f" (Rank {case.world_rank} of the world is rank {case.rank} of its group: a shard "
+                                  f"is cut by the rank in the group, self.rank, which labkit's __init__ sets with "
+                                  f"dist.get_rank(group); dist.get_rank() is the rank in the world.)" if grouped else "")
+        problem = next(filter(None, (_calls_problem(head, case) for case in cases)), None)
+        for case in cases if not problem else ():
+            if "hidden" in case.student.values:
+                hidden = case.student.values["hidden"]
+                return (f"{head}: on rank {case.world_rank}, {names[0]}'s output has shape "
+                        f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else hidden}, expected "
+                        f"{(*BT, H // tp)}: this rank's H/tp = {H // tp} hidden features.")
+        problem = problem or _values_problem(cases, _CHECKS[kinds], _TABLES[kinds], head=head, **dict(zip(kinds, names)),
+                                             everywhere="every rank of the group" if grouped else "every rank")
         if problem:
             return problem
-    step = H // N
-    partial = [F.linear(x[..., k * step:(k + 1) * step], W[:, k * step:(k + 1) * step]) for k in range(N)]
-    want = F.linear(x, W, b)
-    for rec in recs:
-        r, got = rec["rank"], rec["y"]
-        if _same(want, got):
-            continue
-        text = (f"{head}: on rank {r}, y = layer(x_r) with x_r = x[..., {r * step}:{(r + 1) * step}], rank {r}'s "
-                f"slice of the input: " + _differs("y", want, got) + " (the dense layer's output, x Wᵀ + b)")
-        problem = _reduced_output_problem(text, got, want, partial, b, r, N, rec["calls"])
-        return problem or text + "."
-    return _layer_grads_problem(head, name, "row", N, recs) or _group_shard_problem(name, "row", N, recs)
-
-
-def _reduced_output_problem(text: str, got, want, partial: list, b, r: int, N: int, calls) -> str | None:
-    """The output of g(partial sums) + b, wrong in one of the known ways."""
-    total = sum(partial)
-    forward = _calls_text(calls, "forward")
-    if _same(partial[r] + b, got) or _same(partial[r], got):
-        return (f"{text}; y is rank {r}'s own partial sum x_r W_rᵀ{' + b' if _same(partial[r] + b, got) else ''}, "
-                f"after {forward}. {_G_FORWARD}: y = g(x_r W_rᵀ) + b.")
-    if N > 1 and _same(want + (N - 1) * b, got):
-        return (f"{text}; y − (x Wᵀ + b) = (tp − 1)·b: the bias added tp times, once on every rank before the "
-                f"all-reduce, which sums the tp copies. Add it once, after the sum: y = g(x_r W_rᵀ) + b (every rank "
-                f"adds it to the same sum, so every rank gets the same y).")
-    if N > 1 and (_same(total / N + b, got) or _same((total + N * b) / N, got)):
-        return f"{text}; y is the mean of the ranks' partial sums (+ b), not their sum: {_AVERAGED}."
-    if _same(total, got):
-        return f"{text}; y = Σ_r x_r W_rᵀ: the bias b was not added (add it after g, on every rank)."
+        expected = {"forward": kinds.count("row"), "backward": kinds.count("column")}
+        for case in cases if tp > 1 else ():
+            calls = case.student.calls
+            wrong = [phase for phase, n in expected.items() if case.student.count(phase) != n]
+            if wrong and len(kinds) == 1:
+                return (f"{head}: the numbers are right, but on rank {case.world_rank} the layer made "
+                        f"{_calls_text(calls, wrong[0])}, expected {expected[wrong[0]]}: a {kinds[0]}-parallel layer "
+                        f"communicates once, {'in backward (f)' if kinds == ('column',) else 'in forward (g)'}.")
+            if wrong:
+                return (f"{head}: the numbers are right, but on rank {case.world_rank} the MLP made "
+                        f"{_calls_text(calls, 'forward')} and {_calls_text(calls, 'backward')}: Megatron's MLP needs "
+                        f"one in each (g's, after the row-parallel layer, in forward; f's, before the column-parallel "
+                        f"layer, in backward).")
     return None
-
-
-def _layer_grads_problem(head: str, name: str, kind: str, N: int, recs: list) -> str | None:
-    W, b, x, w = (recs[0][k] for k in ("W", "b", "x", "w"))
-    xd = x.clone().requires_grad_()
-    Wd, bd = W.clone().requires_grad_(), b.clone().requires_grad_()
-    (F.linear(xd, Wd, bd) * w).sum().backward()
-    n_in = W.shape[1]
-    for rec in recs:
-        r = rec["rank"]
-        if "grads" not in rec:
-            return f"{head}: on rank {r}, {_DETACHED}"
-        want_w, want_b = _want_shards(Wd.grad, bd.grad, kind, r, N)
-        if kind == "column":
-            rows = slice(r * H // N, (r + 1) * H // N)
-            own = torch.autograd.grad((F.linear(xd, W[rows], b[rows]) * w[..., rows]).sum(), xd)[0]
-            want_x, what_x = xd.grad, "x.grad"
-        else:
-            cols = slice(r * n_in // N, (r + 1) * n_in // N)
-            own = None
-            want_x, what_x = xd.grad[..., cols], f"x_r.grad (x_r = x[..., {cols.start}:{cols.stop}])"
-        for what, want, got, partial in (("weight.grad", want_w, rec["grads"]["weight"], None),
-                                         ("bias.grad", want_b, rec["grads"]["bias"], None),
-                                         (what_x, want_x, rec["x_grad"], own)):
-            problem = _grad_problem(head, name, kind, r, N, what, want, got, partial, rec)
-            if problem:
-                return problem
-    if N > 1:
-        expected = {"column": {"forward": 0, "backward": 1}, "row": {"forward": 1, "backward": 0}}[kind]
-        for rec in recs:
-            for phase, n in expected.items():
-                if _count(rec["calls"], phase) != n:
-                    return (f"{head}: the numbers are right, but on rank {rec['rank']} the layer made "
-                            f"{_calls_text(rec['calls'], phase)}, expected {n}: a {kind}-parallel layer communicates "
-                            f"once, {'in backward (f)' if kind == 'column' else 'in forward (g)'}.")
-    return None
-
-
-def _grad_problem(head, name, kind, r, N, what, want, got, own, rec) -> str | None:
-    if got is None:
-        if kind == "row" and what == "bias.grad":
-            return (f"{head}: on rank {r}, {name}.bias.grad is None after backward: rank {r}'s bias did not take part "
-                    f"in the output. Add the bias on every rank, after g (y = g(x_r W_rᵀ) + b): then every rank's "
-                    f"copy gets the same gradient and the copies stay equal when trained.")
-        shown = f"{name}.{what}" if not what.startswith("x") else what
-        return (f"{head}: on rank {r}, {shown} is None after backward: no gradient reached it "
-                f"(is it used in forward, without .detach()?).")
-    if _same(want, got):
-        return None
-    text = f"{head}: on rank {r}, after y.backward(dy): " + _differs(f"{name}.{what}" if not what.startswith("x")
-                                                                     else what, want, got)
-    backward = _calls_text(rec["calls"], "backward")
-    if own is not None and _same(own, got):
-        if not rec.get("functions"):
-            return (f"{text}; x.grad is only rank {r}'s own contribution (its out/tp output features): the forward "
-                    f"does not go through f (no autograd Function between x and y), so nothing sums the ranks' "
-                    f"contributions. {_F_BACKWARD}: start forward with CopyToParallel.apply(x, self.group).")
-        return f"{text}; x.grad is only rank {r}'s own contribution, a partial sum, after {backward}. {_F_BACKWARD}."
-    c = _factor(want, got)
-    if c is not None and N > 1 and abs(c - 1 / N) < 1e-6 and what.startswith("x") and kind == "column":
-        return f"{text}; x.grad is the mean of the ranks' contributions, {_times(c, N)}: {_AVERAGED}."
-    if c is not None and N > 1 and abs(c - N) < 1e-6 and kind == "row":
-        return f"{text}: {_times(c, N)}, after {backward} (expected none). {_G_BACKWARD}."
-    if c is not None and _times(c, N):
-        return f"{text}: {_times(c, N)}, after {backward}."
-    return text + "."
-
-
-# --- the MLP ---------------------------------------------------------------------------------------------
-
-def _mlp_problem(names: tuple, N: int, records: list) -> str | None:
-    col_name, row_name = names
-    for case in range(len(records[0])):
-        recs = [rank_records[case] for rank_records in records]
-        for world_rank, rec in enumerate(recs):
-            rec["world_rank"] = world_rank
-        tp, grouped = recs[0]["size"], recs[0]["grouped"]
-        head = _head(f"{col_name} → GELU → {row_name}", N, grouped)
-        for rec in recs:
-            r = rec["rank"]
-            problem = (_shard_problem(head, col_name, "column", rec["col"], rec["W1"], rec["b1"], r, tp) or
-                       _shard_problem(head, row_name, "row", rec["row"], rec["W2"], rec["b2"], r, tp))
-            if problem:
-                return problem
-        for rec in recs:
-            problem = _group_problem(head, rec) or _op_problem(head, rec)
-            if problem:
-                return problem
-        for rec in recs:
-            problem = _mlp_rank_problem(head, rec, col_name, row_name)
-            if problem:
-                return problem
-        if tp > 1:
-            for rec in recs:
-                forward, backward = _count(rec["calls"], "forward"), _count(rec["calls"], "backward")
-                if (forward, backward) != (1, 1):
-                    return (f"{head}: the numbers are right, but on rank {rec['world_rank']} the MLP made "
-                            f"{_calls_text(rec['calls'], 'forward')} and {_calls_text(rec['calls'], 'backward')}: "
-                            f"Megatron's MLP needs one in each (g's, after the row-parallel layer, in forward; f's, "
-                            f"before the column-parallel layer, in backward).")
-    return None
-
-
-def _mlp_rank_problem(head: str, rec: dict, col_name: str, row_name: str) -> str | None:
-    r, tp, wr = rec["rank"], rec["size"], rec["world_rank"]
-    W1, b1, W2, b2, x, w = (rec[k] for k in ("W1", "b1", "W2", "b2", "x", "w"))
-    step = H // tp
-    if "hidden" in rec:
-        return (f"{head}: on rank {wr}, {col_name}'s output has shape "
-                f"{tuple(rec['hidden'].shape) if isinstance(rec['hidden'], torch.Tensor) else rec['hidden']}, "
-                f"expected {(*BT, step)}: this rank's H/tp = {step} hidden features.")
-    xd = x.clone().requires_grad_()
-    params = [t.clone().requires_grad_() for t in (W1, b1, W2, b2)]
-    W1d, b1d, W2d, b2d = params
-
-    def mlp(x_):
-        return F.linear(F.gelu(F.linear(x_, W1d, b1d)), W2d, b2d)
-
-    want = mlp(xd)
-    (want * w).sum().backward()
-    want = want.detach()
-    partial = [F.linear(F.gelu(F.linear(x, W1[k * step:(k + 1) * step], b1[k * step:(k + 1) * step])),
-                        W2[:, k * step:(k + 1) * step]) for k in range(tp)]
-    got = rec["y"]
-    if not _same(want, got):
-        everywhere = "every rank of the group" if rec["grouped"] else "every rank"
-        text = (f"{head}: on rank {wr}, y = row(gelu(column(x))) with the same x on {everywhere}: "
-                + _differs("y", want, got) + " (the dense MLP's output)")
-        if _same(mlp(tp * x).detach(), got):
-            return (f"{text}; y is the dense MLP of tp·x: f's output came out tp times too large, after "
-                    f"{_calls_text(rec['calls'], 'forward')}. {_F_FORWARD}.")
-        problem = _reduced_output_problem(text, got, want, partial, b2, r, tp, rec["calls"])
-        return problem or text + "."
-    if "grads" not in rec:
-        return f"{head}: on rank {wr}, {_DETACHED}"
-    rows = slice(r * step, (r + 1) * step)
-    own = torch.autograd.grad((F.linear(F.gelu(F.linear(xd, W1[rows], b1[rows])), W2[:, rows]) * w).sum(), xd)[0]
-    backward = _calls_text(rec["calls"], "backward")
-    checks = (("row.weight", f"{row_name}.weight.grad", W2d.grad[:, rows]),
-              ("row.bias", f"{row_name}.bias.grad", b2d.grad),
-              ("column.weight", f"{col_name}.weight.grad", W1d.grad[rows]),
-              ("column.bias", f"{col_name}.bias.grad", b1d.grad[rows]))
-    for key, what, want_g in checks:
-        got_g = rec["grads"][key]
-        if got_g is None:
-            return (f"{head}: on rank {wr}, {what} is None after backward: "
-                    + ("the bias must be added on every rank, after g, so that every rank's copy gets the same "
-                       "gradient." if key == "row.bias" else "no gradient reached it."))
-        if _same(want_g, got_g):
-            continue
-        text = (f"{head}: on rank {wr}, after y.backward(dy) with the same dy on every rank: "
-                + _differs(what, want_g, got_g))
-        c = _factor(want_g, got_g)
-        if c is not None and tp > 1 and abs(c - tp) < 1e-6:
-            return f"{text}: {_times(c, tp)}, after {backward} (expected 1, f's). {_G_BACKWARD}."
-        if c is not None and _times(c, tp):
-            return f"{text}: {_times(c, tp)}, after {backward}."
-        return text + "."
-    got_x = rec["x_grad"]
-    if got_x is None:
-        return f"{head}: on rank {wr}, x.grad is None after backward: no gradient came back through the MLP."
-    if _same(xd.grad, got_x):
-        return None
-    text = f"{head}: on rank {wr}, after y.backward(dy): " + _differs("x.grad", xd.grad, got_x)
-    if _same(own, got_x):
-        if not rec.get("functions") or rec["functions"] < 2:
-            extra = " (the forward goes through fewer than two autograd Functions: is f applied?)"
-        else:
-            extra = ""
-        return (f"{text}; x.grad is only rank {wr}'s own contribution (its H/tp hidden features), a partial sum, "
-                f"after {backward}{extra}. {_F_BACKWARD}.")
-    c = _factor(xd.grad, got_x)
-    if c is not None and tp > 1 and abs(c - 1 / tp) < 1e-6:
-        return f"{text}; x.grad is the mean of the ranks' contributions, {_times(c, tp)}: {_AVERAGED}."
-    if c is not None and _times(c, tp):
-        return f"{text}: {_times(c, tp)}, after {backward}."
-    return text + "."
 
 
 # ============================================================================================
 # The checks
 # ============================================================================================
 
-def _and(values) -> str:
-    values = [str(v) for v in values]
-    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} and {values[-1]}"
-
-
-def _sizes(world_sizes) -> str:
-    sizes = sorted(world_sizes)
-    return f"{_and(sizes)} process{'es' if sizes != [1] else ''}"
-
-
-def _need_class(cls, what: str, base=None) -> None:
-    """Refuse what is not a class (an instance, a function) or, for f and g, not an autograd Function."""
+def _need_class(cls, what: str, base) -> None:
+    """Refuse what is not a class (an instance, a function), or not a subclass of ``base``."""
     __tracebackhide__ = True
     if not isinstance(cls, type):
         fail(f"pass your class itself ({what}), not a {type(cls).__name__} object")
@@ -1083,6 +1046,28 @@ def _need_class(cls, what: str, base=None) -> None:
              f"forward with labkit's shards, and your shard with labkit's __init__)")
 
 
+def _run(worker, args: tuple, diagnose: Callable[[int, list], str | None], *, world_sizes, timeout: float,
+         name: str, task: str) -> str:
+    """``worker(*args, timeout, board)`` on each world size, failing at the first problem; the ✓ line's word for
+    the student's collectives."""
+    __tracebackhide__ = True
+    seen = []
+    for N in world_sizes:
+        with board_dir() as board:
+            results = run_on_ranks(worker, *args, timeout, board, world_size=N, timeout=timeout, name=name, task=task,
+                                   device="cpu")
+        problem = diagnose(N, results)
+        if problem:
+            fail(problem)
+        seen.append(results)
+    return _collective(seen)
+
+
+def _sizes(world_sizes) -> str:
+    sizes = sorted(world_sizes)
+    return f"{and_list(sizes)} process{'es' if sizes != [1] else ''}"
+
+
 def check_f_and_g(copy_to_parallel, reduce_from_parallel, *, world_sizes=WORLD_SIZES, timeout: float = 10.0) -> None:
     """Check exercises 5a-5d: ``copy_to_parallel`` (f) and ``reduce_from_parallel`` (g), two
     ``torch.autograd.Function`` subclasses called as ``cls.apply(x, group)``.
@@ -1091,25 +1076,18 @@ def check_f_and_g(copy_to_parallel, reduce_from_parallel, *, world_sizes=WORLD_S
     be their sum); f in ``out = x + f(x)`` (the gradient tensor autograd hands f's backward is shared with the
     residual branch: it must not be changed in place); g on each rank's own x_r (y must be their sum, x_r left
     as it was), then backward with the same dL/dy on every rank (x_r.grad must be dL/dy). On 4 processes, the
-    same in two groups of 2. The all-reduces are counted: none in f's forward and g's backward."""
+    same in two groups of 2. No communication in f's forward and g's backward."""
     __tracebackhide__ = True
-    _need_class(copy_to_parallel, "check_f_and_g(CopyToParallel, ReduceFromParallel)", torch.autograd.Function)
-    _need_class(reduce_from_parallel, "check_f_and_g(CopyToParallel, ReduceFromParallel)", torch.autograd.Function)
+    for cls in (copy_to_parallel, reduce_from_parallel):
+        _need_class(cls, "check_f_and_g(CopyToParallel, ReduceFromParallel)", torch.autograd.Function)
     names = (copy_to_parallel.__name__, reduce_from_parallel.__name__)
-    what = f"{names[0]} and {names[1]}"
-    seen = []
-    for N in world_sizes:
-        records = run_on_ranks(_f_and_g_worker, copy_to_parallel, reduce_from_parallel, 0.6 * timeout,
-                               world_size=N, timeout=timeout, name=what, task="5a-5d", device="cpu")
-        seen.append(records)
-        problem = _f_and_g_problem(names, N, records)
-        if problem:
-            fail(problem)
+    collective = _run(_f_and_g_worker, (copy_to_parallel, reduce_from_parallel),
+                      lambda N, results: _f_and_g_problem(names, N, results), world_sizes=world_sizes,
+                      timeout=timeout, name=f"{names[0]} and {names[1]}", task="5a-5d")
     grouped = " and in groups of 2 of 4 processes" if 4 in world_sizes else ""
     passed(f"{names[0]} (f) and {names[1]} (g) are correct on {_sizes(world_sizes)}{grouped}: f's forward is the "
            f"identity and its backward sums the ranks' gradients, g's forward sums and its backward is the identity; "
-           f"one {_collective(seen)} each, in the right direction; the incoming gradient and the input left as they "
-           f"were")
+           f"one {collective} each, in the right direction; the incoming gradient and the input left as they were")
 
 
 def check_column_parallel(cls, *, world_sizes=WORLD_SIZES, timeout: float = 10.0) -> None:
@@ -1121,18 +1099,13 @@ def check_column_parallel(cls, *, world_sizes=WORLD_SIZES, timeout: float = 10.0
     (the dense gradients' rows) are compared with the dense layer's. One all-reduce, in backward."""
     __tracebackhide__ = True
     _need_class(cls, "check_column_parallel(ColumnParallelLinear)", ColumnParallelLinear)
-    seen = []
-    for N in world_sizes:
-        records = run_on_ranks(_layer_worker, cls, "column", 0.6 * timeout, world_size=N, timeout=timeout,
-                               name=cls.__name__, task="5e-5f", device="cpu")
-        seen.append(records)
-        problem = _column_problem(cls.__name__, N, records)
-        if problem:
-            fail(problem)
+    collective = _run(_layers_worker, ((cls,),), lambda N, results: _layers_problem((cls.__name__,), ("column",), N,
+                                                                                   results),
+                      world_sizes=world_sizes, timeout=timeout, name=cls.__name__, task="5e-5f")
     grouped = " (the shards also in groups of 2 of 4 processes)" if 4 in world_sizes else ""
-    passed(f"{cls.__name__} is correct on {_sizes(world_sizes)}{grouped}: rank r keeps rows [r·out/tp, (r+1)·out/tp) of W "
-           f"and b; its output features, the input gradient (one {_collective(seen)}, in backward) and the weight and bias "
-           f"gradients equal the dense nn.Linear's, sliced the same way")
+    passed(f"{cls.__name__} is correct on {_sizes(world_sizes)}{grouped}: rank r keeps rows [r·out/tp, (r+1)·out/tp) "
+           f"of W and b; its output features, the input gradient (one {collective}, in backward) and the weight and "
+           f"bias gradients equal the dense nn.Linear's, sliced the same way")
 
 
 def check_row_parallel(cls, *, world_sizes=WORLD_SIZES, timeout: float = 10.0) -> None:
@@ -1144,17 +1117,12 @@ def check_row_parallel(cls, *, world_sizes=WORLD_SIZES, timeout: float = 10.0) -
     with the dense layer's. One all-reduce, in forward."""
     __tracebackhide__ = True
     _need_class(cls, "check_row_parallel(RowParallelLinear)", RowParallelLinear)
-    seen = []
-    for N in world_sizes:
-        records = run_on_ranks(_layer_worker, cls, "row", 0.6 * timeout, world_size=N, timeout=timeout,
-                               name=cls.__name__, task="5g-5h", device="cpu")
-        seen.append(records)
-        problem = _row_problem(cls.__name__, N, records)
-        if problem:
-            fail(problem)
+    collective = _run(_layers_worker, ((cls,),), lambda N, results: _layers_problem((cls.__name__,), ("row",), N,
+                                                                                   results),
+                      world_sizes=world_sizes, timeout=timeout, name=cls.__name__, task="5g-5h")
     grouped = " (the shards also in groups of 2 of 4 processes)" if 4 in world_sizes else ""
-    passed(f"{cls.__name__} is correct on {_sizes(world_sizes)}{grouped}: rank r keeps columns [r·in/tp, (r+1)·in/tp) of W "
-           f"and the whole bias, added once after the sum; the output (one {_collective(seen)}, in forward), the input "
+    passed(f"{cls.__name__} is correct on {_sizes(world_sizes)}{grouped}: rank r keeps columns [r·in/tp, (r+1)·in/tp) "
+           f"of W and the whole bias, added once after the sum; the output (one {collective}, in forward), the input "
            f"slice's gradient and the weight and bias gradients equal the dense nn.Linear's, sliced the same way")
 
 
@@ -1165,18 +1133,14 @@ def check_parallel_mlp(column_cls, row_cls, *, world_sizes=WORLD_SIZES, timeout:
     the dense gradients' slices); exactly one all-reduce in forward and one in backward. On 4 processes also in
     two tensor-parallel groups of 2, each with its own data (``group`` must reach f and g)."""
     __tracebackhide__ = True
-    _need_class(column_cls, "check_parallel_mlp(ColumnParallelLinear, RowParallelLinear)", ColumnParallelLinear)
-    _need_class(row_cls, "check_parallel_mlp(ColumnParallelLinear, RowParallelLinear)", RowParallelLinear)
+    what = "check_parallel_mlp(ColumnParallelLinear, RowParallelLinear)"
+    _need_class(column_cls, what, ColumnParallelLinear)
+    _need_class(row_cls, what, RowParallelLinear)
     names = (column_cls.__name__, row_cls.__name__)
-    seen = []
-    for N in world_sizes:
-        records = run_on_ranks(_mlp_worker, column_cls, row_cls, 0.6 * timeout, world_size=N, timeout=timeout,
-                               name=f"{names[0]} → GELU → {names[1]}", task="5e-5h", device="cpu")
-        seen.append(records)
-        problem = _mlp_problem(names, N, records)
-        if problem:
-            fail(problem)
+    collective = _run(_layers_worker, ((column_cls, row_cls),),
+                      lambda N, results: _layers_problem(names, ("column", "row"), N, results),
+                      world_sizes=world_sizes, timeout=timeout, name=f"{names[0]} → GELU → {names[1]}", task="5e-5h")
     grouped = " (and in tensor-parallel groups of 2 on 4 processes)" if 4 in world_sizes else ""
     passed(f"{names[0]} → GELU → {names[1]} equals the dense MLP on {_sizes(world_sizes)}{grouped}: the output, "
-           f"the input gradient and every weight and bias gradient, sliced as the shards are; one {_collective(seen)} "
+           f"the input gradient and every weight and bias gradient, sliced as the shards are; one {collective} "
            f"in forward, one in backward")
