@@ -10,31 +10,45 @@ Lecture code (a concept per file; read it beside its notebook)
     all       launcher          launch, WorkerError (N real processes from a notebook cell)
               comm              the one communication layer: send, recv, exchange, all_reduce, ...,
                                 record() and CommEvent (what was sent, to whom, how many bytes)
+              timeline          Event (what one rank did from start to end), busy_fraction, and
+                                draw_timeline: the one drawing of a step (lessons 3, 5, 6)
+              figures           RANK_COLORS, error_bars (what every lesson's figures share)
     1         data_parallel     shard_indices, average_gradients, server_average_gradients,
                                 weighted_average_gradients, broadcast_parameters, LinearRegression
               local_sgd         average_parameters, averaging_gap (parameter vs gradient averaging)
+              data_parallel_figures   shard_grid
     2         ring              the ring as a schedule: reduce_scatter_rounds, all_gather_rounds,
                                 chunk_bounds, simulate
               collectives       reduce_scatter_phase, all_gather_phase (exercise 2), ring_all_reduce,
                                 tree_all_reduce, naive_all_reduce, broadcast
               cost_model        the α–β model: predict, fit_alpha_beta, bus_bandwidth
+              ring_figures      draw_ring_round, draw_ring_rounds, ring_legend
     3         ddp               NaiveDDP, OverlapDDP, BucketedDDP (exercise 3 subclasses it), plan_buckets
+              ddp_figures       draw_ddp_timeline, ddp_timeline_legend
     4         optim             LARS, Lamb, AdaScale, scaled_lr, warmup_factor
-    5         layer_split       partition, train_step (the model cut over ranks, send/recv)
+              large_batch       the batch-size sweep: options, sweep, train, Data, mean_loss, lr_multiplier
+              large_batch_figures   batch_sweep_figure, draw_batch_sweep, draw_trust_ratios
+    5         layer_split       partition, train_step, busy_fractions (the model cut over ranks, send/recv)
+              layer_split_figures   draw_layer_split, layer_split_legend
               tensor_parallel   ColumnParallelLinear, RowParallelLinear, the f/g operators,
                                 ParallelMLP, ParallelSelfAttention, tensor_parallel_gpt, grid_groups
+              tensor_parallel_figures   draw_tp_mlp, draw_grid
     6         pipeline          schedules as data (gpipe, one_f_one_b, interleaved_1f1b), simulate,
-                                bubble_fraction, run_schedule (the runtime), gantt (the figures)
+                                bubble_fraction, run_schedule (the runtime), gantt (the figures:
+                                draw_gantt, pipeline_figure, measured_figure, explorer)
     7         param_server      shard_bounds, serve, work, train (sync, async, bounded staleness)
+              param_server_figures  draw_roles, draw_step
     models    models            GPT, GPTConfig (the small GPT every lesson trains)
               text              load_corpus, CharTokenizer, TokenBlocks, distributed_loader (no download)
-    figures   viz               the figures of lessons 1–4 (pipeline figures live in pipeline.gantt)
+    Each concept's figures live beside it (<concept>_figures.py, pipeline/gantt.py): they import
+    matplotlib, the concepts do not.
 
 Infrastructure (not lecture code)
     collectives_support   the collectives' pre-flight check of a call, reused buffers, the trace recorder
     checks/               the exercises' checkers (run a student's code on N processes, name the mistake)
     exercises             makes exercises/ from solutions/
-    labs/                 command-line labs, the same code under labkit.launch, torchrun and accelerate
+    labs/                 command-line labs (thin: options, outputs) over the library, the same code under
+                          labkit.launch, torchrun and accelerate
     bench/                benchmarks that print numbers (docs/results/ holds what they printed)
 """
 

@@ -34,20 +34,9 @@ from torch.autograd import Variable
 
 from labkit import comm
 from labkit.data_parallel import broadcast_parameters
+from labkit.timeline import Event
 
-__all__ = ["NaiveDDP", "OverlapDDP", "BucketedDDP", "Bucket", "plan_buckets", "TimelineEvent"]
-
-
-@dataclass
-class TimelineEvent:
-    """One interval of one step on this rank, in seconds of ``time.perf_counter()``.
-    kind: "forward", "grad" (a gradient became ready: start == end), "allreduce" (launch to completion,
-    completion stamped by the communication thread), "wait" (the end-of-backward wait)."""
-    kind: str
-    label: str
-    start: float
-    end: float
-    nbytes: int = 0
+__all__ = ["NaiveDDP", "OverlapDDP", "BucketedDDP", "Bucket", "plan_buckets"]
 
 
 def _check_same_model_everywhere(module: nn.Module, group) -> None:
@@ -77,6 +66,7 @@ class _DataParallel(nn.Module):
         self.module = module
         self.group = process_group
         self.world_size = dist.get_world_size(process_group)
+        self._rank = dist.get_rank()
         # parameters() lists a tied weight once; frozen parameters never get a gradient to average
         self.params = [p for p in module.parameters() if p.requires_grad]
         if not self.params:
@@ -89,7 +79,10 @@ class _DataParallel(nn.Module):
         self._sync = True
         self.in_backward = False
         self._ready: list = []          # parameters in the order their gradients became ready
-        self.timeline: list | None = [] if record_timeline else None
+        # record_timeline: one labkit.timeline.Event per thing that happens on this rank, in seconds of
+        # time.perf_counter(): "forward", "grad" (a gradient became ready: start == end, label = its name),
+        # "allreduce" (launch to completion, stamped by the communication thread), "wait" (end of backward)
+        self.timeline: list[Event] | None = [] if record_timeline else None
         self._hook_handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
 
     # --- the training-loop interface -------------------------------------------------------------
@@ -100,7 +93,7 @@ class _DataParallel(nn.Module):
             return self.module(*args, **kwargs)
         start = time.perf_counter()
         out = self.module(*args, **kwargs)
-        self.timeline.append(TimelineEvent("forward", "forward", start, time.perf_counter()))
+        self.timeline.append(Event("forward", start, time.perf_counter(), "forward", self._rank))
         return out
 
     @contextmanager
@@ -131,7 +124,7 @@ class _DataParallel(nn.Module):
         self._ready.append(param)
         if self.timeline is not None:
             now = time.perf_counter()
-            self.timeline.append(TimelineEvent("grad", self._names[param], now, now))
+            self.timeline.append(Event("grad", now, now, self._names[param], self._rank))
         self.on_grad_ready(param)
 
     def _end_of_backward(self) -> None:
@@ -147,13 +140,12 @@ class _DataParallel(nn.Module):
         start = time.perf_counter()
         self.finish_backward()
         if self.timeline is not None:
-            self.timeline.append(TimelineEvent("wait", "wait for all-reduces", start, time.perf_counter()))
+            self.timeline.append(Event("wait", start, time.perf_counter(), "wait for all-reduces", self._rank))
 
     def _timed_all_reduce(self, tensor: torch.Tensor, label: str):
         work = comm.all_reduce(tensor, group=self.group, async_op=True)
         if self.timeline is not None:
-            event = TimelineEvent("allreduce", label, time.perf_counter(), float("nan"),
-                                  comm.nbytes(tensor))
+            event = Event("allreduce", time.perf_counter(), float("nan"), label, self._rank, comm.nbytes(tensor))
             self.timeline.append(event)
 
             def done(fut, event=event):  # runs on the communication thread when the all-reduce ends

@@ -19,13 +19,14 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from labkit import comm
+from labkit.timeline import Event, busy_fraction
 
 __all__ = ["partition", "stage_module", "train_step", "Event", "busy_fraction", "busy_fractions"]
 
@@ -107,21 +108,15 @@ def recv_tensor(src: int, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 # --- one training step, with its timeline ----------------------------------------------------------------
-
-class Event(NamedTuple):
-    """An interval on one rank, in seconds of ``time.perf_counter()`` (a clock all processes of a
-    machine share). kind: "forward" (the last rank's includes the loss), "backward", "send", or "recv"
-    (mostly waiting for the neighbour to finish)."""
-    kind: str
-    start: float
-    end: float
-
+# Each rank records labkit.timeline.Event intervals, in seconds of time.perf_counter() (a clock all the
+# processes of a machine share), of the kinds "forward" (the last rank's includes the loss), "backward",
+# "send", and "recv" (mostly waiting for the neighbour to finish).
 
 @contextmanager
 def _timed(timeline: list, kind: str):
     start = time.perf_counter()
     yield
-    timeline.append(Event(kind, start, time.perf_counter()))
+    timeline.append(Event(kind, start, time.perf_counter(), rank=dist.get_rank()))
 
 
 def train_step(stage: nn.Module, inputs: torch.Tensor | None, target: torch.Tensor | None,
@@ -175,17 +170,9 @@ def train_step(stage: nn.Module, inputs: torch.Tensor | None, target: torch.Tens
 
 # --- who was busy -------------------------------------------------------------------------------------------
 
-def busy_fraction(timeline: Sequence[Event], start: float | None = None, end: float | None = None,
-                  busy: Sequence[str] = ("forward", "backward")) -> float:
-    """The fraction of [start, end] (default: the timeline's own extent) that this rank spent
-    computing (the kinds in ``busy``); the rest it spent sending, or waiting for a neighbour."""
-    start = min(e.start for e in timeline) if start is None else start
-    end = max(e.end for e in timeline) if end is None else end
-    return sum(e.end - e.start for e in timeline if e.kind in busy) / (end - start)
-
-
 def busy_fractions(timelines: Sequence[Sequence[Event]]) -> list[float]:
-    """Each rank's busy fraction over the whole step: from the first event on any rank to the last.
+    """Each rank's busy fraction (:func:`labkit.timeline.busy_fraction`: the share of the step spent in
+    forward and backward) over the whole step: from the first event on any rank to the last.
     With p equal stages and free communication, each is 1/p: the idle fraction is (p − 1)/p."""
     start = min(e.start for t in timelines for e in t)
     end = max(e.end for t in timelines for e in t)

@@ -15,7 +15,7 @@ Each round every rank sends one chunk, so each rank sends 2(N-1) chunks of M/N e
 2(N-1)/N * M, below 2M however large N is.
 
 This module is pure (no processes, no torch.distributed): the same schedule drives the simulator
-below, the figures (:func:`labkit.viz.draw_ring_round`) and the real execution
+below, the figures (:func:`labkit.ring_figures.draw_ring_round`) and the real execution
 (:mod:`labkit.collectives`), so the picture a student studies is exactly what runs.
 """
 

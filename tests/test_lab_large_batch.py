@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import labkit
-from labkit.labs import large_batch
+from labkit import large_batch as experiment      # the library: the sweep's pieces
+from labkit.labs import large_batch                # the lab: its command line
 
 TINY = ["--scales", "1", "2", "--epochs", "0.02", "--eval-points", "3", "--eval-blocks", "8", "--no-progress",
         "--target-loss", "3.5"]
@@ -77,28 +78,28 @@ def test_each_method_applies_its_scaling_rule(tiny_sweep):
 
 
 def test_scaling_rules_and_schedule():
-    assert large_batch.lr_multiplier("linear", 8) == 8
-    assert large_batch.lr_multiplier("sqrt", 16) == 4
-    assert large_batch.lr_multiplier("none", 16) == 1
+    assert experiment.lr_multiplier("linear", 8) == 8
+    assert experiment.lr_multiplier("sqrt", 16) == 4
+    assert experiment.lr_multiplier("none", 16) == 1
     args = large_batch.parse_args(["--warmup", "0.25", "--decay", "linear"])
-    lrs = [large_batch.schedule(0.1, 4.0, t, 8, args) for t in range(8)]
+    lrs = [experiment.schedule(0.1, 4.0, t, 8, args) for t in range(8)]
     assert lrs[0] == pytest.approx(0.1) and lrs[2] == pytest.approx(0.4)     # warm-up over 2 of 8 steps
     assert lrs[7] == pytest.approx(0.4 / 6)                                  # then linear down to 0 at step 8
-    assert large_batch.schedule(0.1, 1.0, 0, 8, args) == pytest.approx(0.1)   # k = 1: nothing to warm up
-    assert [large_batch.adascale_gradients(k, n, 4) for k, n in [(1, 1), (2, 1), (32, 1), (32, 2), (1, 4)]] == \
+    assert experiment.schedule(0.1, 1.0, 0, 8, args) == pytest.approx(0.1)   # k = 1: nothing to warm up
+    assert [experiment.adascale_gradients(k, n, 4) for k, n in [(1, 1), (2, 1), (32, 1), (32, 2), (1, 4)]] == \
         [2, 2, 4, 4, 4]
 
 
 def test_first_reach_interpolates_between_evaluations():
     curve = [(0, 0, 4.0), (10, 20, 3.0), (20, 40, 2.0)]
-    assert large_batch.first_reach(curve, 2.5) == (15.0, 30.0)
-    assert large_batch.first_reach(curve, 1.0) == (None, None)
+    assert experiment.first_reach(curve, 2.5) == (15.0, 30.0)
+    assert experiment.first_reach(curve, 1.0) == (None, None)
 
 
 def test_every_rank_reads_its_slice_of_the_same_global_batch():
     global_batch = torch.arange(16)
     for world, micro in [(1, 4), (2, 2), (4, 1)]:
-        parts = [large_batch.my_slices(global_batch, r, world, micro) for r in range(world)]
+        parts = [experiment.my_slices(global_batch, r, world, micro) for r in range(world)]
         assert torch.equal(torch.cat([p for rank in parts for p in rank]), global_batch)
         assert {len(p) for rank in parts for p in rank} == {16 // (world * micro)}
 

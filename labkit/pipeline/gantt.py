@@ -5,19 +5,26 @@ from a schedule, or measured by the runtime), plus the notebook's explorer.
                                         number inside; white gaps are the bubble
     draw_activations(ax, timeline)      micro-batches' activations each rank holds, over time
     pipeline_figure(name, p, m, ...)    both, for a schedule, with the bubble and peaks in the title
+    measured_figure(measured, simulated, m)   measured runs (filled) over their simulations (dashed)
+    draw_measured_bubble(ax, measured, p)     measured bubbles against m, over the formula
     explorer()                          ipywidgets controls (schedule, p, m, t_B/t_F, chunks) around
                                         pipeline_figure
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.patches import Patch
 
 from labkit.pipeline.schedules import B, F, make_schedule
 from labkit.pipeline.simulate import (Timeline, bubble_fraction, expected_bubble, peak_activations, simulate)
+from labkit.timeline import Box, draw_timeline
 
-__all__ = ["draw_gantt", "draw_activations", "gantt_legend", "pipeline_figure", "explorer", "MICROBATCH_COLORS"]
+__all__ = ["draw_gantt", "draw_activations", "gantt_legend", "pipeline_figure", "measured_figure",
+           "draw_measured_bubble", "explorer", "MICROBATCH_COLORS"]
 
 # one colour per micro-batch (cycled): F drawn pale, B full
 MICROBATCH_COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C",
@@ -25,44 +32,36 @@ MICROBATCH_COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#93
 
 
 def _compute_events(timeline: Timeline):
-    return [e for e in timeline.events if e.action.kind in (F, B)]
+    return [e for e in timeline.events if e.kind in (F, B)]
 
 
 def draw_gantt(ax, timeline: Timeline, *, unit: float = 1.0, unit_name: str = "", title: str = "",
                labels: bool = True, num_ranks_per_chunk: int | None = None, alpha: float = 1.0, outline: bool = False,
-               y_offset: float = 0.0, height: float = 0.8):
+               height: float = 0.8):
     """Draw the compute of every rank: rank 0 on top, F boxes pale, B boxes saturated, in the colour of
     their micro-batch, numbered (``k`` or ``k.c`` for chunk c when ranks hold several stages). Whatever
     is not covered is the bubble. ``outline=True`` draws only the boxes' edges (to lay a measured run
-    over a simulated one). Times are divided by ``unit``."""
+    over a simulated one). Times are divided by ``unit``. The drawing is :func:`labkit.timeline.draw_timeline`
+    with the pipeline's style."""
     p = timeline.num_ranks
-    right = ax.get_xlim()[1] if ax.has_data() else 0.0   # drawing over another timeline: keep the wider
-    events = _compute_events(timeline)
-    chunked = num_ranks_per_chunk is not None or any(e.action.stage >= p for e in events)
-    for e in events:
-        a = e.action
-        color = MICROBATCH_COLORS[a.microbatch % len(MICROBATCH_COLORS)]
-        y = (p - 1 - e.rank) + y_offset
-        x0, w = (e.start - timeline.origin) / unit, e.duration / unit
+    chunked = num_ranks_per_chunk is not None or any(e.action.stage >= p for e in _compute_events(timeline))
+    bottom = (1 - height) / 2
+
+    def style(e) -> Box | None:
+        if e.kind not in (F, B):
+            return None                                   # sends and receives: not drawn
         if outline:
-            ax.broken_barh([(x0, w)], (y + (1 - height) / 2, height), facecolor="none", edgecolor="black",
-                           linewidth=1.0, linestyle="--")
-            continue
-        ax.broken_barh([(x0, w)], (y + (1 - height) / 2, height), facecolor=color,
-                       alpha=alpha * (0.4 if a.kind == F else 0.95), edgecolor="black", linewidth=0.4)
-        text = f"{a.microbatch}" + (f".{a.stage // p}" if chunked else "")
-        if labels and w * unit > 0.007 * len(text) * timeline.makespan:  # only where the number fits
-            ax.text(x0 + w / 2, y + 0.5, text, ha="center", va="center", fontsize=7,
-                    color="black" if a.kind == F else "white", clip_on=True)
-    ax.set_yticks([p - 1 - r + 0.5 for r in range(p)])
-    ax.set_yticklabels([f"rank {r}" for r in range(p)], fontsize=8)
-    ax.set_ylim(-0.1, p + 0.1)
-    ax.set_xlim(0, max(right, timeline.makespan / unit))
-    ax.set_xlabel(f"time ({unit_name})" if unit_name else "time")
-    ax.grid(axis="y", visible=False)
-    if title:
-        ax.set_title(title, fontsize=10)
-    return ax
+            return Box(facecolor="none", edgecolor="black", linewidth=1.0, linestyle="--", bottom=bottom,
+                       height=height)
+        a = e.action
+        return Box(facecolor=MICROBATCH_COLORS[a.microbatch % len(MICROBATCH_COLORS)],
+                   alpha=alpha * (0.4 if a.kind == F else 0.95), linewidth=0.4, bottom=bottom, height=height,
+                   text=(f"{a.microbatch}" + (f".{a.stage // p}" if chunked else "")) if labels else "",
+                   text_color="black" if a.kind == F else "white")
+
+    return draw_timeline(ax, timeline.rows(), style, origin=timeline.origin,
+                         end=timeline.origin + timeline.makespan, unit=unit,
+                         xlabel=f"time ({unit_name})" if unit_name else "time", title=title)
 
 
 def gantt_legend(ax, **kwargs):
@@ -82,7 +81,7 @@ def draw_activations(ax, timeline: Timeline, *, chunks: int = 1, unit: float = 1
     for r in range(p):
         held, xs, ys = 0.0, [0.0], [0.0]
         for e in sorted((e for e in _compute_events(timeline) if e.rank == r), key=lambda e: e.end):
-            held += (1 if e.action.kind == F else -1) / chunks
+            held += (1 if e.kind == F else -1) / chunks
             xs.append((e.end - timeline.origin) / unit)
             ys.append(held)
         xs.append(timeline.makespan / unit)
@@ -117,6 +116,50 @@ def pipeline_figure(name: str = "1F1B", p: int = 4, m: int = 8, backward_ratio: 
     gantt_legend(ax_mem, loc="upper left", bbox_to_anchor=(0.0, -0.45), ncol=3)
     fig.tight_layout()
     return fig
+
+
+def measured_figure(measured: Mapping[tuple[str, int], Timeline], simulated: Mapping[tuple[str, int], Timeline],
+                    m: int, names: Sequence[str] = ("GPipe", "1F1B"), figure=None):
+    """For each schedule in ``names``, with m micro-batches: the measured timeline (filled boxes, ms) with
+    the simulated one laid over it (dashed outlines), steps and bubbles in the title. ``measured`` and
+    ``simulated`` map (name, m) to timelines in seconds (e.g. ``merge_timelines`` of a run, and
+    ``simulate`` with the stages' times)."""
+    fig = figure or plt.figure(figsize=(11, 2.9 * len(names)))
+    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, name in zip(axes, names):
+        got, sim = measured[name, m], simulated[name, m]
+        draw_gantt(ax, got, unit=1e-3)
+        draw_gantt(ax, sim, unit=1e-3, outline=True)
+        ax.set_xlim(0, 1e3 * max(got.makespan, sim.makespan))
+        ax.set_xlabel("")
+        ax.set_title(f"{name}, p = {got.num_ranks}, m = {m}, measured on {got.num_ranks} processes (filled): "
+                     f"{1e3 * got.makespan:.0f} ms, bubble {bubble_fraction(got):.3f};  simulated (dashed): "
+                     f"{1e3 * sim.makespan:.0f} ms, bubble {bubble_fraction(sim):.3f}", fontsize=9)
+    axes[-1].set_xlabel("time (ms)")
+    gantt_legend(axes[-1], loc="upper left", bbox_to_anchor=(0, -0.3), ncol=3)
+    fig.tight_layout()
+    return fig
+
+
+def draw_measured_bubble(ax, measured: Mapping[tuple[str, int], Timeline], p: int,
+                         styles: Mapping[str, tuple[str, str]] | None = None, title: str = ""):
+    """The bubble of each measured timeline (``measured[name, m]``) against m, one marker style per
+    schedule (``styles[name]`` = (marker, colour)), over the formula (p − 1)/(m + p − 1)."""
+    styles = styles or {"GPipe": ("o", MICROBATCH_COLORS[0]), "1F1B": ("x", MICROBATCH_COLORS[3])}
+    ms = sorted({m for _, m in measured})
+    grid = np.linspace(1, max(ms) + 2, 200)
+    ax.plot(grid, (p - 1) / (grid + p - 1), color="black", lw=1.5, label=f"(p−1)/(m+p−1), p = {p}")
+    for name, (marker, color) in styles.items():
+        points = sorted(m for n, m in measured if n == name)
+        ax.plot(points, [bubble_fraction(measured[name, m]) for m in points], marker, color=color, ms=9, mfc="none",
+                mew=2, label=f"{name}, measured")
+    ax.set_xlabel("micro-batches m")
+    ax.set_ylabel("bubble")
+    ax.set_ylim(0, 0.8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return ax
 
 
 def explorer(name: str = "1F1B", p: int = 4, m: int = 8, backward_ratio: float = 2.0, chunks: int = 2):

@@ -36,6 +36,7 @@ measured activation memory, to set against :func:`labkit.pipeline.simulate.simul
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from torch import nn
 
 from labkit import comm
 from labkit.pipeline.schedules import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule
-from labkit.pipeline.simulate import Event, Timeline
+from labkit.pipeline.simulate import Timeline, action_event
 
 __all__ = ["StepResult", "run_schedule", "merge_timelines", "split_sequential", "SavedBytes"]
 
@@ -56,7 +57,7 @@ class StepResult:
     """What one rank did in one step."""
     rank: int                                      # this rank's place in the pipeline (0 .. p − 1)
     losses: list = field(default_factory=list)     # per micro-batch (on the rank with the last stage)
-    events: list = field(default_factory=list)     # Event(rank, action, start, end), perf_counter seconds
+    events: list = field(default_factory=list)     # labkit.timeline.Event per action, perf_counter seconds
     peak_held: float = 0.0                         # most micro-batches' activations held at once
     peak_saved_bytes: int = 0                      # most bytes autograd held saved for backward at once
 
@@ -229,7 +230,7 @@ def run_schedule(schedule: Schedule, stages: dict, inputs: Sequence | None = Non
         elif a.kind == SEND_B:
             g = input_grads.pop((s, k))
             sending[a] = (comm.isend(g, peer(s - 1), tag=_tag(schedule, "gradient", s - 1, k)), g)
-        result.events.append(Event(me, a, start, time.perf_counter()))
+        result.events.append(action_event(me, a, start, time.perf_counter()))
     for work, _ in sending.values():
         work.wait()
     result.losses = [loss for _, loss in sorted(result.losses)]
@@ -240,5 +241,5 @@ def merge_timelines(results: Sequence[StepResult]) -> Timeline:
     """One timeline from every rank's :class:`StepResult`, time 0 at the first rank's first action."""
     events = [e for r in results for e in r.events]
     origin = min(e.start for e in events)
-    shifted = [Event(e.rank, e.action, e.start - origin, e.end - origin) for e in events]
+    shifted = [dataclasses.replace(e, start=e.start - origin, end=e.end - origin) for e in events]
     return Timeline(len(results), shifted)

@@ -3,8 +3,9 @@ how much of the time is idle (the bubble), and how many activations does each st
 
 The simulator replays the action lists with the runtime's rule: sends do not block, a receive waits
 until its matching send has happened (plus ``t_comm``), F takes ``t_forward`` and B ``t_backward``.
-The same :class:`Event` type records measured runs (:mod:`labkit.pipeline.runtime`), so the formulas
-below apply to simulated and measured timelines alike.
+The events are :class:`labkit.timeline.Event` (kind = the action's kind, ``action`` = the action), the
+type measured runs record too (:mod:`labkit.pipeline.runtime`, and the other lessons' steps), so the
+formulas below apply to simulated and measured timelines alike.
 
 With F taking t_f and B taking t_b on every stage and free communication, GPipe and 1F1B both take
 (m + p − 1)(t_f + t_b): each stage computes for m(t_f + t_b) and waits p − 1 slots of (t_f + t_b),
@@ -20,8 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from labkit.pipeline.schedules import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule
+from labkit.timeline import Event, busy_fraction
 
-__all__ = ["ScheduleError", "Event", "Timeline", "validate", "simulate", "bubble_fraction", "expected_bubble",
+__all__ = ["ScheduleError", "Event", "action_event", "Timeline", "validate", "simulate", "bubble_fraction", "expected_bubble",
            "peak_activations", "expected_peak_activations", "activation_curve"]
 
 
@@ -29,17 +31,9 @@ class ScheduleError(ValueError):
     """The schedule cannot run: the message names the rank, the position and the rule broken."""
 
 
-@dataclass(frozen=True)
-class Event:
-    """``action`` ran on ``rank`` from ``start`` to ``end`` (seconds, or units of the simulation)."""
-    rank: int
-    action: Action
-    start: float
-    end: float
-
-    @property
-    def duration(self) -> float:
-        return self.end - self.start
+def action_event(rank: int, action: Action, start: float, end: float) -> Event:
+    """The record of ``action`` run on ``rank`` from ``start`` to ``end`` (seconds, or simulation units)."""
+    return Event(action.kind, start, end, rank=rank, action=action)
 
 
 @dataclass
@@ -56,9 +50,13 @@ class Timeline:
     def of_rank(self, rank: int) -> list:
         return [e for e in self.events if e.rank == rank]
 
+    def rows(self) -> list[list[Event]]:
+        """The events rank by rank: what :func:`labkit.timeline.draw_timeline` draws."""
+        return [self.of_rank(r) for r in range(self.num_ranks)]
+
     def busy(self, rank: int) -> float:
         """Time ``rank`` spent computing (F and B)."""
-        return sum(e.duration for e in self.events if e.rank == rank and e.action.kind in (F, B))
+        return sum(e.duration for e in self.events if e.rank == rank and e.kind in (F, B))
 
 
 # ---- the message a send posts and a receive waits for ------------------------------------------------
@@ -169,7 +167,7 @@ def simulate(schedule: Schedule, t_forward: float | Sequence[float] = 1.0, t_bac
                 else:
                     end = start
                     posted[_message(a)] = end
-                events.append(Event(r, a, start, end))
+                events.append(action_event(r, a, start, end))
                 clock[r], ptr[r] = end, ptr[r] + 1
                 progress = True
     stuck = [r for r in range(p) if ptr[r] < len(schedule.actions[r])]
@@ -181,9 +179,13 @@ def simulate(schedule: Schedule, t_forward: float | Sequence[float] = 1.0, t_bac
 
 
 def bubble_fraction(timeline: Timeline) -> float:
-    """The share of device-time spent not computing: 1 − Σ_r busy_r / (p · makespan)."""
-    total = timeline.num_ranks * timeline.makespan
-    return 1.0 - sum(timeline.busy(r) for r in range(timeline.num_ranks)) / total if total else 0.0
+    """The share of device-time spent not computing: 1 − Σ_r busy_r / (p · makespan), i.e. one minus
+    the mean of the ranks' :func:`labkit.timeline.busy_fraction` (F and B) over the whole step."""
+    start, end = timeline.origin, timeline.origin + timeline.makespan
+    if end <= start:
+        return 0.0
+    fractions = [busy_fraction(timeline.of_rank(r), start, end, busy=(F, B)) for r in range(timeline.num_ranks)]
+    return 1.0 - sum(fractions) / timeline.num_ranks
 
 
 def expected_bubble(p: int, m: int, chunks: int = 1) -> float:
