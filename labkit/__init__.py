@@ -34,7 +34,8 @@ Lecture code (a concept per file; read it beside its notebook)
                                 ParallelMLP, ParallelSelfAttention, tensor_parallel_gpt, grid_groups
               tensor_parallel_figures   draw_tp_mlp, draw_grid
     6         pipeline          schedules as data (gpipe, one_f_one_b, interleaved_1f1b), simulate,
-                                bubble_fraction, run_schedule (the runtime), gantt (the figures:
+                                bubble_fraction, run_schedule (the runtime: a plain interpreter; its
+                                gloo speed-ups apart in pipeline.prefetch), gantt (the figures:
                                 draw_gantt, pipeline_figure, measured_figure, explorer)
     7         param_server      shard_bounds, serve, work, train (sync, async, bounded staleness)
               param_server_figures  draw_roles, draw_step
@@ -45,7 +46,9 @@ Lecture code (a concept per file; read it beside its notebook)
 
 Infrastructure (not lecture code)
     collectives_support   the collectives' pre-flight check of a call, reused buffers, the trace recorder
-    checks/               the exercises' checkers (run a student's code on N processes, name the mistake)
+    checks/               the exercises' checkers: checks/harness.py (mistakes as data, torch.distributed
+                          watched on N ranks, deadlocks named) and one exNN.py per exercise, each a table
+                          of known mistakes that its tests build too
     exercises             makes exercises/ from solutions/
     labs/                 command-line labs (thin: options, outputs) over the library, the same code under
                           labkit.launch, torchrun and accelerate

@@ -51,7 +51,7 @@ def _max_diff(stages: dict, dense_grads, num_stages: int):
     return worst
 
 
-def _schedules_on_ranks(cases):
+def _schedules_on_ranks(cases, prefetch=True):
     """For each (name, m, chunks): run labkit's step; return (loss, max grad diff, peak held, action order)."""
     rank, p = dist.get_rank(), dist.get_world_size()
     out = []
@@ -61,7 +61,7 @@ def _schedules_on_ranks(cases):
         stages = {s: pieces[s] for s in schedule.stages_of(rank)}
         x, y = _batch(m)
         result = run_schedule(schedule, stages, list(x.chunk(m)), list(y.chunk(m)), F.mse_loss,
-                              activation_shape=(MB, WIDTH), dtype=torch.float64)
+                              activation_shape=(MB, WIDTH), dtype=torch.float64, prefetch=prefetch)
         dense_loss, dense_grads = _dense_grads(x, y)
         out.append(dict(loss=result.loss, dense_loss=dense_loss,
                         diff=_max_diff(stages, dense_grads, schedule.num_stages),
@@ -94,6 +94,18 @@ def test_every_schedule_equals_one_process(world_size):
     timeline = merge_timelines([r[1]["result"] for r in results])
     assert timeline.num_ranks == world_size and timeline.makespan > 0
     assert sum(1 for e in timeline.events if e.action.kind in COMPUTE) == 2 * 4 * world_size
+
+
+def test_the_plain_interpreter_without_the_speed_ups_gives_the_same_step():
+    """prefetch=False: receives posted when the schedule reaches them, sends held to the end; same numbers."""
+    cases = [("1F1B", 5, 1), ("interleaved", 4, 2)]
+    plain = labkit.launch(_schedules_on_ranks, cases, False, world_size=2, timeout=60)
+    fast = labkit.launch(_schedules_on_ranks, cases, True, world_size=2, timeout=60)
+    for i in range(len(cases)):
+        for rank in range(2):
+            a, b = plain[rank][i], fast[rank][i]
+            assert a["loss"] == b["loss"] and a["diff"] < 1e-12 and a["order"] == b["order"]
+            assert a["peak_held"] == b["peak_held"]
 
 
 def _torch_and_labkit(name: str, m: int):

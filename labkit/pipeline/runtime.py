@@ -17,9 +17,10 @@ Why sends do not block and receives do: a blocking send in 1F1B's steady state w
 sending an activation to i + 1 while i + 1 sends a gradient to i, each waiting for the other's receive.
 Every message carries a tag naming (stage, micro-batch, activation or gradient), so messages between
 the same two ranks can never be mistaken for one another, whatever order the schedule posts them in.
-Each receive is posted (``irecv``) one compute action early: gloo moves a message only once its
-receive is posted, so a receive posted just in time would cost a round trip even when the sender
-finished long ago. A RECV in the timeline is thus only the time the rank really waited.
+The interpreter itself is the loop at the end of :func:`run_schedule`, one method per kind of action.
+Two speed-ups for gloo live apart, in :mod:`labkit.pipeline.prefetch`, and can be turned off
+(``prefetch=False``): each receive posted one compute action early (gloo moves a message only once its
+receive is posted), and sent tensors freed as soon as the schedule proves them delivered.
 
 On GPUs, mind one difference: NCCL ignores tags and runs the messages between two ranks on one CUDA
 stream in the order they were posted, so an ``isend`` to a neighbour can wait behind a ``recv`` from
@@ -46,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from labkit import comm
+from labkit.pipeline.prefetch import Prefetch
 from labkit.pipeline.schedules import B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, Schedule
 from labkit.pipeline.simulate import Timeline, action_event
 
@@ -107,36 +109,91 @@ def _tag(schedule: Schedule, what: str, stage: int, k: int) -> int:
     return 2 * (stage * schedule.num_microbatches + k) + (what == "gradient")
 
 
-def _partner(a: Action) -> Action:
-    """The other end of a message: the receive that matches a send, or the send that matches a receive."""
-    s, k = a.stage, a.microbatch
-    return {SEND_F: Action(RECV_F, k, s + 1), RECV_F: Action(SEND_F, k, s - 1),
-            SEND_B: Action(RECV_B, k, s - 1), RECV_B: Action(SEND_B, k, s + 1)}[a.kind]
+class _Rank:
+    """One rank's part of a step: what it keeps between actions, and one method per kind of action."""
 
+    def __init__(self, schedule: Schedule, me: int, stages: dict, inputs, targets, loss_fn, activation_shape,
+                 dtype, device, ranks: list):
+        self.schedule, self.me, self.stages, self.ranks = schedule, me, stages, ranks
+        self.inputs, self.targets, self.loss_fn = inputs, targets, loss_fn
+        self.shape, self.dtype, self.device = tuple(activation_shape), dtype, device
+        self.m, self.last = schedule.num_microbatches, schedule.num_stages - 1
+        self.result = StepResult(me)
+        self.kept, self.outputs, self.input_grads, self.saved = {}, {}, {}, {}
+        self.receiving: dict = {}   # receive action -> (work or None once arrived, buffer)
+        self.sending: dict = {}     # send action -> (work, tensor): the tensor must live until its isend completes
+        self.held, self.held_bytes = 0.0, 0
+        self.per_chunk = schedule.num_ranks / schedule.num_stages   # interleaved: a chunk holds 1/v of a layer set
 
-def _sends_known_done(schedule: Schedule, me: int) -> dict:
-    """{receive of rank ``me``: its sends that are surely complete once that message has arrived}.
+    def peer(self, stage: int) -> int:
+        return self.ranks[self.schedule.rank_of(stage)]
 
-    gloo cannot say whether an isend has completed without waiting on it, but the schedule can: a
-    peer posts its messages in list order, and waits for each receive before it moves on. So when
-    the peer's message M reaches us, every receive the peer does before sending M is done, and our
-    sends that match them have completed. Waiting on those then returns at once, and their tensors
-    can go (without this a 1F1B stage would hold every output it sent until the end of the step).
-    """
-    where = {a: (r, i) for r, actions in enumerate(schedule.actions) for i, a in enumerate(actions)}
-    mine = schedule.actions[me]
-    done = {}
-    for a in mine:
-        if a.kind in (RECV_F, RECV_B):
-            peer, sent_at = where[_partner(a)]
-            done[a] = [b for b in mine if b.kind in (SEND_F, SEND_B) and where[_partner(b)][0] == peer
-                       and where[_partner(b)][1] < sent_at]
-    return done
+    def post_receive(self, a: Action):
+        """irecv the message ``a`` waits for (an activation from the stage before, a gradient from the stage
+        after) into a new buffer; the tag says which micro-batch and stage it is."""
+        if a not in self.receiving:
+            what, src = ("activation", a.stage - 1) if a.kind == RECV_F else ("gradient", a.stage + 1)
+            buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            tag = _tag(self.schedule, what, a.stage, a.microbatch)
+            self.receiving[a] = (comm.irecv(buf, self.peer(src), tag=tag), buf)
+        return self.receiving[a]
+
+    def receive(self, a: Action) -> None:                        # RECV_F k, RECV_B k
+        work, buf = self.post_receive(a)
+        if work is not None:
+            work.wait()
+        self.receiving[a] = (None, buf)
+
+    def forward(self, a: Action) -> None:                        # F k: y = stage(x), kept for the backward
+        s, k = a.stage, a.microbatch
+        x = self.inputs[k].to(self.device) if s == 0 else \
+            self.receiving.pop(Action(RECV_F, k, s))[1].requires_grad_()
+        with SavedBytes(self.stages[s]) as counter:
+            y = self.stages[s](x)
+            if s == self.last:
+                y = self.loss_fn(y, self.targets[k].to(self.device)) / self.m
+        self.kept[(s, k)], self.outputs[(s, k)], self.saved[(s, k)] = x, y, counter.bytes
+        self.held, self.held_bytes = self.held + self.per_chunk, self.held_bytes + counter.bytes
+        self.result.peak_held = max(self.result.peak_held, self.held)
+        self.result.peak_saved_bytes = max(self.result.peak_saved_bytes, self.held_bytes)
+
+    def send_forward(self, a: Action) -> None:                   # SEND_F k: the activation to the next stage
+        s, k = a.stage, a.microbatch
+        y = self.outputs[(s, k)].detach()
+        self.sending[a] = (comm.isend(y, self.peer(s + 1), tag=_tag(self.schedule, "activation", s + 1, k)), y)
+
+    def backward(self, a: Action) -> None:                       # B k: from the loss, or from ∂L/∂y received
+        s, k = a.stage, a.microbatch
+        x, y = self.kept.pop((s, k)), self.outputs.pop((s, k))
+        if s == self.last:
+            y.backward()                  # the graph (and its saved tensors) is freed here
+            self.result.losses.append((k, y.item() * self.m))
+        else:
+            torch.autograd.backward(y, self.receiving.pop(Action(RECV_B, k, s))[1])
+        if s > 0:
+            self.input_grads[(s, k)] = x.grad
+        self.held, self.held_bytes = self.held - self.per_chunk, self.held_bytes - self.saved.pop((s, k))
+
+    def send_backward(self, a: Action) -> None:                  # SEND_B k: ∂L/∂x to the stage before
+        s, k = a.stage, a.microbatch
+        g = self.input_grads.pop((s, k))
+        self.sending[a] = (comm.isend(g, self.peer(s - 1), tag=_tag(self.schedule, "gradient", s - 1, k)), g)
+
+    def do(self, a: Action) -> None:
+        {RECV_F: self.receive, RECV_B: self.receive, F: self.forward, SEND_F: self.send_forward,
+         B: self.backward, SEND_B: self.send_backward}[a.kind](a)
+
+    def finish(self) -> StepResult:
+        for work, _ in self.sending.values():
+            work.wait()
+        self.result.losses = [loss for _, loss in sorted(self.result.losses)]
+        return self.result
 
 
 def run_schedule(schedule: Schedule, stages: dict, inputs: Sequence | None = None, targets: Sequence | None = None,
-                 loss_fn: Callable | None = None, *, activation_shape: Sequence[int], dtype=torch.float32,
-                 device=None, ranks: Sequence[int] | None = None) -> StepResult:
+                 loss_fn: Callable | None = None, *, activation_shape: Sequence[int],
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 ranks: Sequence[int] | None = None, prefetch: bool = True) -> StepResult:
     """Run this rank's part of one step of ``schedule``; gradients accumulate in the stages' ``.grad``.
 
     Args:
@@ -147,6 +204,9 @@ def run_schedule(schedule: Schedule, stages: dict, inputs: Sequence | None = Non
         activation_shape: the shape of one micro-batch's activation between two stages (all the same).
         ranks: the global rank of each pipeline rank 0 .. p − 1 (default ``range(p)``); several pipelines
             side by side (data parallel × pipeline parallel) each pass their own.
+        prefetch: gloo's speed-ups (:mod:`labkit.pipeline.prefetch`): each receive posted one compute action
+            early, and sent tensors freed as soon as the schedule proves them delivered. The results are the
+            same without them; only the timeline and the memory held change.
     """
     p, S, m = schedule.num_ranks, schedule.num_stages, schedule.num_microbatches
     ranks = list(ranks) if ranks is not None else list(range(p))
@@ -165,76 +225,17 @@ def run_schedule(schedule: Schedule, stages: dict, inputs: Sequence | None = Non
                            "NCCL (messages between two GPUs run in posting order on one stream). On GPUs run the "
                            "schedule with torch.distributed.pipelining: labkit.pipeline.torch_reference.")
     device = torch.device(device) if device is not None else comm.device()
-
-    def peer(stage: int) -> int:
-        return ranks[schedule.rank_of(stage)]
-
-    result = StepResult(me)
-    actions = schedule.actions[me]
-    inputs_kept, outputs, input_grads, saved = {}, {}, {}, {}
-    receiving = {}   # receive action -> (work, buffer), posted ahead of time
-    sending = {}     # send action -> (work, tensor): the tensor must live until its isend completes
-    known_done = _sends_known_done(schedule, me)
-    held, held_bytes = 0.0, 0
-    per_chunk = p / S
-
-    def post_receive(a):
-        """irecv the message ``a`` waits for (an activation from the stage before, a gradient from the
-        stage after) into a new buffer; the tag says which micro-batch and stage it is."""
-        if a not in receiving:
-            what, src = ("activation", a.stage - 1) if a.kind == RECV_F else ("gradient", a.stage + 1)
-            buf = torch.empty(tuple(activation_shape), dtype=dtype, device=device)
-            receiving[a] = (comm.irecv(buf, peer(src), tag=_tag(schedule, what, a.stage, a.microbatch)), buf)
-        return receiving[a]
-
-    def next_receive(i):
-        return next((b for b in actions[i + 1:] if b.kind in (RECV_F, RECV_B)), None)
-
-    for i, a in enumerate(actions):
-        s, k = a.stage, a.microbatch
+    rank = _Rank(schedule, me, stages, inputs, targets, loss_fn, activation_shape, dtype, device, ranks)
+    speedups = Prefetch(schedule, me, rank) if prefetch else None
+    for i, a in enumerate(schedule.actions[me]):      # the interpreter: one action at a time, in list order
         start = time.perf_counter()
-        if a.kind in (F, B) and next_receive(i) is not None:
-            # gloo moves a message only once its receive is posted: post the next one now, so that it
-            # arrives while this rank computes instead of after (the receive then finds it waiting)
-            post_receive(next_receive(i))
-        if a.kind in (RECV_F, RECV_B):
-            work, buf = post_receive(a)
-            work.wait()
-            receiving[a] = (None, buf)
-            for done in known_done[a]:             # completed: waiting returns at once
-                if done in sending:
-                    sending.pop(done)[0].wait()
-        elif a.kind == F:
-            x = inputs[k].to(device) if s == 0 else receiving.pop(Action(RECV_F, k, s))[1].requires_grad_()
-            with SavedBytes(stages[s]) as counter:
-                y = stages[s](x)
-                if s == S - 1:
-                    y = loss_fn(y, targets[k].to(device)) / m
-            inputs_kept[(s, k)], outputs[(s, k)], saved[(s, k)] = x, y, counter.bytes
-            held, held_bytes = held + per_chunk, held_bytes + counter.bytes
-            result.peak_held = max(result.peak_held, held)
-            result.peak_saved_bytes = max(result.peak_saved_bytes, held_bytes)
-        elif a.kind == SEND_F:
-            y = outputs[(s, k)].detach()
-            sending[a] = (comm.isend(y, peer(s + 1), tag=_tag(schedule, "activation", s + 1, k)), y)
-        elif a.kind == B:
-            x, y = inputs_kept.pop((s, k)), outputs.pop((s, k))
-            if s == S - 1:
-                y.backward()                  # the graph (and its saved tensors) is freed here
-                result.losses.append((k, y.item() * m))
-            else:
-                torch.autograd.backward(y, receiving.pop(Action(RECV_B, k, s))[1])
-            if s > 0:
-                input_grads[(s, k)] = x.grad
-            held, held_bytes = held - per_chunk, held_bytes - saved.pop((s, k))
-        elif a.kind == SEND_B:
-            g = input_grads.pop((s, k))
-            sending[a] = (comm.isend(g, peer(s - 1), tag=_tag(schedule, "gradient", s - 1, k)), g)
-        result.events.append(action_event(me, a, start, time.perf_counter()))
-    for work, _ in sending.values():
-        work.wait()
-    result.losses = [loss for _, loss in sorted(result.losses)]
-    return result
+        if speedups:
+            speedups.before(i, a)
+        rank.do(a)
+        if speedups:
+            speedups.after(a)
+        rank.result.events.append(action_event(me, a, start, time.perf_counter()))
+    return rank.finish()
 
 
 def merge_timelines(results: Sequence[StepResult]) -> Timeline:
