@@ -67,6 +67,7 @@ import labkit  # noqa: E402
 from labkit import comm  # noqa: E402
 from labkit.bench import load_average  # noqa: E402
 from labkit.pipeline.emulated import DeviceTime  # noqa: E402
+from labkit.timeline import busy_fraction  # noqa: E402
 from labkit.pipeline.runtime import SavedBytes, merge_timelines, run_schedule  # noqa: E402
 from labkit.pipeline.schedules import B, F, RECV_F, SEND_B, SEND_F, make_schedule  # noqa: E402
 from labkit.pipeline.simulate import bubble_fraction, expected_bubble, expected_peak_activations  # noqa: E402
@@ -89,7 +90,7 @@ class _SharedLog(list):
         return self
 
 
-_DEVICE_LOG = _SharedLog()  # (start, end) of every emulated kernel in this process, perf_counter seconds
+_DEVICE_LOG = _SharedLog()  # an Event per emulated kernel in this process, perf_counter seconds
 
 
 def build_stage(workload: str, stage: int, num_stages: int, *, dim: int, layers_per_stage: int,
@@ -222,13 +223,11 @@ def _action_costs(timeline) -> dict:
 
 
 def _device_bubble(logs: list) -> float:
-    """1 − device busy time / (p × span from the first device start to the last device end), from each
-    rank's (start, end) intervals of one step."""
-    starts = [s for log in logs for s, _ in log]
-    ends = [e for log in logs for _, e in log]
-    span = max(ends) - min(starts)
-    busy = sum(e - s for log in logs for s, e in log)
-    return 1.0 - busy / (len(logs) * span)
+    """1 − the ranks' mean device busy fraction over the span from the first device start to the last device
+    end, from each rank's device Events of one step (the timeline's one bubble formula)."""
+    start = min(e.start for log in logs for e in log)
+    end = max(e.end for log in logs for e in log)
+    return 1.0 - sum(busy_fraction(log, start, end) for log in logs) / len(logs)
 
 
 def _rank_work(configs, kwargs) -> list:

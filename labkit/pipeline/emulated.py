@@ -17,14 +17,16 @@ import time
 import torch
 from torch import nn
 
+from labkit.timeline import Event
+
 __all__ = ["DeviceTime"]
 
 
-def _busy(seconds: float, log: list | None) -> None:
+def _busy(seconds: float, log: list | None, kind: str) -> None:
     start = time.perf_counter()
     time.sleep(seconds)
     if log is not None:
-        log.append((start, time.perf_counter()))
+        log.append(Event(kind, start, time.perf_counter(), "device"))
 
 
 class _Sleep(torch.autograd.Function):
@@ -33,20 +35,20 @@ class _Sleep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, forward_s, backward_s, log):
         ctx.backward_s, ctx.log = backward_s, log
-        _busy(forward_s, log)
+        _busy(forward_s, log, "forward")
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        _busy(ctx.backward_s, ctx.log)
+        _busy(ctx.backward_s, ctx.log, "backward")
         return grad, None, None, None
 
 
 class DeviceTime(nn.Module):
     """``layer`` followed by ``forward_ms`` of waiting in the forward and ``backward_ms`` (default twice
     the forward, the usual ratio: a backward computes the gradients of the inputs and of the weights)
-    in the backward. ``log``: a list to which every wait appends its (start, end), perf_counter
-    seconds: the "device's" own busy intervals."""
+    in the backward. ``log``: a list to which every wait appends a :class:`labkit.timeline.Event`
+    ("forward" or "backward", perf_counter seconds): the "device's" own busy intervals."""
 
     def __init__(self, layer: nn.Module, forward_ms: float, backward_ms: float | None = None,
                  log: list | None = None):
