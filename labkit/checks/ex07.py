@@ -183,10 +183,6 @@ class _Watch(Watch):
     def rank_name(self, rank: int) -> str:
         return self.roles.name(rank)
 
-    def _call(self, op: str, args: tuple, kwargs: dict):
-        out = super()._call(op, args, kwargs)
-        return self.calls[-1].peer if op == "recv" else out     # as torch's recv: the sender
-
     def _fail(self, message: str) -> NoReturn:
         """When every rank makes the same mistake, the lowest rank's report comes first (the launcher names the
         earliest error): the message reads "worker 0", not whichever was fastest."""
