@@ -85,17 +85,9 @@ def test_a_whole_schedule_is_accepted_and_run(capsys):
 # --------------------------------------------------------------------------------------------
 
 def _with_warmup(warmup, name):
-    """The 1F1B loop with the warm-up of stage i given by ``warmup(p, m, i)``."""
+    """labkit's 1F1B order with the warm-up of stage i given by ``warmup(p, m, i)``."""
     def fn(p, m):
-        out = []
-        for i in range(p):
-            w = warmup(p, m, i)
-            order = [Action("F", k, i) for k in range(w)]
-            for k in range(m - w):
-                order += [Action("F", k + w, i), Action("B", k, i)]
-            order += [Action("B", k, i) for k in range(m - w, m)]
-            out.append(order)
-        return out
+        return reference_compute(p, m, [warmup(p, m, i) for i in range(p)])
     fn.__name__ = name
     return fn
 
@@ -196,6 +188,15 @@ WRONG = [
 @pytest.mark.parametrize("fn,expected", WRONG, ids=[fn.__name__ for fn, _ in WRONG])
 def test_known_wrong_schedules_are_named(fn, expected):
     assert_rejected(fn, expected)
+
+
+@pytest.mark.parametrize("mistake", ex06.WARMUP_MISTAKES, ids=lambda row: row.name)
+def test_every_warmup_mistake_of_the_table_is_named_with_its_own_message(mistake):
+    """The checker's table, built as schedules: labkit's 1F1B order with the row's warm-ups."""
+    def one_f_one_b(p, m):
+        return reference_compute(p, m, mistake.variant.example(p, m))
+    fixed = mistake.says.split("{head}: ")[1].split("{")[0]      # the words of the text that name the mistake
+    assert_rejected(one_f_one_b, ["one_f_one_b(3, 5): " + fixed])
 
 
 # The words that name each mistake: in its message, and in no other known-wrong version's message.

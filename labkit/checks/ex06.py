@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import math
 import traceback
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -44,14 +46,14 @@ from torch import nn
 
 from labkit.checks import (CheckFailed, describe, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, passed,
                            run_on_ranks, student_traceback, time_limit)
-from labkit.checks.harness import bound, call_student, need_function
+from labkit.checks.harness import Mistake, bound, call_student, find_mistake, need_function, plural
 from labkit.pipeline.schedules import B, COMPUTE, F, Action, Schedule, add_communication
 from labkit.pipeline.schedules import one_f_one_b_compute as reference_compute
 from labkit.pipeline.schedules import one_f_one_b_warmup as expected_warmup
 from labkit.pipeline.simulate import (ScheduleError, bubble_fraction, expected_bubble, expected_peak_activations,
                                       peak_activations, simulate, validate)
 
-__all__ = ["check_one_f_one_b", "SIZES", "RUNS"]
+__all__ = ["check_one_f_one_b", "SIZES", "RUNS", "WARMUP_MISTAKES", "Warmups"]
 
 # The first sizes are the ones whose messages read best (m > p: warm-up, steady state and cool-down all
 # present); then m = p, p = 1, and m < p (where the warm-up is capped at m) last.
@@ -226,39 +228,66 @@ def _warmups(compute: list, p: int, m: int) -> tuple[list, list]:
     return yours, expected
 
 
+class Warmups(NamedTuple):
+    """A wrong warm-up, as a :class:`~labkit.checks.harness.Mistake`'s variant: ``example(p, m)`` is one such
+    warm-up per stage (the tests build ``one_f_one_b_compute(p, m, example(p, m))``); ``matches(yours,
+    expected, p, m)`` says whether the student's warm-ups show it."""
+    example: Callable[[int, int], list]
+    matches: Callable[[list, list, int, int], bool]
+
+
+def _first_off(yours: list, expected: list) -> int:
+    return next(i for i, (a, b) in enumerate(zip(yours, expected)) if a != b)
+
+
+_THEN = "then alternates one forward and one backward while forwards remain, then runs the remaining backwards"
+_CAP = "(min(p − i − 1, m) = min({p_i_1}, {m}))"
+
+# Tried in order on the warm-ups read from the student's schedule (see _warmups). The texts are formatted with
+# head, m, both (the warm-ups side by side), effect (what the schedule does, simulated), held, c, i, ...
+WARMUP_MISTAKES = (
+    Mistake("GPipe", Warmups(lambda p, m: [m] * p, lambda yours, want, p, m: all(w == m for w in yours)),
+            "{head}: this is GPipe, not 1F1B: every stage runs all m = {m} forwards before its first backward, so "
+            "stage i holds m = {m} micro-batches' activations at once; 1F1B holds p − i of them (min(p − i, m) = "
+            "{held}). Start the backwards early: stage i runs p − i − 1 warm-up forwards (capped at m), " + _THEN +
+            " {both}. The bubble is the same as GPipe's; what 1F1B saves is memory.{effect}"),
+    Mistake("the same warm-up on every stage",
+            Warmups(lambda p, m: [min(p - 1, m)] * p, lambda yours, want, p, m: p > 1 and len(set(yours)) == 1),
+            "{head}: every stage runs the same warm-up, {c} forwards {both}. The warm-up must depend on the stage: "
+            "stage i runs p − i − 1 warm-up forwards (capped at m), the number of micro-batches it must put into "
+            "the pipeline to keep the p − i − 1 stages after it busy until the first gradient comes back.{effect}"),
+    Mistake("the warm-up reversed",
+            Warmups(lambda p, m: [min(i, m) for i in range(p)],
+                    lambda yours, want, p, m: p > 2 and yours == [min(i, m) for i in range(p)]),
+            "{head}: the warm-up is reversed: stage i runs i warm-up forwards {both}. The first stage is the one "
+            "that waits longest for its first gradient (it comes back through all the stages after it): stage i "
+            "runs p − i − 1.{effect}"),
+    Mistake("too few warm-up forwards",
+            Warmups(lambda p, m: [max(min(p - i - 2, m), 0) for i in range(p)],
+                    lambda yours, want, p, m: yours[_first_off(yours, want)] < want[_first_off(yours, want)]),
+            "{head}: too few warm-up forwards on stage {i}: expected {want_i} " + _CAP + ", yours {yours_i} {both}. "
+            "Stage {i} starts its backwards before it has put enough micro-batches into the pipeline to keep the "
+            "{stages_after} after it busy.{effect}"),
+    Mistake("too many warm-up forwards",
+            Warmups(lambda p, m: [min(p - i, m) for i in range(p)],
+                    lambda yours, want, p, m: yours[_first_off(yours, want)] > want[_first_off(yours, want)]),
+            "{head}: too many warm-up forwards on stage {i}: expected {want_i} " + _CAP + ", yours {yours_i} {both}. "
+            "Each extra forward is one more micro-batch's activations held on stage {i}, and the pipeline is no "
+            "faster for it.{effect}"),
+)
+
+
 def _diagnose_warmup(compute: list, schedule: Schedule, head: str, p: int, m: int) -> str | None:
     yours, expected = _warmups(compute, p, m)
     if yours == expected:
         return None
-    both = f"(warm-up forwards per stage: expected {_list(expected)}, yours {_list(yours)})"
-    then = "then alternates one forward and one backward while forwards remain, then runs the remaining backwards"
-    effect = _consequences(schedule, p, m)
-    if all(w == m for w in yours):
-        held = expected_peak_activations("1F1B", p, m)
-        return (f"{head}: this is GPipe, not 1F1B: every stage runs all m = {m} forwards before its first "
-                f"backward, so stage i holds m = {m} micro-batches' activations at once; 1F1B holds p − i of them "
-                f"(min(p − i, m) = {_list(held)}). Start the backwards early: stage i runs p − i − 1 warm-up "
-                f"forwards (capped at m), {then} {both}. The bubble is the same as GPipe's; what 1F1B saves is "
-                f"memory.{effect}")
-    if p > 1 and len(set(yours)) == 1:
-        return (f"{head}: every stage runs the same warm-up, {yours[0]} forwards {both}. The warm-up must depend "
-                f"on the stage: stage i runs p − i − 1 warm-up forwards (capped at m), the number of micro-batches "
-                f"it must put into the pipeline to keep the p − i − 1 stages after it busy until the first gradient "
-                f"comes back.{effect}")
-    if p > 2 and yours == [min(i, m) for i in range(p)]:
-        return (f"{head}: the warm-up is reversed: stage i runs i warm-up forwards {both}. The first stage is the "
-                f"one that waits longest for its first gradient (it comes back through all the stages after it): "
-                f"stage i runs p − i − 1.{effect}")
-    i = next(i for i in range(p) if yours[i] != expected[i])
-    capped = f" (min(p − i − 1, m) = min({p - i - 1}, {m}))"
-    if yours[i] < expected[i]:
-        why = (f"Stage {i} starts its backwards before it has put enough micro-batches into the pipeline to keep "
-               f"the {p - i - 1} stage{'s' if p - i - 1 != 1 else ''} after it busy.")
-        return (f"{head}: too few warm-up forwards on stage {i}: expected {expected[i]}{capped}, yours {yours[i]} "
-                f"{both}. {why}{effect}")
-    return (f"{head}: too many warm-up forwards on stage {i}: expected {expected[i]}{capped}, yours {yours[i]} "
-            f"{both}. Each extra forward is one more micro-batch's activations held on stage {i}, and the pipeline "
-            f"is no faster for it.{effect}")
+    mistake = find_mistake(WARMUP_MISTAKES, lambda row: row.variant.matches(yours, expected, p, m))
+    i = _first_off(yours, expected)
+    return mistake.says.format(
+        head=head, m=m, c=yours[0], i=i, want_i=expected[i], yours_i=yours[i], p_i_1=p - i - 1,
+        stages_after=plural(p - i - 1, "stage"), held=_list(expected_peak_activations("1F1B", p, m)),
+        both=f"(warm-up forwards per stage: expected {_list(expected)}, yours {_list(yours)})",
+        effect=_consequences(schedule, p, m))
 
 
 def _diagnose_order(compute: list, schedule: Schedule, head: str, p: int, m: int) -> str | None:

@@ -143,11 +143,12 @@ def one_f_one_b_warmup(p: int, m: int) -> list[int]:
     return [min(p - i - 1, m) for i in range(p)]
 
 
-def one_f_one_b_compute(p: int, m: int) -> list[list[Action]]:
+def one_f_one_b_compute(p: int, m: int, warmups: list[int] | None = None) -> list[list[Action]]:
     """1F1B's compute order (exercise 6): stage i's warm-up forwards, then alternate F and B while
-    forwards remain, then the remaining backwards."""
+    forwards remain, then the remaining backwards. ``warmups``: other warm-ups than 1F1B's (what
+    else a stage could do: all m is GPipe's order)."""
     compute = []
-    for i, warmup in enumerate(one_f_one_b_warmup(p, m)):
+    for i, warmup in enumerate(one_f_one_b_warmup(p, m) if warmups is None else warmups):
         order = [Action(F, k, i) for k in range(warmup)]
         for k in range(m - warmup):            # steady state: the forward of k + warmup, the backward of k
             order += [Action(F, k + warmup, i), Action(B, k, i)]
