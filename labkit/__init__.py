@@ -16,7 +16,8 @@ Lecture code (a concept per file; read it beside its notebook)
     1         data_parallel     shard_indices, average_gradients, server_average_gradients,
                                 weighted_average_gradients, broadcast_parameters, LinearRegression
               local_sgd         average_parameters, averaging_gap (parameter vs gradient averaging)
-              data_parallel_figures   shard_grid
+              data_parallel_figures   shard_grid, draw_loss_curves, draw_loss_differences
+              local_sgd_figures       draw_gap_vs_local_steps, draw_gap_curves
     2         ring              the ring as a schedule: reduce_scatter_rounds, all_gather_rounds,
                                 chunk_bounds, simulate
               collectives       reduce_scatter_phase, all_gather_phase (exercise 2), ring_all_reduce,
@@ -29,16 +30,20 @@ Lecture code (a concept per file; read it beside its notebook)
               large_batch       the batch-size sweep: options, sweep, train, Data, mean_loss, lr_multiplier
               large_batch_figures   batch_sweep_figure, draw_batch_sweep, draw_trust_ratios
     5         layer_split       partition, train_step, busy_fractions (the model cut over ranks, send/recv)
-              layer_split_figures   draw_layer_split, layer_split_legend
+              layer_split_figures   draw_model_state_memory (why split: model states against a GPU),
+                                    draw_layer_split, layer_split_legend
               tensor_parallel   ColumnParallelLinear, RowParallelLinear, the f/g operators,
                                 ParallelMLP, ParallelSelfAttention, tensor_parallel_gpt, grid_groups
-              tensor_parallel_figures   draw_tp_mlp, draw_grid
+              tensor_parallel_figures   draw_tp_mlp, draw_grid, c_attn_rows_figure, draw_tp_dp_traffic
     6         pipeline          schedules as data (gpipe, one_f_one_b, interleaved_1f1b), simulate,
                                 bubble_fraction, run_schedule (the runtime: a plain interpreter; its
                                 gloo speed-ups apart in pipeline.prefetch), gantt (the figures:
-                                draw_gantt, pipeline_figure, measured_figure, explorer)
+                                draw_gantt, gantt_stack, pipeline_figure, measured_figure,
+                                draw_measured_bubble, draw_bubble_vs_m, activation_memory_figure,
+                                draw_dp_pp_layout, explorer)
     7         param_server      shard_bounds, serve, work, train (sync, async, bounded staleness)
-              param_server_figures  draw_roles, draw_step
+              param_server_figures  draw_roles, draw_step, draw_stability_bounds, loss_curves_figure,
+                                    staleness_figure, draw_divergence, draw_stability_sweep, traffic_figure
     models    models            GPT, GPTConfig (the small GPT every lesson trains)
               text              load_corpus, CharTokenizer, TokenBlocks, distributed_loader (no download)
     Each concept's figures live beside it (<concept>_figures.py, pipeline/gantt.py): they import

@@ -2,18 +2,24 @@
 
     draw_tp_mlp(ax, tp)          Megatron's MLP on tp ranks: W₁ column-parallel, W₂ row-parallel, f and g
     draw_grid(ax, results)       d × t ranks as data parallel × tensor parallel, from a live run's groups
+    c_attn_rows_figure(rows, C, n_head)   which rows of attention's stacked q | k | v projection each rank holds
+    draw_tp_dp_traffic(ax, tokens, tp_bytes, dp_bytes, crossover)   bytes a rank sends per block and step,
+                                 tensor parallel against data parallel, against the tokens of a micro-batch
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch, Rectangle
 
 from labkit.figures import RANK_COLORS
 
-__all__ = ["draw_tp_mlp", "draw_grid"]
+__all__ = ["draw_tp_mlp", "draw_grid", "c_attn_rows_figure", "draw_tp_dp_traffic"]
 
 
 def draw_tp_mlp(ax, tp: int = 2):
@@ -126,4 +132,70 @@ def draw_grid(ax, results: Sequence[tuple[Any, dict]], d: int = 2, t: int = 2):
     ax.set_ylim(-1.4, 3.2 * (d - 1) + 1.6)
     ax.set_aspect("equal")
     ax.axis("off")
+    return ax
+
+
+def c_attn_rows_figure(rows: Mapping[int, Sequence[Sequence[int]]], C: int, n_head: int) -> Figure:
+    """Which rows of attention's input projection ``c_attn`` (q | k | v stacked: 3C rows) each rank holds:
+    one strip per tensor-parallel size t, each row coloured by its rank, heads marked (qj: head j's rows of
+    q). ``rows[t][rank]`` is the list of row indices rank ``rank`` holds when the model is split over t ranks
+    (``ParallelSelfAttention.c_attn.shard(torch.arange(3 * C))``); every row must be on exactly one rank."""
+    sizes = list(rows)
+    fig, axes = plt.subplots(len(sizes), 1, figsize=(12, 1.3 * len(sizes)), squeeze=False)
+    axes = axes[:, 0]
+    d = C // n_head
+    for ax, tp in zip(axes, sizes):
+        owner = np.full(3 * C, -1)
+        for rank, held in enumerate(rows[tp]):
+            owner[list(held)] = rank
+        assert (owner >= 0).all(), f"t = {tp}: rows held by no rank"
+        for row, r in enumerate(owner):
+            ax.add_patch(Rectangle((row, 0), 1, 1, facecolor=RANK_COLORS[r], edgecolor="white", linewidth=0.3))
+        for part, name in enumerate("qkv"):
+            ax.axvline(part * C, color="black", linewidth=2)
+            for head in range(n_head):
+                ax.text(part * C + head * d + d / 2, 0.5, f"{name}{head}", ha="center", va="center", fontsize=8,
+                        color="white", fontweight="bold")
+            for head in range(1, n_head):
+                ax.axvline(part * C + head * d, color="black", linewidth=0.8)
+        ax.axvline(3 * C, color="black", linewidth=2)
+        ax.set_xlim(0, 3 * C)
+        ax.set_ylim(0, 1)
+        ax.set_yticks([])
+        ax.set_ylabel(f"t = {tp}", rotation=0, ha="right", va="center")
+        ax.grid(False)
+        ax.set_xticks([0, C, 2 * C, 3 * C])
+        ax.set_xticklabels(["0", "C", "2C", "3C"] if ax is axes[-1] else [])
+    axes[0].set_title(f"Rows of c_attn (q | k | v stacked, 3C = {3 * C} rows; qj = head j's rows of q), coloured by "
+                      "the rank that holds them", fontsize=10)
+    axes[-1].legend(handles=[Patch(facecolor=RANK_COLORS[r], label=f"rank {r}") for r in range(max(sizes))],
+                    ncol=max(sizes), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def draw_tp_dp_traffic(ax, tokens: np.ndarray, tp_bytes: np.ndarray, dp_bytes: float, crossover: float, *,
+                       measured: tuple[float, float] | None = None, title: str = ""):
+    """Bytes one rank sends per transformer block and step (MiB, log-log) against the tokens of a micro-batch
+    and replica: tensor parallelism (``tp_bytes``, one value per entry of ``tokens``: four all-reduces of
+    the activations, growing with the tokens) against data parallelism (``dp_bytes``: one all-reduce of the
+    block's gradients, flat), the token count where they cross dotted, and optionally a ``measured``
+    (tokens, bytes) point."""
+    mib = 2 ** 20
+    ax.plot(tokens, np.asarray(tp_bytes) / mib, color=RANK_COLORS[0], lw=2,
+            label="tensor parallel: 4 all-reduces of activations, every micro-batch")
+    ax.axhline(dp_bytes / mib, color=RANK_COLORS[1], lw=2, label="data parallel: 1 all-reduce of the gradients, once per step")
+    ax.axvline(crossover, color="gray", ls=":", lw=1)
+    ax.text(crossover * 1.1, tp_bytes[0] / mib, f"B·T = (12C² + 13C)/4C\n≈ 3C = {crossover:,.0f} tokens", fontsize=8,
+            color="gray")
+    if measured is not None:
+        ax.plot([measured[0]], [measured[1] / mib], "o", color="black", ms=7,
+                label=f"measured: the log of one block (B·T = {measured[0]:g})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens per micro-batch and replica, B·T")
+    ax.set_ylabel("MiB sent per rank, per block and step")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
     return ax

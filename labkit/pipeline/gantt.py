@@ -7,6 +7,10 @@ from a schedule, or measured by the runtime), plus the notebook's explorer.
     pipeline_figure(name, p, m, ...)    both, for a schedule, with the bubble and peaks in the title
     measured_figure(measured, simulated, m)   measured runs (filled) over their simulations (dashed)
     draw_measured_bubble(ax, measured, p)     measured bubbles against m, over the formula
+    gantt_stack(timelines)              several Gantt charts one above the other, on one time axis
+    draw_bubble_vs_m(ax)                the bubble against m: the formula and the simulated schedules
+    activation_memory_figure(saved, p, m)     measured peak activations per stage, and their sum against m
+    draw_dp_pp_layout(ax)               4 ranks as 2 pipelines of 2 stages, and their data-parallel groups
     explorer()                          ipywidgets controls (schedule, p, m, t_B/t_F, chunks) around
                                         pipeline_figure
 """
@@ -17,14 +21,17 @@ from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.patches import Patch
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyBboxPatch, Patch
 
-from labkit.pipeline.schedules import B, F, make_schedule
-from labkit.pipeline.simulate import (Timeline, bubble_fraction, expected_bubble, peak_activations, simulate)
+from labkit.pipeline.schedules import B, F, gpipe, interleaved_1f1b, make_schedule, one_f_one_b
+from labkit.pipeline.simulate import (Timeline, bubble_fraction, expected_bubble, expected_peak_activations,
+                                      peak_activations, simulate)
 from labkit.timeline import Box, draw_timeline
 
 __all__ = ["draw_gantt", "draw_activations", "gantt_legend", "pipeline_figure", "measured_figure",
-           "draw_measured_bubble", "explorer", "MICROBATCH_COLORS"]
+           "draw_measured_bubble", "gantt_stack", "draw_bubble_vs_m", "activation_memory_figure", "draw_dp_pp_layout",
+           "explorer", "MICROBATCH_COLORS"]
 
 # one colour per micro-batch (cycled): F drawn pale, B full
 MICROBATCH_COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C",
@@ -159,6 +166,134 @@ def draw_measured_bubble(ax, measured: Mapping[tuple[str, int], Timeline], p: in
     if title:
         ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
+    return ax
+
+
+def gantt_stack(timelines: Mapping[str, Timeline], *, xlabel: str = "time", legend: bool = False,
+                width: float = 10.0, row_height: float = 2.3) -> Figure:
+    """Several timelines as Gantt charts (:func:`draw_gantt`) one above the other, each titled by its key,
+    on one shared time axis from 0 to the longest step: to compare schedules, or the same work cut
+    differently. ``legend`` adds :func:`gantt_legend` to the last chart."""
+    fig, axes = plt.subplots(len(timelines), 1, figsize=(width, row_height * len(timelines)), sharex=True,
+                             squeeze=False)
+    axes = axes[:, 0]
+    end = max(t.makespan for t in timelines.values())
+    for ax, (title, timeline) in zip(axes, timelines.items()):
+        draw_gantt(ax, timeline, title=title)
+        ax.set_xlim(0, end)
+        ax.set_xlabel("")
+    axes[-1].set_xlabel(xlabel)
+    if legend:
+        gantt_legend(axes[-1], loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def draw_bubble_vs_m(ax, ps: Sequence[int] = (2, 4, 8), points: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), *,
+                     interleaved: tuple[int, int] | None = (4, 2)):
+    """The bubble (idle share of the devices' time) against the number of micro-batches m, log-scale in m:
+    for each p in ``ps`` the formula (p − 1)/(m + p − 1) as a line and the simulated GPipe (circles) and
+    1F1B (crosses) schedules at ``points``; with ``interleaved = (p, v)`` also the interleaved schedule
+    with v chunks per rank (squares, simulated with F = 1/v, B = 2/v) over its formula (p − 1)/(vm + p − 1)."""
+    ms = np.arange(1, max(points) + 1)
+    colors = dict(zip(ps, MICROBATCH_COLORS))
+    for p in ps:
+        ax.plot(ms, (p - 1) / (ms + p - 1), color=colors[p], lw=1.5, label=f"p = {p}: (p−1)/(m+p−1)")
+        ax.plot(points, [bubble_fraction(simulate(gpipe(p, m))) for m in points], "o", color=colors[p], mfc="none", ms=9)
+        ax.plot(points, [bubble_fraction(simulate(one_f_one_b(p, m))) for m in points], "x", color=colors[p], ms=7)
+    if interleaved is not None:
+        p, v = interleaved
+        color = colors.get(p, "black")
+        ax.plot(ms, (p - 1) / (v * ms + p - 1), ":", color=color, lw=2,
+                label=f"p = {p}, interleaved v = {v}: (p−1)/(vm+p−1)")
+        valid = [m for m in points if m % p == 0]
+        ax.plot(valid, [bubble_fraction(simulate(interleaved_1f1b(p, m, v), 1.0 / v, 2.0 / v)) for m in valid], "s",
+                color=color, mfc="none", ms=7)
+    ax.plot([], [], "ko", mfc="none", label="GPipe, simulated")
+    ax.plot([], [], "kx", label="1F1B, simulated")
+    if interleaved is not None:
+        ax.plot([], [], "ks", mfc="none", label="interleaved, simulated")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(points))
+    ax.set_xticklabels([str(m) for m in points])
+    ax.set_xlabel("micro-batches m")
+    ax.set_ylabel("bubble: idle share of the devices' time")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncol=2)
+    return ax
+
+
+def activation_memory_figure(saved: Mapping[tuple[str, int], Sequence[float]], m: int,
+                             names: Sequence[str] = ("GPipe", "1F1B"), *, batch: str = "the same") -> Figure:
+    """Activation memory of the schedules in ``names``, from ``saved[name, m]``: the peak bytes of saved
+    activations on each stage, as measured by the runtime. Left: the peak per stage at ``m`` micro-batches
+    (bars, KiB), each labelled with the number of micro-batches the formula says the stage holds
+    (:func:`~labkit.pipeline.simulate.expected_peak_activations`: m for GPipe, p − i for 1F1B). Right: the
+    sum over the stages against every m measured (the batch, ``batch``, cut into m micro-batches)."""
+    p = len(next(iter(saved.values())))
+    colors = {"GPipe": MICROBATCH_COLORS[0], "1F1B": MICROBATCH_COLORS[3]}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.9))
+    ax = axes[0]
+    width = 0.76 / len(names)
+    for j, name in enumerate(names):
+        kib = [b / 1024 for b in saved[name, m]]
+        xs = np.arange(p) + (j - (len(names) - 1) / 2) * width
+        ax.bar(xs, kib, width, color=colors.get(name, MICROBATCH_COLORS[j]), alpha=0.8, label=f"{name}: measured")
+        for x, k, n in zip(xs, kib, expected_peak_activations(name, p, m)):
+            ax.text(x, k + 1, f"{n}", ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(range(p))
+    ax.set_xticklabels([f"stage {i}" for i in range(p)])
+    ax.set_ylabel("peak saved activations (KiB)")
+    ax.set_title(f"m = {m}: peak per stage (the number: micro-batches held;\nformula m for GPipe, p − i for 1F1B)",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    for j, (name, marker) in enumerate(zip(names, "os^D")):
+        ms = sorted(m_ for n, m_ in saved if n == name)
+        ax.plot(ms, [sum(saved[name, m_]) / 1024 for m_ in ms], marker + "-",
+                color=colors.get(name, MICROBATCH_COLORS[j]), ms=8, label=f"{name}, all stages: measured")
+    all_ms = sorted({m_ for _, m_ in saved})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(all_ms)
+    ax.set_xticklabels([str(m_) for m_ in all_ms])
+    ax.set_ylim(0, None)
+    ax.set_xlabel(f"micro-batches m (the batch stays {batch})")
+    ax.set_ylabel("KiB")
+    ax.set_title("Sum of the stages' peaks: GPipe stays at the whole batch,\n1F1B falls as 1/m", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def draw_dp_pp_layout(ax, *, allreduce_color: str = MICROBATCH_COLORS[3]):
+    """Four ranks as data parallel 2 × pipeline parallel 2: ranks {0, 1} are pipeline 0 and {2, 3}
+    pipeline 1, each taking half the batch; activations and gradients go point to point along each
+    pipeline, and each stage's two copies all-reduce their gradients in the group {i, i + 2}."""
+    ax.set_xlim(-2.2, 4.2)
+    ax.set_ylim(-2.55, 0.85)
+    ax.axis("off")
+    for rank in range(4):
+        replica, stage_index = divmod(rank, 2)
+        cx, cy = 2.6 * stage_index, -1.75 * replica
+        ax.add_patch(FancyBboxPatch((cx - 0.65, cy - 0.38), 1.3, 0.76, boxstyle="round,pad=0.04",
+                                    facecolor=MICROBATCH_COLORS[stage_index], alpha=0.35, edgecolor="black"))
+        ax.text(cx, cy, f"rank {rank}\nstage {stage_index}", ha="center", va="center", fontsize=10)
+    for replica in range(2):
+        cy = -1.75 * replica
+        ax.annotate("", xy=(1.93, cy + 0.13), xytext=(0.67, cy + 0.13), arrowprops=dict(arrowstyle="-|>", lw=1.5))
+        ax.annotate("", xy=(0.67, cy - 0.13), xytext=(1.93, cy - 0.13), arrowprops=dict(arrowstyle="-|>", lw=1.5))
+        ax.text(1.3, cy + 0.2, "activations", ha="center", va="bottom", fontsize=8)
+        ax.text(1.3, cy - 0.2, "gradients", ha="center", va="top", fontsize=8)
+        ax.text(-0.8, cy, f"pipeline {replica}\n(half the batch)", ha="right", va="center", fontsize=9)
+    for stage_index in range(2):
+        cx = 2.6 * stage_index
+        ax.annotate("", xy=(cx, -1.33), xytext=(cx, -0.42),
+                    arrowprops=dict(arrowstyle="<|-|>", lw=2, linestyle="--", color=allreduce_color))
+        ax.text(cx + 0.1, -0.88, f"all-reduce\n(group {{{stage_index}, {stage_index + 2}}})", ha="left", va="center",
+                fontsize=8, color=allreduce_color)
+    ax.text(1.3, 0.7, "point to point along each pipeline (send/recv), all-reduce along each data-parallel group",
+            ha="center", fontsize=9)
     return ax
 
 
