@@ -4,6 +4,14 @@
                                         all-reduces in flight; left of the dotted line communication hides
                                         behind compute, right of it the step waits for it
     ddp_timeline_legend(ax_or_fig)      its key
+    ddp_timelines_figure(panels)        one such timeline per wrapper, stacked on one time axis, with the key
+
+and the lesson's measurements:
+
+    draw_loss_curve(ax, losses)         the training loss of the recipe, step by step, epochs marked
+    draw_wrapper_agreement(ax, errors)  each wrapper's parameters against two references (log bars)
+    bucket_sweep_figure(caps, ...)      step time against bucket_cap_mb, and what communication costs
+    scaling_figure(scale, ...)          step time (compute + exposed communication) and throughput against N
 
 ``timelines[r]`` is rank r's ``ddp.timeline`` (``record_timeline=True``): :class:`labkit.timeline.Event`
 records, drawn by :func:`labkit.timeline.draw_timeline`.
@@ -11,15 +19,19 @@ records, drawn by :func:`labkit.timeline.draw_timeline`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
+import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from labkit.figures import RANK_COLORS
 from labkit.timeline import Box, Event, draw_timeline
 
-__all__ = ["draw_ddp_timeline", "ddp_timeline_legend"]
+__all__ = ["draw_ddp_timeline", "ddp_timeline_legend", "ddp_timelines_figure", "draw_loss_curve", "draw_wrapper_agreement",
+           "bucket_sweep_figure", "scaling_figure"]
 
 _FORWARD, _WAIT = "#B0B0B0", "#C44E52"
 
@@ -102,3 +114,161 @@ def ddp_timeline_legend(ax_or_fig, **kwargs):
     kwargs.setdefault("fontsize", 8)
     kwargs.setdefault("frameon", False)
     return ax_or_fig.legend(handles=handles, **kwargs)
+
+
+def ddp_timelines_figure(panels: Mapping[str, Sequence[Sequence[Event]]], *, steps: Sequence[float] | None = None,
+                         title: str = ""):
+    """One :func:`draw_ddp_timeline` per entry of ``panels`` (title → the ranks' timelines of one step), stacked
+    on one time axis with the key under them. ``steps``: each panel's step time in seconds, written in a box
+    at its top right."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 2.7 * len(panels) + 0.1), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    for i, (ax, (panel_title, timelines)) in enumerate(zip(axes, panels.items())):
+        draw_ddp_timeline(ax, timelines, title=panel_title)
+        if steps is not None:
+            ax.text(0.995, 0.96, f"step {1e3 * steps[i]:.0f} ms", transform=ax.transAxes, ha="right", va="top",
+                    fontsize=9, bbox=dict(facecolor="white", edgecolor="gray"))
+    for ax in axes[:-1]:
+        ax.set_xlabel("")
+    ddp_timeline_legend(fig, loc="lower center", ncol=5)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.035, 1, 1))
+    return fig
+
+
+def draw_loss_curve(ax, losses: Sequence[float], *, vocab_size: int | None = None, steps_per_epoch: int | None = None,
+                    label: str = "training loss", xlabel: str = "step", title: str = ""):
+    """The training loss, one point per step, over the loss of a uniform guess ln(``vocab_size``) (dashed),
+    with a dotted line between epochs every ``steps_per_epoch`` steps."""
+    ax.plot(losses, "o-", color=RANK_COLORS[0], markersize=3, label=label)
+    if vocab_size:
+        ax.axhline(math.log(vocab_size), color="gray", linestyle="--", linewidth=1,
+                   label=f"ln {vocab_size}: uniform guess")
+    if steps_per_epoch:
+        for e in range(steps_per_epoch, len(losses), steps_per_epoch):
+            ax.axvline(e - 0.5, color="black", linestyle=":", linewidth=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("cross-entropy (nats per character)")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def draw_wrapper_agreement(ax, errors: Mapping[str, Sequence[float]], references: Sequence[str], *, tol: float = 1e-10,
+                           floor: float = 1e-18, title: str = ""):
+    """Does every wrapper train the same model? ``errors[wrapper][j]``: max |Δθ| of its parameters against
+    ``references[j]``; one group of log-scale bars per wrapper, one bar per reference (exact zeros drawn at
+    ``floor`` and labelled 0), the tolerance dashed. A name's ", " starts a new line on its tick label."""
+    xs = np.arange(len(errors))
+    width = 0.76 / len(references)
+    for j, (what, color) in enumerate(zip(references, RANK_COLORS)):
+        values = [e[j] for e in errors.values()]
+        pos = xs + (j - (len(references) - 1) / 2) * width
+        ax.bar(pos, [max(v, floor) for v in values], width=width, bottom=floor / 10, color=color, label=what)
+        for xpos, v in zip(pos, values):
+            ax.text(xpos, max(v, floor) * 2, "0" if v == 0 else f"{v:.0e}", ha="center", va="bottom", fontsize=7)
+    ax.axhline(tol, color="black", linestyle="--", linewidth=1)
+    ax.text(len(errors) - 0.5, tol * 2, f"tolerance {tol:.0e}", ha="right", va="bottom", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylim(floor / 10, max(1.0, 20 * max(max(e) for e in errors.values())))
+    ax.set_xticks(xs)
+    ax.set_xticklabels([name.replace(", ", "\n") for name in errors], fontsize=8)
+    ax.set_ylabel(f"max |Δθ| (0 drawn at {floor:.0e})")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left")
+    return ax
+
+
+_SWEEP_REFERENCES = {"naive": ("NaiveDDP", RANK_COLORS[3], "--"), "overlap": ("OverlapDDP", RANK_COLORS[1], "--"),
+                     "torch": ("torch DDP (defaults)", "black", "-."),
+                     "compute only": ("no communication (no_sync)", "gray", ":")}
+
+
+def bucket_sweep_figure(caps: Sequence[float], step_times: Mapping, n_buckets: Mapping[float, int],
+                        predicted: Mapping[float, float], *, title: str = "Step time against bucket size"):
+    """The bucket-size sweep of BucketedDDP, two panels against ``bucket_cap_mb`` (log scale; a cap below
+    0.04 MiB, one tensor per bucket, is drawn at the left edge).
+
+    Left: the measured step time (``step_times[cap]``, seconds) with each point's number of buckets, and
+    as horizontal lines the other wrappers' steps (``step_times`` keys "naive", "overlap", "torch" and
+    "compute only", those present). Right: what communication costs if nothing overlapped
+    (``predicted[cap]``, the α–β model k·α + M·β) against what the step measurably paid for it
+    (step time − the compute-only step)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.3))
+    xs = [max(cap, 0.04) for cap in caps]
+    ticks = ["1 tensor\nper bucket" if cap < 0.04 else f"{cap:g}" for cap in caps]
+    ax = axes[0]
+    ax.plot(xs, [1e3 * step_times[c] for c in caps], "o-", color=RANK_COLORS[0], markersize=7,
+            label="BucketedDDP (measured)")
+    for xpos, cap in zip(xs, caps):
+        ax.annotate(f"{n_buckets[cap]}", (xpos, 1e3 * step_times[cap]), textcoords="offset points", xytext=(0, 8),
+                    ha="center", fontsize=8)
+    for name, (label, color, style) in _SWEEP_REFERENCES.items():
+        if name in step_times:
+            ax.axhline(1e3 * step_times[name], color=color, linestyle=style, linewidth=1.3, label=label)
+    ax.set_xlabel("bucket_cap_mb (MiB); the number above each point: buckets")
+    ax.set_ylabel("step time, forward + backward (ms)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper right")
+    ax = axes[1]
+    ax.plot(xs, [1e3 * predicted[c] for c in caps], "s-", color=RANK_COLORS[2],
+            label="communication if nothing overlapped:\nk·α + M·β, α and β measured")
+    if "compute only" in step_times:
+        ax.plot(xs, [1e3 * (step_times[c] - step_times["compute only"]) for c in caps], "o-", color=RANK_COLORS[0],
+                label="step time − compute-only step (measured)")
+    ax.set_xlabel("bucket_cap_mb (MiB)")
+    ax.set_ylabel("ms per step")
+    ax.set_title("What communication costs, and what of it is exposed")
+    ax.legend(fontsize=8)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels(ticks)
+        ax.minorticks_off()
+        ax.set_ylim(0, None)
+    fig.tight_layout()
+    return fig
+
+
+def scaling_figure(scale: Mapping[int, Mapping[str, float]], tokens_per_step: int, *, cores: int | None = None,
+                   title: str = ""):
+    """Data parallelism against the number of processes N. ``scale[N]``: the median "step" and "compute"
+    (the same step under no_sync) in seconds; ``tokens_per_step``: tokens per rank per step.
+
+    Left: each step as compute plus the exposed communication (step − compute) in stacked bars, with
+    the compute of N = 1 (the ideal for every N: each rank has the same work) dotted. Right: the global
+    throughput, measured against N times that of N = 1 and, given ``cores``, against the bound of at most
+    ``cores`` processes computing at once."""
+    ns = list(scale)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    ax = axes[0]
+    compute = np.array([1e3 * scale[n]["compute"] for n in ns])
+    exposed = np.array([1e3 * max(scale[n]["step"] - scale[n]["compute"], 0) for n in ns])
+    ax.bar([str(n) for n in ns], compute, color=RANK_COLORS[0], alpha=0.7, label="compute (the same step under no_sync)")
+    ax.bar([str(n) for n in ns], exposed, bottom=compute, color=RANK_COLORS[3], alpha=0.8, label="exposed communication")
+    ax.axhline(compute[0], color="black", linestyle=":", linewidth=1, label=f"compute at N = {ns[0]}: the ideal for every N")
+    ax.set_xlabel("processes N")
+    ax.set_ylabel("time per step (ms)")
+    ax.set_title("Step time: every rank has the same work")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    measured = [n * tokens_per_step / scale[n]["step"] for n in ns]
+    per_process = measured[0] / ns[0]
+    ax.plot(ns, [n * per_process for n in ns], "k--", label=f"ideal: N × (N = {ns[0]})" if ns[0] == 1 else "ideal")
+    if cores:
+        ax.plot(ns, [min(n, cores) * per_process for n in ns], ":", color="gray", linewidth=2,
+                label=f"at most {cores} processes compute at once ({cores} cores)")
+    ax.plot(ns, measured, "o-", color=RANK_COLORS[0], markersize=8, label="measured")
+    ax.set_xticks(ns)
+    ax.set_xlabel("processes N")
+    ax.set_ylabel("tokens per second (all ranks)")
+    ax.set_ylim(0, None)
+    ax.set_title("Throughput")
+    ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -1,20 +1,36 @@
-"""The figures of lesson 4's batch-size sweep (:mod:`labkit.large_batch`) and of LAMB's trust ratios.
+"""The figures of lesson 4: the batch-size sweep (:mod:`labkit.large_batch`), the noise scale, warm-up, LAMB's
+trust ratios and AdaScale's gain (:mod:`labkit.optim`).
 
     draw_batch_sweep(axes, results)     final loss, steps and samples to the target, against the batch
     batch_sweep_key(results)            legend handles for it
     batch_sweep_figure(results)         the three panels and the key, as one figure
+    noise_scale_figure(noise, batches)  the measured noise scale during training, and McCandlish et al.'s
+                                        steps/samples trade-off with it
+    warmup_figure(runs, base_lr, k)     learning rate and loss of runs with and without warm-up
+    draw_source_formula(ax, bs, ...)    one step of a garbled LAMB formula against LAMB's, per weight matrix
     draw_trust_ratios(ax, steps, ratios)  LAMB's per-layer ‖θ‖/‖u‖ over training
+    draw_weight_norms(ax, steps, norms)   the layers' ‖θ‖ over training (and ‖u‖ = ‖θ‖/ρ)
+    trust_ratio_figure(steps, ratios, norms)  the two side by side, one key
+    adascale_gain_figure(gains, ...)    AdaScale's gain against the scale S and during a live run, and τ
+    adascale_sweep_gain_figure(results) AdaScale's gain in the sweep's runs, against progress and against k
 
 ``results`` is what :func:`labkit.large_batch.train` returns (the lab's JSON has the same format).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
+
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.lines import Line2D
 
+from labkit.figures import RANK_COLORS
+
 __all__ = ["METHOD_COLORS", "METHOD_LABELS", "draw_batch_sweep", "batch_sweep_key", "batch_sweep_figure",
-           "draw_trust_ratios"]
+           "noise_scale_figure", "warmup_figure", "draw_source_formula", "draw_trust_ratios", "draw_weight_norms",
+           "trust_ratio_figure", "adascale_gain_figure", "adascale_sweep_gain_figure"]
 
 METHOD_COLORS = {"sgd": "#4C72B0", "adam": "#DD8452", "lamb": "#55A868", "adascale": "#C44E52"}
 METHOD_LABELS = {"sgd": "SGD + linear scaling + warm-up", "adam": "AdamW + √k scaling + warm-up",
@@ -141,14 +157,117 @@ def batch_sweep_figure(results, *, title: str | None = None, figure=None, method
     return fig
 
 
+def noise_scale_figure(noise: Mapping[int, Mapping[str, float]], batches: Sequence[int], *, base_batch: int,
+                       block_size: int):
+    """The gradient noise scale (McCandlish et al. 2018) and what it predicts.
+
+    ``noise[step]``: "B_simple" = tr Σ / ‖G‖² in blocks and the validation "loss", measured at that
+    step of a run at batch ``base_batch``. Left: B_simple against the step (log scale), each point
+    labelled with its loss, the ``batches`` as dotted lines. Right: with B_noise the last measured value,
+    the trade-off S/S_min = 1 + B_noise/B (steps) and E/E_min = 1 + B/B_noise (samples) against the batch
+    B, the ``batches`` marked on both, the critical batch B ≈ B_noise dashed."""
+    steps = list(noise)
+    b_noise = noise[steps[-1]]["B_simple"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    ax = axes[0]
+    ax.plot(steps, [noise[s]["B_simple"] for s in steps], "o-", color=RANK_COLORS[0], lw=2,
+            label=r"$B_\mathrm{simple} = \mathrm{tr}\,\Sigma / \|G\|^2$ (measured)")
+    for s in steps:
+        ax.annotate(f"val loss {noise[s]['loss']:.2f}", (s, noise[s]["B_simple"]), textcoords="offset points",
+                    xytext=(8, -4), va="top", fontsize=8, color=RANK_COLORS[3])
+    for b in batches:
+        ax.axhline(b, color="gray", lw=0.8, ls=":")
+        ax.text(steps[-1] * 1.03, b, f"{b}", va="center", fontsize=8, color="gray")
+    ax.set_xlim(-20, steps[-1] * 1.08)
+    low = min(min(noise[s]["B_simple"] for s in steps), min(batches))
+    high = max(max(noise[s]["B_simple"] for s in steps), max(batches))
+    ax.set_ylim(min(0.3, low / 2), max(100, high * 1.5))
+    ax.set_yscale("log")
+    ax.set_xlabel(f"AdamW step at batch B = {base_batch} blocks")
+    ax.set_ylabel(f"blocks of {block_size} characters")
+    ax.set_title(f"The noise scale grows during training\n(dotted: the batch sizes of the sweep, "
+                 f"{min(batches)} … {max(batches)} blocks)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax = axes[1]
+    grid = np.geomspace(1, 2 * max(batches), 200)
+    ax.plot(grid, 1 + b_noise / grid, color=RANK_COLORS[0], lw=2, label=r"steps $S/S_\mathrm{min} = 1 + B_\mathrm{noise}/B$")
+    ax.plot(grid, 1 + grid / b_noise, color=RANK_COLORS[1], lw=2, label=r"samples $E/E_\mathrm{min} = 1 + B/B_\mathrm{noise}$")
+    ax.axvline(b_noise, color="black", ls="--", lw=1, label=f"critical batch ≈ B_noise ≈ {b_noise:.0f} blocks")
+    for b in batches:
+        ax.plot([b, b], [1 + b_noise / b, 1 + b / b_noise], "o", color="gray", ms=4)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch B (blocks)")
+    ax.set_ylabel("× the minimum")
+    ax.set_title("McCandlish et al.'s trade-off, with the measured noise scale", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def warmup_figure(runs: Mapping[str, tuple[Sequence[float], Sequence[float]]], base_lr: float, k: int, *,
+                  base_batch: int, vocab_size: int | None = None, steps: int | None = None):
+    """Runs at k times the base batch with and without warm-up: ``runs[name] = (losses, lrs)``, one value
+    per step done (a run that diverged stops early). Left: the learning rate per step, the base rate
+    ``base_lr`` (tuned at ``base_batch``) dotted. Right: the training loss (log scale) with the loss of
+    a uniform guess ln(``vocab_size``); a run shorter than ``steps`` (default: the longest) is labelled
+    with where it stopped. The first run is drawn in red, the second in blue."""
+    steps = max(len(losses) for losses, _ in runs.values()) if steps is None else steps
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    for (name, (losses, lrs)), color in zip(runs.items(), (RANK_COLORS[3], RANK_COLORS[0], RANK_COLORS[2])):
+        axes[0].plot(range(len(lrs)), lrs, color=color, lw=2, label=name)
+        stopped = "" if len(losses) >= steps else f" (stopped at step {len(losses)}: loss {losses[-1]:.3g})"
+        axes[1].plot(range(1, len(losses) + 1), losses, "o-" if len(losses) < 20 else "-", color=color, lw=2, ms=4,
+                     label=name + stopped)
+    axes[0].axhline(base_lr, color="gray", ls=":", label=f"η = {base_lr:g}, tuned at B = {base_batch}")
+    axes[0].set(xlabel="step", ylabel="learning rate", title=f"SGD at k = {k}: lr = {k}η = {k * base_lr:g}")
+    axes[1].set(xlabel="step", ylabel="training loss (batch)", yscale="log", title=f"The same {steps} steps")
+    axes[1].set_yticks([3, 4, 6, 10, 20], ["3", "4", "6", "10", "20"])
+    axes[1].minorticks_off()
+    if vocab_size:
+        axes[1].axhline(math.log(vocab_size), color="gray", ls=":", label=f"ln {vocab_size}: a uniform guess")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def draw_source_formula(ax, bs: Sequence[float], relative_steps: Mapping[str, Sequence[float]],
+                        r_norms: Mapping[str, float], eta: float, *, title: str = ""):
+    """One step of a garbled LAMB formula against LAMB's, per weight matrix: ``relative_steps[name][i]`` is
+    the relative step ‖Δθ‖/‖θ‖ the formula gives that matrix at batch size ``bs[i]`` (‖r‖, its Adam direction's
+    norm, is ``r_norms[name]``), one line each (log-log, viridis from the first matrix to the last). LAMB's
+    relative step is η for every matrix and every batch (the thick green line); the dotted line at 1 is a
+    step as long as the weights themselves."""
+    cmap = plt.get_cmap("viridis")
+    for i, (name, values) in enumerate(relative_steps.items()):
+        ax.plot(bs, values, color=cmap(i / max(1, len(relative_steps) - 1)), lw=1.5,
+                label=f"{name.replace('.weight', '')} (‖r‖ = {r_norms[name]:.0f})")
+    ax.axhline(eta, color=METHOD_COLORS["lamb"], lw=3, label=f"LAMB, every matrix: η = {eta}")
+    ax.axhline(1.0, color="black", ls=":", lw=1)
+    ax.text(bs[0] * 1.3, 1.15, "a step as long as the weights themselves", fontsize=8)
+    ax.set(xscale="log", yscale="log", xlabel="b (the batch size in the source's formula)",
+           ylabel="relative step ‖Δθ‖/‖θ‖")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    return ax
+
+
+def _layer_colors(n: int) -> list:
+    """The colours of n layers' lines: matplotlib's default cycle (tab10) up to 10, viridis beyond."""
+    if n > 10:
+        cmap = plt.get_cmap("viridis")
+        return [cmap(i / (n - 1)) for i in range(n)]
+    return [plt.get_cmap("tab10")(i) for i in range(n)]
+
+
 def draw_trust_ratios(ax, steps, ratios, *, names=None, log: bool = True, title: str = "", legend: bool = True):
     """LAMB's per-layer trust ratios ‖θ‖/‖u‖ over training: ``ratios[name]`` is one layer's list, one
     value per entry of ``steps``. ``names``: the layers to draw (default all), one line each, in the
     colours of matplotlib's default cycle for up to 10 layers."""
     names = list(ratios) if names is None else list(names)
-    cmap = plt.get_cmap("viridis" if len(names) > 10 else "tab10")
-    for i, name in enumerate(names):
-        color = cmap(i / max(1, len(names) - 1)) if len(names) > 10 else cmap(i % 10)
+    for name, color in zip(names, _layer_colors(len(names))):
         ax.plot(steps, ratios[name], color=color, lw=1.5, label=name)
     if log:
         ax.set_yscale("log")
@@ -159,3 +278,108 @@ def draw_trust_ratios(ax, steps, ratios, *, names=None, log: bool = True, title:
     if title:
         ax.set_title(title, fontsize=10)
     return ax
+
+
+def draw_weight_norms(ax, steps, norms: Mapping[str, Sequence[float]], *, ratios: Mapping[str, Sequence[float]] | None = None,
+                      title: str = "", legend: bool = True):
+    """The norms ‖θ‖ of the layers over training: ``norms[name]`` one value per entry of ``steps``, one line
+    each in the colours of :func:`draw_trust_ratios`. Given the trust ratios ρ (``ratios[name]``), also the
+    norm of LAMB's update direction ‖u‖ = ‖θ‖/ρ, dashed, on a log scale."""
+    for name, color in zip(norms, _layer_colors(len(norms))):
+        theta = np.asarray(norms[name], dtype=float)
+        ax.plot(steps, theta, color=color, lw=2 if ratios is not None else 1.5,
+                label=f"‖θ‖ {name}" if ratios is not None else name)
+        if ratios is not None:
+            ax.plot(steps, theta / np.asarray(ratios[name], dtype=float), color=color, lw=1, ls="--", label=f"‖u‖ {name}")
+    if ratios is not None:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("‖θ‖ (solid), ‖u‖ (dashed)" if ratios is not None else "‖θ‖")
+    if title:
+        ax.set_title(title, fontsize=10)
+    if legend and len(norms) <= 12:
+        ax.legend(fontsize=7, loc="best")
+    return ax
+
+
+def trust_ratio_figure(steps, ratios: Mapping[str, Sequence[float]], norms: Mapping[str, Sequence[float]]):
+    """LAMB during training, one line per layer: its trust ratios (:func:`draw_trust_ratios`) beside the
+    norms of its weights (:func:`draw_weight_norms`), one key on the right."""
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.2), layout="constrained")
+    draw_trust_ratios(axes[0], steps, ratios, legend=False, title="LAMB's trust ratio ‖θ‖/‖u‖ of every weight matrix")
+    draw_weight_norms(axes[1], steps, norms, legend=False,
+                      title="… and the norms of the weights (each step moves a matrix by η‖θ‖)")
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="outside right center", fontsize=8)
+    return fig
+
+
+def adascale_gain_figure(gains: Mapping[int, Sequence[float]], b_simple: float, base_batch: int,
+                         live: Mapping[str, Sequence[float]], scale: int, *, world_size: int = 4):
+    """AdaScale's gain ratio r, three panels.
+
+    Left: at fixed weights, the gains measured at each scale S (``gains[S]``: one per step; mean ± std)
+    against the prediction from the noise scale, r(S) = (1 + B_simple/B) / (1 + B_simple/(S·B)) with
+    B = ``base_batch``, between r = S (all noise) and its limit 1 + B_simple/B. Middle: the gain during a
+    live run at scale ``scale`` (``live["gain"]``, one per step). Right: that run's progress τ in base
+    steps (``live["tau"]``) between τ = steps (gain 1) and τ = S·steps (gain S)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    scales = sorted(gains)
+    s_grid = np.arange(1, max(scales) + 1)
+    ax.plot(s_grid, s_grid, "k--", lw=1, label="r = S (all noise: perfect scaling)")
+    ax.plot(s_grid, (1 + b_simple / base_batch) / (1 + b_simple / (s_grid * base_batch)), color=RANK_COLORS[0], lw=2,
+            label=f"r(S) from B_simple = {b_simple:.0f} blocks (Section 2)")
+    ax.errorbar(scales, [np.mean(gains[s]) for s in scales], yerr=[np.std(gains[s]) for s in scales], fmt="o",
+                color=RANK_COLORS[3], ms=7, capsize=3, label=f"AdaScale on {world_size} processes (mean ± std)")
+    ax.axhline(1 + b_simple / base_batch, color="gray", ls=":", label="limit for S → ∞: 1 + B_simple/B")
+    ax.set(xlabel=f"scale S (global batch = S × {base_batch} blocks)", ylabel="gain r",
+           title="Gain against batch size, fixed weights")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    steps = np.arange(1, len(live["gain"]) + 1)
+    ax.plot(steps, live["gain"], color=RANK_COLORS[3], lw=2, label=f"gain r (S = {scale})")
+    ax.axhline(scale, color="black", ls="--", lw=1, label=f"S = {scale}")
+    ax.set(xlabel="step", ylabel="gain r", title="Gain during training: it starts at 1 and grows", ylim=(0, scale + 1))
+    ax.legend(fontsize=8, loc="center right")
+    ax = axes[2]
+    ax.plot(steps, live["tau"], color=RANK_COLORS[3], lw=2, label="τ: scale-invariant iterations")
+    ax.plot(steps, steps, "k:", label="τ = steps (gain 1)")
+    ax.plot(steps, scale * steps, "k--", lw=1, label=f"τ = {scale}·steps (gain S)")
+    ax.set(xlabel="step", ylabel="τ (base-batch steps' worth)", yscale="log", title="Progress counted in base steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def adascale_sweep_gain_figure(results):
+    """AdaScale's gain in the sweep's runs at k > 1 (``results`` as :func:`labkit.large_batch.train` returns).
+    Left: each run's smoothed gain against its progress τ/T (T: the base run's steps), one red line per k,
+    darker for larger k. Right: the mean gain over each run and the epochs it read, against k, with
+    r = k (perfect scaling) dashed."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    ada = sorted((r for r in results["runs"] if r["method"] == "adascale" and r["k"] > 1), key=lambda r: r["k"])
+    base_batch = results["options"]["base_batch"]
+    total = results["budget_samples"] / base_batch
+    cmap = plt.get_cmap("Reds")
+    for i, r in enumerate(ada):
+        color = cmap(0.35 + 0.65 * i / max(1, len(ada) - 1))
+        tau = dict(r["tau"])
+        axes[0].plot([tau[s] / total for s, _ in r["gain"] if s in tau], [g for s, g in r["gain"] if s in tau],
+                     color=color, lw=2,
+                     label=f"k = {r['k']}" + (" (stopped: sample cap)" if r.get("stopped_at_sample_cap") else ""))
+    axes[0].set(xlabel="progress τ / T", ylabel="gain r (smoothed)", title="AdaScale's gain during the sweep's runs")
+    axes[0].legend(fontsize=8)
+    ks = [r["k"] for r in ada]
+    axes[1].plot(ks, ks, "k--", lw=1, label="r = k (perfect scaling)")
+    axes[1].plot(ks, [r["mean_gain"] for r in ada], "o-", color=METHOD_COLORS["adascale"], lw=2,
+                 label="mean gain over the run")
+    axes[1].plot(ks, [r["epochs_read"] for r in ada], "s:", color="gray", label="epochs read (budget: 1)")
+    axes[1].set(xscale="log", yscale="log", xlabel=f"k (batch = k × {base_batch} blocks)",
+                title="Gain and samples against k")
+    axes[1].set_xticks(ks, [str(k) for k in ks])
+    ticks = [2 ** i for i in range(0, int(math.log2(max(ks))) + 1)]
+    axes[1].set_yticks(ticks, [str(t) for t in ticks])
+    axes[1].minorticks_off()
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -8,8 +8,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from labkit.cost_model_figures import alpha_beta_fit_figure, bytes_per_rank_figure, crossover_figure  # noqa: E402
 from labkit.data_parallel_figures import draw_loss_curves, draw_loss_differences  # noqa: E402
+from labkit.ddp_figures import (bucket_sweep_figure, ddp_timelines_figure, draw_loss_curve,  # noqa: E402
+                                draw_wrapper_agreement, scaling_figure)
 from labkit.figures import RANK_COLORS  # noqa: E402
+from labkit.large_batch_figures import (adascale_gain_figure, adascale_sweep_gain_figure,  # noqa: E402
+                                        draw_source_formula, draw_weight_norms, noise_scale_figure,
+                                        trust_ratio_figure, warmup_figure)
 from labkit.layer_split_figures import draw_model_state_memory  # noqa: E402
 from labkit.local_sgd_figures import draw_gap_curves, draw_gap_vs_local_steps  # noqa: E402
 from labkit.param_server import Update  # noqa: E402
@@ -20,6 +26,7 @@ from labkit.pipeline.gantt import (activation_memory_figure, draw_bubble_vs_m, d
 from labkit.pipeline.schedules import gpipe, one_f_one_b  # noqa: E402
 from labkit.pipeline.simulate import expected_bubble, simulate  # noqa: E402
 from labkit.tensor_parallel_figures import c_attn_rows_figure, draw_tp_dp_traffic  # noqa: E402
+from labkit.timeline import Event  # noqa: E402
 
 
 @pytest.fixture
@@ -64,6 +71,164 @@ def test_gap_curves_use_the_given_styles_and_limits(ax):
     draw_gap_curves(ax, [1, 2], {"a": [1e-3, 1e-2], "b": [0.0, 0.0]}, styles=["o-", "s:"], ylim=(1e-18, 10))
     assert [line.get_linestyle() for line in ax.lines[:2]] == ["-", ":"]
     assert ax.get_ylim() == pytest.approx((1e-18, 10))
+
+
+# --- lesson 2 -------------------------------------------------------------------------------------------------
+
+def test_bytes_per_rank_divides_by_m_busiest_left_total_right():
+    m = 100
+    traffic = {"ring": {2: [(m, m), (m, m)], 4: [(150, 150)] * 4},
+               "naive": {2: [(m, m), (m, m)], 4: [(3 * m, 3 * m), (m, m), (m, m), (m, m)]}}
+    fig = bytes_per_rank_figure(traffic, m, max_ranks=8)
+    left, right = fig.axes
+    assert list(left.lines[1].get_ydata()) == [1.0, 1.5]                 # the ring, measured: busiest rank
+    assert list(left.lines[3].get_ydata()) == [1.0, 3.0]                 # the server's root
+    assert list(right.lines[1].get_ydata()) == [2.0, 6.0]                # the server, all ranks: 2(N-1)
+    assert list(right.lines[-1].get_ydata()) == [2 * (n - 1) for n in range(2, 9)]
+    assert _labels(right) == ["ring: measured", "central server: measured", "2(N−1)·M"]
+
+
+def test_alpha_beta_fit_draws_points_and_the_fitted_model_per_n():
+    sizes = [1024, 4096]
+    timings = {n: {(name, s): 1e-4 + s * 1e-9 for name in ("ring", "torch") for s in sizes} for n in (2, 4)}
+    fig = alpha_beta_fit_figure(timings, {"ring": (1e-4, 1e-9), "torch": (5e-5, 2e-9)})
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["N = 2 processes on this machine", "N = 4 processes on this machine"]
+    assert list(axes[0].lines[0].get_ydata()) == pytest.approx([1e3 * (1e-4 + s * 1e-9) for s in sizes])
+    model = axes[0].lines[1]                                              # ring on 2 ranks: 2 rounds, M bytes
+    assert model.get_ydata()[0] == pytest.approx(1e3 * (2e-4 + 1024e-9))
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == ["1 KiB", "4 KiB"]
+    assert "dist.all_reduce (gloo)" in [t.get_text() for t in fig.legends[0].get_texts()]
+
+
+def test_crossover_marks_m_star_in_each_panel():
+    fig = crossover_figure(10e-6, 1 / 12.5e9, {8: 235e3, 64: 1.4e6}, sizes=[1e2, 1e6])
+    left, right = fig.axes
+    assert list(left.lines[3].get_xdata()) == [235e3, 235e3]
+    assert "M* ≈ 1400 kB" in right.texts[0].get_text()
+    assert left.get_title() == "N = 8: α = 10 µs, 1/β = 12.5 GB/s (model)"
+    assert _labels(left) == ["ring", "binomial tree", "central server"]
+
+
+# --- lesson 3 -------------------------------------------------------------------------------------------------
+
+def _ddp_step(rank, t0):
+    return [Event("forward", t0, t0 + 1, rank=rank), Event("grad", t0 + 2, t0 + 2, rank=rank),
+            Event("allreduce", t0 + 2, t0 + 3, label="bucket 0", rank=rank), Event("wait", t0 + 2, t0 + 3, rank=rank)]
+
+
+def test_ddp_timelines_figure_stacks_the_panels_with_their_step_times():
+    fig = ddp_timelines_figure({"a": [_ddp_step(0, 0.0), _ddp_step(1, 0.0)], "b": [_ddp_step(0, 0.0)]},
+                               steps=[0.003, 0.0025], title="T")
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["a", "b"]
+    assert [t.get_text() for ax in axes for t in ax.texts if t.get_text().startswith("step")] == ["step 3 ms",
+                                                                                                    "step 2 ms"]
+    assert axes[0].get_xlabel() == "" and axes[1].get_xlabel() != "" and fig.legends
+
+
+def test_loss_curve_marks_the_uniform_guess_and_the_epochs(ax):
+    draw_loss_curve(ax, [4.0, 3.5, 3.2, 3.0, 2.9, 2.8], vocab_size=78, steps_per_epoch=2, label="loss")
+    assert _labels(ax) == ["loss", "ln 78: uniform guess"]
+    assert ax.lines[1].get_ydata()[0] == pytest.approx(np.log(78))
+    assert [line.get_xdata()[0] for line in ax.lines[2:]] == [1.5, 3.5]
+
+
+def test_wrapper_agreement_draws_a_bar_per_wrapper_and_reference(ax):
+    draw_wrapper_agreement(ax, {"torch": (0.0, 1e-15), "Bucketed, 1 bucket": (2e-15, 1e-3)}, ["vs a", "vs b"])
+    assert len(ax.patches) == 4 and ax.patches[0].get_height() == pytest.approx(1e-18)   # the zero, at the floor
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["torch", "Bucketed\n1 bucket"]
+    assert "1e-03" in [t.get_text() for t in ax.texts] and _labels(ax) == ["vs a", "vs b"]
+
+
+def test_bucket_sweep_draws_steps_references_and_exposed_cost():
+    caps = [1e-9, 1.0]
+    steps = {1e-9: 0.050, 1.0: 0.030, "naive": 0.080, "compute only": 0.020}
+    fig = bucket_sweep_figure(caps, steps, {1e-9: 52, 1.0: 4}, {1e-9: 0.010, 1.0: 0.004})
+    left, right = fig.axes
+    assert list(left.lines[0].get_ydata()) == pytest.approx([50.0, 30.0])
+    assert _labels(left) == ["BucketedDDP (measured)", "NaiveDDP", "no communication (no_sync)"]
+    assert [t.get_text() for t in left.texts] == ["52", "4"]
+    assert list(right.lines[1].get_ydata()) == pytest.approx([30.0, 10.0])       # step − compute only
+    assert left.get_xticklabels()[0].get_text() == "1 tensor\nper bucket"
+
+
+def test_scaling_figure_stacks_exposed_communication_on_compute():
+    scale = {1: {"step": 0.010, "compute": 0.008}, 2: {"step": 0.020, "compute": 0.015}}
+    fig = scaling_figure(scale, 100, cores=1)
+    left, right = fig.axes
+    heights = [p.get_height() for p in left.patches]
+    assert heights == pytest.approx([8.0, 15.0, 2.0, 5.0])
+    assert list(right.lines[0].get_ydata()) == pytest.approx([10_000, 20_000])   # ideal: N × (N = 1)
+    assert list(right.lines[1].get_ydata()) == pytest.approx([10_000, 10_000])   # one core
+    assert list(right.lines[2].get_ydata()) == pytest.approx([10_000, 10_000])   # measured
+
+
+# --- lesson 4 -------------------------------------------------------------------------------------------------
+
+def test_noise_scale_figure_uses_the_last_measurement_as_b_noise():
+    noise = {0: {"B_simple": 0.5, "loss": 4.0}, 100: {"B_simple": 8.0, "loss": 3.0}}
+    fig = noise_scale_figure(noise, [2, 8, 32], base_batch=2, block_size=64)
+    left, right = fig.axes
+    assert list(left.lines[0].get_ydata()) == [0.5, 8.0]
+    assert [t.get_text() for t in left.texts if t.get_text().startswith("val")] == ["val loss 4.00", "val loss 3.00"]
+    assert right.lines[2].get_xdata()[0] == 8.0                                   # the critical batch
+    assert list(right.lines[3].get_ydata()) == pytest.approx([1 + 8 / 2, 1 + 2 / 8])
+
+
+def test_warmup_figure_labels_the_run_that_stopped():
+    runs = {"no warm-up": ([4.0, 30.0], [0.6, 0.6]), "warm-up": ([4.0, 3.5, 3.0], [0.3, 0.45, 0.6])}
+    fig = warmup_figure(runs, 0.3, 2, base_batch=2, vocab_size=78)
+    left, right = fig.axes
+    assert _labels(right)[:2] == ["no warm-up (stopped at step 2: loss 30)", "warm-up"]
+    assert left.get_title() == "SGD at k = 2: lr = 2η = 0.6" and right.get_title() == "The same 3 steps"
+    assert left.lines[2].get_ydata()[0] == 0.3
+
+
+def test_source_formula_has_a_line_per_matrix_and_lamb_flat(ax):
+    bs = np.array([1.0, 10.0, 100.0])
+    draw_source_formula(ax, bs, {"a.weight": 0.01 * bs, "b.weight": 0.02 * bs}, {"a.weight": 3.0, "b.weight": 40.0},
+                        0.01)
+    assert _labels(ax) == ["a (‖r‖ = 3)", "b (‖r‖ = 40)", "LAMB, every matrix: η = 0.01"]
+    assert list(ax.lines[2].get_ydata()) == [0.01, 0.01]
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+
+
+def test_weight_norms_with_ratios_draw_u_dashed(ax):
+    draw_weight_norms(ax, [1, 2], {"wte": [2.0, 4.0]}, ratios={"wte": [0.5, 0.1]})
+    theta, u = ax.lines
+    assert list(u.get_ydata()) == pytest.approx([4.0, 40.0]) and u.get_linestyle() == "--"
+    assert _labels(ax) == ["‖θ‖ wte", "‖u‖ wte"] and ax.get_yscale() == "log"
+
+
+def test_trust_ratio_figure_shares_one_key_between_the_panels():
+    fig = trust_ratio_figure([1, 2], {"a": [0.1, 0.2], "b": [0.3, 0.4]}, {"a": [1.0, 1.1], "b": [2.0, 2.1]})
+    left, right = fig.axes
+    assert left.get_legend() is None and right.get_legend() is None
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a", "b"]
+    assert left.lines[1].get_color() == right.lines[1].get_color()              # a layer keeps its colour
+
+
+def test_adascale_gain_figure_predicts_from_the_noise_scale():
+    live = {"gain": [1.0, 1.5, 2.0], "tau": [1.0, 2.5, 4.5]}
+    fig = adascale_gain_figure({4: [2.0, 3.0], 8: [4.0, 4.0]}, b_simple=6.0, base_batch=2, live=live, scale=8)
+    left, middle, right = fig.axes
+    prediction = left.lines[1]
+    assert prediction.get_ydata()[0] == pytest.approx(1.0)                        # S = 1: gain 1
+    assert prediction.get_ydata()[-1] == pytest.approx((1 + 3) / (1 + 3 / 8))
+    assert middle.get_ylim() == (0, 9)
+    assert list(right.lines[2].get_ydata()) == [8, 16, 24]                        # τ = S·steps
+
+
+def test_adascale_sweep_gain_figure_has_a_line_per_k():
+    runs = [{"method": "adascale", "k": k, "tau": [[0, 0.0], [10, 50.0]], "gain": [[0, 1.0], [10, k / 2]],
+             "mean_gain": k / 3, "epochs_read": 1.0, "stopped_at_sample_cap": k == 4} for k in (1, 2, 4)]
+    runs.append({"method": "sgd", "k": 2})
+    fig = adascale_sweep_gain_figure({"runs": runs, "options": {"base_batch": 2}, "budget_samples": 200})
+    left, right = fig.axes
+    assert _labels(left) == ["k = 2", "k = 4 (stopped: sample cap)"]
+    assert list(left.lines[1].get_xdata()) == [0.0, 0.5]                          # τ / T, T = 200 / 2
+    assert list(right.lines[1].get_ydata()) == pytest.approx([2 / 3, 4 / 3])
 
 
 # --- lesson 5 -------------------------------------------------------------------------------------------------
