@@ -24,11 +24,15 @@ Lecture code (a concept per file; read it beside its notebook)
                                 tree_all_reduce, naive_all_reduce, broadcast
               cost_model        the α–β model: predict, fit_alpha_beta, bus_bandwidth
               ring_figures      draw_ring_round, draw_ring_rounds, ring_legend
+              cost_model_figures  bytes_per_rank_figure, alpha_beta_fit_figure, crossover_figure
     3         ddp               NaiveDDP, OverlapDDP, BucketedDDP (exercise 3 subclasses it), plan_buckets
-              ddp_figures       draw_ddp_timeline, ddp_timeline_legend
+              ddp_figures       draw_ddp_timeline, ddp_timeline_legend, ddp_timelines_figure, draw_loss_curve,
+                                draw_wrapper_agreement, bucket_sweep_figure, scaling_figure
     4         optim             LARS, Lamb, AdaScale, scaled_lr, warmup_factor
               large_batch       the batch-size sweep: options, sweep, train, Data, mean_loss, lr_multiplier
-              large_batch_figures   batch_sweep_figure, draw_batch_sweep, draw_trust_ratios
+              large_batch_figures   batch_sweep_figure, draw_batch_sweep, noise_scale_figure, warmup_figure,
+                                    draw_source_formula, draw_trust_ratios, draw_weight_norms,
+                                    trust_ratio_figure, adascale_gain_figure, adascale_sweep_gain_figure
     5         layer_split       partition, train_step, busy_fractions (the model cut over ranks, send/recv)
               layer_split_figures   draw_model_state_memory (why split: model states against a GPU),
                                     draw_layer_split, layer_split_legend

@@ -4,8 +4,8 @@
     error_bars(ax, labels, errors)      "is it the same?": log-scale bars of max |difference|, green below
                                         the tolerance, red above
 
-Each concept's own figures live beside it: ``data_parallel_figures``, ``local_sgd_figures``, ``ring_figures``, ``cost_model_figures``,
-``ddp_figures``, ``large_batch_figures``, ``layer_split_figures``, ``tensor_parallel_figures``, ``pipeline/gantt``,
+Each concept's own figures live beside it: ``data_parallel_figures``, ``local_sgd_figures``, ``ring_figures``,
+``cost_model_figures``, ``ddp_figures``, ``large_batch_figures``, ``layer_split_figures``, ``tensor_parallel_figures``, ``pipeline/gantt``,
 ``param_server_figures``; the timelines of a step are drawn by :mod:`labkit.timeline`.
 """
 
