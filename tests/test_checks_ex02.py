@@ -350,3 +350,48 @@ def test_ring_all_reduce_check_rejects_wrong_phases(rs, ag, expected):
 def test_ring_all_reduce_check_reports_a_stub_as_itself():
     with pytest.raises(NotImplementedError, match="^Exercise 2b: one round of the all-gather"):
         check_ring_all_reduce(reduce_scatter_phase, ag_stub)
+
+
+# --------------------------------------------------------------------------------------------
+# The notebook's demo cell: a trace of ring_all_reduce is compared with the simulation, element by element
+# --------------------------------------------------------------------------------------------
+
+def _traced_run(numel, all_gather):
+    import torch.distributed as dist
+    from labkit.collectives import provenance_input, ring_all_reduce
+    x = provenance_input(dist.get_rank(), dist.get_world_size(), numel)
+    trace = []
+    ring_all_reduce(x, trace=trace, reduce_scatter=reduce_scatter_phase, all_gather=all_gather)
+    return trace
+
+
+def test_a_right_trace_is_the_simulation(capsys):
+    from labkit import launch
+    from labkit.checks.ex02 import compare_with_simulation
+    compare_with_simulation(launch(_traced_run, 3, all_gather_phase, world_size=3))
+    assert capsys.readouterr().out == "every round is the simulation above\n"
+
+
+@pytest.mark.parametrize("wrong,expected", [
+    (ag_adds, ["all-gather round 0: rank 0's chunk 0 (element 0) holds the contributions of ranks {0: 2, 1: 1, 2: 1} "
+               "(rank 0 counted twice); the simulation above has {0, 1, 2}", "add instead of overwrite"]),
+    (ag_never_stores, ["all-gather round 0: rank 0's chunk 0 (element 0) holds the contributions of ranks {0} (ranks "
+                       "1, 2 missing); the simulation above has {0, 1, 2}"]),
+    (ag_off_by_one, ["all-gather round 0: rank 0 sent chunk 0 to rank 1; the simulation sends chunk 1 to rank 1"]),
+])
+def test_a_wrong_all_gather_is_never_reported_as_the_simulation(wrong, expected, capsys):
+    """The hole of the demo cell: a set of ranks hid "counted twice", so an adding all-gather printed the ✓ text."""
+    from labkit import launch
+    from labkit.checks.ex02 import compare_with_simulation
+    traces = launch(_traced_run, 3, wrong, world_size=3)
+    with pytest.raises(CheckFailed) as info:
+        compare_with_simulation(traces)
+    for text in expected:
+        assert text in str(info.value), str(info.value)
+    assert "every round is the simulation above" not in capsys.readouterr().out
+
+
+def test_a_trace_with_rounds_missing_is_rejected():
+    from labkit.checks.ex02 import compare_with_simulation
+    with pytest.raises(CheckFailed, match=r"rank 0 recorded 0 rounds, but the ring takes 2\(N-1\) = 4 rounds"):
+        compare_with_simulation([[], [], []])

@@ -163,5 +163,10 @@ def test_lesson_code_sends_every_message_through_comm():
         if rel == "labkit/comm.py":
             continue
         lines = path.read_text().splitlines()
-        offenders += [f"{rel}:{n}: {lines[n - 1].strip()}" for n in _direct_calls("\n".join(lines))]
+        for n in _direct_calls("\n".join(lines)):
+            # A checker's wrong versions stand for a student's code, which calls torch.distributed itself; such a
+            # call is marked on its line, and only checkers may have one.
+            if lines[n - 1].rstrip().endswith("# student's code") and rel.startswith("labkit/checks/"):
+                continue
+            offenders.append(f"{rel}:{n}: {lines[n - 1].strip()}")
     assert offenders == []

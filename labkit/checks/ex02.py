@@ -38,12 +38,14 @@ import torch.distributed as dist
 from labkit import comm
 from labkit.checks import (CheckFailed, fail, first_mismatch, fmt_index, fmt_pair, passed, run_on_ranks, time_limit,
                            time_limit_paused)
+from labkit.checks.harness import plural
 from labkit.collectives import decode_contributions, provenance_input, ring_all_reduce
 from labkit.collectives import reduce_scatter_phase as _reference_reduce_scatter
-from labkit.ring import (ALL_GATHER, REDUCE_SCATTER, all_gather_rounds, chunk_bounds, chunk_sizes,
-                         reduce_scatter_rounds, simulate)
+from labkit.ring import (ALL_GATHER, REDUCE_SCATTER, all_gather_rounds, all_reduce_rounds, chunk_bounds,
+                         chunk_sizes, reduce_scatter_rounds, simulate)
 
-__all__ = ["check_reduce_scatter_phase", "check_all_gather_phase", "check_ring_all_reduce", "WORLD_SIZES"]
+__all__ = ["check_reduce_scatter_phase", "check_all_gather_phase", "check_ring_all_reduce", "compare_with_simulation",
+           "WORLD_SIZES"]
 
 # 3 first: the smallest ring in which the left and the right neighbour differ (so the first failure
 # reported is the most readable one); 2 is the degenerate ring, 4 and 5 catch what only shows later.
@@ -227,7 +229,7 @@ def _case(world_size: int, numel: int) -> str:
 
 
 def _rounds_text(n: int) -> str:
-    return f"{n} round{'s' if n != 1 else ''}"
+    return plural(n, "round")
 
 
 def _round_problem(phase: _Phase, N: int, M: int, j: int, rows: list) -> str | None:
@@ -542,3 +544,40 @@ def check_ring_all_reduce(reduce_scatter, all_gather, *, world_sizes=(3, 4), tim
                          f"{fmt_index(index)}: expected {e} (what dist.all_reduce gives), got {g}. {hint}")
     passed(f"{name} matches dist.all_reduce on {', '.join(map(str, world_sizes))} ranks: "
            f"{len(_ALL_REDUCE_CASES)} float64 tensors (M divisible by N or not, M < N, 2-D), ops sum, max, avg")
+
+
+# ============================================================================================
+# A trace of ring_all_reduce (the notebook's demo cell), against the simulation
+# ============================================================================================
+
+def compare_with_simulation(traces: list) -> None:
+    """``traces[rank]``: the records of ``ring_all_reduce(provenance_input(...), trace=...)`` on every rank. Prints
+    "every round is the simulation above" when every round sent what labkit.ring's schedule says and left every
+    element of every chunk holding each rank's contribution exactly as often as :func:`labkit.ring.simulate` says;
+    otherwise raises :class:`CheckFailed` naming the first round, rank, chunk and element that differ."""
+    __tracebackhide__ = True
+    N = len(traces)
+    rounds, states = all_reduce_rounds(N), simulate(N)
+    for rank, records in enumerate(traces):
+        if len(records) != len(rounds):
+            fail(f"rank {rank} recorded {_rounds_text(len(records))}, but the ring takes 2(N-1) = "
+                 f"{_rounds_text(len(rounds))} on N={N} ranks (N-1 of the reduce-scatter, N-1 of the all-gather)")
+    for t, rnd in enumerate(rounds, start=1):
+        when = f"{rnd.phase} round {rnd.index}"
+        for rank, records in enumerate(traces):
+            rec, sent = records[t - 1], rnd.sent_by(rank)
+            if (rec["sent_to"], rec["sent_chunk"]) != (sent.receiver, sent.chunk):
+                fail(f"{when}: rank {rank} sent chunk {rec['sent_chunk']} to rank {rec['sent_to']}; the simulation "
+                     f"sends chunk {sent.chunk} to rank {sent.receiver}")
+            for c, chunk in enumerate(rec["chunks"]):
+                want = states[t][rank][c]
+                k = _first_wrong([int(v) for v in chunk.reshape(-1).tolist()], want, N)
+                if k is not None:
+                    got = decode_contributions(int(chunk.reshape(-1)[k]), N)
+                    phase = _PHASES[rnd.phase]
+                    start = phase.first_state(N)
+                    seen = [dict(rebound=[[]] * N, combines=[(rnd.index, c)])] * N   # a trace records neither
+                    fail(f"{when}: rank {rank}'s chunk {c} (element {k}) holds {_counts_text(got, want)}; the "
+                         f"simulation above has {_set_text(want)}" + _state_hint(
+                             phase, N, rnd.index + 1, rank, c, got, states[start:start + N], seen))
+    print("every round is the simulation above")

@@ -4,79 +4,52 @@
     check_bucket_plan(BucketedDDP)       # 3b: bucket_plan, with labkit's 3a, 3c, 3d
     check_on_grad_ready(BucketedDDP)     # 3c: on_grad_ready, with labkit's 3a, 3b, 3d
     check_finish_backward(BucketedDDP)   # 3d: finish_backward, with labkit's 3a, 3b, 3c
-    check_bucketed_ddp(BucketedDDP)      # all of it, on 3, 2 and 4 processes, against torch's DDP
+    check_bucketed_ddp(BucketedDDP)      # all of it (any class cls(module, bucket_cap_mb=...)), on 3, 2, 4 ranks
 
-The student's class subclasses :class:`labkit.ddp.BucketedDDP` (its ``__init__``, the per-parameter
-hook, the end-of-backward callback) and writes four of its methods. Each task's check runs the
-student's method with labkit's own version of the other three, so that a task is checked on its own;
-:func:`check_bucketed_ddp` runs the whole class as written (any class ``cls(module,
-bucket_cap_mb=...)`` that works like torch's DDP, labkit's subclass or not).
-
-What runs. On N real processes, each rank builds a small float64 model with its own seed (so only the
-broadcast at wrap time makes the replicas equal): a tied embedding/output weight, a frozen layer, a
-buffer, and a layer registered before the one it follows (so that the reverse of ``parameters()`` is
-not exactly the order gradients become ready). The student's class wraps it with three bucket caps
-(one bucket; two buckets; one parameter per bucket) and trains 3 SGD steps next to
-``torch.nn.parallel.DistributedDataParallel`` on the same data. After the wrap and after every
-backward, the ranks all-gather what they saw and every rank computes the same verdict, so they all stop
-together at the first problem and nothing waits for a rank that stopped.
-
-What is watched, in each rank, during the student's code:
-- ``dist.all_reduce`` is replaced by a wrapper that records each call (which bucket buffer, how many
-  gradients were ready at that moment, async or not) and, for ``async_op=True``, reduces a private copy
-  and writes the result into the student's tensor only when *that call's* handle is waited on. So a
-  handle that is never waited leaves its bucket un-averaged, deterministically, as a late all-reduce
-  might on a GPU; and the check can name the bucket whose handle was never waited.
-- hooks registered before the student's count the gradient-ready events, so a launch can be placed in
-  the backward pass: a bucket launched only after the last gradient overlapped nothing.
-- the gradients after every backward are compared with torch's DDP, and with the rank's own local
-  gradient (one more forward/backward of the bare module with ``torch.autograd.grad``, which fires no
-  hooks), which tells "N times too large", "never averaged", "copied back before the wait" apart.
+On N processes each rank builds a small float64 model with its own seed (a tied embedding/output weight, a frozen
+layer, a buffer, a layer registered before the one it follows), wraps it with three bucket caps and trains 3 SGD
+steps next to torch's DistributedDataParallel. After the wrap and after every backward the ranks meet on a
+:class:`~labkit.checks.harness.Board` (so that no check collective pairs with a student's all-reduce), gather what
+they saw and compute the same verdict. ``dist.all_reduce`` and ``dist.broadcast`` are watched
+(:class:`~labkit.checks.harness.Watch`, ``defer=True``: an all-reduce reaches its bucket only at its own handle's
+``wait()``, so a missing wait gives the same diagnosis on every run; a stuck rank names the deadlock). An exception
+caused by what another method left (a bucket never launched, a ``.grad`` set to None) is blamed on that method.
+The known mistakes are :data:`MISTAKES`, each with the change of labkit's class that makes it (:func:`wrong_version`).
 """
 
 from __future__ import annotations
 
-import math
+import os
+import string
+import time
 import warnings
 from contextlib import contextmanager
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from labkit import comm
-from labkit.checks import (CheckFailed, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, passed, run_on_ranks,
-                           time_limit)
-from labkit import ddp
+from labkit import comm, ddp
+from labkit.checks import CheckFailed, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, passed, run_on_ranks, \
+    time_limit
+from labkit.checks.harness import Board, Mistake, Watch, and_list, board_dir, bound
+from labkit.data_parallel import broadcast_parameters
+from labkit.ddp import plan_buckets
 
 __all__ = ["check_broadcast", "check_bucket_plan", "check_on_grad_ready", "check_finish_backward",
-           "check_bucketed_ddp", "TASKS", "WORLD_SIZES"]
+           "check_bucketed_ddp", "TASKS", "WORLD_SIZES", "MISTAKES", "Change", "wrong_version", "literal_parts"]
 
-# 3 first (the message of a first failure on 3 ranks reads best: rank 1 and 2 both exist), then 2, 4.
-WORLD_SIZES = (3, 2, 4)
-STEPS = 3
-LR = 0.5
-_SEED = 100           # rank r builds its model with seed _SEED + r
+WORLD_SIZES = (3, 2, 4)   # 3 first: a first failure on 3 ranks reads best
+STEPS, LR, _SEED, MB = 3, 0.5, 100, 2 ** 20
 _RTOL, _ATOL = 1e-9, 1e-12
-MB = 2 ** 20
-
-# The methods of the skeleton that the student writes, by task.
 TASKS = {"3a": "broadcast_from_rank0", "3b": "bucket_plan", "3c": "on_grad_ready", "3d": "finish_backward"}
-
-
-# ============================================================================================
-# The model, the data, torch's DDP
-# ============================================================================================
-
 VOCAB, WIDTH, HIDDEN, BATCH = 11, 6, 8, 4
 
 
 class _Net(nn.Module):
-    """Tied embedding/output weight, a frozen layer, a buffer; ``out`` is registered before ``hidden``
-    but used after it. Trainable parameters, in registration order: emb.weight (66 elements),
-    out.weight (48), out.bias (6), hidden.weight (48), hidden.bias (8). Gradients become ready in the
-    order out.*, hidden.*, emb.weight (the embedding is used first and last: its gradient is complete
-    only at the very end)."""
+    """Trainable: emb.weight (66, tied with the output), out.weight (48), out.bias (6), hidden.weight (48),
+    hidden.bias (8); gradients become ready in the order out.*, hidden.*, emb.weight. Frozen: frozen.*."""
 
     def __init__(self, seed: int):
         super().__init__()
@@ -92,13 +65,13 @@ class _Net(nn.Module):
     def forward(self, tokens, targets):
         h = torch.tanh(self.frozen(self.emb(tokens)) * self.scale)
         h = self.out(torch.tanh(self.hidden(h)))
-        logits = h @ self.emb.weight.t()           # the output layer is the embedding, transposed
-        return nn.functional.cross_entropy(logits, targets)
+        return nn.functional.cross_entropy(h @ self.emb.weight.t(), targets)
 
 
-# (label, bucket_cap_mb, buckets labkit's plan makes). 900 bytes: hidden.* and out.* (110 float64
-# elements, 880 bytes) fit, emb.weight does not; registration order would cut [emb.weight], [the rest].
+# (label, bucket_cap_mb, buckets). 900 bytes: hidden.* and out.* (880 bytes) fit, emb.weight does not.
 CONFIGS = (("1 bucket", 1.0, 1), ("2 buckets", 900 / MB, 2), ("1 parameter per bucket", 1e-9, 5))
+_PARAM_NAMES = ("emb.weight", "frozen.weight", "frozen.bias", "out.weight", "out.bias", "hidden.weight", "hidden.bias")
+_FROZEN_KEYS = {"frozen.weight", "frozen.bias"}
 
 
 def _batch(step: int, rank: int):
@@ -106,7 +79,7 @@ def _batch(step: int, rank: int):
     return torch.randint(0, VOCAB, (BATCH,), generator=g), torch.randint(0, VOCAB, (BATCH,), generator=g)
 
 
-def _trainable(module):
+def _trainable(module) -> list:
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
@@ -114,163 +87,465 @@ def _grads(module) -> dict:
     return {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in _trainable(module)}
 
 
+def _state(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
 def _torch_ddp_run(steps: int) -> tuple[list, dict]:
     """torch's DDP on this rank's data: the averaged gradients after every backward, the final state."""
-    rank = dist.get_rank()
-    module = _Net(seed=_SEED + rank)
+    module = _Net(seed=_SEED + dist.get_rank())
     torch_ddp = nn.parallel.DistributedDataParallel(module)
     opt = torch.optim.SGD([p for _, p in _trainable(module)], lr=LR)
     grads = []
     for step in range(steps):
         opt.zero_grad()
-        torch_ddp(*_batch(step, rank)).backward()
+        torch_ddp(*_batch(step, dist.get_rank())).backward()
         grads.append(_grads(module))
         opt.step()
     return grads, _state(module)
 
 
-def _state(module) -> dict:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+# ============================================================================================
+# The known mistakes: what the student is told, and how to make each from labkit's class
+# ============================================================================================
+
+class Change(NamedTuple):
+    """A wrong version of labkit's BucketedDDP: the task whose check names it, and the methods it overrides."""
+    task: str
+    methods: dict
+
+
+class _Waited:
+    """A handle with nothing left to wait for: what a wrong version puts where it skips a wait."""
+
+    def wait(self, timeout=None) -> bool:
+        return True
+
+
+def _finish_waiting_for(self, waited: set) -> list:
+    """labkit's finish_backward, but only the buckets in ``waited`` are waited on; returns the real handles."""
+    works = [b.work for b in self.buckets]
+    for k, b in enumerate(self.buckets):
+        b.work = b.work if k in waited else _Waited()
+    ddp.BucketedDDP.finish_backward(self)
+    return works
+
+
+def _with_world_size(self, param, n: int) -> None:
+    """labkit's on_grad_ready, dividing by ``n`` instead of the world size."""
+    real, self.world_size = self.world_size, n
+    try:
+        ddp.BucketedDDP.on_grad_ready(self, param)
+    finally:
+        self.world_size = real
+
+
+def _from_zero(self) -> None:
+    """labkit's finish_backward, every parameter copied from the start of its bucket."""
+    buckets, saved = list(self.buckets), [b.offsets for b in self.buckets]
+    for b in buckets:
+        b.offsets = [0] * len(b.params)
+    ddp.BucketedDDP.finish_backward(self)   # (which may plan new buckets: the old ones get their offsets back)
+    for b, offsets in zip(buckets, saved):
+        b.offsets = offsets
+
+
+# What students write calls torch.distributed itself (exercise 3 teaches dist.all_reduce): the wrong versions
+# below do too, through these two functions, the only direct calls in labkit outside comm.py (tests/test_comm.py).
+def _dist_all_reduce(t: torch.Tensor, **kwargs):
+    return dist.all_reduce(t, **kwargs)  # student's code
+
+
+def _dist_broadcast(t: torch.Tensor, src: int = 0) -> None:
+    dist.broadcast(t, src=src)  # student's code
+
+
+class _AtWait:
+    """A handle that launches its all-reduce only when waited on (a launch at the end of backward)."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def wait(self, timeout=None) -> bool:
+        return _dist_all_reduce(self.t, async_op=True).wait()
+
+
+def _broadcast(tensors) -> None:
+    with torch.no_grad():
+        for t in tensors:
+            _dist_broadcast(t, src=0)
+
+
+def _hook_then(self, param, after: Callable) -> None:
+    ddp.BucketedDDP.on_grad_ready(self, param)
+    after(self)
+
+
+_LABKIT_PLAN = ddp.BucketedDDP.bucket_plan
+_HOW = ("In broadcast_from_rank0, copy rank 0's parameters and buffers to every rank, in place: dist.broadcast(t, "
+        "src=0) for every t in self.module.parameters() and self.module.buffers(), under torch.no_grad().")
+_APART = ("rank {r}'s initial weights differ from rank 0's: {where} is {want} on rank 0 and {got} on rank {r}. Every "
+          "rank built its model with its own seed, so the replicas start apart, and averaging the gradients never "
+          "brings them together. ")
+_ELEMENT = "on rank {r}, {where} is {got}, torch's DDP has {want}"
+_ONE_NTH = "every wrong gradient ({wrong}) is 1/{N} of the average (measured factor {factor}): divided by N = {N} twice?"
+_NO_OVERLAP = "no all-reduce started before backward had produced every gradient"
+_3c, _3d = "3c", "3d"
+
+MISTAKES = (
+    # 3a: after the wrap
+    Mistake("rank 0's weights changed", Change("3a", {"broadcast_from_rank0": lambda self: broadcast_parameters(
+        self.module, src=1)}), "rank 0's own weights changed: {where} was {before} before the wrap and is {after} "
+        "after it. Rank 0 is the source: every rank gets rank 0's weights (src=0), rank 0 keeps them. " + _HOW),
+    Mistake("no broadcast", Change("3a", {"broadcast_from_rank0": lambda self: None}),
+            _APART + "Nothing was copied. " + _HOW),
+    Mistake("buffers not broadcast", Change("3a", {"broadcast_from_rank0": lambda self: _broadcast(
+        self.module.parameters())}), _APART + "The parameters agree, but the buffer{s} {listed} "
+        "(self.module.buffers()) did not arrive: broadcast the buffers too."),
+    Mistake("frozen parameters not broadcast", Change("3a", {"broadcast_from_rank0": lambda self: _broadcast(
+        self.params)}), _APART + "The trainable parameters agree, but {listed} differ: broadcast every parameter of "
+        "the module, trainable or not (self.module.parameters(), not self.params: frozen layers are part of the "
+        "model too){buffers_too}"),
+    Mistake("some tensors not broadcast", Change("3a", {"broadcast_from_rank0": lambda self: _broadcast(
+        self.module.buffers())}), _APART + "These differ: {listed}. " + _HOW),
+    Mistake("broadcast with autograd", Change("3a", {"broadcast_from_rank0": lambda self: [
+        _dist_broadcast(t, src=0) for t in [*self.module.parameters(), *self.module.buffers()]]}), "PyTorch warned on rank {r}: \"{warning}\". "
+        "dist.broadcast changed the parameters in place while autograd was recording. Broadcast under "
+        "torch.no_grad() (with torch.no_grad(): dist.broadcast(t, src=0))."),
+    # 3b: the plan, checked when bucket_plan returns
+    Mistake("not a list", Change("3b", {"bucket_plan": lambda self: None}),
+            "bucket_plan returned {what}: return a list of buckets, each a list of parameters (bucket 0 first)."),
+    Mistake("empty bucket", Change("3b", {"bucket_plan": lambda self: _LABKIT_PLAN(self) + [[]]}),
+            "bucket {k} is empty: every bucket holds at least one parameter."),
+    Mistake("frozen parameter planned", Change("3b", {"bucket_plan": lambda self: plan_buckets(
+        reversed(list(self.module.parameters())), self.bucket_cap_bytes)}), "bucket {k} holds {n}, a frozen parameter "
+        "(requires_grad=False): it never gets a gradient, so its bucket would never be full. Plan only self.params "
+        "(the trainable ones)."),
+    Mistake("not a parameter", Change("3b", {"bucket_plan": lambda self: [[p.detach() for p in b] for b in
+        _LABKIT_PLAN(self)]}), "bucket {k} holds something that is not a trainable parameter of the module ({n})."),
+    Mistake("parameter twice", Change("3b", {"bucket_plan": lambda self: plan_buckets(
+        reversed(self.params + self.params[:1]), self.bucket_cap_bytes)}), "{n} is in bucket {first} and in bucket "
+        "{k}: every trainable parameter goes into exactly one bucket (a tied weight is one Parameter, listed once in "
+        "self.params)."),
+    Mistake("parameter missing", Change("3b", {"bucket_plan": lambda self: plan_buckets(
+        reversed(self.params[1:]), self.bucket_cap_bytes)}), "{missing} {are} in no bucket: every trainable "
+        "parameter (self.params) goes into exactly one bucket."),
+    Mistake("over the cap", Change("3b", {"bucket_plan": lambda self: [list(reversed(self.params))]}),
+            "bucket {k} holds {names}: {nbytes} bytes of float64 gradients, more than the cap of {cap} bytes "
+            "(bucket_cap_mb={cap_mb}). A bucket holds at most self.bucket_cap_bytes, unless one parameter alone is "
+            "larger: labkit.ddp.plan_buckets(params, self.bucket_cap_bytes) cuts them so."),
+    Mistake("registration order", Change("3b", {"bucket_plan": lambda self: plan_buckets(
+        self.params, self.bucket_cap_bytes)}), _NO_OVERLAP + ": bucket 0 holds {names}, and {last}'s gradient is "
+        "ready last (the gradients became ready in the order {order}). The buckets are launched in order, so every "
+        "bucket waits for bucket 0, and no communication overlaps the backward pass. module.parameters() lists the "
+        "parameters in the order the layers were created (about the forward order); backward produces the gradients "
+        "from the output back: plan the buckets in the reverse order, plan_buckets(reversed(self.params), "
+        "self.bucket_cap_bytes)."),
+    # 3c: the all-reduces the hook launches (seen by every rank after backward, or by labkit's finish_backward)
+    Mistake("no all-reduce", Change(_3c, {"_timed_all_reduce": lambda self, t, label: None}), "{who} called "
+        "dist.all_reduce, so no gradient was averaged. Launch one dist.all_reduce(bucket.buffer, async_op=True) per "
+        "full bucket, from on_grad_ready. (The check watches torch.distributed.all_reduce: call it as "
+        "dist.all_reduce, not through a name imported with `from torch.distributed import all_reduce`.)"),
+    Mistake("all-reduce counts differ", None, "the ranks called dist.all_reduce different numbers of times: {counts} "
+            "(ranks 0, 1, ...). Every rank must launch the same all-reduces in the same order."),
+    Mistake("wrong reduce op", Change(_3c, {"_timed_all_reduce": lambda self, t, label: _dist_all_reduce(
+        t, op=dist.ReduceOp.MAX, async_op=True)}), "rank {r} called dist.all_reduce with op={op}: sum the buckets "
+        "(the default op) and divide by the world size."),
+    Mistake("launched twice", Change(_3c, {"_timed_all_reduce": lambda self, t, label: [
+        _dist_all_reduce(t, async_op=True) for _ in range(2)][-1]}), "{bucket} was all-reduced {times} times: its "
+        "gradients are summed over the ranks once per all-reduce. Launch each bucket once per backward (when it "
+        "becomes full), e.g. by moving self.next_to_launch past it."),
+    Mistake("bucket never launched", None, "{bucket} was never all-reduced (the all-reduces launched were, in order, "
+            "of buckets {order}). Launch every bucket once it is full: after copying a gradient in, launch bucket "
+            "self.next_to_launch while it is full (a `while`, not an `if`: one gradient can complete several "
+            "buckets), and move on to the next."),
+    Mistake("launched as they fill", None, "the all-reduces were launched in the bucket order {order}: bucket {k} "
+            "before bucket {first}. Launch the buckets strictly in index order, on every rank: the k-th all-reduce of "
+            "one rank is summed with the k-th all-reduce of the others, so if two ranks' gradients became ready in "
+            "different orders, buckets launched as they fill would pair up the wrong buffers. A full bucket waits "
+            "until every bucket before it is launched (self.next_to_launch)."),
+    Mistake("synchronous all-reduce", Change(_3c, {"_timed_all_reduce": lambda self, t, label: _dist_all_reduce(t)}),
+            "rank {r} called dist.all_reduce for {bucket} without async_op=True: backward stops there until the "
+            "communication is over, so nothing overlaps. Launch it with handle = dist.all_reduce(bucket.buffer, "
+            "async_op=True), keep the handle in the bucket (bucket.work), and wait in finish_backward."),
+    Mistake("handle not kept", Change(_3c, {"on_grad_ready": lambda self, p: _hook_then(self, p, lambda s: [
+        setattr(b, "work", None) for b in s.buckets])}), "on rank {r}, {bucket} was launched, but when backward ended "
+        "bucket.work was None, so finish_backward had no handle to wait on ({error}). Keep each bucket's own handle: "
+        "bucket.work = dist.all_reduce(bucket.buffer, async_op=True)."),
+    Mistake("gradient cleared", Change(_3c, {"on_grad_ready": lambda self, p: (self.module.zero_grad(), ddp.BucketedDDP
+        .on_grad_ready(self, p))}), "{method} raised {error} on rank {r}, because {names}.grad was None by then, "
+        "although its gradient had been ready: something set it to None. zero_grad() (of the module or of the "
+        "optimizer) sets every .grad to None; the training loop calls it before backward, never the DDP hooks: read "
+        "param.grad, copy it into the bucket, and leave it in place."),
+    Mistake("waited in the hook", Change(_3c, {"on_grad_ready": lambda self, p: _hook_then(self, p, lambda s: [
+        b.work.wait() for b in s.buckets if b.work is not None])}), "on rank {r}, the all-reduce of {bucket} was "
+        "waited on during the backward pass, when only {ready} of the {total} gradients were ready: backward stops "
+        "there until the communication is over, so nothing overlaps. Wait for the handles in finish_backward, which "
+        "runs once backward is done."),
+    Mistake("launched at the end", Change(_3c, {"_timed_all_reduce": lambda self, t, label: _AtWait(t)}),
+            _NO_OVERLAP + " (the first, of {bucket}, started after all {total} were ready), so no communication "
+            "overlaps the backward pass. Launch each bucket from on_grad_ready as soon as it is full (and every bucket "
+            "before it is launched), not at the end of backward."),
+    Mistake("no division", Change(_3c, {"on_grad_ready": lambda self, p: _with_world_size(self, p, 1)}),
+            "{scope} {N} times the average, on every rank (measured: p.grad / torch DDP's p.grad = {factor} = N). The "
+            "all-reduce sums the N ranks' gradients; the average is g = (1/N) Σ g_i: divide each bucket by the world "
+            "size (bucket.buffer.div_(self.world_size)) before you launch its all-reduce{every}"),
+    Mistake("divided twice", Change(_3c, {"on_grad_ready": lambda self, p: _with_world_size(self, p, self.world_size ** 2)}),
+            _ONE_NTH + " Divide each bucket once, before its all-reduce."),
+    Mistake("AVG and divided", Change(_3c, {"_timed_all_reduce": lambda self, t, label: _dist_all_reduce(
+        t, op=dist.ReduceOp.AVG, async_op=True)}), _ONE_NTH + " op=ReduceOp.AVG already divides by N: with it, do not "
+        "divide the bucket yourself (or sum, the default op, and divide once)."),
+    # 3d: waiting and copying back
+    Mistake("handle never waited", Change(_3d, {"finish_backward": lambda self: _finish_waiting_for(
+        self, {len(self.buckets) - 1})}), "on rank {r}, the all-reduce of {bucket} was launched, but its handle was "
+        "never waited on before backward returned ({waited}). During this check an all-reduce writes its result into "
+        "the bucket only when its own handle's wait() is called (on a GPU, too, it may still be running), so bucket "
+        "{k} still holds rank {r}'s own gradients / N. Keep each bucket's own handle (bucket.work = "
+        "dist.all_reduce(bucket.buffer, async_op=True)), and in finish_backward wait on every bucket's handle before "
+        "copying that bucket back into .grad."),
+    Mistake("gradient set to None", Change(_3d, {"finish_backward": lambda self: (ddp.BucketedDDP.finish_backward(
+        self), self.module.zero_grad())}), "on rank {r}, {n}.grad is None after backward: copy each bucket back into "
+        "the existing .grad tensors (p.grad.copy_(...)) in finish_backward; do not set them to None."),
+    Mistake("never copied back", Change(_3d, {"finish_backward": lambda self: [b.work.wait() for b in self.buckets]}),
+            _ELEMENT + ": {n}.grad is rank {r}'s own gradient{in_bucket}, not the average. Copy each bucket's "
+            "averaged buffer back into .grad in finish_backward, after waiting for its handle."),
+    Mistake("copied before the wait", Change(_3d, {"finish_backward": lambda self: [w.wait() for w in
+        _finish_waiting_for(self, set())]}), _ELEMENT + ": {n}.grad is rank {r}'s own gradient divided by "
+        "N{in_bucket}: the bucket as it was before its all-reduce. Copy a bucket back into .grad only after its "
+        "handle's wait()."),
+    Mistake("gradients zeroed", Change(_3d, {"finish_backward": lambda self: (ddp.BucketedDDP.finish_backward(self),
+        self.module.zero_grad(set_to_none=False))}), _ELEMENT + ": {n}.grad is zero{in_bucket}. Copy each bucket "
+        "back into .grad in finish_backward."),
+    Mistake("wrong slice", Change(_3d, {"finish_backward": _from_zero}), _ELEMENT + "{in_bucket}. Each parameter's "
+            "gradient sits in its bucket at its own offset: copy param.grad into buffer[offset:offset + "
+            "param.numel()] in on_grad_ready, and back from the same slice in finish_backward."),
+)
+_SAYS = {m.name: m.says for m in MISTAKES}
+
+
+def _say(name: str, **fields) -> str:
+    return _SAYS[name].format(**fields)
+
+
+def literal_parts(says: str) -> list[str]:
+    """The fixed text of a mistake's message (between its fields): what every message for it contains."""
+    return [text for text, *_ in string.Formatter().parse(says) if text.strip()]
+
+
+def wrong_version(mistake: Mistake) -> type:
+    """labkit's BucketedDDP with the mistake's change, named after the mistake (``"no division"`` -> NoDivision)."""
+    name = "".join(w[:1].upper() + w[1:] for w in mistake.name.replace("-", " ").replace("'s", "").split())
+    return type(name, (ddp.BucketedDDP,), dict(mistake.variant.methods))
 
 
 # ============================================================================================
 # Watching the student's code in a rank
 # ============================================================================================
 
-class _ReadyLog:
-    """Hooks registered before the student's: the order in which gradients become ready."""
-
-    def __init__(self, module):
-        self.names = {}
-        for n, p in _trainable(module):
-            self.names.setdefault(p, n)
-            p.register_post_accumulate_grad_hook(self._ready)
-        self.order: list = []
-
-    def _ready(self, p):
-        self.order.append(self.names[p])
+class Launch(NamedTuple):
+    """One dist.all_reduce of one backward, as every rank sees it after gathering."""
+    bucket: int | None    # which bucket's buffer (None: not a bucket of the skeleton)
+    async_op: bool
+    ready: int            # gradients ready at its launch
+    waits: list           # gradients ready at each wait() of its handle
+    op: str               # its reduce op ("RedOpType.SUM", ...)
 
 
-class _Launch:
-    """One call of dist.all_reduce during the student's code."""
+class _Watch(Watch):
+    """dist.all_reduce and dist.broadcast, deferred; ``ready`` is the names of the gradients ready so far (hooks
+    registered before the student's), and each all-reduce notes its buffer."""
 
-    def __init__(self, tensor, async_op: bool, ready: int, op):
-        self.tensor = tensor
-        self.numel = tensor.numel()
-        self.async_op = async_op
-        self.ready = ready            # gradients ready when it was launched
-        self.op = op
-        self.waits: list = []         # gradients ready at each wait() of its handle
+    def __init__(self, board: Board, deadline: float):
+        super().__init__(["all_reduce", "broadcast"], deadline=deadline, board=board, defer=True)
+        self.ready: list[str] = []
 
-    def row(self, bucket: int | None) -> dict:
-        return dict(bucket=bucket, numel=self.numel, async_op=self.async_op, ready=self.ready, waits=self.waits,
-                    op=str(self.op), sum=self.op == dist.ReduceOp.SUM)
+    def moment(self) -> int:
+        return len(self.ready)
 
+    def on_call(self, call, args: dict) -> None:
+        call.info.update(ptr=args["tensor"].data_ptr(), ready=len(self.ready))
 
-class _Handle:
-    """What the watched dist.all_reduce(..., async_op=True) returns: the result reaches the student's
-    tensor only when this handle's wait() is called."""
+    def launches(self, plan_ptrs: dict) -> list[Launch]:
+        return [Launch(plan_ptrs.get(c.info["ptr"]), c.async_op, c.info["ready"], list(c.waits),
+                       c.reduce_op or str(dist.ReduceOp.SUM)) for c in self.calls if c.op == "all_reduce"]
 
-    def __init__(self, work, scratch, target, launch: _Launch, ready_log: _ReadyLog):
-        self._work, self._scratch, self._target = work, scratch, target
-        self._launch, self._ready_log = launch, ready_log
-        self._written = False
+    def stuck_hints(self, states: dict) -> list[str]:
+        hints = super().stuck_hints(states)
+        done = {r: s for r, s in states.items() if s["state"] == "checking" and "all_reduces" in s}
+        if done and any(s["state"] == "waiting" for s in states.values()):
+            counts = and_list(sorted({s["all_reduces"] for s in done.values()}))
+            hints.append(f"→ {and_list(f'rank {r}' for r in done)} had finished this step after {counts} all-reduce(s), "
+                         f"while the others wait in one more: every rank must launch the same all-reduces (one per "
+                         f"bucket), in the same order (an all-reduce inside `if rank == ...`, or a synchronous one on "
+                         f"only some ranks?).")
+        return hints
 
-    def wait(self, timeout=None):
-        self._work.wait()
-        self._launch.waits.append(len(self._ready_log.order))
-        if not self._written:
-            self._written = True
-            with torch.no_grad():
-                self._target.copy_(self._scratch)
-        return True
-
-    def is_completed(self):
-        return self._work.is_completed()
-
-    def is_success(self):
-        return self._work.is_success()
-
-    def get_future(self):
-        raise CheckFailed("During this check, wait for an all-reduce with its handle's wait() "
-                          "(work = dist.all_reduce(buffer, async_op=True); ...; work.wait()), not get_future().")
+    def states_text(self) -> str:
+        states = self.board.states()
+        return "\nWhat every rank was doing:\n" + "\n".join(f"  {self._describe(states.get(r), r)}"
+                                                             for r in range(self.board.world_size))
 
 
-class _WatchedAllReduce:
-    """Inside ``with``: ``dist.all_reduce`` is the recording wrapper (see the module's doc)."""
+class _Run:
+    """What the wrappers around the student's methods need in this rank (one per launched worker)."""
+    watch: _Watch
+    sync: Board
+    meetings = 0
+    head = ""
+    task: str | None = None
+    cap_mb = 1.0
+    timeout = 10.0
 
-    def __init__(self, ready_log: _ReadyLog):
-        self.ready_log = ready_log
-        self.launches: list = []
-        self._original = dist.all_reduce
 
-    def __call__(self, tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
-        launch = _Launch(tensor, async_op, len(self.ready_log.order), op)
-        self.launches.append(launch)
-        if not async_op:
-            return self._original(tensor, op=op, group=group, async_op=False)
-        scratch = tensor.detach().clone()
-        work = self._original(scratch, op=op, group=group, async_op=True)
-        return _Handle(work, scratch, tensor, launch, self.ready_log)
-
-    def __enter__(self):
-        dist.all_reduce = self
-        return self
-
-    def __exit__(self, *exc):
-        dist.all_reduce = self._original
-        return False
+_RUN = _Run()
 
 
 @contextmanager
 def _student_code(seconds: float, what: str):
-    """The student's code: stopped after ``seconds`` (endless loops), with its warnings recorded."""
+    """The student's code: stopped after ``seconds`` (endless loops, with every rank's state), warnings recorded."""
+    message = (f"{what} did not return within {seconds:g} s on rank {dist.get_rank()} (N={dist.get_world_size()} "
+               f"ranks): an endless loop? (a `while` whose condition never changes, e.g. waiting for a bucket that "
+               f"never fills)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with time_limit(seconds, f"{what} did not return within {seconds:g} s on rank {dist.get_rank()} "
-                                 f"(N={dist.get_world_size()} ranks): an endless loop? (a `while` whose "
-                                 f"condition never changes, e.g. waiting for a bucket that never fills)"):
-            yield caught
+        try:
+            with _RUN.watch.installed(), time_limit(seconds, message):
+                yield caught
+        except CheckFailed as exc:
+            if exc.args == (message,):
+                exc.args = (message + _RUN.watch.states_text(),)
+            raise
 
 
 def _everyone(obj) -> list:
-    """Every rank's ``obj`` (the checker's own collective; never the watched all_reduce)."""
+    """Every rank's ``obj``, once every rank has finished its part (met on the board first: a rank still in an
+    all-reduce names the deadlock itself, instead of pairing it with this gather)."""
+    _RUN.meetings += 1
+    _RUN.watch._state("checking", all_reduces=sum(c.op == "all_reduce" for c in _RUN.watch.calls))
+    _RUN.sync.set("met", count=_RUN.meetings)
+    until = time.monotonic() + 2 * _RUN.timeout   # a rank stuck in a call names itself first (0.8 × timeout)
+    while not all(_RUN.sync.states().get(r, {}).get("count", 0) >= _RUN.meetings for r in range(dist.get_world_size())):
+        if time.monotonic() > until:
+            raise CheckFailed(f"the ranks did not all finish {_RUN.watch.phase} within {2 * _RUN.timeout:g} s"
+                              + _RUN.watch.states_text())
+        time.sleep(0.01)
+    counts = [s.get("all_reduces") for _, s in sorted(_RUN.watch.board.states().items())]
+    if len(set(counts)) > 1:   # an all-reduce left pending on some ranks would pair with the gather below
+        raise CheckFailed(f"{_RUN.head} " + _say("all-reduce counts differ", counts=counts))
     return comm.all_gather_objects(obj)
 
 
 def _verdict(problem: str | None) -> None:
-    """Every rank computed the same ``problem`` from the same gathered data: all stop together."""
     if problem:
         raise CheckFailed(problem)
 
 
-def _plan_rows(model, names: dict):
-    """The student's buckets as [(names, data_ptr)], if the class keeps the skeleton's ``buckets``."""
-    buckets = getattr(model, "buckets", None)
+def _plan_names(model, names: dict) -> list | None:
     try:
-        return [([names.get(p, "<not a parameter of the module>") for p in b.params], b.buffer.data_ptr())
-                for b in buckets]
+        return [[names.get(p, "<not a parameter of the module>") for p in b.params] for b in model.buckets]
     except Exception:  # noqa: BLE001 - a class of the student's own design: no plan to show
         return None
 
 
-def _worker(cls, name: str, configs, seconds: float, steps: int) -> list:
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+def _guarded(base: type) -> type:
+    """``base`` whose bucket_plan is checked when it returns, and whose exceptions in on_grad_ready and
+    finish_backward are reported against the method that caused them (module functions: pickled by name, so
+    that the student's traceback skips them)."""
+    return type(base.__name__, (base,), dict(bucket_plan=_checked_plan, on_grad_ready=_hook_guard,
+                                              finish_backward=_finish_guard))
+
+
+def _checked_plan(self):
+    plan = super(type(self), self).bucket_plan()
+    _verdict(_plan_problem(self, plan))
+    return plan
+
+
+def _hook_guard(self, param):
+    try:
+        return super(type(self), self).on_grad_ready(param)
+    except (AttributeError, TypeError) as exc:
+        problem = _cleared_problem(self, "on_grad_ready", exc)
+        if problem:
+            _lowest_rank_first()
+            raise CheckFailed(problem) from exc
+        raise
+
+
+def _finish_guard(self):
+    try:
+        return super(type(self), self).finish_backward()
+    except CheckFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - told apart below
+        problem = _cleared_problem(self, "finish_backward", exc) or _hook_problem(self, exc)
+        if problem:
+            _lowest_rank_first()
+            raise CheckFailed(problem) from exc
+        raise
+
+
+def _lowest_rank_first() -> None:
+    """Before a rank raises what it found alone (every rank may find the same): a higher rank waits a little, so
+    that the message names the lowest rank on every run."""
+    time.sleep(0.3 * dist.get_rank())
+
+
+def _cleared_problem(model, method: str, exc: Exception) -> str | None:
+    """A .grad set to None (zero_grad()) after its gradient was ready, found by the exception it caused."""
+    cleared = [n for n, p in _trainable(model.module) if p.grad is None and n in _RUN.watch.ready]
+    if not cleared or "NoneType" not in str(exc):
+        return None
+    return f"{_RUN.head} " + _say("gradient cleared", method=method, error=f"{type(exc).__name__} ({exc})",
+                                  r=dist.get_rank(), names=and_list(cleared))
+
+
+def _hook_problem(model, exc: Exception) -> str | None:
+    """finish_backward raised: what the hook left behind, if that is the cause (this rank's view only)."""
+    names = {p: n for n, p in model.module.named_parameters()}
+    plan = _plan_names(model, names)
+    if plan is None:
+        return None
+    ptrs = {b.buffer.data_ptr(): k for k, b in enumerate(model.buckets)}
+    problem = _launch_problem(dist.get_rank(), _RUN.watch.launches(ptrs), plan)
+    if problem:
+        return f"{_RUN.head} {problem}"
+    launched = {row.bucket for row in _RUN.watch.launches(ptrs)}
+    lost = [k for k, b in enumerate(model.buckets) if k in launched and getattr(b, "work", 0) is None]
+    if lost:
+        return f"{_RUN.head} " + _say("handle not kept", r=dist.get_rank(), bucket=_bucket_text(lost[0], plan),
+                                      error=f"{type(exc).__name__}: {exc}")
+    if _RUN.task == "3c":
+        state = "; ".join(f"bucket {k}: {b.ready} of {len(b.params)} gradients counted, work "
+                          f"{'None' if b.work is None else 'set'}" for k, b in enumerate(model.buckets))
+        return (f"{_RUN.head} labkit's finish_backward raised {type(exc).__name__} ({exc}) on what your on_grad_ready "
+                f"left when backward ended (self.next_to_launch = {model.next_to_launch}; {state}). on_grad_ready "
+                f"must count each gradient in its bucket (bucket.ready), launch every full bucket in order and keep "
+                f"its handle in bucket.work.")
+    return None
+
+
+def _worker(cls, name: str, configs, timeout: float, steps: int, board_path: str, task: str | None) -> list:
+    """One rank: the class on every configuration. The student's code may take 0.6 × timeout (then it loops);
+    a watched call may wait 0.8 × timeout (then it is deadlocked); gloo gives up at the timeout."""
+    rank, world_size, seconds = dist.get_rank(), dist.get_world_size(), 0.6 * timeout
+    _RUN.watch = _Watch(Board(board_path, rank, world_size), deadline=0.8 * timeout)
+    os.makedirs(os.path.join(board_path, "met"), exist_ok=True)
+    _RUN.sync, _RUN.task, _RUN.timeout = Board(os.path.join(board_path, "met"), rank, world_size), task, timeout
     torch_grads, torch_final = _torch_ddp_run(steps)
     summary = []
     for label, cap_mb, _ in configs:
         case = f"N={world_size} ranks, bucket_cap_mb={cap_mb:.3g} ({label})"
         module = _Net(seed=_SEED + rank)
         initial = _state(module)
-        ready = _ReadyLog(module)
-        names = {p: n for n, p in reversed(list(module.named_parameters()))}  # frozen ones too
-        with _WatchedAllReduce(ready), _student_code(seconds, f"{name}(module, bucket_cap_mb={cap_mb:.3g})"):
+        names = {p: n for n, p in module.named_parameters()}
+        for n, p in _trainable(module):
+            p.register_post_accumulate_grad_hook(lambda p, n=n: _RUN.watch.ready.append(n))
+        _RUN.head, _RUN.cap_mb, _RUN.watch.calls = f"{name.split('.')[0]}.bucket_plan is wrong ({case}):", cap_mb, []
+        _RUN.watch.phase = f"the wrap, {name}(module, bucket_cap_mb={cap_mb:.3g})"
+        with _student_code(seconds, f"{name}(module, bucket_cap_mb={cap_mb:.3g})"):
             model = cls(module, bucket_cap_mb=cap_mb)
         _verdict(_broadcast_problem(name, case, _everyone(dict(initial=initial, now=_state(module)))))
-        plan = _plan_rows(model, names)
-        if plan is not None:
-            _verdict(_plan_problem(name, case, cap_mb, [n for n, _ in _trainable(module)],
-                                   {n for n, p in module.named_parameters() if not p.requires_grad}, plan))
         opt = torch.optim.SGD([p for _, p in _trainable(module)], lr=LR)
         for step in range(steps):
             tokens, targets = _batch(step, rank)
@@ -278,17 +553,17 @@ def _worker(cls, name: str, configs, seconds: float, steps: int) -> list:
                 warnings.simplefilter("ignore")
                 local = torch.autograd.grad(module(tokens, targets), [p for _, p in _trainable(module)])
             opt.zero_grad()
-            ready.order = []
-            with _WatchedAllReduce(ready) as watch, _student_code(seconds, f"loss.backward() with {name}") as caught:
+            when = "in the first backward" if step == 0 else f"in backward {step + 1}"
+            _RUN.head, _RUN.watch.ready, _RUN.watch.calls = f"{name} is wrong ({case}), {when}:", [], []
+            _RUN.watch.phase = f"backward {step + 1} ({case})"
+            plan = _plan_names(model, names)   # the buckets of this backward (labkit's may plan new ones at its end)
+            ptrs = {b.buffer.data_ptr(): k for k, b in enumerate(model.buckets)} if plan else {}
+            with _student_code(seconds, f"loss.backward() with {name}") as caught:
                 model(tokens, targets).backward()
-            plan = _plan_rows(model, names)
-            ptrs = {ptr: k for k, (_, ptr) in enumerate(plan)} if plan else {}
-            record = dict(
-                launches=[launch.row(ptrs.get(launch.tensor.data_ptr())) for launch in watch.launches],
-                ready=list(ready.order), grads=_grads(module), torch=torch_grads[step],
-                local={n: g.clone() for (n, _), g in zip(_trainable(module), local)},
-                warnings=[str(w.message) for w in caught], plan=[n for n, _ in plan] if plan else None)
-            _verdict(_step_problem(name, case, step, _everyone(record)))
+            record = dict(launches=_RUN.watch.launches(ptrs), ready=list(_RUN.watch.ready), grads=_grads(module),
+                          torch=torch_grads[step], local={n: g.clone() for (n, _), g in zip(_trainable(module), local)},
+                          warnings=[str(w.message) for w in caught], plan=plan)
+            _verdict(_step_problem(_RUN.head, step, _everyone(record)))
             opt.step()
         final = _everyone(_state(module))
         _verdict(_final_problem(name, case, steps, final, torch_final))
@@ -300,101 +575,75 @@ def _worker(cls, name: str, configs, seconds: float, steps: int) -> list:
 # Verdicts (every rank computes the same one from the same gathered data)
 # ============================================================================================
 
+def _mismatch(want, got):
+    """first_mismatch at this check's tolerances; a tensor of another shape differs at []."""
+    if want.shape != got.shape:
+        return (), float("nan"), float("nan")
+    return first_mismatch(want, got, rtol=_RTOL, atol=_ATOL)
+
+
 def _first_difference(a: dict, b: dict, keys) -> tuple | None:
     """The first (key, index, value in a, value in b) where two state dicts differ."""
-    for k in keys:
-        bad = _first_mismatch(a[k], b[k])
-        if bad:
-            return (k, *bad)
-    return None
+    return next(((k, *bad) for k in keys for bad in [_mismatch(a[k], b[k])] if bad), None)
 
 
 def _where(key: str, index) -> str:
     return f"{key}{fmt_index(index)}" if index else key
 
 
-_BROADCAST_HOW = ("In broadcast_from_rank0, copy rank 0's parameters and buffers to every rank, in place: "
-                  "dist.broadcast(t, src=0) for every t in self.module.parameters() and self.module.buffers(), "
-                  "under torch.no_grad().")
-
-
 def _broadcast_problem(name: str, case: str, states: list) -> str | None:
-    source = states[0]["initial"]
-    params = list(_PARAM_NAMES)
-    keys = params + [k for k in source if k not in params]  # the parameters first, then the buffers
+    source, keys = states[0]["initial"], list(_PARAM_NAMES) + sorted(set(states[0]["initial"]) - set(_PARAM_NAMES))
     head = f"{name} is wrong ({case}): after wrapping,"
     moved = _first_difference(source, states[0]["now"], keys)
     if moved:
-        k, index, before, after = moved
-        b, a = fmt_pair(before, after)
-        return (f"{head} rank 0's own weights changed: {_where(k, index)} was {b} before the wrap and is {a} "
-                f"after it. Rank 0 is the source: every rank gets rank 0's weights (src=0), rank 0 keeps them. "
-                + _BROADCAST_HOW)
+        before, after = fmt_pair(moved[2], moved[3])
+        return f"{head} " + _say("rank 0's weights changed", where=_where(*moved[:2]), before=before, after=after)
     for r in range(1, len(states)):
         diff = _first_difference(source, states[r]["now"], keys)
-        if not diff:
-            continue
-        k, index, want, got = diff
-        w, g = fmt_pair(want, got)
-        different = [key for key in keys if _first_difference(source, states[r]["now"], [key])]
-        buffers = set(keys) - set(params)
-        listed = ", ".join(different)
-        if set(different) <= buffers:
-            hint = (f"The parameters agree, but the buffer{'s' if len(different) > 1 else ''} {listed} "
-                    f"(self.module.buffers()) did not arrive: broadcast the buffers too.")
-        elif set(different) <= _FROZEN_KEYS | buffers:
-            hint = (f"The trainable parameters agree, but {listed} differ: broadcast every parameter of the module, "
-                    f"trainable or not (self.module.parameters(), not self.params: frozen layers are part of the "
-                    f"model too)" + (", and the buffers (self.module.buffers())." if buffers & set(different) else "."))
-        elif set(different) == set(keys):
-            hint = "Nothing was copied. " + _BROADCAST_HOW
-        else:
-            hint = f"These differ: {listed}. " + _BROADCAST_HOW
-        return (f"{head} rank {r}'s initial weights differ from rank 0's: {_where(k, index)} is {w} on rank 0 and "
-                f"{g} on rank {r}. Every rank built its model with its own seed, so the replicas start apart, and "
-                f"averaging the gradients never brings them together. {hint}")
+        if diff:
+            want, got = fmt_pair(diff[2], diff[3])
+            different = [key for key in keys if _first_difference(source, states[r]["now"], [key])]
+            buffers, listed = set(keys) - set(_PARAM_NAMES), ", ".join(different)
+            fields = dict(r=r, where=_where(*diff[:2]), want=want, got=got, listed=listed)
+            if set(different) <= buffers:
+                return f"{head} " + _say("buffers not broadcast", s="s" if len(different) > 1 else "", **fields)
+            if set(different) <= _FROZEN_KEYS | buffers:
+                too = ", and the buffers (self.module.buffers())." if buffers & set(different) else "."
+                return f"{head} " + _say("frozen parameters not broadcast", buffers_too=too, **fields)
+            return f"{head} " + _say("no broadcast" if set(different) == set(keys) else "some tensors not broadcast",
+                                     **fields)
     return None
 
 
-# _Net's parameters, in registration order, and the frozen ones among them.
-_PARAM_NAMES = ("emb.weight", "frozen.weight", "frozen.bias", "out.weight", "out.bias", "hidden.weight", "hidden.bias")
-_FROZEN_KEYS = {"frozen.weight", "frozen.bias"}
-
-
-def _plan_problem(name: str, case: str, cap_mb: float, trainable: list, frozen: set, plan: list) -> str | None:
-    head = f"{name}.bucket_plan is wrong ({case}):"
-    where = {}
-    for k, (names, _) in enumerate(plan):
-        if not names:
-            return f"{head} bucket {k} is empty: every bucket holds at least one parameter."
-        for n in names:
-            if n in frozen:
-                return (f"{head} bucket {k} holds {n}, a frozen parameter (requires_grad=False): it never gets a "
-                        f"gradient, so its bucket would never be full. Plan only self.params (the trainable ones).")
-            if n not in trainable:
-                return f"{head} bucket {k} holds something that is not a trainable parameter of the module ({n})."
+def _plan_problem(model, plan) -> str | None:
+    """The plan the student's bucket_plan returned, checked before labkit's class uses it."""
+    head, names = _RUN.head, {p: n for n, p in model.module.named_parameters()}
+    if not isinstance(plan, (list, tuple)) or not all(isinstance(b, (list, tuple)) for b in plan):
+        return f"{head} " + _say("not a list", what=fmt_number(plan) if plan is None else f"a {type(plan).__name__}")
+    where, trainable = {}, [n for n, _ in _trainable(model.module)]
+    for k, bucket in enumerate(plan):
+        if not bucket:
+            return f"{head} " + _say("empty bucket", k=k)
+        for p in bucket:
+            n = names.get(p) if isinstance(p, torch.Tensor) else None
+            if n is not None and n not in trainable:
+                return f"{head} " + _say("frozen parameter planned", k=k, n=n)
+            if n is None:
+                what = f"a tensor of shape {tuple(p.shape)}" if isinstance(p, torch.Tensor) else type(p).__name__
+                return f"{head} " + _say("not a parameter", k=k, n=what)
             if n in where:
-                return (f"{head} {n} is in bucket {where[n]} and in bucket {k}: every trainable parameter goes into "
-                        f"exactly one bucket (a tied weight is one Parameter, listed once in self.params).")
+                return f"{head} " + _say("parameter twice", n=n, first=where[n], k=k)
             where[n] = k
     missing = [n for n in trainable if n not in where]
     if missing:
-        return (f"{head} {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} in no bucket: every trainable "
-                f"parameter (self.params) goes into exactly one bucket.")
-    cap = int(cap_mb * MB)
-    sizes = dict(_SIZES)
-    for k, (names, _) in enumerate(plan):
-        nbytes = sum(sizes[n] for n in names) * 8
-        if len(names) > 1 and nbytes > cap:
-            return (f"{head} bucket {k} holds {', '.join(names)}: {nbytes} bytes of float64 gradients, more than "
-                    f"the cap of {cap} bytes (bucket_cap_mb={cap_mb:.3g}). A bucket holds at most "
-                    f"self.bucket_cap_bytes, unless one parameter alone is larger: labkit.ddp.plan_buckets(params, "
-                    f"self.bucket_cap_bytes) cuts them so.")
+        return f"{head} " + _say("parameter missing", missing=", ".join(missing), are="is" if len(missing) == 1 else "are")
+    cap = int(_RUN.cap_mb * MB)
+    for k, bucket in enumerate(plan):
+        nbytes = sum(comm.nbytes(p) for p in bucket)
+        if len(bucket) > 1 and nbytes > cap:
+            return f"{head} " + _say("over the cap", k=k, names=", ".join(names[p] for p in bucket), nbytes=nbytes,
+                                     cap=cap, cap_mb=f"{_RUN.cap_mb:.3g}")
     return None
-
-
-_SIZES = (("emb.weight", VOCAB * WIDTH), ("out.weight", WIDTH * HIDDEN), ("out.bias", WIDTH),
-          ("hidden.weight", HIDDEN * WIDTH), ("hidden.bias", HIDDEN))
 
 
 def _bucket_text(k, plan) -> str:
@@ -403,181 +652,113 @@ def _bucket_text(k, plan) -> str:
     return f"bucket {k} ({', '.join(plan[k])})"
 
 
-def _step_problem(name: str, case: str, step: int, records: list) -> str | None:
-    when = "in the first backward" if step == 0 else f"in backward {step + 1}"
-    head = f"{name} is wrong ({case}), {when}:"
-    total = len(records[0]["ready"])
+def _launch_problem(r: int, rows: list[Launch], plan) -> str | None:
+    """What is wrong with the all-reduces rank ``r`` launched in one backward, from that rank's rows alone."""
+    if not rows:
+        return _say("no all-reduce", who=f"rank {r} never")
+    bad_op = next((row for row in rows if "SUM" not in row.op and "AVG" not in row.op), None)
+    if bad_op:   # AVG without dividing is an average too (as in exercise 1)
+        return _say("wrong reduce op", r=r, op=bad_op.op)
+    if plan is not None and all(row.bucket is not None for row in rows):
+        order = [row.bucket for row in rows]
+        twice = next((k for k in range(len(plan)) if order.count(k) > 1), None)
+        if twice is not None:
+            return _say("launched twice", bucket=_bucket_text(twice, plan), times=order.count(twice))
+        never = next((k for k in range(len(plan)) if k not in order), None)
+        if never is not None:
+            return _say("bucket never launched", bucket=_bucket_text(never, plan), order=order)
+        if order != sorted(order):
+            first = next(i for i in range(len(order)) if order[i] != i)
+            return _say("launched as they fill", order=order, k=order[first], first=first)
+    sync = next((row for row in rows if not row.async_op), None)
+    return _say("synchronous all-reduce", r=r, bucket=_bucket_text(sync.bucket, plan)) if sync else None
+
+
+def _step_problem(head: str, step: int, records: list) -> str | None:
+    total, plan = len(records[0]["ready"]), records[0]["plan"]
     for r, rec in enumerate(records):
         for w in rec["warnings"]:
             if "c10d::broadcast_" in w:
-                return (f"{head} PyTorch warned on rank {r}: \"{w.split('.')[0]}\". dist.broadcast changed the "
-                        f"parameters in place while autograd was recording. Broadcast under torch.no_grad() "
-                        f"(with torch.no_grad(): dist.broadcast(t, src=0)).")
+                return f"{head} " + _say("broadcast with autograd", r=r, warning=w.split(".")[0])
     launches = [rec["launches"] for rec in records]
     if not any(launches):
-        return (f"{head} no rank called dist.all_reduce, so no gradient was averaged. Launch one "
-                f"dist.all_reduce(bucket.buffer, async_op=True) per full bucket, from on_grad_ready. (The check "
-                f"watches torch.distributed.all_reduce: call it as dist.all_reduce, not through a name imported "
-                f"with `from torch.distributed import all_reduce`.)")
-    if any(len(x) != len(launches[0]) for x in launches):
-        return (f"{head} the ranks called dist.all_reduce different numbers of times: "
-                f"{[len(x) for x in launches]} (ranks 0, 1, ...). Every rank must launch the same all-reduces in "
-                f"the same order.")
-    plan = records[0]["plan"]
-    for r, rec in enumerate(records):
-        for i, row in enumerate(rec["launches"]):
-            if not row["sum"] and "AVG" not in row["op"]:   # AVG without dividing is an average too (as in 1a)
-                return (f"{head} rank {r} called dist.all_reduce with op={row['op']}: sum the buckets (the default "
-                        f"op) and divide by the world size.")
-    rows = records[0]["launches"]
-    # launch order and completeness: needs the skeleton's buckets to tell which buffer was sent
-    if plan is not None and all(row["bucket"] is not None for row in rows):
-        order = [row["bucket"] for row in rows]
-        for k in range(len(plan)):
-            if order.count(k) > 1:
-                return (f"{head} {_bucket_text(k, plan)} was all-reduced {order.count(k)} times: its gradients are "
-                        f"summed over the ranks once per all-reduce. Launch each bucket once per backward (when it "
-                        f"becomes full), e.g. by moving self.next_to_launch past it.")
-        for k in range(len(plan)):
-            if k not in order:
-                return (f"{head} {_bucket_text(k, plan)} was never all-reduced (the all-reduces launched were, in "
-                        f"order, of buckets {order}). Launch every bucket once it is full: after copying a gradient "
-                        f"in, launch bucket self.next_to_launch while it is full, and move on to the next.")
-        if order != sorted(order):
-            first = next(i for i in range(len(order)) if order[i] != i)
-            return (f"{head} the all-reduces were launched in the bucket order {order}: bucket {order[first]} before "
-                    f"bucket {first}. Launch the buckets strictly in index order, on every rank: the k-th all-reduce "
-                    f"of one rank is summed with the k-th all-reduce of the others, so if two ranks' gradients became "
-                    f"ready in different orders, buckets launched as they fill would pair up the wrong buffers. A full "
-                    f"bucket waits until every bucket before it is launched (self.next_to_launch).")
-    for r, rec in enumerate(records):
-        for i, row in enumerate(rec["launches"]):
-            if not row["async_op"]:
-                return (f"{head} rank {r} called dist.all_reduce for {_bucket_text(row['bucket'], plan)} without "
-                        f"async_op=True: backward stops there until the communication is over, so nothing overlaps. "
-                        f"Launch it with handle = dist.all_reduce(bucket.buffer, async_op=True), keep the handle in "
-                        f"the bucket (bucket.work), and wait in finish_backward.")
-    for r, rec in enumerate(records):
-        for i, row in enumerate(rec["launches"]):
-            if not row["waits"]:
-                k = row["bucket"] if row["bucket"] is not None else i
-                others = [(row2["bucket"] if row2["bucket"] is not None else j, len(row2["waits"]))
-                          for j, row2 in enumerate(rec["launches"]) if row2["waits"]]
-                waited = ("no handle was waited on at all" if not others else
-                          "the handles waited on were those of " +
-                          ", ".join(f"bucket {b}" + (f" ({n} times)" if n > 1 else "") for b, n in others))
-                return (f"{head} on rank {r}, the all-reduce of {_bucket_text(k, plan)} was launched, but its "
-                        f"handle was never waited on before backward returned ({waited}). During this check an "
-                        f"all-reduce writes its result into the bucket only when its own handle's wait() is called "
-                        f"(on a GPU, too, it may still be running), so bucket {k} still holds rank {r}'s own "
-                        f"gradients / N. Keep each bucket's own handle (bucket.work = dist.all_reduce(bucket.buffer, "
-                        f"async_op=True)), and in finish_backward wait on every bucket's handle before copying "
-                        f"that bucket back into .grad.")
-            early = [w for w in row["waits"] if w < total]
+        return f"{head} " + _say("no all-reduce", who="no rank")
+    problem = next((p for r, rows in enumerate(launches) for p in [_launch_problem(r, rows, plan)] if p), None)
+    if problem:
+        return f"{head} {problem}"
+    for r, rows in enumerate(launches):
+        for i, row in enumerate(rows):
+            if not row.waits:
+                k = row.bucket if row.bucket is not None else i
+                others = [(r2.bucket if r2.bucket is not None else j, len(r2.waits)) for j, r2 in enumerate(rows)
+                          if r2.waits]
+                waited = ("no handle was waited on at all" if not others else "the handles waited on were those of "
+                          + ", ".join(f"bucket {b}" + (f" ({n} times)" if n > 1 else "") for b, n in others))
+                return f"{head} " + _say("handle never waited", r=r, bucket=_bucket_text(k, plan), waited=waited, k=k)
+            early = [w for w in row.waits if w < total]
             if early:
-                return (f"{head} on rank {r}, the all-reduce of {_bucket_text(row['bucket'], plan)} was waited on "
-                        f"during the backward pass, when only {early[0]} of the {total} gradients were ready: "
-                        f"backward stops there until the communication is over, so nothing overlaps. Wait for the "
-                        f"handles in finish_backward, which runs once backward is done.")
+                return f"{head} " + _say("waited in the hook", r=r, bucket=_bucket_text(row.bucket, plan),
+                                         ready=early[0], total=total)
     grads = _grad_problem(head, records, plan)
     if grads:
         return grads
-    # overlap: in a configuration with several buckets, the first all-reduce must start during backward
-    if step == 0 and len(rows) > 1 and min(row["ready"] for row in rows) >= total:
-        ready_order = records[0]["ready"]
-        last = ready_order[-1]
-        if plan is not None and plan and last in plan[0]:
-            return (f"{head} no all-reduce started before backward had produced every gradient: bucket 0 holds "
-                    f"{', '.join(plan[0])}, and {last}'s gradient is ready last (the gradients became ready in the "
-                    f"order {', '.join(ready_order)}). The buckets are launched in order, so every bucket waits for "
-                    f"bucket 0, and no communication overlaps the backward pass. module.parameters() lists the "
-                    f"parameters in the order the layers were created (about the forward order); backward produces "
-                    f"the gradients from the output back: plan the buckets in the reverse order, "
-                    f"plan_buckets(reversed(self.params), self.bucket_cap_bytes).")
-        first = rows[0]
-        return (f"{head} no all-reduce started before backward had produced every gradient (the first, of "
-                f"{_bucket_text(first['bucket'], plan)}, started after all {total} were ready), so no communication "
-                f"overlaps the backward pass. Launch each bucket from on_grad_ready as soon as it is full (and every "
-                f"bucket before it is launched), not at the end of backward.")
+    rows = launches[0]   # overlap: with several buckets, the first all-reduce must start during backward
+    if step == 0 and len(rows) > 1 and min(row.ready for row in rows) >= total:
+        order = records[0]["ready"]
+        if plan and order[-1] in plan[0]:
+            return f"{head} " + _say("registration order", names=", ".join(plan[0]), last=order[-1],
+                                     order=", ".join(order))
+        return f"{head} " + _say("launched at the end", bucket=_bucket_text(rows[0].bucket, plan), total=total)
     return None
 
 
 def _grad_problem(head: str, records: list, plan) -> str | None:
     """The gradients after backward against torch's DDP, with what they look like when they are wrong."""
-    N = len(records)
-    names = list(records[0]["torch"])
-    # 1. the whole picture: the ratio got/expected per parameter (the same on every rank when it is a factor)
-    ratios = {}
+    N, names = len(records), list(records[0]["torch"])
     for n in names:
-        want = records[0]["torch"][n]
-        got = [rec["grads"][n] for rec in records]
-        if any(g is None for g in got):
-            r = next(i for i, g in enumerate(got) if g is None)
-            return (f"{head} on rank {r}, {n}.grad is None after backward: copy each bucket back into the existing "
-                    f".grad tensors (p.grad.copy_(...)) in finish_backward; do not set them to None.")
-        ratios[n] = [float((g * want).sum() / (want * want).sum()) for g in got]
-    wrong = [n for n in names if any(_first_mismatch(records[r]["torch"][n], records[r]["grads"][n]) for r in range(N))]
+        r = next((i for i, rec in enumerate(records) if rec["grads"][n] is None), None)
+        if r is not None:
+            return f"{head} " + _say("gradient set to None", r=r, n=n)
+    wrong = [n for n in names if any(_mismatch(rec["torch"][n], rec["grads"][n]) for rec in records)]
     if not wrong:
         return None
+    ratios = {n: [float((rec["grads"][n] * rec["torch"][n]).sum() / (rec["torch"][n] ** 2).sum()) for rec in records]
+              for n in wrong}
     factors = {n: ratios[n][0] for n in wrong
                if all(abs(x - ratios[n][0]) < 1e-9 * abs(ratios[n][0]) + 1e-12 for x in ratios[n])
-               and all(not _first_mismatch(records[r]["torch"][n] * ratios[n][0], records[r]["grads"][n])
-                       for r in range(N))}
-    if len(factors) == len(wrong):
-        values = sorted(set(round(f, 6) for f in factors.values()))
-        if len(values) == 1 and abs(values[0] - N) < 1e-6:
-            scope = ("every gradient is" if len(wrong) == len(names) else
-                     f"the gradients of {', '.join(wrong)} are")
-            return (f"{head} {scope} {N} times the average, on every rank (measured: p.grad / torch DDP's p.grad = "
-                    f"{fmt_number(factors[wrong[0]])} = N). The all-reduce sums the N ranks' gradients; the average "
-                    f"is g = (1/N) Σ g_i: divide each bucket by the world size (bucket.buffer.div_(self.world_size)) "
-                    f"before you launch its all-reduce" + (" (every bucket)." if len(wrong) < len(names) else "."))
-        if len(values) == 1 and abs(values[0] - 1 / N) < 1e-6:
-            avg = any("AVG" in row["op"] for rec in records for row in rec["launches"])
-            why = (" op=ReduceOp.AVG already divides by N: with it, do not divide the bucket yourself (or sum, the "
-                   "default op, and divide once)." if avg else " Divide each bucket once, before its all-reduce.")
-            return (f"{head} every wrong gradient ({', '.join(wrong)}) is 1/{N} of the average (measured factor "
-                    f"{fmt_number(factors[wrong[0]])}): divided by N = {N} twice?{why}")
-    # 2. element by element: the first wrong one, and what it equals
-    for n in wrong:
+               and not any(_mismatch(rec["torch"][n] * ratios[n][0], rec["grads"][n]) for rec in records)}
+    values = sorted(set(round(f, 6) for f in factors.values()))
+    if len(factors) == len(wrong) and len(values) == 1:
+        factor = fmt_number(factors[wrong[0]])
+        if abs(values[0] - N) < 1e-6:
+            scope = "every gradient is" if len(wrong) == len(names) else f"the gradients of {', '.join(wrong)} are"
+            return f"{head} " + _say("no division", scope=scope, N=N, factor=factor,
+                                     every=" (every bucket)." if len(wrong) < len(names) else ".")
+        if abs(values[0] - 1 / N) < 1e-6:
+            avg = any("AVG" in row.op for rec in records for row in rec["launches"])
+            return f"{head} " + _say("AVG and divided" if avg else "divided twice", wrong=", ".join(wrong), N=N,
+                                     factor=factor)
+    for n in wrong:   # element by element: the first wrong one, and what it equals
         for r, rec in enumerate(records):
             want, got, own = rec["torch"][n], rec["grads"][n], rec["local"][n]
-            bad = _first_mismatch(want, got)
-            if not bad:
-                continue
-            index, e, g = bad
-            e, g = fmt_pair(e, g)
-            msg = f"{head} on rank {r}, {_where(n + '.grad', index)} is {g}, torch's DDP has {e}"
-            bucket = next((k for k, b in enumerate(plan) if n in b), None) if plan else None
-            in_bucket = f" (in {_bucket_text(bucket, plan)})" if bucket is not None else ""
-            if not _first_mismatch(own, got):
-                return (msg + f": {n}.grad is rank {r}'s own gradient{in_bucket}, not the average. Copy each "
-                        f"bucket's averaged buffer back into .grad in finish_backward, after waiting for its handle.")
-            if not _first_mismatch(own / N, got):
-                return (msg + f": {n}.grad is rank {r}'s own gradient divided by N{in_bucket}: the bucket as it was "
-                        f"before its all-reduce. Copy a bucket back into .grad only after its handle's wait().")
-            if not _first_mismatch(own * 0, got):
-                return msg + f": {n}.grad is zero{in_bucket}. Copy each bucket back into .grad in finish_backward."
-            return (msg + f"{in_bucket}. Each parameter's gradient sits in its bucket at its own offset: copy "
-                    f"param.grad into buffer[offset:offset + param.numel()] in on_grad_ready, and back from the same "
-                    f"slice in finish_backward.")
+            bad = _mismatch(want, got)
+            if bad:
+                e, g = fmt_pair(bad[1], bad[2])
+                bucket = next((k for k, b in enumerate(plan) if n in b), None) if plan else None
+                fields = dict(r=r, where=_where(n + ".grad", bad[0]), got=g, want=e, n=n,
+                              in_bucket=f" (in {_bucket_text(bucket, plan)})" if bucket is not None else "")
+                looks = next((m for m, like in (("never copied back", own), ("copied before the wait", own / N),
+                                                ("gradients zeroed", own * 0)) if not _mismatch(like, got)), "wrong slice")
+                return f"{head} " + _say(looks, **fields)
     return None
-
-
-def _first_mismatch(want, got):
-    """labkit.checks.first_mismatch at this check's tolerances; a gradient of another shape differs at []."""
-    if want.shape != got.shape:
-        return (), float("nan"), float("nan")
-    return first_mismatch(want, got, rtol=_RTOL, atol=_ATOL)
 
 
 def _final_problem(name: str, case: str, steps: int, finals: list, torch_final: dict) -> str | None:
     for r, state in enumerate(finals):
         diff = _first_difference(torch_final, state, list(torch_final))
         if diff:
-            k, index, want, got = diff
-            w, g = fmt_pair(want, got)
-            return (f"{name} is wrong ({case}): after {steps} SGD steps rank {r}'s {_where(k, index)} is {g}, "
+            w, g = fmt_pair(diff[2], diff[3])
+            return (f"{name} is wrong ({case}): after {steps} SGD steps rank {r}'s {_where(*diff[:2])} is {g}, "
                     f"torch's DDP has {w}, although every gradient matched. Does your class change the parameters "
                     f"or buffers outside backward?")
     return None
@@ -587,10 +768,10 @@ def _final_problem(name: str, case: str, steps: int, finals: list, torch_final: 
 # The checks
 # ============================================================================================
 
-def _mixed(cls, task: str | None):
-    """``cls`` with labkit's methods for every task but ``task`` (None: the class as it is)."""
+def _mixed(cls, task: str | None) -> type:
+    """``cls`` with labkit's methods for every task but ``task`` (None: the class as it is), guarded."""
     if task is None:
-        return cls
+        return _guarded(cls) if issubclass(cls, ddp.BucketedDDP) else cls
     missing = [m for m in TASKS.values() if not callable(getattr(cls, m, None))]
     if missing or not issubclass(cls, ddp.BucketedDDP):
         lacks = f"has no method {', '.join(missing)}" if missing else "is not a subclass of labkit.ddp.BucketedDDP"
@@ -599,14 +780,7 @@ def _mixed(cls, task: str | None):
              f"does, class BucketedDDP(labkit.ddp.BucketedDDP), with its methods (or check a class of your own "
              f"design with check_bucketed_ddp).")
     reference = {m: getattr(ddp.BucketedDDP, m) for t, m in TASKS.items() if t != task}
-    return type(cls.__name__, (cls,), reference)
-
-
-
-def _bound(x: float) -> str:
-    """A power of ten above a tiny difference, at least 1e-14: printed output that does not depend on the
-    last bits of the arithmetic (the notebooks store and compare it)."""
-    return f"1e{max(-14, math.ceil(math.log10(x)) if x > 0 else -14)}"
+    return _guarded(type(cls.__name__, (cls,), reference))
 
 
 def _check(cls, task: str | None, world_sizes, configs, timeout: float) -> list:
@@ -617,14 +791,20 @@ def _check(cls, task: str | None, world_sizes, configs, timeout: float) -> list:
     tested = _mixed(cls, task)
     diffs = []
     for N in world_sizes:
-        per_rank = run_on_ranks(_worker, tested, name, configs, 0.6 * timeout, STEPS, world_size=N, timeout=timeout,
-                           name=name, task=task or "3")
+        with board_dir() as path:
+            per_rank = run_on_ranks(_worker, tested, name, configs, timeout, STEPS, path, task, world_size=N,
+                                    timeout=timeout, name=name, task=task or "3")
         diffs.extend(d for rank in per_rank for d in rank)
     return diffs
 
 
 def _configs_text(configs) -> str:
     return ", ".join(label for label, _, _ in configs)
+
+
+def _ranks(world_sizes) -> str:
+    sizes = list(world_sizes)
+    return f"{sizes[0]} processes" if len(sizes) == 1 else f"{and_list(sizes)} processes"
 
 
 def check_broadcast(cls, *, world_sizes=(3,), timeout: float = 10.0) -> None:
@@ -678,11 +858,5 @@ def check_bucketed_ddp(cls, *, world_sizes=WORLD_SIZES, timeout: float = 10.0) -
     diffs = _check(cls, None, world_sizes, CONFIGS, timeout)
     passed(f"{cls.__name__} matches torch's DistributedDataParallel on {_ranks(sorted(world_sizes))}, with "
            f"{_configs_text(CONFIGS)}: the same weights after the wrap, the same gradients after each of {STEPS} "
-           f"SGD steps, the parameters within {_bound(max(diffs))} of torch's; the all-reduces launched in "
+           f"SGD steps, the parameters within {bound(max(diffs))} of torch's; the all-reduces launched in "
            f"bucket order during backward and each one waited on")
-
-
-def _ranks(world_sizes) -> str:
-    sizes = list(world_sizes)
-    return (f"{sizes[0]} processes" if len(sizes) == 1 else
-            f"{', '.join(map(str, sizes[:-1]))} and {sizes[-1]} processes")
