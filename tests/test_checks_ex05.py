@@ -7,7 +7,6 @@ exception, a detached output) are written out below. A wrong version stops at th
 launch; the solution runs on every default world size. The exercise notebook's stubs are reported as not
 written, every one of them by name."""
 
-import string
 from pathlib import Path
 
 import nbformat
@@ -20,6 +19,7 @@ from labkit.checks import CheckFailed
 from labkit.checks.ex05 import (COLUMN_MISTAKES, COLUMN_SHARD_MISTAKES, F_AND_G_MISTAKES, MLP_MISTAKES, ROW_MISTAKES,
                                 ROW_SHARD_MISTAKES, check_column_parallel, check_f_and_g, check_parallel_mlp,
                                 check_row_parallel)
+from labkit.checks.harness import literal_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = "05_tensor_parallel_exercise.ipynb"
@@ -119,11 +119,6 @@ F_BACKWARD = "f's backward must all-reduce (sum) the gradient"
 AVERAGED = "averaged instead of summed"
 
 
-def fixed_parts(says):
-    """The parts of a row's text around its {fields} (the rank, the calls, the factor ...)."""
-    return [literal for literal, *_ in string.Formatter().parse(says) if literal.strip()]
-
-
 def wrong(table, name):
     """The arguments of the check that give the row ``name`` of ``table``'s wrong version."""
     variant = next(m.variant for m in table if m.name == name)
@@ -139,7 +134,7 @@ TABLES = [(check_f_and_g, m) for m in F_AND_G_MISTAKES] + \
 @pytest.mark.parametrize("check,mistake", TABLES, ids=[m.name for _, m in TABLES])
 def test_each_known_mistake_is_named(check, mistake):
     args = wrong([mistake], mistake.name)
-    message = assert_rejected(check, args, fixed_parts(mistake.says))
+    message = assert_rejected(check, args, literal_parts(mistake.says))
     names = [a.__name__ for a in args]
     assert any(message.startswith(f"{n} (f) is wrong" if n.startswith("F") else f"{n} (g) is wrong" if
                                   n.startswith("G") else n) for n in names) or message.startswith(names[0]), message

@@ -5,35 +5,21 @@
     check_row_parallel(RowParallelLinear)                         # 5g, 5h: shard and forward
     check_parallel_mlp(ColumnParallelLinear, RowParallelLinear)   # column -> GELU -> row against a dense MLP
 
-Each prints one ``✓`` line when the code is right and raises :class:`labkit.checks.CheckFailed` naming the
-mistake when it is not.
-
-What the student writes: ``f`` and ``g``, ``torch.autograd.Function`` subclasses called as ``f.apply(x, group)``,
-and ``shard`` and ``forward`` of subclasses of labkit's :class:`~labkit.tensor_parallel.ColumnParallelLinear` and
-:class:`~labkit.tensor_parallel.RowParallelLinear` (whose ``__init__`` calls the student's ``shard``). labkit's
-classes are the reference: a forward is checked with labkit's shards, a shard with labkit's ``__init__``.
-
-What runs: every check on 3, 2, 4 and 1 real processes (:data:`WORLD_SIZES`, stopping at the first world size
-with a problem), in float64, against the dense computation that every rank builds from the same seed; on 4
-processes also in tensor-parallel groups of 2 ({0, 1} and {2, 3}, each with its own data), which tells whether
-``group`` is used. ``dist.all_reduce`` and the all-gathers are watched (:class:`labkit.checks.harness.Watch`):
-each call is recorded with the checker's phase, its group's size and its op, and a rank that waits for a peer
-that never comes stops with every rank's state (a deadlock named as one). An all-gather and a sum is as good as
-an all-reduce: what is checked is where the ranks communicate, not which call they use.
-
-How the mistakes are named: from the numbers, not from the source. The known wrong versions are tables of
-:class:`~labkit.checks.harness.Mistake` (:data:`F_AND_G_MISTAKES`, :data:`COLUMN_MISTAKES`, :data:`ROW_MISTAKES`,
-:data:`MLP_MISTAKES`, and the shards' :data:`COLUMN_SHARD_MISTAKES`, :data:`ROW_SHARD_MISTAKES`), each a small
-change to labkit's classes. Where the student's numbers are wrong, the workers run every wrong version of the
-table on the same inputs, and the first whose value is the student's (and which communicates in the same
-phases) names the mistake; the tests build the same wrong versions from the same tables.
+Each prints one ``✓`` line when the code is right, or raises :class:`labkit.checks.CheckFailed` naming the mistake.
+The student's f and g are ``torch.autograd.Function`` subclasses (``f.apply(x, group)``); the layers subclass labkit's
+:mod:`labkit.tensor_parallel` classes, the reference (a forward is checked with labkit's shards, a shard with labkit's
+``__init__``). Every check runs on 3, 2, 4 and 1 processes (:data:`WORLD_SIZES`, stopping at the first problem), in
+float64, against the dense computation; on 4 processes also in tensor-parallel groups of 2, each with its own data.
+The collectives are watched (:class:`~labkit.checks.harness.Watch`: phase, group size and op of each call; a deadlock
+named as one); an all-gather and a sum is as good as an all-reduce. Mistakes are named from the numbers: where the
+student's are wrong, the workers also run every row of the check's table of :class:`~labkit.checks.harness.Mistake`
+(small changes to labkit's classes, which the tests build too), and the first that gives the same value names it.
 """
 
 from __future__ import annotations
 
 import traceback
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -42,10 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit import comm
-from labkit.checks import CheckFailed, describe, fail, passed, run_on_ranks, student_traceback, time_limit, \
-    time_limit_paused
-from labkit.checks.harness import Board, Mistake, Watch, and_list, board_dir, close, element_text, find_mistake, \
-    plural
+from labkit.checks import CheckFailed, fail, passed, run_on_ranks, student_traceback, time_limit
+from labkit.checks.harness import (Board, Mistake, Watch, all_ranks, and_list, board_dir, close, element_text, factor,
+                                   factor_words, find_mistake, keep, not_written, plural, variants_if_wrong)
 from labkit.tensor_parallel import (ColumnParallelLinear, CopyToParallel, ReduceFromParallel, RowParallelLinear,
                                     grid_groups, shard_columns, shard_rows)
 
@@ -58,10 +43,10 @@ WORLD_SIZES = (3, 2, 4, 1)
 C, H = 12, 24            # model width and hidden width: divisible by 1, 2, 3 and 4
 BT = (2, 3)              # the leading dimensions of the inputs (batch, sequence)
 _SUBGROUPS = "tensor-parallel groups of 2: ranks {0, 1} and {2, 3}, each group with its own data"
+_FG = ("f", "g")         # the kinds of check_f_and_g's classes; the layers' are "column" and "row"
 
-# ============================================================================================
-# What the student is told
-# ============================================================================================
+
+# === What the student is told =========================================================================================
 
 _F_BACKWARD = ("f's backward must all-reduce (sum) the gradient: x feeds every rank's slice of the layer, so "
                "dL/dx = Σ_r (rank r's contribution), and each rank computed only its own contribution")
@@ -78,10 +63,8 @@ _DETACHED = ("the output y does not require grad: it is cut off from the autogra
              "back through the layer (a .detach(), a .data, torch.no_grad() or .item() in forward?).")
 _OWN = "x.grad is only rank {r}'s own contribution"
 
-# ============================================================================================
-# The known wrong versions: labkit's classes, changed a little
-# ============================================================================================
 
+# === The known wrong versions: labkit's classes, changed a little =====================================================
 
 def _summed(x: torch.Tensor, group) -> torch.Tensor:
     total = x.clone()
@@ -124,7 +107,7 @@ GDividesInBackward = _function("GDividesInBackward", ReduceFromParallel,
 
 
 class _Column(ColumnParallelLinear):
-    """labkit's column-parallel layer with another f (the class attribute ``f``)."""
+    """labkit's column-parallel layer with another f."""
     f = CopyToParallel
 
     def forward(self, x):
@@ -132,8 +115,7 @@ class _Column(ColumnParallelLinear):
 
 
 class _Row(RowParallelLinear):
-    """labkit's row-parallel layer with another g (the class attribute ``g``); ``bias_first``: the bias added
-    to each rank's partial sum, before g."""
+    """labkit's row-parallel layer with another g; ``bias_first``: the bias added to each partial sum, before g."""
     g, bias_first = ReduceFromParallel, False
 
     def forward(self, x_r):
@@ -183,7 +165,7 @@ RowReversed = type("RowReversed", (RowParallelLinear,), {"shard": lambda self, t
 RowWholeWeight = type("RowWholeWeight", (RowParallelLinear,), {"shard": lambda self, t: t})
 
 # --- the tables: variant = what check_... would be given; says: the end of the message, str.format'ed with
-# {r} (the rank), {tp}, {calls} (the student's collectives in that phase), {times} (the measured factor), ...
+# {r} (the rank), {calls} (the student's collectives in that phase), {times} (the measured factor), ...
 
 F_AND_G_MISTAKES = (
     Mistake("f-forward-all-reduce", (FReducesInForward, ReduceFromParallel),
@@ -305,29 +287,21 @@ MLP_MISTAKES = (
     Mistake("mlp-f-averages", (ColumnFAverages, RowParallelLinear), _MEAN),
 )
 
-# ============================================================================================
-# Records
-# ============================================================================================
 
-
-class _Error(NamedTuple):
-    kind: str
-    message: str
-    traceback: str
-
+# === Records ==========================================================================================================
 
 class Shards(NamedTuple):
-    """What ``cls(linear, group)`` kept on one rank (or, if it raised, what its ``shard`` made of the weight)."""
+    """What ``cls(linear, group)`` kept on one rank (or, if it raised, what its ``shard`` made of the weight, and the
+    error with the student's traceback)."""
     weight: Any
     bias: Any
-    error: _Error | None = None
+    error: str | None = None
 
 
 @dataclass
 class Run:
-    """What one version of the code (the student's, or a known mistake's) produced on one rank: ``values``
-    (outputs and gradients, and the ``want_...`` they should equal), its watched calls, and how many autograd
-    Functions its output went through."""
+    """One version of the code (the student's, or a known mistake's) on one rank: ``values`` (outputs, gradients and
+    the ``want_...`` they should equal), its watched calls, the autograd Functions its output went through."""
     values: dict
     calls: list
     functions: int = 0
@@ -336,16 +310,15 @@ class Run:
         return sum(c.phase == phase for c in self.calls)
 
 
-@dataclass
-class Case:
-    """One rank's result for one setting (the world, or a group of 2): the student's run and, where the student's
-    numbers were wrong on some rank, each known mistake's run by name."""
+class Case(NamedTuple):
+    """One rank in one setting (the world, or a group of 2): the student's run and, where some rank's numbers were
+    wrong, each known mistake's run by name."""
     world_rank: int
     rank: int            # in its tensor-parallel group
     size: int            # tp
     grouped: bool
     student: Run
-    variants: dict = field(default_factory=dict)
+    variants: dict
 
 
 class _Check(NamedTuple):
@@ -362,48 +335,27 @@ class _Check(NamedTuple):
     graph: bool = False   # a gradient: the known mistake must go through as many autograd Functions
 
 
-# ============================================================================================
-# Inside the workers
-# ============================================================================================
+# === Inside the workers ===============================================================================================
 
 _OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single")
-
-
-class _Watch(Watch):
-    """``dist.all_reduce`` and the all-gathers, watched (see the module's docstring)."""
-
-    def __init__(self, timeout: float, board: Board | None):
-        super().__init__(_OPS, deadline=0.5 * timeout, board=board)
-
-    def running(self) -> None:
-        self._state("running")
-
-    def stuck_hints(self, states: dict[int, dict]) -> list[str]:
-        hints = super().stuck_hints(states)
-        hints += [f"→ rank {r} went on without that call: every rank must call the same collectives in the same "
-                  f"order (a collective inside `if rank == ...:`?)." for r, s in sorted(states.items())
-                  if s["state"] == "checking"]
-        return hints
+_LABKIT = {"column": ColumnParallelLinear, "row": RowParallelLinear}
+_DENSE = {"column": (C, H), "row": (H, C)}      # (in, out) of the dense layer each kind cuts
 
 
 def _randn(*shape, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def _linear(n_in: int, n_out: int, seed: int) -> nn.Linear:
-    torch.manual_seed(seed)
-    return nn.Linear(n_in, n_out).double()
-
-
-@contextmanager
-def _student(timeout: float, what: str):
-    """The student's code: stopped after 0.6·timeout (an endless loop); a backward that returns the wrong number
-    of gradients is explained."""
+def _student(timeout: float, what: str, fn: Callable[[], Any], watch: Watch | None = None, phase: str = "") -> Any:
+    """``fn()``, the student's code (``what``), its calls recorded in ``phase``: stopped after 0.6·timeout; a
+    backward with the wrong number of gradients explained."""
     seconds = 0.6 * timeout
+    if watch is not None:
+        watch.phase = phase
     try:
         with time_limit(seconds, f"{what} did not return within {seconds:g} s on rank {dist.get_rank()}: an "
                                  f"endless loop?"):
-            yield
+            return fn()
     except RuntimeError as err:
         if "returned an incorrect number of gradients" in str(err):
             raise CheckFailed(f"{what}: {err}. A Function's backward returns one gradient per input of forward: "
@@ -412,207 +364,138 @@ def _student(timeout: float, what: str):
         raise
 
 
-def _everyone(obj) -> list:
-    """Every rank's ``obj`` (the checker's own collective, not a watched one)."""
-    with time_limit_paused():
-        return comm.all_gather_objects(obj)
-
-
-def _all_ranks(watch: _Watch, ok: bool) -> bool:
-    watch.checking()
-    result = all(_everyone(bool(ok)))
-    watch.running()
-    return result
-
-
-def _keep(t: Any) -> Any:
-    """What the student returned, detached and copied; a non-tensor in words."""
-    if isinstance(t, torch.Tensor):
-        return t.detach().clone()
-    return None if t is None else describe(t)
-
-
 def _is(t, shape) -> bool:
     return isinstance(t, torch.Tensor) and tuple(t.shape) == tuple(shape)
 
 
-def _same(want: Any, got: Any) -> bool:
-    return got is None if want is None else close(want, got)
-
-
 def _function_nodes(t) -> int:
     """How many custom autograd Function nodes (f, g) lie in the graph of ``t``."""
-    seen, stack, count = set(), [t.grad_fn] if isinstance(t, torch.Tensor) else [], 0
+    seen, stack = set(), [getattr(t, "grad_fn", None)]
     while stack:
         node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        count += isinstance(node, torch.autograd.function.BackwardCFunction)
-        stack.extend(n for n, _ in node.next_functions)
-    return count
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(n for n, _ in node.next_functions)
+    return sum(isinstance(node, torch.autograd.function.BackwardCFunction) for node in seen)
 
 
-def _groups(world_size: int, grouped: bool):
-    """(group, members, this rank's index in it): the world, or the 2-rank group of :data:`_SUBGROUPS`."""
-    rank = dist.get_rank()
-    if not grouped:
-        return None, list(range(world_size)), rank
-    tp_group, _ = grid_groups(2, 2)
-    first = rank // 2 * 2
-    return tp_group, [first, first + 1], rank - first
+def _worker(classes: tuple, kinds: tuple, timeout: float, board_path: str) -> list[Case]:
+    """One rank of any check: the student's ``classes`` in the world, and on 4 processes in the groups of
+    :data:`_SUBGROUPS` (each rank's group, members and index in it); where some rank's numbers are wrong, every
+    row of the check's table too, on the same inputs."""
+    N, run_one = dist.get_world_size(), _f_and_g_run if kinds == _FG else _layers_run
+    board, cases = Board(board_path, dist.get_rank(), N), []
+    for grouped in ((False, True) if N == 4 else (False,)):
+        group, members = (grid_groups(2, 2)[0], [dist.get_rank() // 2 * 2 + i for i in (0, 1)]) if grouped else \
+            (None, list(range(N)))
 
-
-def _case(student: Run, table, checks, run: Callable[[Any], Run], rank: int, size: int, grouped: bool) -> Case:
-    """The student's run and, if some rank's numbers are wrong, every known mistake's on the same inputs."""
-    wrong = not all(_everyone(all(_same(student.values.get(c.want), student.values.get(c.key)) for c in checks)))
-    return Case(dist.get_rank(), rank, size, grouped, student, {m.name: run(m.variant) for m in table} if wrong else {})
+        def run(variant, group=group, members=members) -> Run:
+            variant = variant if isinstance(variant, tuple) else (variant,)
+            return run_one(variant, kinds, group, members, Watch(_OPS, deadline=0.5 * timeout, board=board,
+                                                                 hint_checking=True), timeout)
+        try:
+            student = run(classes)
+        except NotImplementedError as err:
+            raise not_written(_probes(classes, kinds, group, len(members)), err, "5") from None
+        right = all(close(student.values.get(c.want), student.values.get(c.key)) for c in _CHECKS[kinds])
+        cases.append(Case(dist.get_rank(), members.index(dist.get_rank()), len(members), grouped, student,
+                          variants_if_wrong(right, _TABLES[kinds], run)))
+    return cases
 
 
 # --- stubs: an unfinished exercise reads as unfinished, with every unwritten piece named -----------------
-
-def _not_written(probes, err: NotImplementedError) -> NotImplementedError:
-    """The stub that stopped the check, plus every other piece of ``probes`` that is not written yet.
-    ``probes``: [(task, what, call)], each call running one piece with labkit's version of the others."""
-    def worded(e, task, what):
-        return str(e) if str(e).startswith("Exercise ") else (
-            f"Exercise {task}: {what} is not written yet (it raised {_repr_nie(e)}); see the instructions above")
-    found = []
-    for task, what, call in probes:
-        try:
-            call()
-        except NotImplementedError as e:
-            found.append(worded(e, task, what))
-        except Exception:  # noqa: BLE001 - written (maybe wrong): the check itself will say
-            pass
-    if not found:
-        found = [str(err) if str(err).startswith("Exercise ") else
-                 f"Exercise 5: your code raised {_repr_nie(err)}; see the instructions above"]
-    found = list(dict.fromkeys(found))
-    message = found[0]
-    if len(found) > 1:
-        message += "\nNot written yet either:\n" + "\n".join(
-            "  " + m.removesuffix("; see the instructions above") for m in found[1:])
-    return NotImplementedError(message)
-
-
-def _repr_nie(e) -> str:
-    return f"NotImplementedError({str(e)!r})" if str(e) else "NotImplementedError"
-
-
-def _with_forward(cls, forward):
-    """``cls``'s backward behind labkit's ``forward``."""
-    return type(cls.__name__, (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(cls.backward)})
-
-
-_LABKIT = {"column": ColumnParallelLinear, "row": RowParallelLinear}
-
 
 def _bare(cls, dense: nn.Linear, group, kind: str):
     """An instance of the student's layer with labkit's shards, without calling the student's ``shard``."""
     return type(cls.__name__, (cls,), {"shard": _LABKIT[kind].shard})(dense, group)
 
 
-def _layer_probes(cls, dense, group, kind: str, x):
-    shard_task, forward_task = ("5e", "5f") if kind == "column" else ("5g", "5h")
-    return [(shard_task, f"{cls.__name__}.shard", lambda: cls(dense, group)),
-            (forward_task, f"{cls.__name__}.forward", lambda: _bare(cls, dense, group, kind)(x))]
+def _probes(classes: tuple, kinds: tuple, group, tp: int) -> list:
+    """(task, what, call) per piece of the student's code, each call with labkit's version of the others."""
+    def x(*shape):
+        return _randn(*shape, seed=1).requires_grad_()
+    if kinds == _FG:
+        def backward(cls, labkit):   # the student's backward behind labkit's forward
+            fn = type(cls.__name__, (torch.autograd.Function,),
+                      {"forward": staticmethod(labkit.forward), "backward": staticmethod(cls.backward)})
+            return lambda: fn.apply(x(4, 6), group).sum().backward()
+        (f, g), fwd = classes, lambda cls: lambda: cls.apply(x(4, 6), group)
+        return [("5a", f"{f.__name__}.forward", fwd(f)),
+                ("5b", f"{f.__name__}.backward", backward(f, CopyToParallel)),
+                ("5c", f"{g.__name__}.forward", fwd(g)),
+                ("5d", f"{g.__name__}.backward", backward(g, ReduceFromParallel))]
+    probes = []
+    for i, (cls, k) in enumerate(zip(classes, kinds)):
+        dense, tasks = _linear(*_DENSE[k], seed=11 + i), ("5e", "5f") if k == "column" else ("5g", "5h")
+        x_in = x(*BT, C if k == "column" else H // tp)
+        probes += [(tasks[0], f"{cls.__name__}.shard", lambda cls=cls, d=dense: cls(d, group)),
+                   (tasks[1], f"{cls.__name__}.forward",
+                    lambda cls=cls, d=dense, k=k, x=x_in: _bare(cls, d, group, k)(x))]
+    return probes
 
 
 # --- 5a-5d: f and g --------------------------------------------------------------------------------------
 
-def _f_and_g_worker(f_cls, g_cls, timeout: float, board_path: str) -> list[Case]:
-    N = dist.get_world_size()
-    board = Board(board_path, dist.get_rank(), N)
-    cases = []
-    for grouped in ((False, True) if N == 4 else (False,)):
-        group, members, r = _groups(N, grouped)
-        x = _randn(4, 6, seed=1)
-
-        def grad_of(cls, forward):
-            return lambda: _with_forward(cls, forward).apply(x.clone().requires_grad_(), group).sum().backward()
-        probes = [("5a", f"{f_cls.__name__}.forward", lambda: f_cls.apply(x.clone().requires_grad_(), group)),
-                  ("5b", f"{f_cls.__name__}.backward", grad_of(f_cls, CopyToParallel.forward)),
-                  ("5c", f"{g_cls.__name__}.forward", lambda: g_cls.apply(x.clone().requires_grad_(), group)),
-                  ("5d", f"{g_cls.__name__}.backward", grad_of(g_cls, ReduceFromParallel.forward))]
-        try:
-            student = _f_and_g_run(f_cls, g_cls, group, members, timeout, board)
-        except NotImplementedError as err:
-            raise _not_written(probes, err) from None
-        cases.append(_case(student, F_AND_G_MISTAKES, _F_AND_G_CHECKS,
-                           lambda fg: _f_and_g_run(*fg, group, members, timeout, board), r, len(members), grouped))
-    return cases
-
-
-def _f_and_g_run(f_cls, g_cls, group, members: list, timeout: float, board: Board) -> Run:
+def _f_and_g_run(classes: tuple, kinds: tuple, group, members: list, watch: Watch, timeout: float) -> Run:
+    (f_cls, g_cls), (f, g) = classes, (c.__name__ for c in classes)
     rank, first, i = dist.get_rank(), members[0], members.index(dist.get_rank())   # a group's data: its first rank's
-    f, g = f_cls.__name__, g_cls.__name__
-    watch, v = _Watch(timeout, board), {}
+    v = {}
     with watch.installed():
         # f: the same x on every rank; each rank's own dL/dy (its slice's contribution); dL/dx is their sum
         x = _randn(4, 6, seed=10 + first).requires_grad_()
         dys = [_randn(4, 6, seed=100 + m) for m in members]
-        watch.phase = "f forward"
-        with _student(timeout, f"{f}.apply(x, group)"):
-            y = f_cls.apply(x, group)
-        v.update(x=x.detach().clone(), f_out=_keep(y), want_f_grad=sum(dys))
-        if _all_ranks(watch, _is(y, x.shape) and y.requires_grad):
-            watch.phase = "f backward"
-            with _student(timeout, f"{f}.backward (in y = {f}.apply(x, group); y.backward(dy))"):
-                y.backward(dys[i].clone())
-            v["f_grad"] = _keep(x.grad)
+        y = _student(timeout, f"{f}.apply(x, group)", lambda: f_cls.apply(x, group), watch, "f forward")
+        v.update(x=x.detach().clone(), f_out=keep(y), want_f_grad=sum(dys))
+        if all_ranks(_is(y, x.shape) and y.requires_grad, watch):
+            _student(timeout, f"{f}.backward (in y = {f}.apply(x, group); y.backward(dy))",
+                     lambda: y.backward(dys[i].clone()), watch, "f backward")
+            v["f_grad"] = keep(x.grad)
             # x used twice: out = x + f(x). Autograd hands the same gradient tensor to both branches.
             x2 = _randn(4, 6, seed=20 + first).requires_grad_()
             dy2 = [_randn(4, 6, seed=200 + m) for m in members]
-            watch.phase = "f residual forward"
-            with _student(timeout, f"{f}.apply(x, group)"):
-                y2 = f_cls.apply(x2, group)
-            watch.phase = "f residual backward"
-            with _student(timeout, f"{f}.backward (in out = x + {f}.apply(x, group); out.backward(dy))"):
-                (x2 + y2).backward(dy2[i].clone())
-            v.update(res_grad=_keep(x2.grad), want_res_grad=dy2[i] + sum(dy2))
+            y2 = _student(timeout, f"{f}.apply(x, group)", lambda: f_cls.apply(x2, group), watch, "f residual forward")
+            _student(timeout, f"{f}.backward (in out = x + {f}.apply(x, group); out.backward(dy))",
+                     lambda: (x2 + y2).backward(dy2[i].clone()), watch, "f residual backward")
+            v.update(res_grad=keep(x2.grad), want_res_grad=dy2[i] + sum(dy2))
         # g: each rank's own partial sum x_r; y is their sum; dL/dy is the same on every rank
         xr = _randn(4, 6, seed=400 + rank).requires_grad_()
         before = xr.detach().clone()
         dyg = _randn(4, 6, seed=500 + first)
-        watch.phase = "g forward"
-        with _student(timeout, f"{g}.apply(x, group)"):
-            yg = g_cls.apply(xr, group)
-        v.update(g_in=before, g_in_after=xr.detach().clone(), g_out=_keep(yg),
+        yg = _student(timeout, f"{g}.apply(x, group)", lambda: g_cls.apply(xr, group), watch, "g forward")
+        v.update(g_in=before, g_in_after=xr.detach().clone(), g_out=keep(yg),
                  want_g_out=sum(_randn(4, 6, seed=400 + m) for m in members), want_g_grad=dyg)
-        if _all_ranks(watch, _is(yg, xr.shape) and yg.requires_grad):
-            watch.phase = "g backward"
-            with _student(timeout, f"{g}.backward (in y = {g}.apply(x, group); y.backward(dy))"):
-                yg.backward(dyg.clone())
-            v["g_grad"] = _keep(xr.grad)
+        if all_ranks(_is(yg, xr.shape) and yg.requires_grad, watch):
+            _student(timeout, f"{g}.backward (in y = {g}.apply(x, group); y.backward(dy))",
+                     lambda: yg.backward(dyg.clone()), watch, "g backward")
+            v["g_grad"] = keep(xr.grad)
     return Run(v, watch.calls)
 
 
 # --- 5e-5h: the layers -----------------------------------------------------------------------------------
 
-class _Built(NamedTuple):
-    layer: Any
-    shards: Shards
+def _linear(n_in: int, n_out: int, seed: int) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(n_in, n_out).double()
 
 
-def _build(cls, dense: nn.Linear, group, kind: str, timeout: float) -> _Built:
-    """``cls(dense, group)``, with this rank's shards; if it raises, what the student's ``shard`` makes of the
-    weight alone (the error is often in the bias's line, after a weight sliced along the wrong dimension)."""
+def _build(cls, dense: nn.Linear, group, kind: str, timeout: float) -> tuple[Any, Shards]:
+    """``cls(dense, group)`` and this rank's shards; if it raises, what the student's ``shard`` makes of the weight
+    alone (the error is often in the bias's line, after a weight sliced along the wrong dimension)."""
     try:
-        with _student(timeout, f"{cls.__name__}(linear, group)"):
-            layer = cls(dense, group)
+        layer = _student(timeout, f"{cls.__name__}(linear, group)", lambda: cls(dense, group))
     except (NotImplementedError, CheckFailed):
         raise
     except Exception as err:  # noqa: BLE001 - diagnosed below, then reported with the student's traceback
-        error = _Error(type(err).__name__, str(err), student_traceback(traceback.format_exc()))
+        r = dist.get_rank(group)
+        error = (f"{cls.__name__}(linear, group) raised {type(err).__name__} on rank {r}: {err}\n\n--- traceback of "
+                 f"rank {r} ---\n{student_traceback(traceback.format_exc())}")
         try:
-            with _student(timeout, f"{cls.__name__}.shard(linear.weight)"):
-                weight = _keep(cls.shard(_bare(cls, dense, group, kind), dense.weight.detach()))
+            weight = keep(_student(timeout, f"{cls.__name__}.shard(linear.weight)",
+                                   lambda: cls.shard(_bare(cls, dense, group, kind), dense.weight.detach())))
         except Exception:  # noqa: BLE001
             weight = None
-        return _Built(None, Shards(weight, None, error))
-    return _Built(layer, Shards(_keep(getattr(layer, "weight", None)), _keep(getattr(layer, "bias", None))))
+        return None, Shards(weight, None, error)
+    return layer, Shards(keep(getattr(layer, "weight", None)), keep(getattr(layer, "bias", None)))
 
 
 def _want_shards(W, b, kind: str, r: int, tp: int) -> tuple:
@@ -620,52 +503,13 @@ def _want_shards(W, b, kind: str, r: int, tp: int) -> tuple:
     return (shard_rows(W, r, tp), shard_rows(b, r, tp)) if kind == "column" else (shard_columns(W, r, tp), b)
 
 
-def _shards_ok(shards: Shards, dense: nn.Linear, kind: str, group) -> bool:
-    want_w, want_b = _want_shards(dense.weight.detach(), dense.bias.detach(), kind, dist.get_rank(group),
-                                  dist.get_world_size(group))
-    return shards.error is None and _same(want_w, shards.weight) and _same(want_b, shards.bias)
-
-
-def _grads(layer, prefix: str = "") -> dict:
-    return {f"{prefix}{n}_grad": _keep(None if getattr(layer, n, None) is None else getattr(layer, n).grad)
-            for n in ("weight", "bias")}
-
-
-def _kinds(classes: tuple) -> tuple:
-    return tuple("column" if issubclass(c, ColumnParallelLinear) else "row" for c in classes)
-
-
-_DENSE = {"column": (C, H), "row": (H, C)}      # (in, out) of the dense layer each kind cuts
-
-
-def _layers_worker(classes: tuple, timeout: float, board_path: str) -> list[Case]:
-    """The layers (one, or column -> GELU -> row) against the dense ones: in the world, and on 4 processes in
-    groups of 2 (each rank keeps the shard of its rank in the group, and ``group`` must reach f and g)."""
-    N, kinds = dist.get_world_size(), _kinds(classes)
-    board = Board(board_path, dist.get_rank(), N)
-    cases = []
-    for grouped in ((False, True) if N == 4 else (False,)):
-        group, members, r = _groups(N, grouped)
-        dense = [_linear(*_DENSE[k], seed=11 + i) for i, k in enumerate(kinds)]
-        x = _randn(*BT, dense[0].in_features, seed=13 + members[0])
-        w = _randn(*BT, dense[-1].out_features, seed=14 + members[0])     # loss = Σ y · w
-
-        def run(variant, group=group, dense=dense, x=x, w=w, tp=len(members)):
-            variant = variant if isinstance(variant, tuple) else (variant,)
-            return _layers_run(variant, kinds, dense, x, w, group, tp, timeout, board)
-        try:
-            student = run(classes)
-        except NotImplementedError as err:
-            probes = [p for cls, k, d in zip(classes, kinds, dense) for p in _layer_probes(
-                cls, d, group, k, x if k == "column" else x[..., :H // len(members)].clone())]
-            raise _not_written(probes, err) from None
-        cases.append(_case(student, _TABLES[kinds], _CHECKS[kinds], run, r, len(members), grouped))
-    return cases
-
-
-def _layers_run(classes: tuple, kinds: tuple, dense: list, x, w, group, tp: int, timeout: float, board: Board) -> Run:
-    r = dist.get_rank(group)
+def _layers_run(classes: tuple, kinds: tuple, group, members: list, watch: Watch, timeout: float) -> Run:
+    """The layers (one, or column -> GELU -> row) against the dense ones, on this rank's data (its group's)."""
+    r, tp = dist.get_rank(group), len(members)
     mine = slice(r * H // tp, (r + 1) * H // tp)    # this rank's hidden features: a column's outputs, a row's inputs
+    dense = [_linear(*_DENSE[k], seed=11 + i) for i, k in enumerate(kinds)]
+    x = _randn(*BT, dense[0].in_features, seed=13 + members[0])
+    w = _randn(*BT, dense[-1].out_features, seed=14 + members[0])     # loss = Σ y · w
     xd = x.clone().requires_grad_()
     params = [(d.weight.detach().clone().requires_grad_(), d.bias.detach().clone().requires_grad_()) for d in dense]
     yd = xd
@@ -679,39 +523,36 @@ def _layers_run(classes: tuple, kinds: tuple, dense: list, x, w, group, tp: int,
     for k, d, (Wd, bd) in zip(kinds, dense, params):
         v[f"{k}_W"], v[f"{k}_b"] = d.weight.detach().clone(), d.bias.detach().clone()
         v[f"want_{k}_weight_grad"], v[f"want_{k}_bias_grad"] = _want_shards(Wd.grad, bd.grad, k, r, tp)
-    watch, functions = _Watch(timeout, board), 0
+    functions, names = 0, [c.__name__ for c in classes]
     with watch.installed():
         built = [_build(cls, d, group, k, timeout) for cls, d, k in zip(classes, dense, kinds)]
-        v.update({k: b.shards for k, b in zip(kinds, built)})
-        if not _all_ranks(watch, all(_shards_ok(b.shards, d, k, group) for b, d, k in zip(built, dense, kinds))):
+        v.update({k: shards for k, (_, shards) in zip(kinds, built)})
+        ok = all(s.error is None and all(map(close, _want_shards(d.weight.detach(), d.bias.detach(), k, r, tp), s[:2]))
+                 for (_, s), d, k in zip(built, dense, kinds))
+        if not all_ranks(ok, watch):
             return Run(v, watch.calls)
         y = x_in = x_in.clone().requires_grad_()
-        watch.phase = "forward"
-        for i, (cls, b) in enumerate(zip(classes, built)):
+        for i, (cls, (layer, _)) in enumerate(zip(classes, built)):
             if i:        # between the layers: this rank's H/tp hidden features, through GELU
-                if not _all_ranks(watch, _is(y, (*BT, H // tp))):
-                    v["hidden"] = _keep(y)
+                if not all_ranks(_is(y, (*BT, H // tp)), watch):
+                    v["hidden"] = keep(y)
                     return Run(v, watch.calls)
                 y = F.gelu(y)
-            with _student(timeout, f"{cls.__name__}.forward"):
-                y = b.layer(y)
-        v["y"], functions = _keep(y), _function_nodes(y)
-        if _all_ranks(watch, _is(y, v["want_y"].shape)):
+            y = _student(timeout, f"{cls.__name__}.forward", lambda: layer(y), watch, "forward")
+        v["y"], functions = keep(y), _function_nodes(y)
+        if all_ranks(_is(y, v["want_y"].shape), watch):
             v["detached"] = not y.requires_grad
-            if _all_ranks(watch, y.requires_grad):
-                watch.phase = "backward"
-                with _student(timeout, f"y.backward(dy) (backward through your "
-                                       f"{' -> GELU -> '.join(c.__name__ for c in classes)})"):
-                    y.backward(dy.clone())
-                v["x_grad"] = _keep(x_in.grad)
-                for k, b in zip(kinds, built):
-                    v.update(_grads(b.layer, f"{k}_"))
+            if all_ranks(y.requires_grad, watch):
+                _student(timeout, f"y.backward(dy) (backward through your {' -> GELU -> '.join(names)})",
+                         lambda: y.backward(dy.clone()), watch, "backward")
+                v["x_grad"] = keep(x_in.grad)
+                for k, (layer, _) in zip(kinds, built):
+                    v.update({f"{k}_{n}_grad": keep(None if getattr(layer, n, None) is None else getattr(layer, n).grad)
+                              for n in ("weight", "bias")})
     return Run(v, watch.calls, functions)
 
 
-# ============================================================================================
-# In the parent: diagnoses
-# ============================================================================================
+# === In the parent: diagnoses =========================================================================================
 
 _F_AND_G_CHECKS = (
     _Check("f_out", "x", "y", "{head_f}: on rank {r}, y = {f}.apply(x, group)", phase="f forward",
@@ -744,6 +585,7 @@ def _grad_checks(where: str, kinds: tuple, x_label: str) -> tuple:
 
 
 _CHECKS = {
+    _FG: _F_AND_G_CHECKS,
     ("column",): (_Check("y", "want_y", "y", "{head}: on rank {r}, y = layer(x) with the same x on {everywhere}",
                          " (rank {r}'s output features: x W_rᵀ + b_r, W_r = W[{lo}:{hi}])", "forward"),
                   *_grad_checks("{head}: on rank {r}, after y.backward(dy)", ("column",), "x.grad")),
@@ -756,33 +598,17 @@ _CHECKS = {
         *_grad_checks("{head}: on rank {r}, after y.backward(dy) with the same dy on every rank", ("row", "column"),
                       "x.grad")),
 }
-_TABLES = {("column",): COLUMN_MISTAKES, ("row",): ROW_MISTAKES, ("column", "row"): MLP_MISTAKES}
+_TABLES = {_FG: F_AND_G_MISTAKES, ("column",): COLUMN_MISTAKES, ("row",): ROW_MISTAKES,
+           ("column", "row"): MLP_MISTAKES}
+_PHASES = {"f forward": "f's forward", "f backward": "f's backward", "g forward": "g's forward",
+           "g backward": "g's backward", "f residual forward": "f's forward (in out = x + f(x))",
+           "f residual backward": "f's backward (in out = x + f(x))"}
 
 
-def _factor(want, got) -> float | None:
-    """c when got = c · want (want not zero), else None."""
-    if not (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and want.shape == got.shape):
-        return None
-    den = float((want * want).sum())
-    c = float((got * want).sum()) / den if den else None
-    return c if c is not None and close(c * want, got) else None
-
-
-def _times(c: float | None, tp: int) -> str:
-    """A measured factor as words ("tp times too large (measured factor 3 = tp)" ...), or "" for one with no name."""
-    if c is None:
-        return ""
-    named = {tp: f"tp times too large (measured factor {tp} = tp)",
-             1 / tp: f"tp times too small (measured factor 1/{tp})",
-             tp * tp: f"tp² times too large (measured factor {tp * tp} = tp²)", 0: "zero"}
-    return next((words for value, words in named.items() if abs(c - value) < 1e-6), "")
-
-
-def _differs(label: str, want, got) -> str:
-    if not isinstance(got, torch.Tensor):
-        shown = got if isinstance(got, str) else repr(got)
-        return f"{label} is {shown}, expected a tensor of shape {tuple(want.shape)}"
-    return element_text(label, want, got)
+def _label(names: tuple, kinds: tuple) -> str:
+    if kinds == _FG:
+        return f"{names[0]} (f) and {names[1]} (g)"
+    return names[0] if len(names) == 1 else f"{names[0]} → GELU → {names[1]}"
 
 
 def _head(name: str, N: int, grouped: bool, verb: str = "is") -> str:
@@ -790,21 +616,10 @@ def _head(name: str, N: int, grouped: bool, verb: str = "is") -> str:
     return f"{name} {verb} wrong {where}"
 
 
-_PHASES = {"f forward": "f's forward", "f backward": "f's backward", "g forward": "g's forward",
-           "g backward": "g's backward", "f residual forward": "f's forward (in out = x + f(x))",
-           "f residual backward": "f's backward (in out = x + f(x))"}
-
-
 def _calls_text(calls, phase: str) -> str:
     kinds = ["all-reduce" if c.op == "all_reduce" else "all-gather" for c in calls if c.phase == phase]
     counts = [plural(kinds.count(k), k) for k in sorted(set(kinds))] or ["0 all-reduces"]
     return f"{' and '.join(counts)} in {_PHASES.get(phase, phase)}"
-
-
-def _collective(results) -> str:
-    """"all-reduce" when every call of the student's was one, else "collective" (for the ✓ lines)."""
-    calls = [c for per_n in results for per_rank in per_n for case in per_rank for c in case.student.calls]
-    return "all-reduce" if all(c.op == "all_reduce" for c in calls) else "collective"
 
 
 def _calls_problem(head: str, case: Case) -> str | None:
@@ -825,26 +640,19 @@ def _calls_problem(head: str, case: Case) -> str | None:
     return None
 
 
-def _looks_like(variant: Run | None, run: Run, check: _Check, got) -> bool:
-    """The known mistake's run gave the student's value, communicating in the same phases (and, for a gradient,
-    through as many autograd Functions)."""
-    return (variant is not None and _same(variant.values.get(check.key), got)
-            and bool(variant.count(check.phase)) == bool(run.count(check.phase))
-            and (not check.graph or variant.functions == run.functions))
-
-
 def _values_problem(cases, checks, table, **ctx) -> str | None:
-    """The first value (in the order of ``checks``, then of the ranks) that differs from what it should be,
-    named by the first known mistake of ``table`` that gives the same."""
+    """The first value (in the order of ``checks``, then of the ranks) that differs from what it should be, named by
+    the first known mistake of ``table`` whose run gave the same (communicating in the same phases and, for a
+    gradient, through as many autograd Functions)."""
     for check in checks:
         for case in cases:
             run = case.student
             got, want = run.values.get(check.key), run.values.get(check.want)
-            if _same(want, got):
+            if close(want, got):
                 continue
             step = H // case.size
-            words = dict(ctx, r=case.world_rank, tp=case.size, lo=case.rank * step, hi=(case.rank + 1) * step,
-                         calls=_calls_text(run.calls, check.phase), times=_times(_factor(want, got), case.size))
+            words = dict(ctx, r=case.world_rank, lo=case.rank * step, hi=(case.rank + 1) * step,
+                         calls=_calls_text(run.calls, check.phase), times=factor_words(factor(want, got), case.size))
             if check.graph and run.values.get("detached"):
                 return f"{ctx['head']}: on rank {case.world_rank}, {_DETACHED}"
             where, label = check.where.format(**words), check.label.format(**words)
@@ -852,14 +660,76 @@ def _values_problem(cases, checks, table, **ctx) -> str | None:
             if absent:
                 text = f"{where}, {label} is None after backward"
             else:
-                text = where + ("" if where.endswith(" ") else ": ") + _differs(label, want, got) + \
+                text = where + ("" if where.endswith(" ") else ": ") + element_text(label, want, got) + \
                        check.meaning.format(**words)
-            mistake = find_mistake(table, lambda m: _looks_like(case.variants.get(m.name), run, check, got))
+
+            def looks_like(m: Mistake) -> bool:
+                variant = case.variants.get(m.name)
+                return (variant is not None and close(variant.values.get(check.key), got)
+                        and bool(variant.count(check.phase)) == bool(run.count(check.phase))
+                        and (not check.graph or variant.functions == run.functions))
+            mistake = find_mistake(table, looks_like)
             if mistake:
                 return text + mistake.says.format(**words)
             if absent:
                 return f"{text}: {check.none}"
             return text + (check.scaled if words["times"] and check.scaled else check.otherwise).format(**words)
+    return None
+
+
+def _count_problem(head: str, kinds: tuple, case: Case) -> str | None:
+    """The right numbers, but communication where none is needed, or more than once."""
+    calls, n = case.student.calls, case.student.count
+    start = f"{head}: the numbers are right, but on rank {case.world_rank}"
+    if kinds == _FG:
+        for phase, why in (("f forward", "every rank already holds x"), ("g backward", "every rank already holds "
+                                                                                      "dL/dy")):
+            if n(phase):
+                return (f"{start} there {'was' if n(phase) == 1 else 'were'} {_calls_text(calls, phase)}: {why}, so "
+                        f"{_PHASES[phase]} needs no communication (an all-reduce in every layer, for nothing). "
+                        f"{_PHASES[phase]} is the identity.")
+        return next((f"{start} there were {_calls_text(calls, phase)}: one is enough."
+                     for phase in ("f backward", "g forward") if n(phase) > 1), None)
+    expected = {"forward": kinds.count("row"), "backward": kinds.count("column")}
+    wrong = [phase for phase, count in expected.items() if n(phase) != count]
+    if wrong and len(kinds) == 1:
+        return (f"{start} the layer made {_calls_text(calls, wrong[0])}, expected {expected[wrong[0]]}: a "
+                f"{kinds[0]}-parallel layer communicates once, "
+                f"{'in backward (f)' if kinds == ('column',) else 'in forward (g)'}.")
+    if wrong:
+        return (f"{start} the MLP made {_calls_text(calls, 'forward')} and {_calls_text(calls, 'backward')}: "
+                f"Megatron's MLP needs one in each (g's, after the row-parallel layer, in forward; f's, before the "
+                f"column-parallel layer, in backward).")
+    return None
+
+
+def _problem(names: tuple, kinds: tuple, N: int, results: list) -> str | None:
+    """The first problem of the student's runs on N processes, setting by setting: a shard, a call over the wrong
+    group or with the wrong op, a hidden activation of the wrong shape, a wrong value, a wrong number of calls."""
+    fg = kinds == _FG
+    for cases in zip(*results):
+        tp, grouped = cases[0].size, cases[0].grouped
+        head = _head(_label(names, kinds), N, grouped, "are" if fg else "is")
+        for case, (k, name) in ((case, k_name) for case in cases for k_name in zip(kinds, names) if not fg):
+            if problem := _shard_problem(head, name, k, case):
+                return problem + (f" (Rank {case.world_rank} of the world is rank {case.rank} of its group: a shard "
+                                  f"is cut by the rank in the group, self.rank, which labkit's __init__ sets with "
+                                  f"dist.get_rank(group); dist.get_rank() is the rank in the world.)"
+                                  if grouped else "")
+        problem = next(filter(None, (_calls_problem(head, case) for case in cases)), None)
+        for case in cases if not problem else ():
+            if "hidden" in case.student.values:
+                hidden = case.student.values["hidden"]
+                return (f"{head}: on rank {case.world_rank}, {names[0]}'s output has shape "
+                        f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else hidden}, expected "
+                        f"{(*BT, H // tp)}: this rank's H/tp = {H // tp} hidden features.")
+        heads = dict(head_f=_head(f"{names[0]} (f)", N, grouped), head_g=_head(f"{names[-1]} (g)", N, grouped))
+        problem = problem or _values_problem(cases, _CHECKS[kinds], _TABLES[kinds], head=head, **heads,
+                                             **dict(zip(kinds, names)),
+                                             everywhere="every rank of the group" if grouped else "every rank")
+        problem = problem or next(filter(None, (_count_problem(head, kinds, case) for case in cases if tp > 1)), None)
+        if problem:
+            return problem
     return None
 
 
@@ -880,18 +750,13 @@ def _piece(t, dense: torch.Tensor, tp: int) -> tuple | None:
 
 
 def _kind(t, dense: torch.Tensor, dim: int | None, r: int, tp: int) -> str | None:
-    """What a shard ``t`` of ``dense`` is, against slice r of tp along ``dim`` (None: all of ``dense``)."""
-    if not isinstance(t, torch.Tensor):
-        return None
-    step = dense.shape[dim] // tp if dim is not None else 0
-    if close(dense if dim is None else dense.narrow(dim, r * step, step), t):
-        return "right"
+    """What a shard ``t`` of ``dense`` is, against slice r of tp along ``dim`` (None: all of ``dense``): "right",
+    "whole", "sliced" (where it should be whole), "order" (another rank's slice), "dimension" (along another)."""
     piece = _piece(t, dense, tp)
-    if piece is None:
-        return None
-    if piece[0] is None:
-        return "whole"
-    return "sliced" if dim is None else "order" if piece[0] == dim else "dimension"
+    if piece == ((None, None) if dim is None or tp == 1 else (dim, r)):
+        return "right"
+    return (None if piece is None else "whole" if piece[0] is None else "sliced" if dim is None else
+            "order" if piece[0] == dim else "dimension")
 
 
 def _shard_of(cls, tensor, rank: int, tp: int):
@@ -918,15 +783,15 @@ _HOW = {"column": "A column-parallel layer splits W by its output features, the 
                "column-parallel layer before it computes on rank r"}
 
 
-def _shard_problem(head: str, name: str, kind: str, shards: Shards, W, b, r: int, tp: int) -> str | None:
-    """The student's shards of rank r against the dense W and b, named from the table of shard mistakes."""
+def _shard_problem(head: str, name: str, kind: str, case: Case) -> str | None:
+    """The student's shards on one rank against the dense W and b, named from the table of shard mistakes."""
+    v, r, tp = case.student.values, case.rank, case.size
+    shards, W, b = v[kind], v[f"{kind}_W"], v[f"{kind}_b"]
     want_w, want_b = _want_shards(W, b, kind, r, tp)
-    weight_ok = _same(want_w, shards.weight)
-    if weight_ok and shards.error is None and _same(want_b, shards.bias):
+    weight_ok = close(want_w, shards.weight)
+    if weight_ok and shards.error is None and close(want_b, shards.bias):
         return None
-    error = "" if shards.error is None else ("\nThen " if not weight_ok else "") + (
-        f"{name}(linear, group) raised {shards.error.kind} on rank {r}: {shards.error.message}\n\n"
-        f"--- traceback of rank {r} ---\n{shards.error.traceback}")
+    error = "" if shards.error is None else ("\nThen " if not weight_ok else "") + shards.error
     if weight_ok and shards.error is not None:
         return f"{head}: {error}"
     dim = 0 if kind == "column" else 1
@@ -936,7 +801,7 @@ def _shard_problem(head: str, name: str, kind: str, shards: Shards, W, b, r: int
                  k=wp[1] if wp else None, span=_span(wp, W.shape[wp[0]] if wp and wp[0] is not None else 0, tp),
                  own=_span((dim, r), W.shape[dim], tp), shape=shape(shards.weight), dense_shape=tuple(W.shape),
                  dense=f"the dense W has shape (out, in) = {tuple(W.shape)}", b_shape=tuple(b.shape),
-                 want_b_shape=tuple(want_b.shape), bias_shape=shape(shards.bias), bias_k=bp[1] if bp else None,
+                 want_b_shape=tuple(want_b.shape), bias_k=bp[1] if bp else None,
                  bias_span=_span(bp, b.shape[0], tp, word=False), own_entries=_span((0, r), b.shape[0], tp, word=False),
                  how=_HOW[kind].format(want_shape=tuple(want_w.shape)))
     b_dim = 0 if kind == "column" else None
@@ -958,109 +823,39 @@ def _shard_problem(head: str, name: str, kind: str, shards: Shards, W, b, r: int
     if not weight_ok:
         if shards.weight is None:
             return f"{head}: {words['what']} did not give a tensor. {words['how']}.{error}"
-        return f"{head}: {_differs(words['what'], want_w, shards.weight)} ({words['dense']}). {words['how']}.{error}"
-    return f"{head}: {_differs(words['bias_what'], want_b, shards.bias)}."
+        return (f"{head}: {element_text(words['what'], want_w, shards.weight)} ({words['dense']}). "
+                f"{words['how']}.{error}")
+    return f"{head}: {element_text(words['bias_what'], want_b, shards.bias)}."
 
 
-# --- per check -------------------------------------------------------------------------------------------
+# === The checks =======================================================================================================
 
-def _f_and_g_problem(names: tuple, N: int, results: list) -> str | None:
-    f, g = names
-    for cases in zip(*results):
-        tp, grouped = cases[0].size, cases[0].grouped
-        head = _head(f"{f} (f) and {g} (g)", N, grouped, "are")
-        problem = (next(filter(None, (_calls_problem(head, case) for case in cases)), None) or
-                   _values_problem(cases, _F_AND_G_CHECKS, F_AND_G_MISTAKES, f=f, g=g, head=head,
-                                   head_f=_head(f"{f} (f)", N, grouped), head_g=_head(f"{g} (g)", N, grouped)))
-        if problem:
-            return problem
-        for case in cases if tp > 1 else ():   # the right numbers, but communication where none is needed
-            for phase, why in (("f forward", "every rank already holds x"), ("g backward", "every rank already holds "
-                                                                                          "dL/dy")):
-                if n := case.student.count(phase):
-                    return (f"{head}: the numbers are right, but on rank {case.world_rank} there "
-                            f"{'was' if n == 1 else 'were'} {_calls_text(case.student.calls, phase)}: {why}, so "
-                            f"{_PHASES[phase]} needs no communication (an all-reduce in every layer, for nothing). "
-                            f"{_PHASES[phase]} is the identity.")
-            for phase in ("f backward", "g forward"):
-                if case.student.count(phase) > 1:
-                    return (f"{head}: the numbers are right, but on rank {case.world_rank} there were "
-                            f"{_calls_text(case.student.calls, phase)}: one is enough.")
-    return None
-
-
-def _layers_problem(names: tuple, kinds: tuple, N: int, results: list) -> str | None:
-    label = names[0] if len(names) == 1 else f"{names[0]} → GELU → {names[1]}"
-    for cases in zip(*results):
-        tp, grouped = cases[0].size, cases[0].grouped
-        head = _head(label, N, grouped)
-        for case, k_name in ((case, k_name) for case in cases for k_name in zip(kinds, names)):
-            v, (k, name) = case.student.values, k_name
-            problem = _shard_problem(head, name, k, v[k], v[f"{k}_W"], v[f"{k}_b"], case.rank, tp)
-            if problem:
-                return problem + (f" (Rank {case.world_rank} of the world is rank {case.rank} of its group: a shard "
-                                  f"is cut by the rank in the group, self.rank, which labkit's __init__ sets with "
-                                  f"dist.get_rank(group); dist.get_rank() is the rank in the world.)" if grouped else "")
-        problem = next(filter(None, (_calls_problem(head, case) for case in cases)), None)
-        for case in cases if not problem else ():
-            if "hidden" in case.student.values:
-                hidden = case.student.values["hidden"]
-                return (f"{head}: on rank {case.world_rank}, {names[0]}'s output has shape "
-                        f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else hidden}, expected "
-                        f"{(*BT, H // tp)}: this rank's H/tp = {H // tp} hidden features.")
-        problem = problem or _values_problem(cases, _CHECKS[kinds], _TABLES[kinds], head=head, **dict(zip(kinds, names)),
-                                             everywhere="every rank of the group" if grouped else "every rank")
-        if problem:
-            return problem
-        expected = {"forward": kinds.count("row"), "backward": kinds.count("column")}
-        for case in cases if tp > 1 else ():
-            calls = case.student.calls
-            wrong = [phase for phase, n in expected.items() if case.student.count(phase) != n]
-            if wrong and len(kinds) == 1:
-                return (f"{head}: the numbers are right, but on rank {case.world_rank} the layer made "
-                        f"{_calls_text(calls, wrong[0])}, expected {expected[wrong[0]]}: a {kinds[0]}-parallel layer "
-                        f"communicates once, {'in backward (f)' if kinds == ('column',) else 'in forward (g)'}.")
-            if wrong:
-                return (f"{head}: the numbers are right, but on rank {case.world_rank} the MLP made "
-                        f"{_calls_text(calls, 'forward')} and {_calls_text(calls, 'backward')}: Megatron's MLP needs "
-                        f"one in each (g's, after the row-parallel layer, in forward; f's, before the column-parallel "
-                        f"layer, in backward).")
-    return None
-
-
-# ============================================================================================
-# The checks
-# ============================================================================================
-
-def _need_class(cls, what: str, base) -> None:
-    """Refuse what is not a class (an instance, a function), or not a subclass of ``base``."""
+def _check(classes: tuple, kinds: tuple, what: str, *, world_sizes, timeout: float, task: str) -> str:
+    """Refuse what is not a class of the right base; then the workers on each world size, failing at the first
+    problem. Returns the ✓ line's word for the student's collectives."""
     __tracebackhide__ = True
-    if not isinstance(cls, type):
-        fail(f"pass your class itself ({what}), not a {type(cls).__name__} object")
-    if base is torch.autograd.Function and not issubclass(cls, base):
-        fail(f"{cls.__name__} must be a subclass of torch.autograd.Function (class {cls.__name__}("
-             f"torch.autograd.Function): ...), called as {cls.__name__}.apply(x, group)")
-    if base in _LABKIT.values() and not issubclass(cls, base):
-        fail(f"{cls.__name__} must be a subclass of labkit's layer, as in the notebook: class {cls.__name__}("
-             f"labkit.tensor_parallel.{base.__name__}), whose __init__ calls your shard (the check runs your "
-             f"forward with labkit's shards, and your shard with labkit's __init__)")
-
-
-def _run(worker, args: tuple, diagnose: Callable[[int, list], str | None], *, world_sizes, timeout: float,
-         name: str, task: str) -> str:
-    """``worker(*args, timeout, board)`` on each world size, failing at the first problem; the ✓ line's word for
-    the student's collectives."""
-    __tracebackhide__ = True
-    seen = []
+    for cls, kind in zip(classes, kinds):
+        base = torch.autograd.Function if kind in _FG else _LABKIT[kind]
+        if not isinstance(cls, type):
+            fail(f"pass your class itself ({what}), not a {type(cls).__name__} object")
+        if not issubclass(cls, base) and kind in _FG:
+            fail(f"{cls.__name__} must be a subclass of torch.autograd.Function (class {cls.__name__}("
+                 f"torch.autograd.Function): ...), called as {cls.__name__}.apply(x, group)")
+        if not issubclass(cls, base):
+            fail(f"{cls.__name__} must be a subclass of labkit's layer, as in the notebook: class {cls.__name__}("
+                 f"labkit.tensor_parallel.{base.__name__}), whose __init__ calls your shard (the check runs your "
+                 f"forward with labkit's shards, and your shard with labkit's __init__)")
+    names, calls = tuple(c.__name__ for c in classes), []
+    name = " and ".join(names) if kinds == _FG else _label(names, kinds)
     for N in world_sizes:
         with board_dir() as board:
-            results = run_on_ranks(worker, *args, timeout, board, world_size=N, timeout=timeout, name=name, task=task,
-                                   device="cpu")
-        problem = diagnose(N, results)
+            results = run_on_ranks(_worker, classes, kinds, timeout, board, world_size=N, timeout=timeout, name=name,
+                                   task=task, device="cpu")
+        problem = _problem(names, kinds, N, results)
         if problem:
             fail(problem)
-        seen.append(results)
-    return _collective(seen)
+        calls += [c for per_rank in results for case in per_rank for c in case.student.calls]
+    return "all-reduce" if all(c.op == "all_reduce" for c in calls) else "collective"
 
 
 def _sizes(world_sizes) -> str:
@@ -1069,21 +864,15 @@ def _sizes(world_sizes) -> str:
 
 
 def check_f_and_g(copy_to_parallel, reduce_from_parallel, *, world_sizes=WORLD_SIZES, timeout: float = 10.0) -> None:
-    """Check exercises 5a-5d: ``copy_to_parallel`` (f) and ``reduce_from_parallel`` (g), two
-    ``torch.autograd.Function`` subclasses called as ``cls.apply(x, group)``.
-
-    On each world size: f on the same x on every rank, then backward with each rank's own dL/dy (x.grad must
-    be their sum); f in ``out = x + f(x)`` (the gradient tensor autograd hands f's backward is shared with the
-    residual branch: it must not be changed in place); g on each rank's own x_r (y must be their sum, x_r left
-    as it was), then backward with the same dL/dy on every rank (x_r.grad must be dL/dy). On 4 processes, the
-    same in two groups of 2. No communication in f's forward and g's backward."""
+    """Check exercises 5a-5d, f and g (``torch.autograd.Function`` subclasses, ``cls.apply(x, group)``): f on the
+    same x, backward with each rank's own dL/dy (x.grad their sum), also in ``out = x + f(x)`` (the gradient tensor
+    is shared: not to be changed in place); g on each rank's own x_r (y their sum, x_r left as it was), backward
+    with the same dL/dy (x_r.grad = dL/dy). No communication in f's forward and g's backward."""
     __tracebackhide__ = True
-    for cls in (copy_to_parallel, reduce_from_parallel):
-        _need_class(cls, "check_f_and_g(CopyToParallel, ReduceFromParallel)", torch.autograd.Function)
-    names = (copy_to_parallel.__name__, reduce_from_parallel.__name__)
-    collective = _run(_f_and_g_worker, (copy_to_parallel, reduce_from_parallel),
-                      lambda N, results: _f_and_g_problem(names, N, results), world_sizes=world_sizes,
-                      timeout=timeout, name=f"{names[0]} and {names[1]}", task="5a-5d")
+    classes = (copy_to_parallel, reduce_from_parallel)
+    collective = _check(classes, _FG, "check_f_and_g(CopyToParallel, ReduceFromParallel)", world_sizes=world_sizes,
+                        timeout=timeout, task="5a-5d")
+    names = [c.__name__ for c in classes]
     grouped = " and in groups of 2 of 4 processes" if 4 in world_sizes else ""
     passed(f"{names[0]} (f) and {names[1]} (g) are correct on {_sizes(world_sizes)}{grouped}: f's forward is the "
            f"identity and its backward sums the ranks' gradients, g's forward sums and its backward is the identity; "
@@ -1091,17 +880,12 @@ def check_f_and_g(copy_to_parallel, reduce_from_parallel, *, world_sizes=WORLD_S
 
 
 def check_column_parallel(cls, *, world_sizes=WORLD_SIZES, timeout: float = 10.0) -> None:
-    """Check exercises 5e and 5f: ``cls(linear, group)`` keeps this rank's rows of the dense weight and bias
-    (``shard``) and its ``forward`` computes this rank's output features through f.
-
-    On each world size, every rank builds the same float64 ``nn.Linear(12, 24)``; the shards, this rank's
-    output slice, x.grad (the whole input's gradient, summed by f's backward) and the weight and bias gradients
-    (the dense gradients' rows) are compared with the dense layer's. One all-reduce, in backward."""
+    """Check exercises 5e and 5f against a dense ``nn.Linear(12, 24)``: ``cls(linear, group)`` keeps this rank's
+    rows of W and b (``shard``); ``forward`` gives this rank's output features through f; x.grad (summed by f's
+    backward) and the weight and bias gradients are the dense ones' (rows). One all-reduce, in backward."""
     __tracebackhide__ = True
-    _need_class(cls, "check_column_parallel(ColumnParallelLinear)", ColumnParallelLinear)
-    collective = _run(_layers_worker, ((cls,),), lambda N, results: _layers_problem((cls.__name__,), ("column",), N,
-                                                                                   results),
-                      world_sizes=world_sizes, timeout=timeout, name=cls.__name__, task="5e-5f")
+    collective = _check((cls,), ("column",), "check_column_parallel(ColumnParallelLinear)", world_sizes=world_sizes,
+                        timeout=timeout, task="5e-5f")
     grouped = " (the shards also in groups of 2 of 4 processes)" if 4 in world_sizes else ""
     passed(f"{cls.__name__} is correct on {_sizes(world_sizes)}{grouped}: rank r keeps rows [r·out/tp, (r+1)·out/tp) "
            f"of W and b; its output features, the input gradient (one {collective}, in backward) and the weight and "
@@ -1109,17 +893,13 @@ def check_column_parallel(cls, *, world_sizes=WORLD_SIZES, timeout: float = 10.0
 
 
 def check_row_parallel(cls, *, world_sizes=WORLD_SIZES, timeout: float = 10.0) -> None:
-    """Check exercises 5g and 5h: ``cls(linear, group)`` keeps this rank's columns of the dense weight (the bias
-    whole) and its ``forward`` sums the ranks' partial products with g, then adds the bias once.
-
-    On each world size, every rank builds the same float64 ``nn.Linear(24, 12)`` and gets its slice x_r of the
-    input; the shards, the output (whole on every rank), x_r.grad and the weight and bias gradients are compared
-    with the dense layer's. One all-reduce, in forward."""
+    """Check exercises 5g and 5h against a dense ``nn.Linear(24, 12)``: ``cls(linear, group)`` keeps this rank's
+    columns of W and the whole bias; ``forward`` on this rank's slice x_r of the input sums the partial products
+    with g and adds the bias once; x_r.grad and the weight and bias gradients are the dense ones'. One all-reduce,
+    in forward."""
     __tracebackhide__ = True
-    _need_class(cls, "check_row_parallel(RowParallelLinear)", RowParallelLinear)
-    collective = _run(_layers_worker, ((cls,),), lambda N, results: _layers_problem((cls.__name__,), ("row",), N,
-                                                                                   results),
-                      world_sizes=world_sizes, timeout=timeout, name=cls.__name__, task="5g-5h")
+    collective = _check((cls,), ("row",), "check_row_parallel(RowParallelLinear)", world_sizes=world_sizes,
+                        timeout=timeout, task="5g-5h")
     grouped = " (the shards also in groups of 2 of 4 processes)" if 4 in world_sizes else ""
     passed(f"{cls.__name__} is correct on {_sizes(world_sizes)}{grouped}: rank r keeps columns [r·in/tp, (r+1)·in/tp) "
            f"of W and the whole bias, added once after the sum; the output (one {collective}, in forward), the input "
@@ -1127,20 +907,13 @@ def check_row_parallel(cls, *, world_sizes=WORLD_SIZES, timeout: float = 10.0) -
 
 
 def check_parallel_mlp(column_cls, row_cls, *, world_sizes=WORLD_SIZES, timeout: float = 10.0) -> None:
-    """Check the two layers together: column (12 → 24) → GELU → row (24 → 12) against the dense MLP.
-
-    On each world size, the output (whole on every rank), x.grad and every weight and bias gradient (against
-    the dense gradients' slices); exactly one all-reduce in forward and one in backward. On 4 processes also in
-    two tensor-parallel groups of 2, each with its own data (``group`` must reach f and g)."""
+    """Check column (12 → 24) → GELU → row (24 → 12) against the dense MLP: the output, x.grad and every weight and
+    bias gradient; exactly one all-reduce in forward and one in backward."""
     __tracebackhide__ = True
-    what = "check_parallel_mlp(ColumnParallelLinear, RowParallelLinear)"
-    _need_class(column_cls, what, ColumnParallelLinear)
-    _need_class(row_cls, what, RowParallelLinear)
-    names = (column_cls.__name__, row_cls.__name__)
-    collective = _run(_layers_worker, ((column_cls, row_cls),),
-                      lambda N, results: _layers_problem(names, ("column", "row"), N, results),
-                      world_sizes=world_sizes, timeout=timeout, name=f"{names[0]} → GELU → {names[1]}", task="5e-5h")
+    collective = _check((column_cls, row_cls), ("column", "row"),
+                        "check_parallel_mlp(ColumnParallelLinear, RowParallelLinear)", world_sizes=world_sizes,
+                        timeout=timeout, task="5e-5h")
     grouped = " (and in tensor-parallel groups of 2 on 4 processes)" if 4 in world_sizes else ""
-    passed(f"{names[0]} → GELU → {names[1]} equals the dense MLP on {_sizes(world_sizes)}{grouped}: the output, "
+    passed(f"{column_cls.__name__} → GELU → {row_cls.__name__} equals the dense MLP on {_sizes(world_sizes)}{grouped}: the output, "
            f"the input gradient and every weight and bias gradient, sliced as the shards are; one {collective} "
            f"in forward, one in backward")

@@ -5,8 +5,10 @@ student's function, comparing, and watching the student's communication on N pro
 tests use), how to make the wrong version from labkit's own implementation (flags, a subclass, a small
 function: whatever the checker's ``variant`` means), and what the student is told. The checker tries them in
 order where the student's result differs from labkit's (:func:`find_mistake`); the tests build every wrong
-version from the same table and assert that the checker names it. One table, two users: a new mistake is
-one row.
+version from the same table and assert that the checker names it (:func:`literal_parts`: the fixed text of its
+message). One table, two users: a new mistake is one row. Where a wrong version must run beside the student's
+(it communicates), :func:`variants_if_wrong` runs every row's in the launched processes once some rank's numbers
+are wrong, all ranks deciding together (:func:`all_ranks`).
 
 **Watched communication.** :class:`Watch` replaces functions of ``torch.distributed`` (and of
 ``labkit.comm``, which labkit's own side of a check calls) while the student's code runs, in the launched
@@ -25,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import string
 import tempfile
 import threading
 import time
@@ -36,10 +39,12 @@ import torch
 import torch.distributed as dist
 
 from labkit import comm
-from labkit.checks import CheckFailed, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, time_limit_paused
+from labkit.checks import CheckFailed, describe, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, \
+    time_limit_paused
 
-__all__ = ["Mistake", "find_mistake", "need_function", "call_student", "close", "close_number", "element_text",
-           "and_list", "plural", "bound", "Board", "board_dir", "Call", "Watch"]
+__all__ = ["Mistake", "find_mistake", "literal_parts", "need_function", "call_student", "not_written", "close",
+           "close_number", "factor", "factor_words", "element_text", "Described", "keep", "and_list", "plural", "bound",
+           "everyone", "all_ranks", "variants_if_wrong", "Board", "board_dir", "Call", "Watch"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,6 +63,12 @@ def find_mistake(mistakes: Iterable[Mistake], matches: Callable[[Mistake], bool]
     """The first mistake of the table for which ``matches(mistake)`` is true (the student's result equals
     what that wrong version gives), or None."""
     return next((m for m in mistakes if matches(m)), None)
+
+
+def literal_parts(says: str) -> list[str]:
+    """The fixed text of a mistake's ``says`` around its ``{fields}``: what every message naming it contains (what
+    the tests look for)."""
+    return [text for text, *_ in string.Formatter().parse(says) if text.strip()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,12 +101,43 @@ def call_student(fn: Callable, *args, name: str, task: str, where: str = "", **k
         raise CheckFailed(f"{name} raised {type(exc).__name__}{' ' + where if where else ''}: {exc}") from exc
 
 
+def not_written(probes: Iterable[tuple[str, str, Callable]], err: NotImplementedError,
+                task: str) -> NotImplementedError:
+    """What to raise when a stub stopped a check: every piece of the exercise not written yet, by name. ``probes``:
+    ``(task, what, call)`` per piece, ``call`` running that piece alone (with labkit's version of the others); one
+    that raises ``NotImplementedError`` is not written, any other outcome is written (the check says if wrong). When
+    no probe finds one, ``err`` itself, worded as exercise ``task``'s."""
+    def raised(e: NotImplementedError) -> str:
+        return f"NotImplementedError({str(e)!r})" if str(e) else "NotImplementedError"
+
+    def worded(e: NotImplementedError, task: str, what: str) -> str:
+        return str(e) if str(e).startswith("Exercise ") else (
+            f"Exercise {task}: {what} is not written yet (it raised {raised(e)}); see the instructions above")
+    found = []
+    for piece_task, what, call in probes:
+        try:
+            call()
+        except NotImplementedError as e:
+            found.append(worded(e, piece_task, what))
+        except Exception:  # noqa: BLE001 - written (maybe wrong): the check itself will say
+            pass
+    if not found:
+        found = [str(err) if str(err).startswith("Exercise ") else
+                 f"Exercise {task}: your code raised {raised(err)}; see the instructions above"]
+    found = list(dict.fromkeys(found))
+    return NotImplementedError(found[0] + ("\nNot written yet either:\n" + "\n".join(
+        "  " + m.removesuffix("; see the instructions above") for m in found[1:]) if len(found) > 1 else ""))
+
+
 # --------------------------------------------------------------------------------------------
 # Comparing, and saying how two things differ
 # --------------------------------------------------------------------------------------------
 
-def close(want: torch.Tensor, got: Any, rtol: float = 1e-9, atol: float = 1e-12) -> bool:
-    """``got`` is a tensor of ``want``'s shape, equal within the tolerances (NaN never is)."""
+def close(want: torch.Tensor | None, got: Any, rtol: float = 1e-9, atol: float = 1e-12) -> bool:
+    """``got`` is a tensor of ``want``'s shape, equal within the tolerances (NaN never is); where ``want`` is None
+    (nothing expected, e.g. no gradient), ``got`` is None too."""
+    if want is None:
+        return got is None
     return (isinstance(got, torch.Tensor) and got.shape == want.shape
             and first_mismatch(want, got, rtol, atol) is None)
 
@@ -104,10 +146,46 @@ def close_number(want: float, got: float, rtol: float = 1e-9, atol: float = 1e-1
     return math.isclose(want, got, rel_tol=rtol, abs_tol=atol) or (math.isnan(want) and math.isnan(got))
 
 
+def factor(want: torch.Tensor, got: Any) -> float | None:
+    """c when ``got`` = c · ``want`` (a tensor of ``want``'s shape, ``want`` not zero), else None."""
+    if not (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and want.shape == got.shape):
+        return None
+    den = float((want * want).sum())
+    c = float((got * want).sum()) / den if den else None
+    return c if c is not None and close(c * want, got) else None
+
+
+def factor_words(c: float | None, n: int, name: str = "tp") -> str:
+    """A measured :func:`factor` named against a count ``n`` called ``name``: "tp times too large (measured factor 3
+    = tp)", "tp times too small (measured factor 1/3)", "tp² times too large (measured factor 9 = tp²)", "zero";
+    "" for None or a factor with no name."""
+    if c is None:
+        return ""
+    named = {n: f"{name} times too large (measured factor {n} = {name})",
+             1 / n: f"{name} times too small (measured factor 1/{n})",
+             n * n: f"{name}² times too large (measured factor {n * n} = {name}²)", 0: "zero"}
+    return next((words for value, words in named.items() if abs(c - value) < 1e-6), "")
+
+
+class Described(str):
+    """A value that is not a tensor, in words (:func:`labkit.checks.describe`): what a launched rank sends back
+    instead of the value itself, which may not pickle (see :func:`keep`)."""
+
+
+def keep(value: Any) -> Any:
+    """What a launched rank keeps of a student's value to send back: a tensor detached and copied, None as None,
+    anything else :class:`Described`."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return None if value is None else Described(describe(value))
+
+
 def element_text(label: str, want: torch.Tensor, got: Any, rtol: float = 1e-9, atol: float = 1e-12) -> str:
-    """``'label[i, j]: expected x, got y'`` at the first differing element (or what is wrong with the shape)."""
+    """``'label[i, j]: expected x, got y'`` at the first differing element (or what is wrong with the shape; a
+    non-tensor described: "label is None, expected a tensor of shape (2, 3)")."""
     if not isinstance(got, torch.Tensor):
-        return f"{label} is a {type(got).__name__}, expected a tensor of shape {tuple(want.shape)}"
+        shown = got if isinstance(got, Described) else describe(got)
+        return f"{label} is {shown}, expected a tensor of shape {tuple(want.shape)}"
     if want.shape != got.shape:
         return f"{label} has shape {tuple(got.shape)}, expected {tuple(want.shape)}"
     bad = first_mismatch(want, got, rtol, atol)
@@ -133,6 +211,35 @@ def bound(x: float, floor: int = -14) -> str:
     """A power of ten above a tiny difference, at least ``1e{floor}``: printed output that does not depend on
     the last bits of the arithmetic."""
     return f"1e{max(floor, math.ceil(math.log10(x)) if x > 0 else floor)}"
+
+
+# --------------------------------------------------------------------------------------------
+# Deciding together, in the launched processes
+# --------------------------------------------------------------------------------------------
+
+def everyone(obj: Any) -> list:
+    """Every rank's picklable ``obj``, in rank order: the checker's own collective (not watched, and its wait not
+    counted against a :func:`labkit.checks.time_limit` around it)."""
+    with time_limit_paused():
+        return comm.all_gather_objects(obj)
+
+
+def all_ranks(ok: bool, watch: Watch | None = None) -> bool:
+    """``ok`` on every rank, decided together. With ``watch``, this rank shows as checking meanwhile (a rank that
+    waits for it in a student's call names it as one that went on), then as running again."""
+    if watch is not None:
+        watch.checking()
+    result = all(everyone(bool(ok)))
+    if watch is not None:
+        watch.running()
+    return result
+
+
+def variants_if_wrong(right: bool, mistakes: Iterable[Mistake], run: Callable[[Any], Any]) -> dict[str, Any]:
+    """Where ``right`` is False on some rank (all ranks decide together), every mistake's wrong version run here on
+    the same inputs, ``{name: run(variant)}``, for the parent to compare with the student's result
+    (:func:`find_mistake`); where every rank is right, {}: nothing to name, nothing run."""
+    return {} if all_ranks(right) else {m.name: run(m.variant) for m in mistakes}
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,7 +318,9 @@ class Watch:
     """Inside ``with watch.installed():`` the functions ``ops`` of torch.distributed (and of labkit.comm where
     it has them, if ``comm_too``) are this rank's watched versions: done as the real ones, recorded in
     :attr:`calls`, never waiting longer than ``deadline`` seconds (then :class:`CheckFailed` with every rank's
-    state from ``board``). Waiting does not count against a :func:`labkit.checks.time_limit` around it.
+    state from ``board``). Waiting does not count against a :func:`labkit.checks.time_limit` around it. With
+    ``hint_checking``, a rank in the checker's own code (:meth:`checking`) while others wait in a call is named as one
+    that went on without it (as a returned one is).
 
     Subclass hooks: :meth:`on_call` (check or annotate a call before it goes, e.g. its ``phase``, which the
     stuck message shows as "during <phase>"; raise :class:`CheckFailed` to stop), :meth:`rank_name`,
@@ -219,9 +328,10 @@ class Watch:
     functions the watched calls end in (torch's, read at each call): a subclass may wrap them."""
 
     def __init__(self, ops: Sequence[str], *, deadline: float, board: Board | None = None, defer: bool = False,
-                 comm_too: bool = False):
+                 comm_too: bool = False, hint_checking: bool = False):
         self.ops = [op for op in ops if hasattr(dist, op)]
         self.deadline, self.board, self.defer, self.comm_too = deadline, board, defer, comm_too
+        self.hint_checking = hint_checking
         self.calls: list[Call] = []
         self.phase = ""
         self.real: dict[str, Callable] = {n: getattr(dist, n) for n in set(self.ops) | set(_P2P.values())
@@ -266,6 +376,9 @@ class Watch:
             elif s["state"] == "running":
                 hints.append(f"→ {self.rank_name(r)} is still running its own code: a very slow or endless "
                              f"computation?")
+        hints += [f"→ {self.rank_name(r)} went on without that call: every rank must call the same collectives in "
+                  f"the same order (a collective inside `if rank == ...:`?)." for r, s in sorted(states.items())
+                  if self.hint_checking and s["state"] == "checking"]
         return hints
 
     # --- installing -------------------------------------------------------------------------------------
@@ -294,6 +407,10 @@ class Watch:
     def checking(self) -> None:
         """This rank is in the checker's own code again (e.g. its own exchange of results)."""
         self._state("checking")
+
+    def running(self) -> None:
+        """This rank is back in the student's code (e.g. after the checker's own exchange)."""
+        self._state("running")
 
     # --- one call -----------------------------------------------------------------------------------------
 
