@@ -52,7 +52,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from labkit.checks import CheckFailed, describe, fail, first_mismatch, fmt_number, fmt_pair, passed, run_on_ranks
 from labkit.checks.harness import (Board, Call, Mistake, Watch, and_list, board_dir, close, find_mistake,
-                                   need_function, plural)
+                                   need_function, not_written, plural)
 from labkit.param_server import run_server as labkit_server
 from labkit.param_server import run_worker as labkit_worker
 from labkit.param_server import shard_bounds
@@ -692,22 +692,10 @@ def check_worker(run_worker: Callable, *, configs=CONFIGS, timeout: float = 10.0
 def _not_written(server_fn, worker_fn, err: NotImplementedError) -> NotImplementedError:
     """The stub that stopped the check, and the other function too if it is not written yet either (probed here:
     outside a launched process any real send or receive fails at once, a stub raises first)."""
-    found = []
-    probes = (("7a", server_fn, lambda: server_fn(torch.zeros(3, dtype=torch.float64), 0, 1, 1, 1, LR)),
-              ("7b", worker_fn, lambda: worker_fn(make_model(), make_batches(0, 1), 0, 1)))
-    for task, fn, call in probes:
-        try:
-            call()
-        except NotImplementedError as e:
-            found.append(str(e) if str(e).startswith("Exercise ") else
-                         f"Exercise {task}: {getattr(fn, '__name__', task)} is not written yet (it raised "
-                         f"NotImplementedError{f'({str(e)!r})' if str(e) else ''}); see the instructions above")
-        except Exception:  # noqa: BLE001 - written (a send outside a process group fails): the run will say
-            pass
-    if not found:
-        return err
-    return NotImplementedError(found[0] + ("\nNot written yet either:\n" + "\n".join(
-        "  " + m.removesuffix("; see the instructions above") for m in found[1:]) if len(found) > 1 else ""))
+    probes = (("7a", getattr(server_fn, "__name__", "7a"),
+               lambda: server_fn(torch.zeros(3, dtype=torch.float64), 0, 1, 1, 1, LR)),
+              ("7b", getattr(worker_fn, "__name__", "7b"), lambda: worker_fn(make_model(), make_batches(0, 1), 0, 1)))
+    return not_written(probes, err, "7")
 
 
 def check_parameter_server(run_server: Callable, run_worker: Callable, *, configs=CONFIGS,
