@@ -14,6 +14,7 @@ import os
 
 import torch.distributed as dist
 
+from labkit import comm
 from labkit.launcher import init_from_env, launch
 
 __all__ = ["under_launcher", "run_lab"]
@@ -30,7 +31,12 @@ def run_lab(train, args, device: str | None = None) -> tuple[int, dict]:
     if under_launcher():
         rank, _, dev = init_from_env(args.world_size, device=device, timeout=args.timeout)
         try:
-            return rank, train(args, dev)
+            result = train(args, dev)
+            # every rank done with its last messages before any tears down its connections: gloo aborts a
+            # process ("terminate called without an active exception") whose group is destroyed while a
+            # peer's message to it is still in flight (seen once in CI after the final gather)
+            comm.barrier()
+            return rank, result
         finally:
             dist.destroy_process_group()
     init_from_env(None)  # catches `accelerate launch --cpu` (one process, no world) with a clear error
