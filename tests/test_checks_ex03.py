@@ -15,7 +15,8 @@ import torch.distributed as dist
 from labkit import comm
 from labkit.checks import CheckFailed
 from labkit.checks.ex03 import (MISTAKES, check_broadcast, check_bucket_plan, check_bucketed_ddp,
-                                check_finish_backward, check_on_grad_ready, literal_parts, wrong_version)
+                                check_finish_backward, check_on_grad_ready, wrong_version)
+from labkit.checks.harness import literal_parts
 from labkit.ddp import BucketedDDP as LabkitBucketedDDP
 
 ROOT = Path(__file__).resolve().parents[1]

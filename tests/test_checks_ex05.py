@@ -139,11 +139,20 @@ def test_each_known_mistake_is_named(check, mistake):
     assert any(message.startswith(f"{n} (f) is wrong" if n.startswith("F") else f"{n} (g) is wrong" if
                                   n.startswith("G") else n) for n in names) or message.startswith(names[0]), message
     assert HEAD_3 in message or " are wrong on 3 processes (tp = 3): " in message, message
+    table = next(t for t in (F_AND_G_MISTAKES, COLUMN_SHARD_MISTAKES, ROW_SHARD_MISTAKES, COLUMN_MISTAKES,
+                             ROW_MISTAKES, MLP_MISTAKES) if mistake in t)
+    for other in table:   # and not another row's text (unless this row's own text holds all of it)
+        parts = literal_parts(other.says)
+        if other is not mistake and not all(p in mistake.says for p in parts):
+            assert not all(p in message for p in parts), (other.name, message)
 
 
 def test_the_tables_name_each_mistake_once():
     names = [m.name for _, m in TABLES]
     assert len(names) == len(set(names))
+    for table in (F_AND_G_MISTAKES, COLUMN_SHARD_MISTAKES, ROW_SHARD_MISTAKES, COLUMN_MISTAKES, ROW_MISTAKES,
+                  MLP_MISTAKES):   # a row that says what another row of its table says could never be named
+        assert len({m.says for m in table}) == len(table), [m.name for m in table]
 
 
 @pytest.mark.parametrize("check,args,expected", [

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import labkit
-from labkit.checks.harness import (Board, Described, Mistake, Watch, all_ranks, board_dir, close, element_text, factor,
-                                   factor_words, keep, literal_parts, not_written, variants_if_wrong)
+from labkit.checks import CheckFailed, run_on_ranks
+from labkit.checks.harness import (Board, Described, Mistake, Watch, all_ranks, board_dir, close, element_text,
+                                   everyone, factor, factor_words, keep, literal_parts, not_written, variants_if_wrong)
 
 
 def test_literal_parts_are_the_text_around_the_fields():
@@ -110,9 +111,60 @@ def _decide(right_ranks, board_path):
 
 
 def test_the_ranks_decide_together_and_all_run_the_wrong_versions():
-    with board_dir() as path:
-        right, wrong_on_one = (labkit.launch(_decide, ranks, path, world_size=2, timeout=60)
-                               for ranks in ((0, 1), (0,)))
+    outcomes = []
+    for ranks in ((0, 1), (0,)):
+        with board_dir() as path:               # one board directory per launch
+            outcomes.append(labkit.launch(_decide, ranks, path, world_size=2, timeout=60))
+    right, wrong_on_one = outcomes
     assert right == [(True, ["checking", "running"], {})] * 2
     assert wrong_on_one == [(False, ["checking", "running"], {"double": 20, "triple": 30}),
                             (False, ["checking", "running"], {"double": 22, "triple": 33})]
+
+
+# --- the Watch itself, on 2 processes -------------------------------------------------------------------------------
+
+def _watched(board_path, mode):
+    rank = torch.distributed.get_rank()
+    watch = Watch(["all_reduce"], deadline=2.0, board=Board(board_path, rank, 2), defer=True)
+    t = torch.full((3,), float(rank + 1))
+    with watch.installed():
+        watch.phase = "the test"
+        if mode == "waited":
+            torch.distributed.all_reduce(t, async_op=True).wait()
+        elif mode == "never waited":
+            torch.distributed.all_reduce(t, async_op=True)        # the result stays in the watch's copy
+        elif mode == "rank 0 only":
+            if rank == 0:
+                torch.distributed.all_reduce(t)
+        elif mode == "left open on rank 0":
+            if rank == 0:
+                torch.distributed.all_reduce(t, async_op=True)
+    if mode != "rank 0 only":
+        everyone(None, watch)
+    watch.returned()
+    return t.tolist(), [(c.op, c.async_op, len(c.waits)) for c in watch.calls]
+
+
+def _watch_run(mode):
+    with board_dir() as path:
+        return run_on_ranks(_watched, path, mode, world_size=2, timeout=8, name="f")
+
+
+def test_a_deferred_result_reaches_the_tensor_only_at_wait():
+    assert _watch_run("waited") == [([3.0] * 3, [("all_reduce", True, 1)])] * 2
+    assert _watch_run("never waited") == [([1.0] * 3, [("all_reduce", True, 0)]), ([2.0] * 3, [("all_reduce", True, 0)])]
+
+
+def test_a_collective_on_one_rank_is_named_as_a_deadlock_with_every_ranks_state():
+    with pytest.raises(CheckFailed) as info:
+        _watch_run("rank 0 only")
+    message = str(info.value)
+    assert "rank 0" in message and "1st dist.all_reduce, during the test" in message
+    assert "rank 1: had returned from its function" in message and "→ rank 1 has returned" in message
+
+
+def test_a_collective_left_open_on_one_rank_is_named_before_the_checkers_gather():
+    with pytest.raises(CheckFailed) as info:
+        _watch_run("left open on rank 0")
+    assert "the ranks made different numbers of torch.distributed calls during the test: rank 0 1 call and " \
+           "rank 1 0 calls" in str(info.value)

@@ -23,7 +23,7 @@ from labkit.param_server_figures import (draw_divergence, draw_stability_bounds,
                                          loss_curves_figure, staleness_figure, traffic_figure)
 from labkit.pipeline.gantt import (activation_memory_figure, draw_bubble_vs_m, draw_dp_pp_layout,  # noqa: E402
                                    gantt_stack)
-from labkit.pipeline.schedules import gpipe, one_f_one_b  # noqa: E402
+from labkit.pipeline.schedules import gpipe  # noqa: E402
 from labkit.pipeline.simulate import expected_bubble, simulate  # noqa: E402
 from labkit.tensor_parallel_figures import c_attn_rows_figure, draw_tp_dp_traffic  # noqa: E402
 from labkit.timeline import Event  # noqa: E402

@@ -20,7 +20,6 @@ The known mistakes are :data:`MISTAKES`, each with the change of labkit's class 
 from __future__ import annotations
 
 import os
-import string
 import time
 import warnings
 from contextlib import contextmanager
@@ -38,7 +37,7 @@ from labkit.data_parallel import broadcast_parameters
 from labkit.ddp import plan_buckets
 
 __all__ = ["check_broadcast", "check_bucket_plan", "check_on_grad_ready", "check_finish_backward",
-           "check_bucketed_ddp", "TASKS", "WORLD_SIZES", "MISTAKES", "Change", "wrong_version", "literal_parts"]
+           "check_bucketed_ddp", "TASKS", "WORLD_SIZES", "MISTAKES", "Change", "wrong_version"]
 
 WORLD_SIZES = (3, 2, 4)   # 3 first: a first failure on 3 ranks reads best
 STEPS, LR, _SEED, MB = 3, 0.5, 100, 2 ** 20
@@ -325,11 +324,6 @@ _SAYS = {m.name: m.says for m in MISTAKES}
 
 def _say(name: str, **fields) -> str:
     return _SAYS[name].format(**fields)
-
-
-def literal_parts(says: str) -> list[str]:
-    """The fixed text of a mistake's message (between its fields): what every message for it contains."""
-    return [text for text, *_ in string.Formatter().parse(says) if text.strip()]
 
 
 def wrong_version(mistake: Mistake) -> type:

@@ -233,7 +233,16 @@ def _ratios_returned(result, n: int, name: str, step: int) -> list:
     return numbers
 
 
-_close, _close_number, _element = close, close_number, element_text   # at this module's tolerances: the defaults
+def _close(a: torch.Tensor, b) -> bool:
+    return close(a, b, _RTOL, _ATOL)
+
+
+def _close_number(a: float, b: float) -> bool:
+    return close_number(a, b, _RTOL, _ATOL)
+
+
+def _element(label: str, want: torch.Tensor, got) -> str:
+    return element_text(label, want, got, _RTOL, _ATOL)
 
 
 def _all_close(wants, gots) -> bool:

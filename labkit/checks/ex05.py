@@ -155,7 +155,8 @@ RowWithoutG = type("RowWithoutG", (RowParallelLinear,), {"forward": lambda self,
 RowWithoutBias = type("RowWithoutBias", (_Row,), {"forward": lambda self, x_r: ReduceFromParallel.apply(
     F.linear(x_r, self.weight), self.group)})
 RowBiasOnEveryRank = type("RowBiasOnEveryRank", (_Row,), {"bias_first": True})     # the sum holds tp copies of b
-RowBiasOnEveryRankAveraged = type("RowBiasOnEveryRankAveraged", (_Row,), {"bias_first": True, "g": GAverages})
+# (the bias added on every rank and g averaging: Σ(x_r W_rᵀ + b)/tp = Σ x_r W_rᵀ/tp + b, the same numbers as
+# RowGAverages, so the same mistake to name: not a row of its own)
 RowBiasOnRankZero = type("RowBiasOnRankZero", (RowParallelLinear,), {"forward": lambda self, x_r: (  # the other ranks'
     ReduceFromParallel.apply(F.linear(x_r, self.weight, self.bias if self.rank == 0 else None), self.group))})  # b: no grad
 RowSlicesOutputs = type("RowSlicesOutputs", (RowParallelLinear,),
@@ -258,8 +259,6 @@ _ROW_OUTPUT = (
             "which sums the tp copies. Add it once, after the sum: y = g(x_r W_rᵀ) + b (every rank adds it to the "
             "same sum, so every rank gets the same y)."),
     Mistake("row-g-averages", RowGAverages,
-            "; y is the mean of the ranks' partial sums (+ b), not their sum: " + _AVERAGED + "."),
-    Mistake("row-g-averages-bias-tp-times", RowBiasOnEveryRankAveraged,
             "; y is the mean of the ranks' partial sums (+ b), not their sum: " + _AVERAGED + "."),
     Mistake("row-without-bias", RowWithoutBias,
             "; y = Σ_r x_r W_rᵀ: the bias b was not added (add it after g, on every rank)."),

@@ -283,7 +283,8 @@ def _diagnose_warmup(compute: list, schedule: Schedule, head: str, p: int, m: in
         return None
     mistake = find_mistake(WARMUP_MISTAKES, lambda row: row.variant.matches(yours, expected, p, m))
     i = _first_off(yours, expected)
-    return mistake.says.format(
+    says = mistake.says if mistake else "{head}: the warm-ups differ from 1F1B's {both}.{effect}"   # (the last two
+    return says.format(                                                           # rows cover every difference)
         head=head, m=m, c=yours[0], i=i, want_i=expected[i], yours_i=yours[i], p_i_1=p - i - 1,
         stages_after=plural(p - i - 1, "stage"), held=_list(expected_peak_activations("1F1B", p, m)),
         both=f"(warm-up forwards per stage: expected {_list(expected)}, yours {_list(yours)})",

@@ -217,19 +217,50 @@ def bound(x: float, floor: int = -14) -> str:
 # Deciding together, in the launched processes
 # --------------------------------------------------------------------------------------------
 
-def everyone(obj: Any) -> list:
+def everyone(obj: Any, watch: Watch | None = None) -> list:
     """Every rank's picklable ``obj``, in rank order: the checker's own collective (not watched, and its wait not
-    counted against a :func:`labkit.checks.time_limit` around it)."""
+    counted against a :func:`labkit.checks.time_limit` around it). With a ``watch`` that has a board, the ranks
+    first meet on the board and compare how many calls each made: a student's collective left open on some ranks
+    (made on one rank only, or asynchronous and never waited) would otherwise pair with this gather."""
+    if watch is not None and watch.board is not None:
+        _meet(watch)
     with time_limit_paused():
         return comm.all_gather_objects(obj)
 
 
+def _meet(watch: Watch) -> None:
+    board = watch.board
+    board.meetings += 1
+    meeting = Board(board.path, board.rank, board.world_size, prefix="meet")
+    meeting.set("met", count=board.meetings, calls=len(watch.calls))
+    patience = 2 * watch.deadline + 1.0     # a rank stuck in a call names the deadlock itself first
+    until = time.monotonic() + patience
+    with time_limit_paused():
+        while True:
+            states = meeting.states()
+            if all(states.get(r, {}).get("count", 0) >= board.meetings for r in range(board.world_size)):
+                break
+            if time.monotonic() > until:
+                raise CheckFailed(f"the ranks did not all finish {watch.phase or 'their part'} within {patience:g} s"
+                                  + watch.states_text())
+            time.sleep(0.01)
+    counts = [states[r]["calls"] for r in range(board.world_size)]
+    if len(set(counts)) > 1:
+        made = and_list(f"{watch.rank_name(r)} {plural(n, 'call')}" for r, n in enumerate(counts))
+        raise CheckFailed(f"the ranks made different numbers of torch.distributed calls"
+                          f"{' during ' + watch.phase if watch.phase else ''}: {made}. Every rank must make the same "
+                          f"calls: a collective on some ranks only (inside `if rank == ...`), or an asynchronous one "
+                          f"whose handle is never waited, leaves the others' next collective paired with the wrong "
+                          f"call.")
+
+
 def all_ranks(ok: bool, watch: Watch | None = None) -> bool:
-    """``ok`` on every rank, decided together. With ``watch``, this rank shows as checking meanwhile (a rank that
-    waits for it in a student's call names it as one that went on), then as running again."""
+    """``ok`` on every rank, decided together (with ``watch``: after meeting, see :func:`everyone`). Meanwhile this
+    rank shows as checking (with ``Watch(hint_checking=True)``, a rank that waits for it in a student's call names
+    it as one that went on), then as running again."""
     if watch is not None:
         watch.checking()
-    result = all(everyone(bool(ok)))
+    result = all(everyone(bool(ok), watch))
     if watch is not None:
         watch.running()
     return result
@@ -261,12 +292,13 @@ class Board:
     (in a call: ``op``, ``peer``, ``index``), ``returned`` (from the student's function), ``checking`` (in the
     checker's own code, after the student's). Written atomically, read by a rank that is stuck."""
 
-    def __init__(self, path: str, rank: int, world_size: int):
-        self.path, self.rank, self.world_size = path, rank, world_size
+    def __init__(self, path: str, rank: int, world_size: int, prefix: str = "rank"):
+        self.path, self.rank, self.world_size, self.prefix = path, rank, world_size, prefix
+        self.meetings = 0           # how many times this rank met the others before a gather (see everyone)
 
     def set(self, state: str, **info) -> None:
         info.update(state=state, rank=self.rank, time=time.time())
-        file = os.path.join(self.path, f"rank{self.rank}.json")
+        file = os.path.join(self.path, f"{self.prefix}{self.rank}.json")
         with open(file + ".tmp", "w") as f:
             json.dump(info, f)
         os.replace(file + ".tmp", file)
@@ -275,7 +307,7 @@ class Board:
         out = {}
         for r in range(self.world_size):
             try:
-                with open(os.path.join(self.path, f"rank{r}.json")) as f:
+                with open(os.path.join(self.path, f"{self.prefix}{r}.json")) as f:
                     out[r] = json.load(f)
             except (OSError, ValueError):
                 pass
@@ -318,14 +350,16 @@ class Watch:
     """Inside ``with watch.installed():`` the functions ``ops`` of torch.distributed (and of labkit.comm where
     it has them, if ``comm_too``) are this rank's watched versions: done as the real ones, recorded in
     :attr:`calls`, never waiting longer than ``deadline`` seconds (then :class:`CheckFailed` with every rank's
-    state from ``board``). Waiting does not count against a :func:`labkit.checks.time_limit` around it. With
+    state from ``board``; the checkers run on gloo, where a wait blocks the host: NCCL's wait would only order a
+    CUDA stream, so the deadline would not hold there). Waiting does not count against a :func:`labkit.checks.time_limit` around it. With
     ``hint_checking``, a rank in the checker's own code (:meth:`checking`) while others wait in a call is named as one
     that went on without it (as a returned one is).
 
     Subclass hooks: :meth:`on_call` (check or annotate a call before it goes, e.g. its ``phase``, which the
     stuck message shows as "during <phase>"; raise :class:`CheckFailed` to stop), :meth:`rank_name`,
     :meth:`stuck_hints` (what the ranks' states mean for this exercise), :meth:`moment`. :attr:`real` holds the
-    functions the watched calls end in (torch's, read at each call): a subclass may wrap them."""
+    functions the watched calls end in (torch's, as they were when the Watch was made, read from :attr:`real` at
+    each call): a subclass may wrap them. Make a Watch while no other is installed."""
 
     def __init__(self, ops: Sequence[str], *, deadline: float, board: Board | None = None, defer: bool = False,
                  comm_too: bool = False, hint_checking: bool = False):
@@ -475,7 +509,9 @@ class Watch:
         if user_async:
             return handle
         handle.wait()
-        return call.peer if op == "recv" else None     # torch's recv returns the sender
+        if op != "recv":
+            return None
+        return call.peer if call.peer is not None else work._source_rank()   # torch's recv returns the sender
 
     def _wait(self, work, call: Call) -> None:
         """``work.wait()``, but never longer than the deadline; the time does not count as the student's."""
@@ -530,6 +566,14 @@ class Watch:
         hints = self.stuck_hints(states)
         return head + "\nWhat every rank was doing:\n" + "\n".join(lines) + ("\n" + "\n".join(hints) if hints else "")
 
+    def states_text(self) -> str:
+        """``"\nWhat every rank was doing:"`` and a line per rank, from the board ("" without one)."""
+        if self.board is None:
+            return ""
+        states = self.board.states()
+        return "\nWhat every rank was doing:\n" + "\n".join(f"  {self._describe(states.get(r), r)}"
+                                                             for r in range(self.board.world_size))
+
     def _describe(self, state: dict | None, rank: int) -> str:
         name = self.rank_name(rank)
         if state is None:
@@ -567,14 +611,19 @@ class _Handle:
         self._call.waits.append(self._watch.moment())
         if not self._done:
             self._watch._wait(self._work, self._call)
-            with torch.no_grad():
-                for target, copy in self._targets:
-                    target.copy_(copy)
-            self._done = True
+            self._finish()
         return True
 
     def is_completed(self) -> bool:
-        return self._done or self._work.is_completed()
+        if not self._done and self._work.is_completed():
+            self._finish()          # as torch's: once complete, the result is in the student's tensors
+        return self._done
+
+    def _finish(self) -> None:
+        with torch.no_grad():
+            for target, copy in self._targets:
+                target.copy_(copy)
+        self._done = True
 
     def is_success(self) -> bool:
         return self._work.is_success()
