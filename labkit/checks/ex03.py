@@ -374,11 +374,6 @@ class _Watch(Watch):
                          f"only some ranks?).")
         return hints
 
-    def states_text(self) -> str:
-        states = self.board.states()
-        return "\nWhat every rank was doing:\n" + "\n".join(f"  {self._describe(states.get(r), r)}"
-                                                             for r in range(self.board.world_size))
-
 
 class _Run:
     """What the wrappers around the student's methods need in this rank (one per launched worker)."""
