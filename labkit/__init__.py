@@ -29,7 +29,8 @@ Lecture code (a concept per file; read it beside its notebook)
               ddp_figures       draw_ddp_timeline, ddp_timeline_legend, ddp_timelines_figure, draw_loss_curve,
                                 draw_wrapper_agreement, bucket_sweep_figure, scaling_figure
     4         optim             LARS, Lamb, AdaScale, scaled_lr, warmup_factor
-              large_batch       the batch-size sweep: options, sweep, train, Data, mean_loss, lr_multiplier
+              large_batch       one GPT at batch k·B: lr_multiplier, schedule, Data, train_run, mean_loss
+              large_batch_sweep the sweep over methods and k: options, sweep, train, summary_table
               large_batch_figures   batch_sweep_figure, draw_batch_sweep, noise_scale_figure, warmup_figure,
                                     draw_source_formula, draw_trust_ratios, draw_weight_norms,
                                     trust_ratio_figure, adascale_gain_figure, adascale_sweep_gain_figure
@@ -37,7 +38,9 @@ Lecture code (a concept per file; read it beside its notebook)
               layer_split_figures   draw_model_state_memory (why split: model states against a GPU),
                                     draw_layer_split, layer_split_legend
               tensor_parallel   ColumnParallelLinear, RowParallelLinear, the f/g operators,
-                                ParallelMLP, ParallelSelfAttention, tensor_parallel_gpt, grid_groups
+                                ParallelMLP, count_communication
+              tensor_parallel_gpt   ParallelSelfAttention, ParallelBlock, tensor_parallel_gpt,
+                                    shard_like, grid_groups
               tensor_parallel_figures   draw_tp_mlp, draw_grid, c_attn_rows_figure, draw_tp_dp_traffic
     6         pipeline          schedules as data (gpipe, one_f_one_b, interleaved_1f1b), simulate,
                                 bubble_fraction, run_schedule (the runtime: a plain interpreter; its

@@ -14,7 +14,7 @@ trust ratios and AdaScale's gain (:mod:`labkit.optim`).
     adascale_gain_figure(gains, ...)    AdaScale's gain against the scale S and during a live run, and τ
     adascale_sweep_gain_figure(results) AdaScale's gain in the sweep's runs, against progress and against k
 
-``results`` is what :func:`labkit.large_batch.train` returns (the lab's JSON has the same format).
+``results`` is what :func:`labkit.large_batch_sweep.train` returns (the lab's JSON has the same format).
 """
 
 from __future__ import annotations
@@ -352,7 +352,7 @@ def adascale_gain_figure(gains: Mapping[int, Sequence[float]], b_simple: float, 
 
 
 def adascale_sweep_gain_figure(results):
-    """AdaScale's gain in the sweep's runs at k > 1 (``results`` as :func:`labkit.large_batch.train` returns).
+    """AdaScale's gain in the sweep's runs at k > 1 (``results`` as :func:`labkit.large_batch_sweep.train` returns).
     Left: each run's smoothed gain against its progress τ/T (T: the base run's steps), one red line per k,
     darker for larger k. Right: the mean gain over each run and the epochs it read, against k, with
     r = k (perfect scaling) dashed."""

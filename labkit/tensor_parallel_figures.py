@@ -93,7 +93,7 @@ def draw_grid(ax, results: Sequence[tuple[Any, dict]], d: int = 2, t: int = 2):
     """The d × t grid of ranks as a live run reported it: TP groups (rows, inside a node) all-reduce
     activations, DP groups (columns) all-reduce gradients. ``results[rank]`` is (anything, info) with
     ``info["tp group"]`` and ``info["dp group"]`` (the ranks of its groups, from
-    :func:`labkit.tensor_parallel.grid_groups`) and ``info["sequences"]`` (the first and last sequence of
+    :func:`labkit.tensor_parallel_gpt.grid_groups`) and ``info["sequences"]`` (the first and last sequence of
     the batch its replica read)."""
     pos = {}
     for rank, (_, info) in enumerate(results):

@@ -147,7 +147,7 @@ def test_each_ddp_equals_one_process_under_nccl(kind, world_size):
 # --- tensor parallel, pipeline, parameter server ------------------------------------------------------------
 
 def _tensor_parallel_gpt():
-    from labkit.tensor_parallel import tensor_parallel_gpt
+    from labkit.tensor_parallel_gpt import tensor_parallel_gpt
     dev = comm.device()
     dense = _tiny_gpt(dev).double()
     parallel = tensor_parallel_gpt(dense)

@@ -13,10 +13,9 @@ from torch import nn
 
 import labkit
 from labkit.models import GPT, GPTConfig
-from labkit.tensor_parallel import (ColumnParallelLinear, ParallelBlock, ParallelMLP, ParallelSelfAttention,
-                                    RowParallelLinear, copy_to_tensor_parallel, count_communication,
-                                    gather_from_tensor_parallel, grid_groups, reduce_from_tensor_parallel,
-                                    shard_like, tensor_parallel_gpt)
+from labkit.tensor_parallel import (ColumnParallelLinear, ParallelMLP, RowParallelLinear, copy_to_tensor_parallel,
+                                    count_communication, gather_from_tensor_parallel, reduce_from_tensor_parallel)
+from labkit.tensor_parallel_gpt import ParallelBlock, ParallelSelfAttention, grid_groups, shard_like, tensor_parallel_gpt
 
 TOL = 1e-12
 VOCAB, B, T = 13, 4, 16

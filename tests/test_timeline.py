@@ -60,10 +60,10 @@ def test_the_lessons_figures_draw_made_up_steps():
 
 
 def test_large_batch_options_are_checked():
-    from labkit import large_batch
-    args = large_batch.options(scales=[4, 1], methods=["lamb", "sgd"], lrs=["lamb=0.01"])
+    from labkit import large_batch_sweep
+    args = large_batch_sweep.options(scales=[4, 1], methods=["lamb", "sgd"], lrs=["lamb=0.01"])
     assert args.scales == [1, 4] and args.methods == ["sgd", "lamb"] and args.lr_grid["lamb"] == (0.01,)
     with pytest.raises(TypeError, match="unknown options"):
-        large_batch.options(batch=3)
+        large_batch_sweep.options(batch=3)
     with pytest.raises(ValueError, match="--scales must include 1"):
-        large_batch.options(scales=[2])
+        large_batch_sweep.options(scales=[2])

@@ -32,7 +32,8 @@ from labkit.checks import CheckFailed, fail, passed, run_on_ranks, student_trace
 from labkit.checks.harness import (Board, Mistake, Watch, all_ranks, and_list, board_dir, close, element_text, factor,
                                    factor_words, find_mistake, keep, not_written, plural, variants_if_wrong)
 from labkit.tensor_parallel import (ColumnParallelLinear, CopyToParallel, ReduceFromParallel, RowParallelLinear,
-                                    grid_groups, shard_columns, shard_rows)
+                                    shard_columns, shard_rows)
+from labkit.tensor_parallel_gpt import grid_groups
 
 __all__ = ["check_f_and_g", "check_column_parallel", "check_row_parallel", "check_parallel_mlp", "WORLD_SIZES",
            "F_AND_G_MISTAKES", "COLUMN_SHARD_MISTAKES", "ROW_SHARD_MISTAKES", "COLUMN_MISTAKES", "ROW_MISTAKES",

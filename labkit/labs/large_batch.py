@@ -4,8 +4,8 @@
     python -m labkit.labs.large_batch --world-size 2 --scales 1 4 16 --methods sgd lamb --epochs 0.5
     torchrun --standalone --nproc-per-node 2 -m labkit.labs.large_batch --world-size 2
 
-The experiment, its protocol and its options are described in :mod:`labkit.large_batch` (``--help``
-lists the options). This file only parses the command line, runs :func:`labkit.large_batch.train` on
+The experiment and its protocol are described in :mod:`labkit.large_batch`, the sweep's options in
+:mod:`labkit.large_batch_sweep` (``--help`` lists them). This file only parses the command line, runs :func:`labkit.large_batch_sweep.train` on
 every rank (under torchrun or accelerate, or on ``--world-size`` processes of its own), and writes the
 outputs (rank 0): a progress bar, ``--output`` (JSON: the command, the options, the tuning grid, every
 run's losses, curves, steps and gains) and a figure next to it (same name, ``.png``), then a summary table.
@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 from labkit.labs.entry import run_lab, under_launcher
-from labkit.large_batch import (DECAYS, DEFAULT_LRS, DEFAULTS, METHODS, SCALING_RULES, check_options, summary_table,
-                                train)
+from labkit.large_batch import DECAYS, DEFAULT_LRS, METHODS, SCALING_RULES
+from labkit.large_batch_sweep import DEFAULTS, check_options, summary_table, train
 from labkit.models.gpt import PRESETS
 
 __all__ = ["parse_args", "main"]
@@ -33,7 +33,7 @@ __all__ = ["parse_args", "main"]
 # --------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line: :data:`labkit.large_batch.DEFAULTS` as options, plus --output and --no-figure."""
+    """The command line: :data:`labkit.large_batch_sweep.DEFAULTS` as options, plus --output and --no-figure."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="the experiment: labkit/large_batch.py",
                                 allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--world-size", type=int,
