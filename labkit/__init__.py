@@ -32,7 +32,7 @@ Lecture code (a concept per file; read it beside its notebook)
               large_batch       one GPT at batch k·B: lr_multiplier, schedule, Data, train_run, mean_loss
               large_batch_sweep the sweep over methods and k: options, sweep, train, summary_table
               large_batch_figures   batch_sweep_figure, draw_batch_sweep, noise_scale_figure, warmup_figure,
-                                    draw_source_formula, draw_trust_ratios, draw_weight_norms,
+                                    source_formula_figure, draw_trust_ratios, draw_weight_norms,
                                     trust_ratio_figure, adascale_gain_figure, adascale_sweep_gain_figure
     5         layer_split       partition, train_step, busy_fractions (the model cut over ranks, send/recv)
               layer_split_figures   draw_model_state_memory (why split: model states against a GPU),

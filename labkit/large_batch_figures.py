@@ -7,7 +7,7 @@ trust ratios and AdaScale's gain (:mod:`labkit.optim`).
     noise_scale_figure(noise, batches)  the measured noise scale during training, and McCandlish et al.'s
                                         steps/samples trade-off with it
     warmup_figure(runs, base_lr, k)     learning rate and loss of runs with and without warm-up
-    draw_source_formula(ax, bs, ...)    one step of a garbled LAMB formula against LAMB's, per weight matrix
+    source_formula_figure(...)          one step of the source article's LAMB formula, read two ways, against LAMB's
     draw_trust_ratios(ax, steps, ratios)  LAMB's per-layer ‖θ‖/‖u‖ over training
     draw_weight_norms(ax, steps, norms)   the layers' ‖θ‖ over training (and ‖u‖ = ‖θ‖/ρ)
     trust_ratio_figure(steps, ratios, norms)  the two side by side, one key
@@ -29,7 +29,7 @@ from matplotlib.lines import Line2D
 from labkit.figures import RANK_COLORS
 
 __all__ = ["METHOD_COLORS", "METHOD_LABELS", "draw_batch_sweep", "batch_sweep_key", "batch_sweep_figure",
-           "noise_scale_figure", "warmup_figure", "draw_source_formula", "draw_trust_ratios", "draw_weight_norms",
+           "noise_scale_figure", "warmup_figure", "source_formula_figure", "draw_trust_ratios", "draw_weight_norms",
            "trust_ratio_figure", "adascale_gain_figure", "adascale_sweep_gain_figure"]
 
 METHOD_COLORS = {"sgd": "#4C72B0", "adam": "#DD8452", "lamb": "#55A868", "adascale": "#C44E52"}
@@ -232,26 +232,34 @@ def warmup_figure(runs: Mapping[str, tuple[Sequence[float], Sequence[float]]], b
     return fig
 
 
-def draw_source_formula(ax, bs: Sequence[float], relative_steps: Mapping[str, Sequence[float]],
-                        r_norms: Mapping[str, float], eta: float, *, title: str = ""):
-    """One step of a garbled LAMB formula against LAMB's, per weight matrix: ``relative_steps[name][i]`` is
-    the relative step ‖Δθ‖/‖θ‖ the formula gives that matrix at batch size ``bs[i]`` (‖r‖, its Adam direction's
-    norm, is ``r_norms[name]``), one line each (log-log, viridis from the first matrix to the last). LAMB's
-    relative step is η for every matrix and every batch (the thick green line); the dotted line at 1 is a
-    step as long as the weights themselves."""
+def source_formula_figure(lams: Sequence[float], layerwise: Mapping[str, Sequence[float]], bs: Sequence[float],
+                          constant: Mapping[str, Sequence[float]], r_norms: Mapping[str, float], eta: float,
+                          lam: float):
+    """The source article's LAMB formula, θ ← θ − η(λθ + r)/(‖r‖/b + λ), read two ways, one line per weight
+    matrix (viridis, first matrix to last) against LAMB's relative step η (the thick green line).
+    Left: b = ‖θ‖ (the layer-wise factor), ``layerwise[name][i]`` the relative step ‖Δθ‖/‖θ‖ at weight decay
+    ``lams[i]``. Right: b a constant, ``constant[name][i]`` the relative step at b = ``bs[i]`` (weight decay
+    ``lam``); the dotted line at 1 is a step as long as the weights themselves."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     cmap = plt.get_cmap("viridis")
-    for i, (name, values) in enumerate(relative_steps.items()):
-        ax.plot(bs, values, color=cmap(i / max(1, len(relative_steps) - 1)), lw=1.5,
-                label=f"{name.replace('.weight', '')} (‖r‖ = {r_norms[name]:.0f})")
-    ax.axhline(eta, color=METHOD_COLORS["lamb"], lw=3, label=f"LAMB, every matrix: η = {eta}")
-    ax.axhline(1.0, color="black", ls=":", lw=1)
-    ax.text(bs[0] * 1.3, 1.15, "a step as long as the weights themselves", fontsize=8)
-    ax.set(xscale="log", yscale="log", xlabel="b (the batch size in the source's formula)",
-           ylabel="relative step ‖Δθ‖/‖θ‖")
-    if title:
-        ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
-    return ax
+    for ax, xs, steps in ((axes[0], lams, layerwise), (axes[1], bs, constant)):
+        for i, (name, values) in enumerate(steps.items()):
+            ax.plot(xs, values, color=cmap(i / max(1, len(steps) - 1)), lw=1.5,
+                    label=f"{name.replace('.weight', '')} (‖r‖ = {r_norms[name]:.0f})")
+        ax.axhline(eta, color=METHOD_COLORS["lamb"], lw=3, ls="--" if ax is axes[0] else "-",
+                   label=f"LAMB, every matrix: η = {eta}")
+        ax.set(xscale="log", ylabel="relative step ‖Δθ‖/‖θ‖")
+    axes[0].set(xlabel="weight decay λ", title="b = ‖θ‖: LAMB with ‖r‖ + λ‖θ‖ in place of ‖r + λθ‖")
+    axes[0].set_ylim(0.75 * eta, 1.05 * eta)
+    axes[0].legend(fontsize=7, loc="lower left")
+    axes[1].axhline(1.0, color="black", ls=":", lw=1)
+    axes[1].text(bs[0] * 1.3, 1.15, "a step as long as the weights themselves", fontsize=8)
+    axes[1].set(yscale="log", xlabel="b, a constant (a batch size, say)",
+                title=f"b a constant (λ = {lam:g}): the trust ratio is gone")
+    for ax in axes:
+        ax.title.set_fontsize(10)
+    fig.tight_layout()
+    return fig
 
 
 def _layer_colors(n: int) -> list:

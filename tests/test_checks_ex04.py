@@ -197,11 +197,20 @@ def global_ratio(params, grads, exp_avgs, exp_avg_sqs, step, *, lr, betas, eps, 
 
 
 def source_formula(b):
+    """The source article's θ ← θ − η·(λθ + r)/(‖r‖/b + λ), with b a constant."""
     @_lamb
     def lamb_step(p, g, m, v, step, beta1, beta2, eps, wd):
         r = _r(g, m, v, step, beta1, beta2, eps)
-        return r, p.norm().item() / (r.norm().item() / b + wd)
+        return r + wd * p, 1.0 / (r.norm().item() / b + wd)
     return lamb_step
+
+
+@_lamb
+def source_formula_layerwise(p, g, m, v, step, beta1, beta2, eps, wd):
+    """The same with b = ‖θ‖, the layer-wise factor, written as a student reading the source would."""
+    r = _r(g, m, v, step, beta1, beta2, eps)
+    b = p.norm().item()
+    return r + wd * p, 1.0 / (r.norm().item() / b + wd) if b > 0 else 1.0
 
 
 @_lamb
@@ -311,10 +320,11 @@ LAMB_CASES = [
     pytest.param(decay_in_gradient_in_place, ["it changed grads[0]", "in place"], id="decay_in_gradient_in_place"),
     pytest.param(global_ratio, ["at step 1", "one norm over all tensors (a global trust ratio", "one per tensor"],
                  id="global_ratio"),
-    pytest.param(source_formula(1), ["at step 1", "the source article's formula", "(with b = 1)",
-                                     "the weight decay only shrinks the step", "η·‖θ‖ for every layer"],
-                 id="source_formula_b1"),
-    pytest.param(source_formula(16), ["the source article's formula", "(with b = 16)"], id="source_formula_b16"),
+    pytest.param(source_formula(1), ["at step 1", "the source article's formula", "read with b a constant (b = 1)",
+                                     "the trust ratio is gone", "θ ← θ − η·‖θ‖/‖u‖·u"], id="source_formula_b1"),
+    pytest.param(source_formula(16), ["the source article's formula", "(b = 16)"], id="source_formula_b16"),
+    pytest.param(source_formula_layerwise, ["at step 1", "the source article's formula", "with b = ‖θ‖",
+                                            "an upper bound of ‖u‖"], id="source_formula_layerwise"),
     pytest.param(no_eps, ["ε is missing"], id="no_eps"),
     pytest.param(eps_inside_sqrt, ["ε is inside the square root"], id="eps_inside_sqrt"),
     pytest.param(clamp_at_10, ["clamped ‖θ‖ at 10"], id="clamp_at_10"),

@@ -13,8 +13,8 @@ check trains a small float64 model for 50 steps with the student's function next
 above 10, one tiny, one that starts at exactly zero), weight decay 0.1. Then 3 steps without weight decay
 where two tensors get a zero gradient (‖u‖ = 0: the ratio must be 1). At the first step where the student's
 m, v, θ or trust ratios differ, the update is recomputed from the state before that step with each
-known-wrong variant (:data:`LAMB_MISTAKES`, plus the source article's formula, which has a free
-constant b): the one that matches names the mistake.
+known-wrong variant (:data:`LAMB_MISTAKES`, among them the source article's formula read with b = ‖θ‖, plus
+the same formula read with b a constant, which the check solves for): the one that matches names the mistake.
 
 4b. ``adascale_gain(grads, scale)`` runs on every rank with that rank's local gradients; it averages them
 over the ranks in place (as DDP leaves them) and returns AdaScale's gain ratio, the same on every rank.
@@ -102,6 +102,7 @@ class LambVariant:
     eps: str = "outside"                  # "outside": √v̂ + ε | "none" | "inside": √(v̂ + ε)
     swapped_betas: bool = False
     ratio: str = "paper"                  # "paper" | "none": 1 | "inverted": ‖u‖/‖θ‖ | "clamp10": φ(z) = min(z, 10)
+                                          # | "lars": ‖θ‖/(‖r‖ + λ‖θ‖), the source article's formula with b = ‖θ‖
 
 
 def _ratio(w_norm: float, u_norm: float, kind: str) -> float:
@@ -147,6 +148,9 @@ def lamb_variant_step(params, grads, exp_avgs, exp_avg_sqs, step, *, lr, betas, 
     else:
         norm_of = rs if variant.weight_decay in ("after_ratio", "after_step", "ratio_of_r") else directions
         ratios = [_ratio(p.norm().item(), u.norm().item(), variant.ratio) for p, u in zip(out_p, norm_of)]
+        if variant.ratio == "lars":       # ‖r‖ + λ‖θ‖ in place of ‖u‖ = ‖r + λθ‖
+            ratios = [_ratio(p.norm().item(), r.norm().item() + weight_decay * p.norm().item(), "paper")
+                      for p, r in zip(out_p, rs)]
     for p, u, ratio in zip(out_p, directions, ratios):
         if variant.weight_decay == "after_ratio":
             p.sub_(lr * (ratio * u + weight_decay * p))
@@ -183,6 +187,11 @@ LAMB_MISTAKES = (
     Mistake("ratio from r, not u", LambVariant(weight_decay="ratio_of_r"),
      "the trust ratio was computed from ‖r‖, without the weight decay: it is ‖θ‖/‖u‖ with u = r + λθ, the "
      "update that is applied."),
+    Mistake("the source's formula, b = ‖θ‖", LambVariant(ratio="lars"),
+     "the trust ratio is ‖θ‖/(‖r‖ + λ‖θ‖): the source article's formula θ ← θ − η·(λθ + r)/(‖r‖/b + λ) with "
+     "b = ‖θ‖, LARS's denominator on Adam's direction. ‖r‖ + λ‖θ‖ is only an upper bound of ‖u‖ = ‖r + λθ‖ (the "
+     "triangle inequality), so each step comes out a little shorter than η·‖θ‖. Algorithm 2 divides by ‖u‖ "
+     "itself: ratio = ‖θ‖/‖u‖."),
     Mistake("decay in the gradient (L2)", LambVariant(weight_decay="gradient"),
      "weight decay was added to the gradient (g + λθ before the moments, Adam's L2 regularisation). LAMB "
      "decouples it: the moments see g alone, and λθ is added to the update, u = r + λθ."),
@@ -251,25 +260,22 @@ def _all_close(wants, gots) -> bool:
 
 
 def _source_formula_b(before, after, ms, vs, step, weight_decay):
-    """If θ ← θ − η·‖θ‖/(‖r‖/b + λ)·r (r = m̂/(√v̂+ε)) for one b > 0 (or b = ∞) explains every tensor
-    with ‖θ‖ > 0: that b (math.inf for 1/b = 0); else None."""
+    """If θ ← θ − η·(λθ + r)/(‖r‖/b + λ) (r = m̂/(√v̂+ε): the source article's formula) explains every tensor
+    for one constant b > 0 (or b = ∞): that b (math.inf for 1/b = 0); else None."""
     beta1, beta2 = BETAS
     inverse_bs = []
     for p0, p1, m, v in zip(before, after, ms, vs):
-        w = p0.norm().item()
-        if w == 0:
-            continue
         if p1.shape != p0.shape or m.shape != p0.shape or v.shape != p0.shape:
             return None
         r = (m / (1 - beta1 ** step)) / ((v / (1 - beta2 ** step)).sqrt() + EPS)
-        delta = p0 - p1
-        rr = (r * r).sum().item()
-        if rr == 0:
+        u, delta = r + weight_decay * p0, p0 - p1
+        uu, rn = (u * u).sum().item(), r.norm().item()
+        if uu == 0 or rn == 0:
             return None
-        c = (delta * r).sum().item() / (LR * rr)
-        if c <= 0 or (delta - LR * c * r).norm().item() > 1e-7 * delta.norm().item():
+        c = (delta * u).sum().item() / (LR * uu)          # delta = η·c·u, c = 1/(‖r‖/b + λ)
+        if c <= 0 or (delta - LR * c * u).norm().item() > 1e-7 * delta.norm().item():
             return None
-        inverse_bs.append((w / c - weight_decay) / math.sqrt(rr))
+        inverse_bs.append((1 / c - weight_decay) / rn)
     if len(inverse_bs) < 2:
         return None
     first = inverse_bs[0]
@@ -326,11 +332,12 @@ def _diagnose_lamb(name, step, run, before, grads, after, ms_after, vs_after, ra
         if moments_right and weight_decay > 0:
             b = _source_formula_b(p0, after, ms_after, vs_after, step, weight_decay)
             if b is not None:
-                return (f"{head}: this is the source article's formula, θ ← θ − η·φ(‖θ‖)/(‖r‖/b + λ)·r (with b = "
-                        f"{fmt_number(b) if math.isfinite(b) else '∞'}), not LAMB. There the weight decay only "
-                        f"shrinks the step, it never pulls θ towards 0, and the step's norm η·‖θ‖·‖r‖/(‖r‖/b + λ) "
-                        f"depends on ‖r‖ and on b instead of being η·‖θ‖ for every layer. Use the paper's: "
-                        f"u = r + λθ, θ ← θ − η·‖θ‖/‖u‖·u.")
+                return (f"{head}: this is the source article's formula θ ← θ − η·(λθ + r)/(‖r‖/b + λ) read with b "
+                        f"a constant (b = {fmt_number(b) if math.isfinite(b) else '∞'}), not LAMB. Nothing in it "
+                        f"involves ‖θ‖: each tensor moves by η·b·‖u‖/(‖r‖ + λb), a length set by b and ‖r‖, "
+                        f"instead of the fraction η of its own norm, so the trust ratio is gone. In the source b is "
+                        f"'a layer-wise adaptive scaling factor', φ(‖θ‖); LAMB (Algorithm 2) divides by ‖u‖: "
+                        f"θ ← θ − η·‖θ‖/‖u‖·u.")
     # the zero-initialised tensor that did not move: ratio 0 at ‖θ‖ = 0
     for i in range(len(names)):
         if p0[i].norm().item() == 0 and ratios[i] == 0 and not _close(ref_p[i], after[i]):

@@ -1,4 +1,4 @@
-"""Pipeline parallelism (lesson 5): one schedule, three uses.
+"""Pipeline parallelism (lesson 6): one schedule, three uses.
 
     schedules.py        the schedules as data: GPipe, 1F1B, interleaved 1F1B (per-rank action lists)
     simulate.py         validate a schedule, replay it: timeline, bubble, activations held
