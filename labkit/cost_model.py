@@ -1,19 +1,26 @@
 """The α–β cost model of collective communication, and a fit of α and β from measurements.
 
 Sending a message of m bytes costs α + m·β: α is the latency (start-up time of any message), β the
-inverse bandwidth (seconds per byte). An algorithm that runs in rounds, each round sending one message
-per rank at the same time, costs (number of rounds)·α + (bytes on the busiest link)·β. For an
-all-reduce of M bytes on N ranks:
+inverse bandwidth (seconds per byte). Links are full duplex: a link carries β per byte in each
+direction at once, so a rank that sends and receives at the same time pays for the larger of the
+two, not for their sum. An algorithm that runs in rounds, each round sending one message per rank at
+the same time, costs (number of rounds)·α + (bytes through the busiest link, in one direction)·β.
+For an all-reduce of M bytes on N ranks:
 
-    ring    2(N-1) rounds, each rank sends 2(N-1)/N·M bytes  ->  2(N-1)·α + 2(N-1)/N·M·β
-    tree    binomial reduce, then broadcast: 2·ceil(log2 N) rounds of M bytes
-                                                         ->  2·ceil(log2 N)·(α + M·β)
-    naive   the root receives N-1 tensors, then sends N-1 ->  2(N-1)·(α + M·β)
+    ring    2(N-1) rounds; each rank sends 2(N-1)/N·M bytes while it receives as many
+                                                         ->  2(N-1)·α + 2(N-1)/N·M·β
+    tree    binomial reduce, then broadcast, whole tensors step after step:
+            2·ceil(log2 N) steps of M bytes               ->  2·ceil(log2 N)·(α + M·β)
+    naive   the root receives N-1 tensors and sends N-1: 2(N-1) messages, and (N-1)·M bytes in each
+            direction through its link, which overlap when the root pipelines (sends back the first
+            pieces of the sum while later pieces still arrive)
+                                                         ->  2(N-1)·α + (N-1)·M·β
 
-The ring's bandwidth term stays below 2·M·β for any N (bandwidth-optimal); its latency term grows
-with N. The tree has few rounds but moves whole tensors each round; the naive server moves N-1 whole
-tensors through one rank. Small messages are latency-bound (tree wins), large ones bandwidth-bound
-(ring wins).
+The naive term is the central server at its best: a root that first receives everything and only
+then sends (labkit.collectives.naive_all_reduce) pays 2(N-1)·M·β. The ring's bandwidth term stays
+below 2·M·β for any N (bandwidth-optimal); its latency term grows with N. The tree has few rounds but
+moves whole tensors each round; the server moves N-1 whole tensors each way through one rank.
+Small messages are latency-bound (tree wins), large ones bandwidth-bound (ring wins).
 """
 
 from __future__ import annotations
@@ -39,8 +46,8 @@ def terms(algorithm: str, world_size: int, nbytes: float) -> tuple[float, float]
     if algorithm == "tree":
         steps = 2 * math.ceil(math.log2(n))
         return float(steps), steps * float(nbytes)
-    if algorithm == "naive":
-        return 2.0 * (n - 1), 2.0 * (n - 1) * nbytes
+    if algorithm == "naive":  # (N-1)·M in and (N-1)·M out of the root's full-duplex link, overlapped
+        return 2.0 * (n - 1), (n - 1) * float(nbytes)
     raise ValueError(f"algorithm must be one of {ALGORITHMS}, not {algorithm!r}")
 
 

@@ -10,8 +10,10 @@ and the lesson's measurements:
 
     draw_loss_curve(ax, losses)         the training loss of the recipe, step by step, epochs marked
     draw_wrapper_agreement(ax, errors)  each wrapper's parameters against two references (log bars)
-    bucket_sweep_figure(caps, ...)      step time against bucket_cap_mb, and what communication costs
-    scaling_figure(scale, ...)          step time (compute + exposed communication) and throughput against N
+    bucket_sweep_figure(caps, ...)      step time against bucket_cap_mb (optionally with the step-time model's
+                                        predictions over it), and what communication costs
+    scaling_figure(scale, ...)          step time (compute, DDP's own work, exposed all-reduces) and throughput
+                                        against N
 
 ``timelines[r]`` is rank r's ``ddp.timeline`` (``record_timeline=True``): :class:`labkit.timeline.Event`
 records, drawn by :func:`labkit.timeline.draw_timeline`.
@@ -184,18 +186,23 @@ def draw_wrapper_agreement(ax, errors: Mapping[str, Sequence[float]], references
 
 _SWEEP_REFERENCES = {"naive": ("NaiveDDP", RANK_COLORS[3], "--"), "overlap": ("OverlapDDP", RANK_COLORS[1], "--"),
                      "torch": ("torch DDP (defaults)", "black", "-."),
-                     "compute only": ("no communication (no_sync)", "gray", ":")}
+                     "compute only": ("no communication (no_sync)", "gray", ":"),
+                     "no messages": ("BucketedDDP, all-reduce a no-op (no messages)", RANK_COLORS[5], "-")}
+_MODEL_STYLES = [(RANK_COLORS[2], "s"), (RANK_COLORS[4], "D"), (RANK_COLORS[6], "^"), (RANK_COLORS[7], "v")]
 
 
 def bucket_sweep_figure(caps: Sequence[float], step_times: Mapping, n_buckets: Mapping[float, int],
-                        predicted: Mapping[float, float], *, title: str = "Step time against bucket size"):
+                        predicted: Mapping[float, float], *, model: Mapping[str, Mapping[float, float]] | None = None,
+                        title: str = "Step time against bucket size"):
     """The bucket-size sweep of BucketedDDP, two panels against ``bucket_cap_mb`` (log scale; a cap below
     0.04 MiB, one tensor per bucket, is drawn at the left edge).
 
     Left: the measured step time (``step_times[cap]``, seconds) with each point's number of buckets, and
     as horizontal lines the other wrappers' steps (``step_times`` keys "naive", "overlap", "torch" and
-    "compute only", those present). Right: what communication costs if nothing overlapped
-    (``predicted[cap]``, the α–β model k·α + M·β) against what the step measurably paid for it
+    "compute only", "no messages", those present). ``model``: label → {cap: predicted step time in
+    seconds}, each drawn over the measured points as a dashed line (the step-time model, for instance
+    with its parameters measured and with one of them fitted). Right: what communication costs if nothing
+    overlapped (``predicted[cap]``, the α–β model k·α + M·β) against what the step measurably paid for it
     (step time − the compute-only step)."""
     fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.3))
     xs = [max(cap, 0.04) for cap in caps]
@@ -206,13 +213,16 @@ def bucket_sweep_figure(caps: Sequence[float], step_times: Mapping, n_buckets: M
     for xpos, cap in zip(xs, caps):
         ax.annotate(f"{n_buckets[cap]}", (xpos, 1e3 * step_times[cap]), textcoords="offset points", xytext=(0, 8),
                     ha="center", fontsize=8)
+    for (label, values), (color, marker) in zip((model or {}).items(), _MODEL_STYLES):
+        ax.plot(xs, [1e3 * values[c] for c in caps], linestyle="--", marker=marker, color=color, markersize=5,
+                linewidth=1.3, label=label)
     for name, (label, color, style) in _SWEEP_REFERENCES.items():
         if name in step_times:
             ax.axhline(1e3 * step_times[name], color=color, linestyle=style, linewidth=1.3, label=label)
     ax.set_xlabel("bucket_cap_mb (MiB); the number above each point: buckets")
     ax.set_ylabel("step time, forward + backward (ms)")
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=7 if model else 8, loc="upper right")
     ax = axes[1]
     ax.plot(xs, [1e3 * predicted[c] for c in caps], "s-", color=RANK_COLORS[2],
             label="communication if nothing overlapped:\nk·α + M·β, α and β measured")
@@ -236,19 +246,35 @@ def bucket_sweep_figure(caps: Sequence[float], step_times: Mapping, n_buckets: M
 def scaling_figure(scale: Mapping[int, Mapping[str, float]], tokens_per_step: int, *, cores: int | None = None,
                    title: str = ""):
     """Data parallelism against the number of processes N. ``scale[N]``: the median "step" and "compute"
-    (the same step under no_sync) in seconds; ``tokens_per_step``: tokens per rank per step.
+    (the same step under no_sync) in seconds, and optionally "no messages" (the same step with everything
+    the wrapper does except the all-reduces: its hooks, the copies into and out of the buckets);
+    ``tokens_per_step``: tokens per rank per step.
 
-    Left: each step as compute plus the exposed communication (step − compute) in stacked bars, with
-    the compute of N = 1 (the ideal for every N: each rank has the same work) dotted. Right: the global
-    throughput, measured against N times that of N = 1 and, given ``cores``, against the bound of at most
-    ``cores`` processes computing at once."""
+    Left: each step as stacked bars: the compute, then, given "no messages" for every N, DDP's own work
+    (no messages − compute) and the exposed all-reduces (step − no messages), else the whole step − compute
+    in one bar; the bars end at the measured step (a difference below zero, noise, is drawn as 0, "no
+    messages" clamped between compute and step); the compute of N = 1 (the ideal for every N:
+    each rank has the same work) dotted. Right: the global throughput, measured against N times that of
+    N = 1 and, given ``cores``, against the bound of at most ``cores`` processes computing at once."""
     ns = list(scale)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     ax = axes[0]
+    labels = [str(n) for n in ns]
     compute = np.array([1e3 * scale[n]["compute"] for n in ns])
-    exposed = np.array([1e3 * max(scale[n]["step"] - scale[n]["compute"], 0) for n in ns])
-    ax.bar([str(n) for n in ns], compute, color=RANK_COLORS[0], alpha=0.7, label="compute (the same step under no_sync)")
-    ax.bar([str(n) for n in ns], exposed, bottom=compute, color=RANK_COLORS[3], alpha=0.8, label="exposed communication")
+    ax.bar(labels, compute, color=RANK_COLORS[0], alpha=0.7, label="compute (the same step under no_sync)")
+    if all("no messages" in scale[n] for n in ns):
+        # the bar's top is the measured step; "no messages" is clamped between compute and step (noise)
+        top = np.array([1e3 * max(scale[n]["step"], scale[n]["compute"]) for n in ns])
+        middle = np.clip([1e3 * scale[n]["no messages"] for n in ns], compute, top)
+        own, exposed = middle - compute, top - middle
+        ax.bar(labels, own, bottom=compute, color=RANK_COLORS[5], alpha=0.8,
+               label="DDP's own work: hooks, bucket copies\n(step without messages − compute)")
+        ax.bar(labels, exposed, bottom=compute + own, color=RANK_COLORS[3], alpha=0.8,
+               label="exposed all-reduces (step − step without messages)")
+    else:
+        exposed = np.array([1e3 * max(scale[n]["step"] - scale[n]["compute"], 0) for n in ns])
+        ax.bar(labels, exposed, bottom=compute, color=RANK_COLORS[3], alpha=0.8,
+               label="step − compute: exposed all-reduces + DDP's own work")
     ax.axhline(compute[0], color="black", linestyle=":", linewidth=1, label=f"compute at N = {ns[0]}: the ideal for every N")
     ax.set_xlabel("processes N")
     ax.set_ylabel("time per step (ms)")

@@ -5,7 +5,7 @@
     draw_stability_bounds(ax, taus, bound)    the largest stable ηλ against the delay τ (constant, scaled rate)
     loss_curves_figure(curves, labels)        loss against server updates and against wall-clock, per mode
     staleness_figure(updates, labels)         histograms of the staleness of every applied push
-    draw_divergence(axes, losses, staleness, names)   large-rate runs: loss curves, and their staleness
+    draw_divergence(axes, losses, staleness, names)   large-rate runs: loss curves, and each run's staleness
     draw_stability_sweep(ax, runs)            live asynchronous runs (mean τ, ηλ): converged or diverged
     traffic_figure(workers, server_bytes, ring_bytes)   bytes per step: a server against a ring rank, in M
     COLORS                                    one colour per mode (sync, async, bounded, scaled)
@@ -178,7 +178,8 @@ def draw_divergence(axes, losses: Mapping[str, Sequence[float]], staleness: Mapp
                     names: Mapping[str, str], *, title: str = ""):
     """Two panels for runs at a large rate: ``axes[0]`` the loss of each run (``losses[name]``, per server
     update, log-scale, legend ``names[name]``); ``axes[1]`` histograms of the staleness of the runs in
-    ``staleness`` (to show they had the same delays), with each run's mean τ."""
+    ``staleness``, each run's mean τ in the legend and in the title (live runs: each has its own delays,
+    set by its own timing, so they are compared, not claimed equal)."""
     ax = axes[0]
     for name, curve in losses.items():
         ax.plot(np.arange(len(curve)), curve, color=COLORS[name], label=names[name])
@@ -189,12 +190,18 @@ def draw_divergence(axes, losses: Mapping[str, Sequence[float]], staleness: Mapp
         ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax = axes[1]
+    tallest, largest = 0, 0
     for name, st in staleness.items():
-        ax.hist(st, bins=np.arange(-0.5, max(st) + 1.5), alpha=0.6, color=COLORS[name],
-                label=f"{names[name]}: mean τ {np.mean(st):.1f}")
+        counts, _, _ = ax.hist(st, bins=np.arange(-0.5, max(st) + 1.5), alpha=0.6, color=COLORS[name],
+                               label=f"{names[name]}: mean τ {np.mean(st):.1f}")
+        tallest, largest = max(tallest, counts.max()), max(largest, max(st))
+    if tallest:
+        ax.set_ylim(0, 1.35 * tallest)                   # room for the legend above the bars
+    ax.set_xticks(range(0, largest + 1))
     ax.set_xlabel("staleness τ")
     ax.set_ylabel("pushes")
-    ax.set_title("the same delays in both runs", fontsize=10)
+    means = " and ".join(f"{np.mean(st):.1f}" for st in staleness.values())
+    ax.set_title(f"each run's delays (its own timing): mean τ {means}", fontsize=10)
     ax.legend(fontsize=8)
     return axes
 
@@ -202,7 +209,8 @@ def draw_divergence(axes, losses: Mapping[str, Sequence[float]], staleness: Mapp
 def draw_stability_sweep(ax, runs: Sequence[tuple[int, float, float, bool]], *, max_tau: float = 6.0):
     """Live asynchronous runs, ``runs`` = (workers, ηλ_max, measured mean staleness τ, diverged) each: one
     circle per run at (τ, ηλ_max), filled if it converged, empty if it diverged, labelled W = workers,
-    over the fixed-delay bound 2·sin(π/(2(2τ+1)))."""
+    over the fixed-delay bound 2·sin(π/(2(2τ+1))). The legend goes outside the axes, to the right, so that
+    it covers no run wherever the measured τ fall (lay the figure out with ``tight_layout``)."""
     ts = np.linspace(0, max_tau, 200)
     ax.plot(ts, 2 * np.sin(np.pi / (2 * (2 * ts + 1))), color=COLORS["async"], label="fixed-delay bound 2·sin(π/(2(2τ+1)))")
     for workers, a, mean_tau, diverged in runs:
@@ -217,7 +225,7 @@ def draw_stability_sweep(ax, runs: Sequence[tuple[int, float, float, bool]], *, 
     ax.set_xlabel("measured mean staleness τ")
     ax.set_ylabel("η·λ_max")
     ax.set_title(f"Asynchronous SGD, {len(runs)} live runs: the stable learning rate shrinks like 1/τ", fontsize=10)
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return ax
 
 

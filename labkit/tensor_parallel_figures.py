@@ -24,7 +24,8 @@ __all__ = ["draw_tp_mlp", "draw_grid", "c_attn_rows_figure", "draw_tp_dp_traffic
 
 def draw_tp_mlp(ax, tp: int = 2):
     """Megatron's MLP on tp ranks, one lane per rank: X ·W₁ᵀ (column-parallel) → GELU → ·W₂ᵀ (row-parallel)
-    → partial sums → g → Y. W₁ᵀ and W₂ᵀ are drawn as in Y = X·Wᵀ (Megatron's A = Wᵀ)."""
+    → partial sums → g → Y. W₁ᵀ and W₂ᵀ are drawn as in Y = X·Wᵀ (Megatron's A = Wᵀ). Indices are set as
+    subscripts (mathtext: Z₀, Y₀, Σᵣ Yᵣ), never as literal underscores."""
     n, c, c4, lane = 1.6, 1.0, 2.4, 4.0              # drawn sizes: tokens, C, 4C; the height of a lane
     centers = [(tp - 1 - r) * lane for r in range(tp)]
     mid = sum(centers) / tp
@@ -61,14 +62,15 @@ def draw_tp_mlp(ax, tp: int = 2):
         ax.text((x_w1 + c4 + x_z) / 2, yc + 0.12, "GELU", ha="center", va="bottom", fontsize=8)
         for s in range(tp):                                                      # Z: BT × 4C, its columns
             box(x_z + s * c4 / tp, yc - n / 2, c4 / tp, n, color, own=(s == r))
-        ax.text(x_z + c4 / 2, yc - n / 2 - 0.1, f"Z_{r} = GELU(X W₁,{r}ᵀ + b₁,{r})", ha="center", va="top", fontsize=8)
+        ax.text(x_z + c4 / 2, yc - n / 2 - 0.1, rf"$Z_{r} = \mathrm{{GELU}}(X\,W_{{1,{r}}}^{{\,\top}} + b_{{1,{r}}})$",
+                ha="center", va="top", fontsize=8)
         ax.text(x_z + c4 + 0.3, yc, "·", fontsize=16, ha="center", va="center")
         for s in range(tp):                                                      # W₂ᵀ: 4C × C, rows cut
             box(x_w2, yc + c4 / 2 - (s + 1) * c4 / tp, c, c4 / tp, color, own=(s == r))
         ax.text(x_w2 + c / 2, yc + c4 / 2 + 0.1, "W₂ᵀ (4C × C):\nits rows", ha="center", va="bottom", fontsize=8)
         ax.text(x_w2 + c + 0.25, yc, "=", fontsize=13, ha="center", va="center")
         box(x_y, yc - n / 2, c, n, color, hatch="..")                          # the partial sum
-        ax.text(x_y + c / 2, yc - n / 2 - 0.1, f"Y_{r}: a partial\nsum (BT × C)", ha="center", va="top", fontsize=8)
+        ax.text(x_y + c / 2, yc - n / 2 - 0.1, f"$Y_{r}$: a partial\nsum (BT × C)", ha="center", va="top", fontsize=8)
         ax.text(x_x + c / 2, yc + n / 2 + 0.15, f"rank {r}", ha="center", va="bottom", fontsize=11, color=color,
                 fontweight="bold")
         arrow((x_y + c, yc), (12.55, mid))
@@ -77,8 +79,8 @@ def draw_tp_mlp(ax, tp: int = 2):
     arrow((13.45, mid), (14.4, mid))
     ax.text(13.9, mid + 0.15, "+ b₂", ha="center", va="bottom", fontsize=9)
     box(14.45, mid - n / 2, c, n)
-    ax.text(14.45 + c / 2, mid + n / 2 + 0.25, "Y = Σ_r Y_r + b₂\nthe same on\nevery rank", ha="center", va="bottom",
-            fontsize=8)
+    ax.text(14.45 + c / 2, mid + n / 2 + 0.25, "$Y = \\Sigma_r\\, Y_r + b_2$\nthe same on\nevery rank", ha="center",
+            va="bottom", fontsize=8)
     ax.text((x_w1 + x_y) / 2 + 0.5, centers[-1] - n / 2 - 1.15,
             "no communication from f to g: GELU acts element by element on each rank's own hidden features",
             ha="center", va="top", fontsize=9, style="italic")

@@ -318,3 +318,68 @@ def test_the_stub_and_a_students_own_not_implemented():
         raise NotImplementedError
     with pytest.raises(NotImplementedError, match=r"^Exercise 6: todo is not written yet"):
         check_one_f_one_b(todo)
+
+
+# --------------------------------------------------------------------------------------------
+# 6b: the least warm-up of interleaved 1F1B, checked by simulation
+# --------------------------------------------------------------------------------------------
+
+from labkit.checks.ex06 import INTERLEAVED_MISTAKES, check_interleaved_warmups  # noqa: E402
+
+
+def _solution_warmups():
+    nb = nbformat.read(ROOT / "solutions" / "06_pipeline_schedule_exercise.ipynb", as_version=4)
+    namespace = {"__name__": "__main__"}
+    exec(compile(next(c.source for c in nb.cells if "def interleaved_warmups" in c.source), "6b", "exec"), namespace)
+    return namespace["interleaved_warmups"]
+
+
+def _changed(rank, by):
+    """The solution's warm-ups with rank ``rank``'s changed by ``by`` (where that rank exists)."""
+    solution = _solution_warmups()
+
+    def interleaved_warmups(p, m, v):
+        w = solution(p, m, v)
+        if rank < p:
+            w[rank] += by
+        return w
+    return interleaved_warmups
+
+
+def test_the_solution_passes_and_is_the_least_warmup_labkit_can_run(capsys):
+    check_interleaved_warmups(_solution_warmups())
+    assert "gives the least warm-up on 12 sizes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mistake", INTERLEAVED_MISTAKES, ids=lambda m: m.name)
+def test_every_known_warmup_formula_is_named(mistake):
+    with pytest.raises(CheckFailed) as info:
+        check_interleaved_warmups(lambda p, m, v: mistake.variant(p, m, v))
+    head = mistake.says.split("{effect}")[0].split("{yours}")[-1][:40]
+    assert head in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("fn,expected", [
+    pytest.param(_changed(0, 1), ["rank 0 could run one forward fewer", "the bubble stays"], id="one_too_many"),
+    pytest.param(_changed(1, -1), ["rank 1's warm-up is too short", "the bubble is"], id="one_too_few"),
+    pytest.param(_changed(3, -1), ["Replayed, it deadlocks"], id="last_rank_short"),
+    pytest.param(lambda p, m, v: None, ["returned None", "a list of p = 4 ints"], id="none"),
+    pytest.param(lambda p, m, v: [1] * (p + 1), ["returned 5 numbers for p = 4 ranks"], id="length"),
+    pytest.param(lambda p, m, v: [2.0] * p, ["rank 0's warm-up) is a float", "an int"], id="float"),
+    pytest.param(lambda p, m, v: [v * m + 1] * p, ["rank 0's warm-up is 17", "between 0 and 16"], id="beyond"),
+])
+def test_wrong_interleaved_warmups_are_named(fn, expected):
+    with pytest.raises(CheckFailed) as info:
+        check_interleaved_warmups(fn)
+    for text in expected:
+        assert text in str(info.value), str(info.value)
+
+
+def test_megatrons_warmup_is_valid_but_not_the_least():
+    """The finding the task rests on: with free messages and t_B = 2 t_F, Megatron-LM's warm-up keeps the least
+    bubble and vp − r − 1 does too, with fewer activations held on some rank."""
+    from labkit.pipeline.schedules import interleaved_1f1b_warmup
+    mistake = next(m for m in INTERLEAVED_MISTAKES if m.name == "Megatron-LM's warm-up")
+    assert mistake.variant(4, 8, 2) == interleaved_1f1b_warmup(4, 8, 2) == [10, 8, 6, 4]
+    with pytest.raises(CheckFailed, match="could run one forward fewer"):
+        check_interleaved_warmups(interleaved_1f1b_warmup)

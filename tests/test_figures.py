@@ -14,18 +14,18 @@ from labkit.ddp_figures import (bucket_sweep_figure, ddp_timelines_figure, draw_
                                 draw_wrapper_agreement, scaling_figure)
 from labkit.figures import RANK_COLORS  # noqa: E402
 from labkit.large_batch_figures import (adascale_gain_figure, adascale_sweep_gain_figure,  # noqa: E402
-                                        draw_source_formula, draw_weight_norms, noise_scale_figure,
+                                        draw_weight_norms, noise_scale_figure, source_formula_figure,
                                         trust_ratio_figure, warmup_figure)
 from labkit.layer_split_figures import draw_model_state_memory  # noqa: E402
 from labkit.local_sgd_figures import draw_gap_curves, draw_gap_vs_local_steps  # noqa: E402
 from labkit.param_server import Update  # noqa: E402
 from labkit.param_server_figures import (draw_divergence, draw_stability_bounds, draw_stability_sweep,  # noqa: E402
                                          loss_curves_figure, staleness_figure, traffic_figure)
-from labkit.pipeline.gantt import (activation_memory_figure, draw_bubble_vs_m, draw_dp_pp_layout,  # noqa: E402
-                                   gantt_stack)
+from labkit.pipeline.gantt import (BoxLabel, activation_memory_figure, draw_bubble_vs_m,  # noqa: E402
+                                   draw_dp_pp_layout, gantt_stack, pipeline_figure)
 from labkit.pipeline.schedules import gpipe  # noqa: E402
 from labkit.pipeline.simulate import expected_bubble, simulate  # noqa: E402
-from labkit.tensor_parallel_figures import c_attn_rows_figure, draw_tp_dp_traffic  # noqa: E402
+from labkit.tensor_parallel_figures import c_attn_rows_figure, draw_tp_dp_traffic, draw_tp_mlp  # noqa: E402
 from labkit.timeline import Event  # noqa: E402
 
 
@@ -164,6 +164,30 @@ def test_scaling_figure_stacks_exposed_communication_on_compute():
     assert list(right.lines[2].get_ydata()) == pytest.approx([10_000, 10_000])   # measured
 
 
+def test_bucket_sweep_draws_the_step_model_over_the_measured_points():
+    caps = [1e-9, 1.0]
+    steps = {1e-9: 0.050, 1.0: 0.030, "compute only": 0.020, "no messages": 0.022}
+    model = {"model, α measured": {1e-9: 0.040, 1.0: 0.028}, "model, α fitted": {1e-9: 0.049, 1.0: 0.031}}
+    fig = bucket_sweep_figure(caps, steps, {1e-9: 52, 1.0: 4}, {1e-9: 0.010, 1.0: 0.004}, model=model)
+    left, _ = fig.axes
+    assert _labels(left) == ["BucketedDDP (measured)", "model, α measured", "model, α fitted",
+                             "no communication (no_sync)", "BucketedDDP, all-reduce a no-op (no messages)"]
+    assert list(left.lines[1].get_ydata()) == pytest.approx([40.0, 28.0])
+    assert list(left.lines[2].get_ydata()) == pytest.approx([49.0, 31.0])
+    assert list(left.lines[1].get_xdata()) == list(left.lines[0].get_xdata())     # over the measured points
+
+
+def test_scaling_figure_splits_the_wrappers_own_work_from_the_all_reduces():
+    scale = {1: {"step": 0.011, "compute": 0.008, "no messages": 0.010},
+             2: {"step": 0.020, "compute": 0.015, "no messages": 0.014}}         # below compute: noise
+    fig = scaling_figure(scale, 100)
+    left, _ = fig.axes
+    heights = [p.get_height() for p in left.patches]
+    assert heights == pytest.approx([8.0, 15.0, 2.0, 0.0, 1.0, 5.0])            # compute, own work, all-reduces
+    assert [p.get_y() + p.get_height() for p in left.patches[4:]] == pytest.approx([11.0, 20.0])   # the step
+    assert "DDP's own work" in _labels(left)[2] and "all-reduces" in _labels(left)[3]   # after the ideal line
+
+
 # --- lesson 4 -------------------------------------------------------------------------------------------------
 
 def test_noise_scale_figure_uses_the_last_measurement_as_b_noise():
@@ -185,13 +209,18 @@ def test_warmup_figure_labels_the_run_that_stopped():
     assert left.lines[2].get_ydata()[0] == 0.3
 
 
-def test_source_formula_has_a_line_per_matrix_and_lamb_flat(ax):
-    bs = np.array([1.0, 10.0, 100.0])
-    draw_source_formula(ax, bs, {"a.weight": 0.01 * bs, "b.weight": 0.02 * bs}, {"a.weight": 3.0, "b.weight": 40.0},
-                        0.01)
-    assert _labels(ax) == ["a (‖r‖ = 3)", "b (‖r‖ = 40)", "LAMB, every matrix: η = 0.01"]
-    assert list(ax.lines[2].get_ydata()) == [0.01, 0.01]
-    assert ax.get_xscale() == ax.get_yscale() == "log"
+def test_source_formula_has_a_line_per_matrix_in_each_reading_and_lamb_flat():
+    lams, bs = np.array([0.01, 0.1, 1.0]), np.array([1.0, 10.0, 100.0])
+    fig = source_formula_figure(lams, {"a.weight": [0.01, 0.0099, 0.009], "b.weight": [0.01, 0.0098, 0.0085]}, bs,
+                                {"a.weight": 0.01 * bs, "b.weight": 0.02 * bs}, {"a.weight": 3.0, "b.weight": 40.0},
+                                0.01, 0.01)
+    left, right = fig.axes
+    for ax in (left, right):
+        assert _labels(ax) == ["a (‖r‖ = 3)", "b (‖r‖ = 40)", "LAMB, every matrix: η = 0.01"]
+        assert list(ax.lines[2].get_ydata()) == [0.01, 0.01]
+    assert list(left.lines[1].get_xdata()) == list(lams) and list(right.lines[1].get_xdata()) == list(bs)
+    assert left.get_yscale() == "linear" and right.get_yscale() == "log"
+    assert "b = ‖θ‖" in left.get_title() and "b a constant (λ = 0.01)" in right.get_title()
 
 
 def test_weight_norms_with_ratios_draw_u_dashed(ax):
@@ -256,6 +285,16 @@ def test_c_attn_rows_colour_each_row_by_its_rank():
         c_attn_rows_figure({2: [rows[2][0]]}, C, n_head)             # rows held by no rank
 
 
+def test_tp_mlp_sets_indices_as_subscripts(ax):
+    draw_tp_mlp(ax, tp=2)
+    texts = [t.get_text() for t in ax.texts]
+    outside_math = ["".join(text.split("$")[::2]) for text in texts]      # what is not between $ … $
+    assert not [text for text in outside_math if "_" in text]            # no literal underscore is shown
+    assert any(text.startswith("$Z_0 = ") for text in texts) and any(text.startswith("$Y_1$") for text in texts)
+    assert any(text.startswith(r"$Y = \Sigma_r\, Y_r + b_2$") for text in texts)
+    ax.figure.canvas.draw()                                               # the mathtext parses
+
+
 def test_tp_dp_traffic_draws_both_and_the_measured_point(ax):
     tokens = np.array([16.0, 1024.0])
     draw_tp_dp_traffic(ax, tokens, 2 ** 20 * tokens, 2 ** 20 * 100.0, crossover=100.0, measured=(64, 2 ** 20 * 64))
@@ -272,6 +311,32 @@ def test_gantt_stack_shares_the_time_axis_up_to_the_longest_step():
     assert [ax.get_title() for ax in fig.axes] == ["short", "long"]
     assert all(ax.get_xlim() == pytest.approx((0, long.makespan)) for ax in fig.axes)
     assert fig.axes[-1].get_xlabel() == "time (units)" and fig.axes[-1].get_legend() is not None
+
+
+def test_gantt_labels_are_drawn_only_inside_their_boxes(monkeypatch):
+    p, m, v = 4, 8, 2
+    fig = pipeline_figure("interleaved", p, m, chunks=v)
+    assert fig.get_figwidth() > 10 and pipeline_figure("1F1B", p, m).get_figwidth() == 10
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    labels = [t for t in ax.texts if isinstance(t, BoxLabel)]
+    assert len(labels) == p * v * m * 2                                   # every F and B of every chunk
+    assert {t.get_text() for t in labels} == {f"{k}.{c}" for k in range(m) for c in range(v)}
+    for label in labels:                                                  # the figure is wide enough: all fit
+        assert label.fits(renderer)
+        left, right = ax.transData.transform([(label.span[0], 0.0), (label.span[1], 0.0)])[:, 0]
+        extent = label.get_window_extent(renderer)
+        assert left < extent.x0 and extent.x1 < right
+    fig.set_size_inches(9, fig.get_figheight())                          # narrower: the forward boxes are too
+    fig.canvas.draw()                                                     # narrow, their labels are not drawn
+    renderer = fig.canvas.get_renderer()
+    fitting = [t for t in labels if t.fits(renderer)]
+    assert [t.span[1] - t.span[0] for t in fitting] == [2 / v] * (len(labels) // 2)   # the backward boxes' only
+    drawn = []
+    monkeypatch.setattr(matplotlib.text.Text, "draw", lambda self, renderer: drawn.append(self))
+    fig.canvas.draw()
+    assert [t for t in drawn if isinstance(t, BoxLabel)] == fitting
 
 
 def test_bubble_against_m_puts_the_simulated_points_on_the_formula(ax):
@@ -339,6 +404,7 @@ def test_divergence_has_the_curves_and_the_staleness(ax):
                     {"sync": "synchronous", "async": "asynchronous"}, title="big rate")
     assert _labels(axes[0]) == ["synchronous", "asynchronous"] and axes[0].get_title() == "big rate"
     assert _labels(axes[1]) == ["asynchronous: mean τ 1.0"]
+    assert axes[1].get_title() == "each run's delays (its own timing): mean τ 1.0"
     assert sum(p.get_height() for p in axes[1].patches) == 4
 
 
@@ -348,6 +414,19 @@ def test_stability_sweep_fills_converged_runs_only(ax):
     assert points[0].get_markerfacecolor() != "none" and points[1].get_markerfacecolor() == "none"
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0.2", "1.6"]
     assert "2 live runs" in ax.get_title()
+
+
+def test_stability_sweep_legend_covers_no_run():
+    fig, ax = plt.subplots(figsize=(10, 4))
+    runs = [(w, a, tau, a > 0.5) for w, tau in ((2, 0.7), (6, 3.3), (12, 5.9)) for a in (0.2, 0.4, 0.8, 1.6)]
+    draw_stability_sweep(ax, runs)
+    fig.tight_layout()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert legend.x0 > ax.get_window_extent(renderer).x1                  # outside the axes, to the right
+    assert not [t.get_text() for t in ax.texts if t.get_window_extent(renderer).overlaps(legend)]
+    assert legend.x1 <= fig.bbox.x1                                       # and inside the figure
 
 
 def test_traffic_figure_draws_server_and_ring_against_workers():

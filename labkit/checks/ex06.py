@@ -1,6 +1,7 @@
 """Checker for exercise 6, the 1F1B pipeline schedule (``solutions/06_pipeline_schedule_exercise.ipynb``).
 
     check_one_f_one_b(one_f_one_b)     # 6: simulated on 18 sizes (p, m), then run for real on 2 and 3 processes
+    check_interleaved_warmups(interleaved_warmups)   # 6b: the least warm-up of interleaved 1F1B, simulated
 
 Prints one ``✓`` line when the schedule is right and raises :class:`labkit.checks.CheckFailed` naming the
 mistake when it is not.
@@ -47,13 +48,14 @@ from torch import nn
 from labkit.checks import (CheckFailed, describe, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, passed,
                            run_on_ranks, student_traceback, time_limit)
 from labkit.checks.harness import Mistake, bound, call_student, find_mistake, need_function, plural
-from labkit.pipeline.schedules import B, COMPUTE, F, Action, Schedule, add_communication
+from labkit.pipeline.schedules import B, COMPUTE, F, Action, Schedule, add_communication, interleaved_1f1b_compute
 from labkit.pipeline.schedules import one_f_one_b_compute as reference_compute
 from labkit.pipeline.schedules import one_f_one_b_warmup as expected_warmup
 from labkit.pipeline.simulate import (ScheduleError, bubble_fraction, expected_bubble, expected_peak_activations,
                                       peak_activations, simulate, validate)
 
-__all__ = ["check_one_f_one_b", "SIZES", "RUNS", "WARMUP_MISTAKES", "Warmups"]
+__all__ = ["check_one_f_one_b", "SIZES", "RUNS", "WARMUP_MISTAKES", "Warmups", "check_interleaved_warmups",
+           "INTERLEAVED_SIZES", "INTERLEAVED_MISTAKES"]
 
 # The first sizes are the ones whose messages read best (m > p: warm-up, steady state and cool-down all
 # present); then m = p, p = 1, and m < p (where the warm-up is capped at m) last.
@@ -444,3 +446,124 @@ def check_one_f_one_b(one_f_one_b, *, sizes=SIZES, runs=RUNS, timeout: float = 2
            f"warm-up is min(p − i − 1, m), the simulated bubble (p − 1)/(m + p − 1), the peak min(p − i, m) "
            f"micro-batches' activations; run for real ({ran}), the loss and gradients equal one process's within "
            f"{bound(worst)}")
+
+
+# ============================================================================================
+# 6b. The warm-up of interleaved 1F1B: a design task, checked by what the schedule does
+# ============================================================================================
+# The task: interleaved_warmups(p, m, v) gives each rank's number of warm-up forwards for labkit's interleaved
+# order (labkit.pipeline.schedules.interleaved_1f1b_compute), the least that keeps the bubble at its minimum
+# (p − 1)/(v·m + p − 1). Checked by simulation, not against a formula: no deadlock, the minimal bubble, and
+# on every rank one forward fewer must deadlock or lengthen the step (any warm-ups with these properties pass).
+
+INTERLEAVED_SIZES = ((4, 8, 2), (3, 6, 2), (2, 4, 2), (3, 3, 2), (4, 4, 2), (4, 8, 3), (3, 6, 3), (2, 4, 4),
+                     (5, 10, 3), (2, 2, 2), (4, 4, 1), (3, 6, 1))      # (p, m, v); v = 1 is 1F1B
+
+
+def _interleaved(p: int, m: int, v: int, warmups: list) -> Schedule:
+    return Schedule(f"interleaved 1F1B (v={v}), your warm-ups", p, p * v, m,
+                    add_communication(interleaved_1f1b_compute(p, m, v, warmups), p * v))
+
+
+def _simulated(schedule: Schedule) -> tuple[float | None, str]:
+    """(the bubble, "") or (None, why it cannot run: a deadlock)."""
+    try:
+        return bubble_fraction(simulate(schedule, T_FORWARD, T_BACKWARD)), ""
+    except ScheduleError as err:
+        text = str(err)
+        return None, text.split(" deadlocks: ", 1)[1] if " deadlocks: " in text else text
+
+
+_VIRTUAL = ("With v chunks a micro-batch crosses v·p stages: rank r's chunks are stages r, p + r, .., (v − 1)p + r, "
+            "and its first backward is micro-batch 0 on its last chunk, which must first go forward through every "
+            "stage and come back from the last one.")
+
+# Known formulas, tried on the student's warm-ups at the first size where they fail; texts formatted with head,
+# yours, effect.
+INTERLEAVED_MISTAKES = (
+    Mistake("1F1B's warm-up", lambda p, m, v: [min(p - r - 1, v * m) for r in range(p)],
+            "{head}: these are 1F1B's warm-ups, p − r − 1 per rank {yours}, as if each rank held one stage. " + _VIRTUAL
+            + " Until then rank r must keep the pipeline fed with forwards.{effect}"),
+    Mistake("Megatron-LM's warm-up", lambda p, m, v: [min(2 * (p - r - 1) + (v - 1) * p, v * m) for r in range(p)],
+            "{head}: this is Megatron-LM's warm-up, 2(p − r − 1) + (v − 1)p {yours}. It keeps the bubble at its "
+            "minimum, but it is not the least that does here.{effect} The task asks for the smallest warm-up with "
+            "the minimal bubble, the one that holds the fewest activations."),
+    Mistake("no (v − 1)p", lambda p, m, v: [min(2 * (p - r - 1), v * m) for r in range(p)],
+            "{head}: your warm-ups {yours} do not grow with the number of chunks v. " + _VIRTUAL + "{effect}"),
+    Mistake("the warm-up reversed", lambda p, m, v: [min((v - 1) * p + r, v * m) for r in range(p)],
+            "{head}: the warm-up is reversed {yours}: it grows with r. The first rank waits longest for its first "
+            "gradient (it comes back through every stage after it), the last rank least.{effect}"),
+    Mistake("every forward first", lambda p, m, v: [v * m] * p,
+            "{head}: every rank runs all its v·m forwards before its first backward {yours}: GPipe's order. The bubble "
+            "is the least, but each rank holds every micro-batch's activations.{effect}"),
+)
+
+
+def _interleaved_effect(p: int, m: int, v: int, yours: list) -> str:
+    """What the warm-ups do, simulated: a deadlock, a longer step (which rank's warm-up is short), or the rank
+    that could run fewer forwards. Empty when they are right."""
+    schedule = _interleaved(p, m, v, yours)
+    bubble, why = _simulated(schedule)
+    want = expected_bubble(p, m, v)
+    if bubble is None:
+        return f" Replayed, it deadlocks: {why}."
+    def minimal(warmups: list) -> bool:
+        b, _ = _simulated(_interleaved(p, m, v, warmups))
+        return b is not None and math.isclose(b, want, rel_tol=1e-9, abs_tol=1e-12)
+
+    def changed(r: int, by: int) -> list:
+        return [w + by if i == r else w for i, w in enumerate(yours)]
+
+    simulated = f"Simulated (F {fmt_number(T_FORWARD)}, B {fmt_number(T_BACKWARD)})"
+    if not math.isclose(bubble, want, rel_tol=1e-9, abs_tol=1e-12):
+        short = next((r for r in range(p) if yours[r] < v * m and minimal(changed(r, 1))), None)
+        which = (f"rank {short}'s warm-up is too short: with one forward more ({yours[short] + 1}) the bubble would be "
+                 f"the least" if short is not None else
+                 "some rank starts its backwards before the gradient it needs can be back, and waits")
+        return f" {simulated}, the bubble is {bubble:.4f}, the least (p − 1)/(v·m + p − 1) = {want:.4f}: {which}."
+    for r in range(p):
+        if yours[r] > 0 and minimal(changed(r, -1)):
+            peak, peak_fewer = peak_activations(schedule)[r], peak_activations(_interleaved(p, m, v, changed(r, -1)))[r]
+            held = (f"; its peak of activations would be {fmt_number(peak_fewer)} micro-batches instead of "
+                    f"{fmt_number(peak)} (a chunk's micro-batch counts 1/v)" if not math.isclose(peak, peak_fewer)
+                    else "")
+            return (f" {simulated}: rank {r} could run one forward fewer ({yours[r] - 1} instead of {yours[r]}) and the "
+                    f"step would be no longer (the bubble stays {want:.4f}){held}.")
+    return ""
+
+
+def _read_warmups(result, head: str, p: int, m: int, v: int) -> list:
+    if not isinstance(result, (list, tuple)):
+        fail(f"{head} returned {describe(result)}: return a list of p = {p} ints, rank r's number of warm-up forwards")
+    if len(result) != p:
+        fail(f"{head} returned {len(result)} numbers for p = {p} ranks: one per rank r = 0 .. {p - 1}")
+    for r, w in enumerate(result):
+        if isinstance(w, bool) or not isinstance(w, int):
+            fail(f"{head}: item {r} (rank {r}'s warm-up) is {describe(w)}: a number of forwards, an int")
+        if not 0 <= w <= v * m:
+            fail(f"{head}: rank {r}'s warm-up is {w}, but it runs v·m = {v * m} forwards in all ({v} chunks × {m} "
+                 f"micro-batches): a warm-up is between 0 and {v * m}")
+    return list(result)
+
+
+def check_interleaved_warmups(interleaved_warmups, *, sizes=INTERLEAVED_SIZES) -> None:
+    """Check exercise 6b: ``interleaved_warmups(p, m, v)`` returns each rank's warm-up forwards for labkit's
+    interleaved 1F1B order. Simulated on every (p, m, v) of ``sizes``: no deadlock, the bubble (p − 1)/(v·m + p − 1),
+    and on every rank one forward fewer deadlocks or lengthens the step (the least warm-up; any such one passes)."""
+    __tracebackhide__ = True
+    name = need_function(interleaved_warmups, "check_interleaved_warmups")
+    for p, m, v in sizes:
+        head = f"{name}({p}, {m}, {v})"
+        with time_limit(_SECONDS, f"{head} did not return within {_SECONDS:g} s: an endless loop?"):
+            result = call_student(interleaved_warmups, p, m, v, name=name, task="6b")
+        yours = _read_warmups(result, head, p, m, v)
+        effect = _interleaved_effect(p, m, v, yours)
+        if not effect:
+            continue
+        mistake = find_mistake(INTERLEAVED_MISTAKES, lambda row: row.variant(p, m, v) == yours)
+        says = mistake.says if mistake else "{head}: your warm-up forwards per rank {yours}.{effect}"
+        fail(says.format(head=head, yours=f"({_list(yours)})", effect=effect))
+    shown = ", ".join(f"({p}, {m}, {v})" for p, m, v in sizes[:5])
+    passed(f"{name} gives the least warm-up on {len(sizes)} sizes (p, m, v) ({shown}, ..., and v = 1): no deadlock, "
+           f"the simulated bubble (p − 1)/(v·m + p − 1), and one forward fewer on any rank would deadlock or "
+           f"lengthen the step")

@@ -2,7 +2,7 @@
 from a schedule, or measured by the runtime), plus the notebook's explorer.
 
     draw_gantt(ax, timeline)            one row per rank: F boxes light, B boxes dark, the micro-batch
-                                        number inside; white gaps are the bubble
+                                        number inside (where it fits); white gaps are the bubble
     draw_activations(ax, timeline)      micro-batches' activations each rank holds, over time
     pipeline_figure(name, p, m, ...)    both, for a schedule, with the bubble and peaks in the title
     measured_figure(measured, simulated, m)   measured runs (filled) over their simulations (dashed)
@@ -22,14 +22,17 @@ from collections.abc import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.patches import FancyBboxPatch, Patch
+from matplotlib.text import Text
+from matplotlib.textpath import text_to_path
 
 from labkit.pipeline.schedules import B, F, gpipe, interleaved_1f1b, make_schedule, one_f_one_b
 from labkit.pipeline.simulate import (Timeline, bubble_fraction, expected_bubble, expected_peak_activations,
                                       peak_activations, simulate)
 from labkit.timeline import Box, draw_timeline
 
-__all__ = ["draw_gantt", "draw_activations", "gantt_legend", "pipeline_figure", "measured_figure",
+__all__ = ["draw_gantt", "BoxLabel", "draw_activations", "gantt_legend", "pipeline_figure", "measured_figure",
            "draw_measured_bubble", "gantt_stack", "draw_bubble_vs_m", "activation_memory_figure", "draw_dp_pp_layout",
            "explorer", "MICROBATCH_COLORS"]
 
@@ -42,14 +45,36 @@ def _compute_events(timeline: Timeline):
     return [e for e in timeline.events if e.kind in (F, B)]
 
 
+class BoxLabel(Text):
+    """A label centred in a box from ``x0`` to ``x1`` (data coordinates) that is drawn only where it fits:
+    at draw time, with the figure's final size and the axes' final limits, its rendered width plus
+    ``pad`` points on either side must not exceed the box's rendered width."""
+
+    def __init__(self, x0: float, x1: float, y: float, text: str, *, pad: float = 1.0, **kwargs):
+        super().__init__((x0 + x1) / 2, y, text, ha="center", va="center", **kwargs)
+        self.span, self.pad = (x0, x1), pad
+        self.set_in_layout(False)          # inside its box: no part of the layout
+
+    def fits(self, renderer) -> bool:
+        """Whether the label, as rendered by ``renderer``, lies inside its box with ``pad`` to spare."""
+        left, right = self.axes.transData.transform([(self.span[0], 0.0), (self.span[1], 0.0)])[:, 0]
+        pad = self.pad * self.figure.dpi / 72
+        return super().get_window_extent(renderer).width + 2 * pad <= abs(right - left)
+
+    def draw(self, renderer):
+        if self.get_visible() and self.fits(renderer):
+            super().draw(renderer)
+
+
 def draw_gantt(ax, timeline: Timeline, *, unit: float = 1.0, unit_name: str = "", title: str = "",
                labels: bool = True, num_ranks_per_chunk: int | None = None, alpha: float = 1.0, outline: bool = False,
-               height: float = 0.8):
+               height: float = 0.8, fontsize: float = 7.0):
     """Draw the compute of every rank: rank 0 on top, F boxes pale, B boxes saturated, in the colour of
-    their micro-batch, numbered (``k`` or ``k.c`` for chunk c when ranks hold several stages). Whatever
-    is not covered is the bubble. ``outline=True`` draws only the boxes' edges (to lay a measured run
-    over a simulated one). Times are divided by ``unit``. The drawing is :func:`labkit.timeline.draw_timeline`
-    with the pipeline's style."""
+    their micro-batch, numbered (``k`` or ``k.c`` for chunk c when ranks hold several stages) in
+    ``fontsize`` points wherever the number fits inside its box as drawn (:class:`BoxLabel`; a box too
+    narrow for its number is left unlabelled). Whatever is not covered is the bubble. ``outline=True``
+    draws only the boxes' edges (to lay a measured run over a simulated one). Times are divided by
+    ``unit``. The drawing is :func:`labkit.timeline.draw_timeline` with the pipeline's style."""
     p = timeline.num_ranks
     chunked = num_ranks_per_chunk is not None or any(e.action.stage >= p for e in _compute_events(timeline))
     bottom = (1 - height) / 2
@@ -62,13 +87,25 @@ def draw_gantt(ax, timeline: Timeline, *, unit: float = 1.0, unit_name: str = ""
                        height=height)
         a = e.action
         return Box(facecolor=MICROBATCH_COLORS[a.microbatch % len(MICROBATCH_COLORS)],
-                   alpha=alpha * (0.4 if a.kind == F else 0.95), linewidth=0.4, bottom=bottom, height=height,
-                   text=(f"{a.microbatch}" + (f".{a.stage // p}" if chunked else "")) if labels else "",
-                   text_color="black" if a.kind == F else "white")
+                   alpha=alpha * (0.4 if a.kind == F else 0.95), linewidth=0.4, bottom=bottom, height=height)
 
-    return draw_timeline(ax, timeline.rows(), style, origin=timeline.origin,
-                         end=timeline.origin + timeline.makespan, unit=unit,
-                         xlabel=f"time ({unit_name})" if unit_name else "time", title=title)
+    draw_timeline(ax, timeline.rows(), style, origin=timeline.origin, end=timeline.origin + timeline.makespan,
+                  unit=unit, xlabel=f"time ({unit_name})" if unit_name else "time", title=title)
+    if labels and not outline:
+        for e in _compute_events(timeline):
+            x0, x1 = (e.start - timeline.origin) / unit, (e.end - timeline.origin) / unit
+            ax.add_artist(BoxLabel(x0, x1, p - 1 - e.rank + 0.5, _label(e.action, p, chunked), fontsize=fontsize,
+                                   color="black" if e.kind == F else "white", clip_on=True))
+    return ax
+
+
+def _label(action, p: int, chunked: bool) -> str:
+    return f"{action.microbatch}" + (f".{action.stage // p}" if chunked else "")
+
+
+def _label_width(text: str, fontsize: float) -> float:
+    """The width of ``text`` in points at ``fontsize``, as matplotlib lays it out."""
+    return text_to_path.get_text_width_height_descent(text, FontProperties(size=fontsize), ismath=False)[0]
 
 
 def gantt_legend(ax, **kwargs):
@@ -105,11 +142,12 @@ def pipeline_figure(name: str = "1F1B", p: int = 4, m: int = 8, backward_ratio: 
                     figure=None):
     """The schedule ``name`` (GPipe, 1F1B, interleaved) for p stages and m micro-batches, simulated with
     F = 1 and B = ``backward_ratio`` per stage (per chunk: 1/v and ratio/v), drawn as a Gantt chart over
-    the activation memory. The title gives the simulated bubble against the formula and the peaks."""
+    the activation memory. The title gives the simulated bubble against the formula and the peaks. A new
+    figure is 10 inches wide, or wider (up to 14) where that lets the narrowest box hold its label."""
     schedule = make_schedule(name, p, m, chunks)
     v = schedule.num_stages // p
     timeline = simulate(schedule, t_forward=1.0 / v, t_backward=backward_ratio / v)
-    fig = figure or plt.figure(figsize=(10, 2.8 + 0.45 * p))
+    fig = figure or plt.figure(figsize=(_gantt_width(timeline, v > 1), 2.8 + 0.45 * p))
     fig.clear()
     ax_gantt, ax_mem = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [p, 2.2]})
     draw_gantt(ax_gantt, timeline)
@@ -123,6 +161,20 @@ def pipeline_figure(name: str = "1F1B", p: int = 4, m: int = 8, backward_ratio: 
     gantt_legend(ax_mem, loc="upper left", bbox_to_anchor=(0.0, -0.45), ncol=3)
     fig.tight_layout()
     return fig
+
+
+def _gantt_width(timeline: Timeline, chunked: bool, *, fontsize: float = 7.0, pad: float = 2.0,
+                 least: float = 10.0, most: float = 14.0, margins: float = 1.2) -> float:
+    """A figure width (inches) at which the narrowest compute box of ``timeline`` holds its label (the
+    widest label, ``fontsize`` points, ``pad`` on either side), given ``margins`` inches outside the
+    axes, rounded up to half an inch; between ``least`` and ``most``. :class:`BoxLabel` still checks each
+    label when it is drawn."""
+    p = timeline.num_ranks
+    events = _compute_events(timeline)
+    narrowest = min((e.duration for e in events if e.duration > 0), default=timeline.makespan or 1.0)
+    label = max((_label_width(_label(e.action, p, chunked), fontsize) for e in events), default=0.0)
+    axes_width = timeline.makespan / narrowest * (label + 2 * pad) / 72
+    return float(np.clip(np.ceil(2 * (axes_width + margins)) / 2, least, most))
 
 
 def measured_figure(measured: Mapping[tuple[str, int], Timeline], simulated: Mapping[tuple[str, int], Timeline],

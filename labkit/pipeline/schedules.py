@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 
 __all__ = ["Action", "Schedule", "F", "B", "SEND_F", "RECV_F", "SEND_B", "RECV_B", "COMPUTE",
            "gpipe", "gpipe_compute", "one_f_one_b", "one_f_one_b_compute", "one_f_one_b_warmup",
-           "interleaved_1f1b", "add_communication", "SCHEDULES", "make_schedule"]
+           "interleaved_1f1b", "interleaved_1f1b_compute", "interleaved_1f1b_warmup", "add_communication",
+           "SCHEDULES", "make_schedule"]
 
 F, B = "F", "B"
 SEND_F, RECV_F, SEND_B, RECV_B = "SEND_F", "RECV_F", "SEND_B", "RECV_B"
@@ -164,17 +165,18 @@ def one_f_one_b(p: int, m: int) -> Schedule:
     return Schedule("1F1B", p, p, m, add_communication(one_f_one_b_compute(p, m), p))
 
 
-def interleaved_1f1b(p: int, m: int, chunks: int = 2) -> Schedule:
-    """Interleaved 1F1B (Narayanan et al. 2021, Megatron-LM): each rank holds ``chunks`` = v model
-    chunks, stages r, r + p, ... so a micro-batch visits every rank v times. The forwards go in rounds
-    of p micro-batches per chunk; rank r warms up with 2(p − r − 1) + (v − 1)p forwards. The bubble
-    shrinks v-fold, to (p − 1)/(v·m + p − 1), at the price of v times more messages. Needs m % p == 0."""
-    _check_sizes(p, m)
-    if not isinstance(chunks, int) or chunks < 1:
-        raise ValueError(f"chunks must be a positive integer, not {chunks!r}")
-    if m % p:
-        raise ValueError(f"the interleaved schedule sends micro-batches in rounds of p={p}: "
-                         f"m={m} must be a multiple of p")
+def interleaved_1f1b_warmup(p: int, m: int, chunks: int = 2) -> list[int]:
+    """Megatron-LM's warm-up forwards of each rank in interleaved 1F1B: 2(p − r − 1) + (v − 1)p, at most v·m
+    (with v = 1, 1F1B's p − r − 1). Exercise 6b asks for the smallest warm-up that keeps the bubble."""
+    v, total = chunks, m * chunks
+    return [min((p - r - 1) * 2 + (v - 1) * p, total) if v > 1 else min(p - r - 1, total) for r in range(p)]
+
+
+def interleaved_1f1b_compute(p: int, m: int, chunks: int = 2, warmups: list[int] | None = None) -> list[list[Action]]:
+    """The compute order of interleaved 1F1B: rank r's u-th forward is micro-batch (u // pv)·p + u % p of chunk
+    (u // p) % v (rounds of p micro-batches per chunk; its backwards run the chunks in reverse), on stage
+    chunk·p + r; warm-up forwards, then one forward and one backward, then the remaining backwards.
+    ``warmups``: other warm-ups than Megatron's (exercise 6b)."""
     v, total = chunks, m * chunks
 
     def unit(u: int, backward: bool) -> tuple[int, int]:
@@ -183,8 +185,7 @@ def interleaved_1f1b(p: int, m: int, chunks: int = 2) -> Schedule:
         return (u // (p * v)) * p + u % p, (v - 1 - chunk if backward else chunk)
 
     compute = []
-    for r in range(p):
-        warmup = min((p - r - 1) * 2 + (v - 1) * p, total) if v > 1 else min(p - r - 1, total)
+    for r, warmup in enumerate(interleaved_1f1b_warmup(p, m, v) if warmups is None else warmups):
         order = []
         for u in range(warmup):
             k, c = unit(u, False)
@@ -198,7 +199,22 @@ def interleaved_1f1b(p: int, m: int, chunks: int = 2) -> Schedule:
             k, c = unit(u, True)
             order.append(Action(B, k, c * p + r))
         compute.append(order)
-    return Schedule(f"interleaved 1F1B (v={v})", p, p * v, m, add_communication(compute, p * v))
+    return compute
+
+
+def interleaved_1f1b(p: int, m: int, chunks: int = 2) -> Schedule:
+    """Interleaved 1F1B (Narayanan et al. 2021, Megatron-LM): each rank holds ``chunks`` = v model
+    chunks, stages r, r + p, ... so a micro-batch visits every rank v times. The forwards go in rounds
+    of p micro-batches per chunk; rank r warms up with 2(p − r − 1) + (v − 1)p forwards. The bubble
+    shrinks v-fold, to (p − 1)/(v·m + p − 1), at the price of v times more messages. Needs m % p == 0."""
+    _check_sizes(p, m)
+    if not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"chunks must be a positive integer, not {chunks!r}")
+    if m % p:
+        raise ValueError(f"the interleaved schedule sends micro-batches in rounds of p={p}: "
+                         f"m={m} must be a multiple of p")
+    return Schedule(f"interleaved 1F1B (v={chunks})", p, p * chunks, m,
+                    add_communication(interleaved_1f1b_compute(p, m, chunks), p * chunks))
 
 
 SCHEDULES = {"GPipe": gpipe, "1F1B": one_f_one_b, "interleaved": interleaved_1f1b}
