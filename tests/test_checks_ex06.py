@@ -362,7 +362,9 @@ def test_every_known_warmup_formula_is_named(mistake):
 @pytest.mark.parametrize("fn,expected", [
     pytest.param(_changed(0, 1), ["rank 0 could run one forward fewer", "the bubble stays"], id="one_too_many"),
     pytest.param(_changed(1, -1), ["rank 1's warm-up is too short", "the bubble is"], id="one_too_few"),
-    pytest.param(_changed(3, -1), ["Replayed, it deadlocks"], id="last_rank_short"),
+    pytest.param(_changed(3, -1), ["It cannot run", "comes before its forward"], id="last_rank_short"),
+    pytest.param(lambda p, m, v: [min((v - 1) * p + r, v * m) for r in range(p)], ["Replayed, it deadlocks"],
+                 id="reversed_deadlocks"),
     pytest.param(lambda p, m, v: None, ["returned None", "a list of p = 4 ints"], id="none"),
     pytest.param(lambda p, m, v: [1] * (p + 1), ["returned 5 numbers for p = 4 ranks"], id="length"),
     pytest.param(lambda p, m, v: [2.0] * p, ["rank 0's warm-up) is a float", "an int"], id="float"),

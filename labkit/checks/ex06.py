@@ -142,17 +142,24 @@ def _schedule(compute: list, given: Schedule | None, p: int, m: int) -> Schedule
     return given if given is not None else Schedule("your 1F1B", p, p, m, add_communication(compute, p))
 
 
-def _consequences(schedule: Schedule, p: int, m: int) -> str:
-    """What the schedule does, simulated, where it differs from 1F1B: a deadlock, the bubble, the peaks."""
+def _simulated(schedule: Schedule) -> tuple[float | None, str]:
+    """(the simulated bubble, "") or (None, why it cannot run: the deadlock, as a sentence for the student)."""
     try:
-        timeline = simulate(schedule, T_FORWARD, T_BACKWARD)
+        return bubble_fraction(simulate(schedule, T_FORWARD, T_BACKWARD)), ""
     except ScheduleError as err:
         text = str(err)
         if " deadlocks: " in text:
-            return f" Replayed, it deadlocks: {text.split(' deadlocks: ', 1)[1]}."
-        return f" It cannot run: {text}."
+            return None, f" Replayed, it deadlocks: {text.split(' deadlocks: ', 1)[1]}."
+        return None, f" It cannot run: {text}."
+
+
+def _consequences(schedule: Schedule, p: int, m: int) -> str:
+    """What the schedule does, simulated, where it differs from 1F1B: a deadlock, the bubble, the peaks."""
+    bubble, why = _simulated(schedule)
+    if bubble is None:
+        return why
     parts = []
-    bubble, want = bubble_fraction(timeline), expected_bubble(p, m)
+    want = expected_bubble(p, m)
     if not math.isclose(bubble, want, rel_tol=1e-9, abs_tol=1e-12):
         parts.append(f"its bubble is {bubble:.3f}, 1F1B's (p − 1)/(m + p − 1) = {want:.3f}")
     peaks, wanted = peak_activations(schedule), expected_peak_activations("1F1B", p, m)
@@ -465,15 +472,6 @@ def _interleaved(p: int, m: int, v: int, warmups: list) -> Schedule:
                     add_communication(interleaved_1f1b_compute(p, m, v, warmups), p * v))
 
 
-def _simulated(schedule: Schedule) -> tuple[float | None, str]:
-    """(the bubble, "") or (None, why it cannot run: a deadlock)."""
-    try:
-        return bubble_fraction(simulate(schedule, T_FORWARD, T_BACKWARD)), ""
-    except ScheduleError as err:
-        text = str(err)
-        return None, text.split(" deadlocks: ", 1)[1] if " deadlocks: " in text else text
-
-
 _VIRTUAL = ("With v chunks a micro-batch crosses v·p stages: rank r's chunks are stages r, p + r, .., (v − 1)p + r, "
             "and its first backward is micro-batch 0 on its last chunk, which must first go forward through every "
             "stage and come back from the last one.")
@@ -506,7 +504,7 @@ def _interleaved_effect(p: int, m: int, v: int, yours: list) -> str:
     bubble, why = _simulated(schedule)
     want = expected_bubble(p, m, v)
     if bubble is None:
-        return f" Replayed, it deadlocks: {why}."
+        return why
     def minimal(warmups: list) -> bool:
         b, _ = _simulated(_interleaved(p, m, v, warmups))
         return b is not None and math.isclose(b, want, rel_tol=1e-9, abs_tol=1e-12)
