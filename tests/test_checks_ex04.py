@@ -22,17 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _solution_functions():
-    """lamb_step and adascale_gain exactly as the solution notebook defines them."""
+    """lamb_step, adascale_gain and whole_norms exactly as the solution notebook defines them."""
     nb = nbformat.read(ROOT / "solutions" / "04_large_batch_exercise.ipynb", as_version=4)
     code = [c.source for c in nb.cells if c.cell_type == "code"]
     namespace = {"__name__": "__main__"}   # as in a notebook: its functions and classes travel by value
     exec(compile(code[0], "solution-imports", "exec"), namespace)
-    for name in ("def lamb_step", "def adascale_gain"):
+    for name in ("def lamb_step", "def adascale_gain", "def whole_norms"):
         exec(compile(next(s for s in code if name in s), name, "exec"), namespace)
-    return namespace["lamb_step"], namespace["adascale_gain"]
+    return namespace["lamb_step"], namespace["adascale_gain"], namespace["whole_norms"]
 
 
-lamb_step, adascale_gain = _solution_functions()
+lamb_step, adascale_gain, whole_norms = _solution_functions()
 
 
 def assert_rejected(check, fn, expected, **kwargs):
@@ -583,3 +583,147 @@ def test_gain_stub_is_reported_as_not_done():
 
     with pytest.raises(NotImplementedError, match=r"^Exercise 4b: take the local squared norm"):
         check_adascale_gain(adascale_gain)
+
+
+
+# --------------------------------------------------------------------------------------------
+# 4c. The whole tensors' norms from each rank's slices (sharded LAMB)
+# --------------------------------------------------------------------------------------------
+
+from labkit.checks.ex04 import NORM_MISTAKES, check_whole_norms, norms_formula  # noqa: E402
+
+
+def test_the_solution_and_labkits_whole_norms_pass(capsys):
+    from labkit.optim import whole_norms as labkits
+
+    check_whole_norms(whole_norms)
+    check_whole_norms(labkits)
+    out = capsys.readouterr().out
+    assert out.count("✓") == 2 and "in one message of one number per tensor" in out
+
+
+def test_the_norms_formula_is_labkits_and_every_mistake_changes_it():
+    def worker():
+        from labkit.optim import whole_norms as labkits
+        from labkit.checks.ex04 import _slices, norm_cases
+        mine = _slices(norm_cases(), dist.get_rank(), dist.get_world_size())
+        return mine, labkits(mine)
+
+    import labkit
+    results = labkit.launch(worker, world_size=3)
+    slices = [r[0] for r in results]
+    assert any(s.numel() == 0 for s in slices[2]), "the check must include an empty slice"
+    for rank, (_, reference) in enumerate(results):
+        assert norms_formula(slices, rank) == pytest.approx(reference, rel=1e-12)
+        for mistake in NORM_MISTAKES:
+            assert norms_formula(slices, rank, **mistake.variant) != pytest.approx(reference, rel=1e-6), mistake.name
+
+
+def _norms_made_wrong(variant):
+    """A whole_norms that gathers every rank's slices and applies the table row's wrong formula."""
+    def whole_norms(shards):
+        n = dist.get_world_size()
+        sizes = [torch.zeros(len(shards), dtype=torch.long) for _ in range(n)]
+        dist.all_gather(sizes, torch.tensor([s.numel() for s in shards]))
+        everyone = []
+        for k, s in enumerate(shards):          # gloo gathers equal sizes: pad with zeros (they add nothing)
+            longest = max(int(sz[k]) for sz in sizes)
+            out = [torch.zeros(longest, dtype=s.dtype) for _ in range(n)]
+            dist.all_gather(out, torch.cat([s, s.new_zeros(longest - s.numel())]))
+            everyone.append(out)
+        per_rank = [[everyone[k][r] for k in range(len(shards))] for r in range(n)]
+        return norms_formula(per_rank, dist.get_rank(), **variant)
+    return whole_norms
+
+
+@pytest.mark.parametrize("mistake", NORM_MISTAKES, ids=lambda m: m.name)
+def test_every_norms_mistake_of_the_table_is_named_with_its_own_message(mistake):
+    assert_rejected(check_whole_norms, _norms_made_wrong(mistake.variant), [mistake.says], world_sizes=(3,))
+
+
+def norms_local(shards):
+    return [s.norm().item() for s in shards]
+
+
+def norms_added(shards):
+    norms = torch.stack([s.double().norm() for s in shards])
+    dist.all_reduce(norms)
+    return norms.tolist()
+
+
+def norms_one_message_per_tensor(shards):
+    out = []
+    for s in shards:
+        square = s.double().pow(2).sum()
+        dist.all_reduce(square)
+        out.append(square.sqrt().item())
+    return out
+
+
+def norms_rebuilding_the_tensors(shards):
+    # each rank writes its slices into zeros of the whole sizes, and one all-reduce rebuilds every tensor
+    n, rank = dist.get_world_size(), dist.get_rank()
+    sizes = torch.tensor([s.numel() for s in shards])
+    everyone = [torch.zeros_like(sizes) for _ in range(n)]
+    dist.all_gather(everyone, sizes)
+    whole = [torch.zeros(int(sum(e[k] for e in everyone)), dtype=torch.float64) for k in range(len(shards))]
+    for k, s in enumerate(shards):
+        start = int(sum(everyone[r][k] for r in range(rank)))
+        whole[k][start:start + s.numel()] = s
+    flat = torch.cat(whole)
+    dist.all_reduce(flat)
+    return [t.norm().item() for t in torch.split(flat, [w.numel() for w in whole])]
+
+
+def norms_in_place(shards):
+    squares = torch.stack([s.pow_(2).sum() for s in shards])
+    dist.all_reduce(squares)
+    return squares.sqrt().tolist()
+
+
+def norms_for_four_tensors(shards):
+    squares = torch.stack([shards[k].double().pow(2).sum() for k in range(4)])
+    dist.all_reduce(squares)
+    return squares.sqrt().tolist()
+
+
+def norms_of_everything(shards):
+    square = sum(s.double().pow(2).sum() for s in shards)
+    dist.all_reduce(square)
+    return square.sqrt()
+
+
+def norms_only_rank0_sends(shards):
+    squares = torch.stack([s.double().pow(2).sum() for s in shards])
+    if dist.get_rank() == 0:
+        dist.all_reduce(squares)
+    return squares.sqrt().tolist()
+
+
+NORM_CASES = [
+    pytest.param(norms_local, ["on rank 0 the norm of weight", "expected", "each rank returned the norms of its own"],
+                 id="local"),
+    pytest.param(norms_added, ["norms do not add", "‖θ‖² = Σ_r ‖θ_r‖²"], id="norms_added"),
+    pytest.param(norms_one_message_per_tensor, ["the norms are right, but rank 0 sent 4 messages for 4 tensors",
+                                                "all_reduce(1)", "latency α"], id="one_message_per_tensor"),
+    pytest.param(norms_rebuilding_the_tensors, ["the norms are right, but rank 0 sent", "the slices themselves?"],
+                 id="rebuilding_the_tensors"),
+    pytest.param(norms_in_place, ["your function changed the slices it was given", "s.pow_(2)"], id="in_place"),
+    pytest.param(norms_for_four_tensors, ["called by sharded LAMB with 8 slices", "returned a list of 4 items",
+                                          "assume a number of tensors"], id="four_tensors"),
+    pytest.param(norms_of_everything, ["rank 0 returned", "one number per tensor (4 here"], id="one_number"),
+    pytest.param(norms_only_rank0_sends, ["did not finish on 3 processes"], id="only_rank0_sends"),
+]
+
+
+@pytest.mark.parametrize("fn,expected", NORM_CASES)
+def test_known_wrong_whole_norms_are_named(fn, expected):
+    assert_rejected(check_whole_norms, fn, expected, world_sizes=(3,), timeout=6.0)
+
+
+def test_norms_stub_is_reported_as_not_done():
+    def whole_norms(shards):
+        raise NotImplementedError("Exercise 4c: the whole tensors' norms; see the instructions above")
+
+    with pytest.raises(NotImplementedError, match=r"^Exercise 4c: the whole tensors' norms"):
+        check_whole_norms(whole_norms)

@@ -313,3 +313,56 @@ def test_adascale_misuse_is_explained():
         opt.step()
     with pytest.raises(ValueError, match="smoothing"):
         AdaScale(torch.optim.SGD([w], lr=0.1), world_size=2, smoothing=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# LAMB on sharded optimizer state (exercise 4c's reference)
+# --------------------------------------------------------------------------------------------
+
+_SHARDED_SHAPES = ((5, 4), (7,), (2,), (3,))      # (2,) on 3 ranks: one rank holds an empty slice
+
+
+def _sharded_lamb_worker(steps: int):
+    from labkit import comm
+    from labkit.optim import sharded_lamb_step
+    from labkit.ring import chunk_bounds
+
+    rank, N = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(7)
+    whole = [torch.randn(s, generator=g, dtype=torch.float64) * 3 for s in _SHARDED_SHAPES]
+    whole[-1].zero_()                                   # a tensor that starts at zero: ratio 1
+    mine = [t.reshape(-1)[slice(*chunk_bounds(t.numel(), N)[rank])].clone() for t in whole]
+    ms, vs = [torch.zeros_like(p) for p in mine], [torch.zeros_like(p) for p in mine]
+    ratios = []
+    with comm.record() as events:
+        for step in range(1, steps + 1):
+            grads = [torch.sin(t.reshape(-1) * step + k)[slice(*chunk_bounds(t.numel(), N)[rank])]
+                     for k, t in enumerate(whole)]
+            ratios.append(sharded_lamb_step(mine, grads, ms, vs, step, lr=0.05, betas=(0.9, 0.99), eps=1e-6,
+                                            weight_decay=0.1))
+    return mine, ratios, [(e.op, e.bytes) for e in events]
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_sharded_lamb_equals_lamb_on_the_whole_tensors(world_size):
+    steps = 3
+    g = torch.Generator().manual_seed(7)
+    initial = [torch.randn(s, generator=g, dtype=torch.float64) * 3 for s in _SHARDED_SHAPES]
+    initial[-1].zero_()
+    whole = [torch.nn.Parameter(t.clone()) for t in initial]
+    opt = Lamb(whole, lr=0.05, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, foreach=False)
+    want_ratios = []
+    for step in range(1, steps + 1):
+        for k, (p, t) in enumerate(zip(whole, initial)):
+            p.grad = torch.sin(t * step + k)            # the worker's gradients, on the whole tensor
+        opt.step()
+        want_ratios.append([float(opt.state[p]["trust_ratio"]) for p in whole])
+    results = labkit.launch(_sharded_lamb_worker, steps, world_size=world_size)
+    for k, p in enumerate(whole):
+        got = torch.cat([results[r][0][k] for r in range(world_size)])
+        assert torch.allclose(got, p.detach().reshape(-1), rtol=1e-12, atol=1e-14), k
+    assert want_ratios[0][-1] == 1.0 and want_ratios[0][0] != 1.0
+    for r in range(world_size):
+        assert torch.allclose(torch.tensor(results[r][1]), torch.tensor(want_ratios), rtol=1e-12, atol=0)
+        # one all-reduce per step, of 2·L float64 numbers: every tensor's ‖θ‖² and ‖u‖²
+        assert results[r][2] == [("all_reduce", 2 * len(_SHARDED_SHAPES) * 8)] * steps

@@ -2,6 +2,7 @@
 
     check_lamb(lamb_step)                   # 4a: 50 steps against labkit.optim.Lamb, in this process
     check_adascale_gain(adascale_gain)      # 4b: on 3, 2 and 4 processes, against labkit.optim.AdaScale
+    check_whole_norms(whole_norms)          # 4c: on 3 and 2 processes, against labkit.optim.whole_norms
 
 Each prints one ``✓`` line when the code is right and raises :class:`labkit.checks.CheckFailed` naming
 the mistake when it is not.
@@ -22,6 +23,14 @@ The check runs it on 3, 2 and 4 processes on known gradients (signal and noise; 
 almost pure noise, where the estimate of μ² is negative and the gain is S; all zero, where the gain is 1)
 and compares with ``labkit.optim.AdaScale`` (one step, no smoothing) on the same gradients, then with each
 variant of :data:`GAIN_MISTAKES` (the norms taken after averaging, no n/(n−1), ...).
+
+4c. ``whole_norms(shards)`` runs on every rank with that rank's slices of some tensors (ZeRO stage 1: each rank
+keeps the optimizer state of one slice of every tensor) and returns the norms of the whole tensors, the same on
+every rank. A design task: what to send, in how few messages. The check runs it on 3 and 2 processes (slices of
+unequal length, one empty, a tensor of zeros) against ``labkit.optim.whole_norms``, counts the messages and the
+numbers it sends (one message of one number per tensor is the design to find), names the variants of
+:data:`NORM_MISTAKES` (local norms, the sum of the slices' norms, no square root, ...), then runs 3 steps of
+``labkit.optim.sharded_lamb_step`` with it and compares with ``labkit.optim.Lamb`` on the whole tensors.
 """
 
 from __future__ import annotations
@@ -38,7 +47,8 @@ from labkit.checks.harness import (Mistake, and_list, bound, call_student, close
                                    find_mistake, need_function)
 
 __all__ = ["check_lamb", "check_adascale_gain", "lamb_variant_step", "gain_formula", "labkit_gain", "gain_cases",
-           "LambVariant", "LAMB_MISTAKES", "GAIN_MISTAKES", "WORLD_SIZES"]
+           "LambVariant", "LAMB_MISTAKES", "GAIN_MISTAKES", "WORLD_SIZES", "check_whole_norms", "norm_cases",
+           "norms_formula", "NORM_MISTAKES", "NORM_WORLD_SIZES"]
 
 _RTOL, _ATOL = 1e-9, 1e-12
 
@@ -674,3 +684,231 @@ def check_adascale_gain(adascale_gain, *, world_sizes=WORLD_SIZES, timeout: floa
     passed(f"{name} matches labkit.optim.AdaScale on {and_list(sizes)} processes (gain with signal and noise: "
            f"{shown}; with S = 2N, nearly pure noise (gain S) and zero gradients (gain 1) too), and leaves every "
            f"rank's gradients averaged in place")
+
+
+# ============================================================================================
+# 4c. LAMB on sharded optimizer state: the whole tensors' norms from each rank's slices
+# ============================================================================================
+
+NORM_WORLD_SIZES = (3, 2)
+# name, shape, scale of the values (0: all zero). On 3 ranks "small" (2 elements) leaves one rank an empty slice.
+_NORM_TENSORS = (("weight", (5, 4), 3.0), ("bias", (7,), 0.01), ("small", (2,), 1.0), ("zeros", (3,), 0.0))
+_NORM_STEPS = 3
+_NORM_HPARAMS = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
+_SENDING = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+            "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather", "scatter", "send",
+            "recv", "isend", "irecv", "all_to_all", "all_to_all_single")
+
+
+def norm_cases() -> list:
+    """The whole tensors of the check (float64), in order; the gradients of step t are sin(t·θ₀ + k)."""
+    g = torch.Generator().manual_seed(404)
+    return [torch.randn(shape, generator=g, dtype=torch.float64) * scale for _, shape, scale in _NORM_TENSORS]
+
+
+def _slices(tensors: list, rank: int, world_size: int) -> list:
+    from labkit.ring import chunk_bounds
+    return [t.reshape(-1)[slice(*chunk_bounds(t.numel(), world_size)[rank])].clone() for t in tensors]
+
+
+def norms_formula(slices_per_rank: list, rank: int, *, combine: str = "sum", root: str = "after",
+                  local: bool = False) -> list:
+    """labkit.optim.whole_norms's result on ``rank`` computed in this process from every rank's slices, and its
+    known-wrong variants: ``local`` (this rank's slices only), ``combine`` "sum" | "mean" | "max" (how the ranks'
+    values are joined), ``root`` "after" (√ of the joined squares) | "before" (the slices' norms joined) | "none"."""
+    squares = [[float(s.double().pow(2).sum()) for s in mine] for mine in slices_per_rank]
+    if local:
+        squares = [squares[rank]]
+    out = []
+    for k in range(len(squares[0])):
+        values = [sq[k] ** 0.5 if root == "before" else sq[k] for sq in squares]
+        joined = {"sum": sum(values), "mean": sum(values) / len(values), "max": max(values)}[combine]
+        out.append(joined ** 0.5 if root == "after" else joined)
+    return out
+
+
+NORM_MISTAKES = (
+    Mistake("each rank's own slices", dict(local=True),
+     "each rank returned the norms of its own slices: a rank holds only part of each tensor, and the trust ratio "
+     "needs the whole tensor's norm, so the ranks must combine what they hold (and then every rank has the same "
+     "numbers)."),
+    Mistake("sum of the slices' norms", dict(root="before"),
+     "the slices' norms were added: norms do not add (‖(3, 4)‖ = 5, not 3 + 4). What adds over the slices is the "
+     "squared norm: ‖θ‖² = Σ_r ‖θ_r‖²."),
+    Mistake("no square root", dict(root="none"),
+     "these are the squared norms Σ_r ‖θ_r‖²: take the square root of the sum."),
+    Mistake("mean of the squares", dict(combine="mean"),
+     "the squared norms were averaged over the ranks (an all-reduce followed by a division by N, as for "
+     "gradients): the whole tensor's squared norm is their sum, not their mean."),
+    Mistake("mean of the slices' norms", dict(combine="mean", root="before"),
+     "the slices' norms were averaged over the ranks: neither norms nor their mean give the whole norm; the "
+     "squared norms add: ‖θ‖² = Σ_r ‖θ_r‖²."),
+    Mistake("largest slice norm", dict(combine="max", root="before"),
+     "the largest of the slices' norms was taken (an all-reduce with MAX): the whole tensor's squared norm is the "
+     "sum of the slices' squared norms."),
+)
+
+
+class _Sent:
+    """Counts the messages and the numbers this rank hands to torch.distributed while the student's function runs."""
+
+    def __init__(self):
+        self.calls: list = []
+
+    def __enter__(self):
+        self._saved = {n: getattr(dist, n) for n in _SENDING if hasattr(dist, n)}
+        for n, fn in self._saved.items():
+            setattr(dist, n, self._counting(n, fn))
+        return self
+
+    def _counting(self, name, fn):
+        def counted(*args, **kwargs):
+            tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+            numel = tensors[-1].numel() if tensors else 0            # the input is the last tensor argument
+            if name in ("all_reduce", "broadcast", "reduce", "send", "isend") and tensors:
+                numel = tensors[0].numel()
+            self.calls.append((name, numel))
+            return fn(*args, **kwargs)
+        return counted
+
+    def __exit__(self, *exc):
+        for n, fn in self._saved.items():
+            setattr(dist, n, fn)
+
+
+def _norms_worker(student_fn, name: str, seconds: float) -> dict:
+    from labkit.optim import sharded_lamb_step, whole_norms
+
+    rank, N = dist.get_rank(), dist.get_world_size()
+    whole = norm_cases()
+    mine = _slices(whole, rank, N)
+    given = [s.clone() for s in mine]
+    with time_limit(seconds, f"{name} did not return within {seconds:g} s on rank {rank} ({N} processes): an "
+                             f"endless loop, or a collective that the other ranks do not call?"), _Sent() as sent:
+        returned = call_student(student_fn, given, name=name, task="4c")
+    record = dict(returned=describe(returned), values=_numbers(returned, len(mine)), calls=sent.calls,
+                  changed=[k for k, (a, b) in enumerate(zip(mine, given)) if not torch.equal(a, b)],
+                  slices=mine, reference=whole_norms(mine))
+    if record["values"] is None or record["changed"] or not all(
+            close_number(w, g) for w, g in zip(record["reference"], record["values"])):
+        return record
+    # the same function in 3 steps of sharded LAMB, next to nothing else: the parent compares with Lamb
+    params = [s.clone() for s in mine]
+    ms, vs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    for step in range(1, _NORM_STEPS + 1):
+        grads = _slices([torch.sin(t * step + k) for k, t in enumerate(whole)], rank, N)
+        with time_limit(seconds, f"{name} did not return within {seconds:g} s on rank {rank} in sharded LAMB's step "
+                                 f"{step} (called with {2 * len(params)} tensors)"):
+            sharded_lamb_step(params, grads, ms, vs, step, norms=lambda ts: _student_norms(student_fn, ts, name),
+                              **_NORM_HPARAMS)
+    record["stepped"] = params
+    return record
+
+
+def _student_norms(student_fn, tensors: list, name: str) -> list:
+    returned = call_student(student_fn, tensors, name=name, task="4c")
+    values = _numbers(returned, len(tensors))
+    if values is None:
+        raise CheckFailed(f"{name}, called by sharded LAMB with {len(tensors)} slices (the parameters' and the "
+                          f"updates'), returned {describe(returned)}: one number per tensor given. Does your function "
+                          f"assume a number of tensors?")
+    return values
+
+
+def _numbers(x, n: int):
+    """The returned norms as floats, or None when they are not n numbers."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().reshape(-1).tolist()
+    if not isinstance(x, (list, tuple)) or len(x) != n:
+        return None
+    values = [_as_number(v) for v in x]
+    return None if any(v is None for v in values) else values
+
+
+def _lamb_on_whole_tensors() -> list:
+    from labkit.optim import Lamb
+
+    whole = norm_cases()
+    params = [torch.nn.Parameter(t.clone()) for t in whole]
+    opt = Lamb(params, foreach=False, **_NORM_HPARAMS)
+    for step in range(1, _NORM_STEPS + 1):
+        for k, (p, t) in enumerate(zip(params, whole)):
+            p.grad = torch.sin(t * step + k)
+        opt.step()
+    return [p.detach().reshape(-1) for p in params]
+
+
+def _diagnose_norms(name: str, N: int, records: list) -> str | None:
+    names = [n for n, _, _ in _NORM_TENSORS]
+    L = len(names)
+    head = f"{name} on {N} processes"
+    for r, rec in enumerate(records):
+        if rec["values"] is None:
+            return (f"{head}: rank {r} returned {rec['returned']}; return the norms of the whole tensors, one number "
+                    f"per tensor ({L} here: {and_list(names)}), in the order of the slices given, as a list of "
+                    f"floats or a tensor of {L} elements.")
+        if rec["changed"]:
+            which = and_list(names[k] for k in rec["changed"])
+            return (f"{head}: on rank {r} your function changed the slices it was given ({which}): they are the "
+                    f"parameters, which the optimizer updates next. Compute on copies or with out-of-place "
+                    f"operations (s.pow(2), not s.pow_(2)).")
+    slices = [rec["slices"] for rec in records]
+    for r, rec in enumerate(records):
+        for k, (want, got) in enumerate(zip(rec["reference"], rec["values"])):
+            if close_number(want, got):
+                continue
+            e, g = fmt_pair(want, got)
+            text = (f"{head}: on rank {r} the norm of {names[k]} (shape {_NORM_TENSORS[k][1]}; this rank's slice: "
+                    f"{slices[r][k].numel()} element(s)) is {g}, expected {e}")
+            mistake = find_mistake(NORM_MISTAKES, lambda m: all(
+                _all_numbers_close(norms_formula(slices, q, **m.variant), records[q]["values"]) for q in range(N)))
+            if mistake:
+                return f"{text}: {mistake.says}"
+            if math.isnan(got):
+                return f"{text}. nan: a 0/0 or the square root of a negative number?"
+            return (f"{text}. Each rank holds a slice θ_r of every tensor; the whole norm is the same on every rank "
+                    f"and does not depend on how the tensor was cut.")
+    for r, rec in enumerate(records):
+        sending = [c for c in rec["calls"] if c[0] not in ("recv", "irecv")]
+        numbers = sum(n for _, n in sending)
+        if numbers > L:
+            return (f"{head}: the norms are right, but rank {r} sent {numbers} numbers for {L} tensors ("
+                    f"{and_list(f'{op}({n})' for op, n in sending)}): the slices themselves? One number per tensor is "
+                    f"enough to get each whole norm.")
+        if len(sending) > 1:
+            ops = ", ".join(f"{op}({n})" for op, n in sending)
+            return (f"{head}: the norms are right, but rank {r} sent {len(sending)} messages for {L} tensors ({ops}: "
+                    f"the operation and the numbers it sent). Every message costs its latency α however small it is "
+                    f"(lesson 2): put every tensor's number in one tensor and combine them in one collective.")
+    want = _lamb_on_whole_tensors()
+    for k, w in enumerate(want):
+        got = torch.cat([rec["stepped"][k] for rec in records])
+        if not _close(w, got):
+            return (f"{head}: the norms of the check's tensors are right, but 3 steps of labkit.optim.sharded_lamb_step "
+                    f"with your function (called with {2 * L} tensors: the parameters' slices and the updates') "
+                    f"differ from labkit.optim.Lamb on the whole tensors: " + _element(names[k], w, got)
+                    + ". Does your function assume a number of tensors or their sizes?")
+    return None
+
+
+def _all_numbers_close(want: list, got: list) -> bool:
+    return len(want) == len(got) and all(close_number(w, g) for w, g in zip(want, got))
+
+
+def check_whole_norms(whole_norms, *, world_sizes=NORM_WORLD_SIZES, timeout: float = 10.0) -> None:
+    """Check exercise 4c: ``whole_norms(shards)``, called on every rank with that rank's slices of some tensors
+    (1-D float64 tensors, some empty), returns the norms of the whole tensors, the same on every rank, in one
+    message of one number per tensor. Compared with ``labkit.optim.whole_norms`` on 3 and 2 processes; then 3
+    steps of ``labkit.optim.sharded_lamb_step`` with it against ``labkit.optim.Lamb`` on the whole tensors."""
+    __tracebackhide__ = True
+    name = need_function(whole_norms, "check_whole_norms")
+    for N in world_sizes:
+        records = run_on_ranks(_norms_worker, whole_norms, name, 0.6 * timeout, world_size=N, timeout=timeout,
+                               name=name, task="4c")
+        problem = _diagnose_norms(name, N, records)
+        if problem:
+            fail(problem)
+    sizes = sorted(world_sizes)
+    passed(f"{name} gives the whole tensors' norms on {and_list(sizes)} processes (slices of unequal length, one "
+           f"empty, a tensor of zeros), in one message of one number per tensor; 3 steps of sharded LAMB with it "
+           f"equal labkit.optim.Lamb on the whole tensors")

@@ -37,7 +37,7 @@ from torch.optim import Optimizer
 
 from labkit.optim.hyperparameters import check_hyperparameters
 
-__all__ = ["Lamb", "lamb_param_groups"]
+__all__ = ["Lamb", "lamb_param_groups", "lamb_direction"]
 
 
 class Lamb(Optimizer):
@@ -83,19 +83,9 @@ class Lamb(Optimizer):
     # --- the formula, one tensor at a time ----------------------------------------------------------
 
     def _group_step_readable(self, group: dict, params: list) -> None:
-        beta1, beta2 = group["betas"]
         for p in params:
             state = self.state[p]
-            m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-            m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            if group["bias_correction"]:
-                m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
-            else:
-                m_hat, v_hat = m, v
-            update = m_hat / (v_hat.sqrt() + group["eps"])
-            if group["weight_decay"] != 0:
-                update = update + group["weight_decay"] * p
+            update = lamb_direction(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group)
             ratio = self._trust_ratio(p.norm(), update.norm(), group)
             state["trust_ratio"] = ratio
             p.sub_(group["lr"] * ratio * update)
@@ -161,6 +151,23 @@ class Lamb(Optimizer):
             s["trust_ratio"] = ratio
         # θ ← θ + (−η·ratio)·u, the factor one 0-dim tensor per tensor (no wait for the GPU on the ratios)
         torch._foreach_addcmul_(params, update, (-group["lr"] * ratios).unbind())
+
+
+def lamb_direction(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int,
+                   group: dict) -> torch.Tensor:
+    """u = r + λ·θ for one tensor (or any slice of it: every element's u depends on that element only), with
+    Adam's moments m and v updated in place. ``group``: betas, eps, weight_decay, bias_correction."""
+    beta1, beta2 = group["betas"]
+    m.mul_(beta1).add_(grad, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if group.get("bias_correction", True):
+        m_hat, v_hat = m / (1 - beta1 ** step), v / (1 - beta2 ** step)
+    else:
+        m_hat, v_hat = m, v
+    update = m_hat / (v_hat.sqrt() + group["eps"])
+    if group["weight_decay"] != 0:
+        update = update + group["weight_decay"] * p
+    return update
 
 
 # Elements per chunk of the foreach path on a CPU (whole tensors; a larger tensor is a chunk alone).
