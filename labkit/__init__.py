@@ -28,7 +28,8 @@ Lecture code (a concept per file; read it beside its notebook)
     3         ddp               NaiveDDP, OverlapDDP, BucketedDDP (exercise 3 subclasses it), plan_buckets
               ddp_figures       draw_ddp_timeline, ddp_timeline_legend, ddp_timelines_figure, draw_loss_curve,
                                 draw_wrapper_agreement, bucket_sweep_figure, scaling_figure
-    4         optim             LARS, Lamb, AdaScale, scaled_lr, warmup_factor
+    4         optim             LARS, Lamb, AdaScale, scaled_lr, warmup_factor; lamb_sharded: whole_norms,
+                                sharded_lamb_step (LAMB with ZeRO-1's sharded state, exercise 4c)
               large_batch       one GPT at batch k·B: lr_multiplier, schedule, Data, train_run, mean_loss
               large_batch_sweep the sweep over methods and k: options, sweep, train, summary_table
               large_batch_figures   batch_sweep_figure, draw_batch_sweep, noise_scale_figure, warmup_figure,
@@ -51,6 +52,8 @@ Lecture code (a concept per file; read it beside its notebook)
     7         param_server      shard_bounds, serve, work, train (sync, async, bounded staleness)
               param_server_figures  draw_roles, draw_step, draw_stability_bounds, loss_curves_figure,
                                     staleness_figure, draw_divergence, draw_stability_sweep, traffic_figure
+    8         memory            Setup, Memory, predict, activation_bytes, measure, recompute_blocks (where a
+                                step's bytes go, predicted and measured; the memory lesson's base, issue 17)
     models    models            GPT, GPTConfig (the small GPT every lesson trains)
               text              load_corpus, CharTokenizer, TokenBlocks, distributed_loader (no download)
     Each concept's figures live beside it (<concept>_figures.py, pipeline/gantt.py): they import
