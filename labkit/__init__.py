@@ -54,6 +54,8 @@ Lecture code (a concept per file; read it beside its notebook)
                                     staleness_figure, draw_divergence, draw_stability_sweep, traffic_figure
     8         memory            Setup, Memory, predict, activation_bytes, measure, recompute_blocks (where a
                                 step's bytes go, predicted and measured; the memory lesson's base, issue 17)
+              zero              ZeroOptimizer (ZeRO stages 1 and 2: optimizer state and gradients split over
+                                the ranks; reduce-scatter, update a chunk, all-gather)
     models    models            GPT, GPTConfig (the small GPT every lesson trains)
               text              load_corpus, CharTokenizer, TokenBlocks, distributed_loader (no download)
     Each concept's figures live beside it (<concept>_figures.py, pipeline/gantt.py): they import
