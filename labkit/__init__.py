@@ -56,6 +56,8 @@ Lecture code (a concept per file; read it beside its notebook)
                                 step's bytes go, predicted and measured; the memory lesson's base, issue 17)
               zero              ZeroOptimizer (ZeRO stages 1 and 2: optimizer state and gradients split over
                                 the ranks; reduce-scatter, update a chunk, all-gather)
+              fsdp              FSDP, Unit, gpt_units (ZeRO stage 3: parameters sharded by unit, gathered for
+                                the unit's forward and backward, freed after; prefetch optional)
     models    models            GPT, GPTConfig (the small GPT every lesson trains)
               text              load_corpus, CharTokenizer, TokenBlocks, distributed_loader (no download)
     Each concept's figures live beside it (<concept>_figures.py, pipeline/gantt.py): they import
