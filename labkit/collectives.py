@@ -1,6 +1,7 @@
 """Collectives built from point-to-point messages only (``isend``/``irecv``, ``send``/``recv``).
 
     ring_all_reduce(t)          reduce-scatter + all-gather round the ring (labkit.ring's schedule)
+    bidirectional_ring_all_reduce(t)  half the tensor round the ring each way, at the same time
     ring_reduce_scatter(t)      rank i ends with the reduced chunk i
     ring_all_gather(t)          every rank's tensor, concatenated, on every rank
     naive_all_reduce(t)         what a central server does: everything to rank 0, the sum back out
@@ -31,9 +32,10 @@ import torch.distributed as dist
 
 from labkit import comm
 from labkit.collectives_support import OPS, Recorder, preflight, resolve_op, scratch_buffer
-from labkit.ring import ALL_GATHER, REDUCE_SCATTER, all_gather_rounds, chunk_bounds, reduce_scatter_rounds
+from labkit.ring import (ALL_GATHER, REDUCE_SCATTER, all_gather_rounds, all_reduce_rounds, chunk_bounds,
+                         reduce_scatter_rounds)
 
-__all__ = ["reduce_scatter_phase", "all_gather_phase", "ring_all_reduce",
+__all__ = ["reduce_scatter_phase", "all_gather_phase", "ring_all_reduce", "bidirectional_ring_all_reduce",
            "ring_reduce_scatter", "ring_all_gather", "naive_all_reduce", "tree_all_reduce", "broadcast",
            "provenance_input", "decode_contributions", "OPS"]
 
@@ -121,6 +123,48 @@ def ring_all_reduce(tensor: torch.Tensor, op: str | dist.ReduceOp = "sum", *,
         rec = Recorder(exchange, chunks, rank, ALL_GATHER, trace)
         all_gather(chunks, rank, world_size, rec)
         rec.finish()
+    if op == "avg":
+        flat.div_(world_size)
+    if not tensor.is_contiguous():  # flat was a copy
+        tensor.copy_(flat.view(tensor.shape))
+    return tensor
+
+
+def bidirectional_ring_all_reduce(tensor: torch.Tensor, op: str | dist.ReduceOp = "sum", *,
+                                  left_rounds: list | None = None, check: bool = True) -> torch.Tensor:
+    """Reduce ``tensor`` over all ranks in place, round the ring in both directions at once, and return it.
+
+    The first half of the flattened tensor (``chunk_bounds(M, 2)``) goes round the ring to the right
+    (labkit.ring's schedule), the second half round the ring to the left: ``all_reduce_rounds(N,
+    direction=-1)``, or ``left_rounds``, any 2(N-1) rounds in which every rank sends to its left
+    neighbour (Exercise 2c). In each round every rank sends one chunk of each half, one to each
+    neighbour, all four messages started together: a link is full-duplex, so it carries half the
+    one-way ring's elements in each direction at the same time.
+    """
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    op = resolve_op(tensor, op, "bidirectional_ring_all_reduce", check, _gather_equal_sized)
+    right = all_reduce_rounds(world_size)
+    left = all_reduce_rounds(world_size, direction=-1) if left_rounds is None else list(left_rounds)
+    if len(left) != len(right):
+        raise ValueError(f"left_rounds has {len(left)} rounds; the ring takes 2(N-1) = {len(right)}")
+    flat = _flat_work_copy(tensor)
+    (a, b), (_, c) = chunk_bounds(flat.numel(), 2)
+    halves = (_chunks(flat[a:b], world_size), _chunks(flat[b:c], world_size))
+    combine = _maximum if op == "max" else _add
+    for rounds in zip(right, left):  # round t of both rings together
+        messages, merges = [], []
+        for chunks, rnd in zip(halves, rounds):
+            send, recv = rnd.sent_by(rank), rnd.received_by(rank)
+            mine = chunks[recv.chunk]
+            into = mine if rnd.phase == ALL_GATHER else torch.empty_like(mine)  # all-gather: overwrite
+            messages += [("recv", into, recv.sender), ("send", chunks[send.chunk], send.receiver)]
+            if rnd.phase == REDUCE_SCATTER:
+                merges.append((mine, into))
+        # One batch: with N = 2 both neighbours are the same rank, and its two messages are matched in
+        # the order both ranks post them (right ring's first).
+        comm._p2p(messages).wait()
+        for mine, received in merges:
+            combine(mine, received)
     if op == "avg":
         flat.div_(world_size)
     if not tensor.is_contiguous():  # flat was a copy

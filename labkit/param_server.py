@@ -17,7 +17,9 @@ message in a fixed order. Then the general one, :func:`serve` and :func:`work`:
                   exactly data-parallel SGD with all-reduce (the mean of the shard gradients)
       "async"     applies each push on arrival; answers every pull at once (Hogwild-style staleness)
       "bounded"   as async, but a worker may start a step only while it is at most ``staleness`` τ
-                  steps ahead of the slowest worker (stale synchronous parallel, Ho et al. 2013)
+                  steps ahead of the slowest worker (stale synchronous parallel, Ho et al. 2013): after
+                  every message the server asks :func:`ssp_release` (or ``release=``, your own rule)
+                  which of the waiting workers may start now
 
 Each applied push records its staleness: the server's version when it is applied minus the version
 the worker pulled (0 in sync mode: nobody moves the parameters between a pull and its push).
@@ -59,8 +61,8 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from labkit import comm
 from labkit.ring import chunk_bounds
 
-__all__ = ["MODES", "shard_bounds", "run_server", "run_worker", "Update", "LossPoint", "ServerResult", "WorkerResult",
-           "PSRun", "serve", "work", "parameter_server", "train"]
+__all__ = ["MODES", "shard_bounds", "ssp_release", "run_server", "run_worker", "Update", "LossPoint", "ServerResult",
+           "WorkerResult", "PSRun", "serve", "work", "parameter_server", "train"]
 
 MODES = ("sync", "async", "bounded")
 PULL, PUSH, DONE = 0, 1, 2
@@ -74,6 +76,15 @@ def shard_bounds(numel: int, servers: int) -> list[tuple[int, int]]:
     if servers < 1 or servers > numel:
         raise ValueError(f"cannot cut {numel} parameters into {servers} server shards")
     return chunk_bounds(numel, servers)
+
+
+def ssp_release(waiting: list[int], clock: list[int], active: set[int], staleness: int,
+                message: tuple[str, int]) -> list[int]:
+    """Bounded staleness (SSP): of the ``waiting`` workers (a pull not answered yet), those that may start their
+    next step now. ``clock[v]``: pushes received from worker v (the step it is on); ``active``: the workers not
+    finished; ``message``: ("pull" | "push" | "done", worker), the one just handled (any of them may release)."""
+    slowest = min(clock[v] for v in active)     # a finished worker pushes no more: it holds nobody back
+    return [w for w in waiting if clock[w] - slowest <= staleness]
 
 
 # --- the synchronous parameter server, in its simplest form (exercise 7) ---------------------------------
@@ -184,7 +195,7 @@ class _Server:
     """The state of one server's loop (see :func:`serve`): who is active, who waits for a reply, the pushes."""
 
     def __init__(self, shard: torch.Tensor, server: int, servers: int, workers: int, mode: str, lr: float,
-                 staleness: int, scale_lr: bool, group: ProcessGroup | None):
+                 staleness: int, scale_lr: bool, group: ProcessGroup | None, release: Callable | None = None):
         self.result = ServerResult(server, shard)
         self.shard, self.servers, self.workers, self.group = shard, servers, workers, group
         self.mode, self.lr, self.staleness, self.scale_lr = mode, lr, staleness, scale_lr
@@ -194,6 +205,7 @@ class _Server:
         self.pending: list = []         # (worker, step) pulls not answered yet
         self.inbox: dict = {}           # sync: worker -> gradient of the current step
         self.sending: list = []         # replies still on their way
+        self.release = release or ssp_release   # bounded mode: which waiting workers start now
 
     def reply(self, worker: int, step: int, version: float) -> None:
         # isend of a copy: a blocking send (gloo's returns only once the worker has posted its receive)
@@ -212,8 +224,6 @@ class _Server:
     def may_start(self, worker: int, step: int) -> bool:
         if self.mode == "sync":
             return self.result.version == step          # the previous step's update is in
-        if self.mode == "bounded":
-            return self.clock[worker] - min(self.clock[w] for w in self.active) <= self.staleness
         return True
 
     def apply(self, g: torch.Tensor, staleness_of_push: int) -> None:
@@ -236,10 +246,13 @@ class _Server:
             self.apply(grad, stale)
             self.result.updates.append(Update(now, worker, step, stale))
 
-    def answer_pulls(self) -> None:
+    def answer_pulls(self, message: tuple[str, int]) -> None:
+        bounded = self.mode == "bounded"       # the rule sees every waiting worker at once (copies of the state)
+        go = set(self.release([w for w, _ in self.pending], list(self.clock), set(self.active), self.staleness,
+                              message)) if bounded and self.pending else set()
         still = []
         for w, s in self.pending:
-            if self.may_start(w, s):
+            if (w in go) if bounded else self.may_start(w, s):
                 self.reply(w, s, float(self.result.version))
             else:
                 still.append((w, s))
@@ -262,9 +275,10 @@ class _Server:
 
 def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode: str = "sync", lr: float = 0.1,
           staleness: int = 0, scale_lr: bool = False, steps: int = 10, timeout: float = 10.0,
-          group: ProcessGroup | None = None) -> ServerResult:
-    """The server loop of rank ``server``: owns ``shard`` (updated in place) until every worker is done."""
-    me = _Server(shard, server, servers, workers, mode, lr, staleness, scale_lr, group)
+          group: ProcessGroup | None = None, release: Callable | None = None) -> ServerResult:
+    """The server loop of rank ``server``: owns ``shard`` (updated in place) until every worker is done.
+    ``release``: bounded mode's rule, called as :func:`ssp_release` (the default) after every message."""
+    me = _Server(shard, server, servers, workers, mode, lr, staleness, scale_lr, group, release)
     header = torch.zeros(4, dtype=torch.int64)
     grad = torch.empty_like(shard)
     with comm.record() as events:
@@ -283,7 +297,7 @@ def serve(shard: torch.Tensor, server: int, servers: int, workers: int, *, mode:
                 me.push(worker, version, step, grad)
             elif kind == DONE:
                 me.active.discard(worker)
-            me.answer_pulls()
+            me.answer_pulls((("pull", "push", "done")[kind], worker))
         for w in me.sending:       # every reply delivered (to a live worker) before the server returns
             _arrived(w, timeout)
     me.result.events = list(events)
@@ -340,7 +354,8 @@ def work(model: nn.Module, worker: int, servers: int, batch_fn: Callable, loss_f
 def parameter_server(model_fn: Callable, batch_fn: Callable, loss_fn: Callable, *, servers: int = 1,
                      mode: str = "sync", steps: int = 10, lr: float = 0.1, staleness: int = 0,
                      scale_lr: bool = False, compute_ms: float = 0.0, slow: dict | None = None,
-                     die_at: dict | None = None, timeout: float = 10.0) -> ServerResult | WorkerResult:
+                     die_at: dict | None = None, timeout: float = 10.0,
+                     release: Callable | None = None) -> ServerResult | WorkerResult:
     """Run this rank's role (call it on every rank of a launched world of S + W processes)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; the modes are {', '.join(MODES)}")
@@ -355,7 +370,7 @@ def parameter_server(model_fn: Callable, batch_fn: Callable, loss_fn: Callable, 
         flat = comm.on(parameters_to_vector(model.parameters()).detach(), group).clone()
         a, b = shard_bounds(flat.numel(), servers)[rank]
         return serve(flat[a:b].clone(), rank, servers, workers, mode=mode, lr=lr, staleness=staleness,
-                     scale_lr=scale_lr, steps=steps, timeout=timeout, group=group)
+                     scale_lr=scale_lr, steps=steps, timeout=timeout, group=group, release=release)
     w = rank - servers
     return work(model, w, servers, batch_fn, loss_fn, steps=steps, compute_ms=compute_ms,
                 slow=(slow or {}).get(w, 1.0), die_at=(die_at or {}).get(w), group=group)
@@ -386,7 +401,7 @@ def train(model_fn: Callable, batch_fn: Callable, loss_fn: Callable, *, workers:
           timeout: float = 10.0, **options) -> PSRun:
     """Launch S + W processes (``labkit.launch``), run the parameter server, return the gathered :class:`PSRun`.
     ``options``: those of :func:`parameter_server` (mode, steps, lr, staleness, scale_lr, compute_ms, slow,
-    die_at). ``model_fn``, ``batch_fn``, ``loss_fn`` must give the same model and data on every rank."""
+    die_at, release). ``model_fn``, ``batch_fn``, ``loss_fn`` must give the same model and data on every rank."""
     from labkit.launcher import launch
     results = launch(_entry, model_fn, batch_fn, loss_fn, servers, timeout, options,
                      world_size=servers + workers, timeout=timeout + 30.0)

@@ -14,6 +14,11 @@ complete chunk: that is the all-reduce, in 2(N-1) rounds.
 Each round every rank sends one chunk, so each rank sends 2(N-1) chunks of M/N elements in all:
 2(N-1)/N * M, below 2M however large N is.
 
+The ring to the left (``direction=-1``) is the same ring mirrored (rank i <-> rank -i, chunk c <-> chunk
+-c): rank i sends only to (i-1) mod N. A link is full-duplex, and each ring uses it one way only, so
+the bidirectional ring sends half the tensor round each at the same time: every link carries half the
+elements each way (:func:`bidirectional_elements_sent`), and each round's messages are half as long.
+
 This module is pure (no processes, no torch.distributed): the same schedule drives the simulator
 below, the figures (:func:`labkit.ring_figures.draw_ring_round`) and the real execution
 (:mod:`labkit.collectives`), so the picture a student studies is exactly what runs.
@@ -24,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["Transfer", "Round", "reduce_scatter_rounds", "all_gather_rounds", "all_reduce_rounds",
-           "chunk_sizes", "chunk_bounds", "simulate", "ring_elements_sent"]
+           "chunk_sizes", "chunk_bounds", "simulate", "ring_elements_sent", "bidirectional_elements_sent"]
 
 REDUCE_SCATTER = "reduce-scatter"
 ALL_GATHER = "all-gather"
@@ -49,7 +54,15 @@ class Round:
         return self.transfers[rank]
 
     def received_by(self, rank: int) -> Transfer:
-        return self.transfers[(rank - 1) % len(self.transfers)]
+        """The transfer that arrives at ``rank``: its left neighbour's in the ring to the right (the
+        usual case, looked at first), its right neighbour's in the ring to the left."""
+        usual = self.transfers[(rank - 1) % len(self.transfers)]
+        if usual.receiver == rank:
+            return usual
+        for t in self.transfers:
+            if t.receiver == rank:
+                return t
+        raise ValueError(f"no transfer of {self.phase} round {self.index} arrives at rank {rank}")
 
 
 def _check_world_size(world_size: int) -> None:
@@ -57,35 +70,50 @@ def _check_world_size(world_size: int) -> None:
         raise ValueError(f"world_size must be a positive integer, not {world_size!r}")
 
 
-def reduce_scatter_rounds(world_size: int, shift: int = 0) -> list[Round]:
+def _check_direction(direction: int) -> None:
+    if direction not in (1, -1) or isinstance(direction, bool):
+        raise ValueError(f"direction must be +1 (to the right) or -1 (to the left), not {direction!r}")
+
+
+def _phase_rounds(phase: str, world_size: int, shift: int, direction: int) -> list[Round]:
+    """Round j: rank i sends chunk (i + d(shift-j)) mod N to rank (i+d) mod N, d = ``direction``.
+    d = -1 mirrors d = +1 (rank i <-> -i, chunk c <-> -c), so the same proof of correctness holds."""
+    _check_world_size(world_size)
+    _check_direction(direction)
+    n, d = world_size, direction
+    return [Round(phase, j, tuple(Transfer(i, (i + d) % n, (i + d * (shift - j)) % n) for i in range(n)))
+            for j in range(n - 1)]
+
+
+def reduce_scatter_rounds(world_size: int, shift: int = 0, direction: int = 1) -> list[Round]:
     """Round j: rank i sends chunk (i-j) mod N to rank (i+1) mod N; afterwards rank i holds the
     full sum of chunk (i+1) mod N.
 
     ``shift`` renumbers the chunks (rank i sends chunk (i-j+shift)): ``shift=-1`` leaves rank i with
     chunk i, the convention of ``torch.distributed.reduce_scatter_single``.
+    ``direction=-1``: the ring to the left, mirrored: rank i sends chunk (i+j-shift) mod N to rank
+    (i-1) mod N and ends with chunk (i-1) mod N complete (chunk i with ``shift=-1``).
     """
-    _check_world_size(world_size)
-    n = world_size
-    return [Round(REDUCE_SCATTER, j, tuple(Transfer(i, (i + 1) % n, (i - j + shift) % n) for i in range(n)))
-            for j in range(n - 1)]
+    return _phase_rounds(REDUCE_SCATTER, world_size, shift, direction)
 
 
-def all_gather_rounds(world_size: int, shift: int = 1) -> list[Round]:
+def all_gather_rounds(world_size: int, shift: int = 1, direction: int = 1) -> list[Round]:
     """Round j: rank i sends chunk (i+1-j) mod N to rank (i+1) mod N. At the start rank i must hold
     chunk (i+1) mod N complete: what reduce-scatter leaves it with.
 
     ``shift=0`` starts from rank i holding chunk i, the convention of
     ``torch.distributed.all_gather_single``.
+    ``direction=-1``: the ring to the left: rank i sends chunk (i-1+j) mod N (``shift=1``) to rank
+    (i-1) mod N, starting from the chunk (i-1) mod N that the leftward reduce-scatter completes.
     """
-    _check_world_size(world_size)
-    n = world_size
-    return [Round(ALL_GATHER, j, tuple(Transfer(i, (i + 1) % n, (i - j + shift) % n) for i in range(n)))
-            for j in range(n - 1)]
+    return _phase_rounds(ALL_GATHER, world_size, shift, direction)
 
 
-def all_reduce_rounds(world_size: int) -> list[Round]:
-    """The ring all-reduce: reduce-scatter then all-gather, 2(N-1) rounds."""
-    return reduce_scatter_rounds(world_size) + all_gather_rounds(world_size)
+def all_reduce_rounds(world_size: int, direction: int = 1) -> list[Round]:
+    """The ring all-reduce: reduce-scatter then all-gather, 2(N-1) rounds (``direction=-1``: round the
+    ring to the left)."""
+    return (reduce_scatter_rounds(world_size, direction=direction)
+            + all_gather_rounds(world_size, direction=direction))
 
 
 def chunk_sizes(numel: int, world_size: int) -> list[int]:
@@ -131,13 +159,22 @@ def simulate(world_size: int, rounds: list[Round] | None = None) -> list[list[li
     return states
 
 
-def ring_elements_sent(numel: int, world_size: int) -> list[int]:
+def ring_elements_sent(numel: int, world_size: int, direction: int = 1) -> list[int]:
     """Elements each rank sends in one ring all-reduce, counted from the schedule:
     the sizes of the chunks it sends, summed over the 2(N-1) rounds. With N dividing M this is
     exactly 2(N-1)·M/N for every rank."""
     sizes = chunk_sizes(numel, world_size)
     sent = [0] * world_size
-    for rnd in all_reduce_rounds(world_size):
+    for rnd in all_reduce_rounds(world_size, direction):
         for t in rnd.transfers:
             sent[t.sender] += sizes[t.chunk]
     return sent
+
+
+def bidirectional_elements_sent(numel: int, world_size: int) -> list[tuple[int, int]]:
+    """The bidirectional ring: the first half of the tensor (``chunk_bounds(M, 2)[0]``) round the ring
+    to the right, the second half round the ring to the left, in the same 2(N-1) rounds. Per rank:
+    (elements sent to the right, elements sent to the left), each about (N-1)·M/N: every link carries
+    half of what the one-way ring puts on it, in each direction."""
+    (a, b), (_, c) = chunk_bounds(numel, 2)
+    return list(zip(ring_elements_sent(b - a, world_size, 1), ring_elements_sent(c - b, world_size, -1)))

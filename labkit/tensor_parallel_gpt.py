@@ -3,6 +3,7 @@ by heads, the block, the model, and the grid of data × tensor parallel groups (
 
     attention:  x ─f─▶ [this rank's heads → · W_proj,rᵀ] ─g─▶ y          (rank r's slice in brackets)
     block:      x + attn(ln_1(x)), then + mlp(ln_2(x)): two all-reduces forward, two backward
+    embedding:  idx ─▶ [rows of this rank's tokens, zeros for the others] ─g─▶ every token's row
 """
 
 from __future__ import annotations
@@ -16,10 +17,49 @@ from torch.distributed import ProcessGroup
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.tensor_parallel import (ColumnParallelLinear, ParallelMLP, RowParallelLinear, _check_divisible,
-                                    _ParallelLinear, _rank_and_size)
+from labkit.ring import chunk_bounds
+from labkit.tensor_parallel import (ColumnParallelLinear, ParallelMLP, ReduceFromParallel, RowParallelLinear,
+                                    _check_divisible, _ParallelLinear, _rank_and_size)
 
-__all__ = ["ParallelSelfAttention", "ParallelBlock", "tensor_parallel_gpt", "shard_like", "grid_groups"]
+__all__ = ["VocabParallelEmbedding", "ParallelSelfAttention", "ParallelBlock", "tensor_parallel_gpt", "shard_like",
+           "grid_groups"]
+
+
+class VocabParallelEmbedding(nn.Module):
+    """A dense ``nn.Embedding`` (V, d) cut by vocabulary rows, as Megatron-LM cuts the token embedding: rank r keeps
+    rows [start, end) = ``labkit.ring.chunk_bounds(V, tp)[r]`` (the first V mod tp ranks one row more; Megatron
+    pads V to a multiple of tp instead). Every rank returns the whole embedding of every token (exercise 5i).
+
+    A token's row is on one rank only: the others contribute zeros, and g sums. Backward, g is the identity and
+    the lookup sends dL/dy[token] to the row it read: rank r's rows get exactly their tokens' gradient, no
+    communication."""
+
+    def __init__(self, embedding: nn.Embedding, group: ProcessGroup | None = None):
+        super().__init__()
+        self.group = group
+        self.rank, self.tp = _rank_and_size(group)
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+        if self.num_embeddings < self.tp:
+            raise ValueError(f"num_embeddings={self.num_embeddings} is less than the group size={self.tp}: "
+                             f"each rank needs at least one row")
+        self.start, self.end = chunk_bounds(self.num_embeddings, self.tp)[self.rank]
+        with torch.no_grad():
+            self.weight = nn.Parameter(self.shard(embedding.weight).clone())
+
+    def shard(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's rows [start, end) of a dense (V, d) table, or of its gradient."""
+        return tensor[self.start:self.end]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        mine = (idx >= self.start) & (idx < self.end)              # the tokens whose rows this rank holds
+        local = torch.where(mine, idx - self.start, 0)             # their rows here; row 0 for the others' (read,
+        y = F.embedding(local, self.weight)                        # then zeroed: no contribution, no gradient)
+        y = y.masked_fill(~mine.unsqueeze(-1), 0.0)
+        return ReduceFromParallel.apply(y, self.group)             # Σ_r: each token's row from its one rank
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, rank {self.rank} of {self.tp}, "
+                f"rows [{self.start}, {self.end})")
 
 
 class ParallelSelfAttention(nn.Module):
@@ -98,7 +138,8 @@ def shard_like(parallel_model: nn.Module, dense_tensors: dict) -> dict:
             full = f"{module_name}.{name}" if module_name else name
             if full in dense_tensors:
                 tensor = dense_tensors[full]
-                shards[full] = module.shard(tensor) if isinstance(module, _ParallelLinear) else tensor
+                shards[full] = module.shard(tensor) if isinstance(module, (_ParallelLinear, VocabParallelEmbedding)) \
+                    else tensor
     return shards
 
 

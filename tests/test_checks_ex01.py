@@ -348,3 +348,186 @@ def test_check_failed_is_an_assertion_error_and_helpers_format_precisely():
     got[1, 2] = 7
     assert first_mismatch(torch.zeros(2, 3), got) == ((1, 2), 0.0, 7.0)
     assert first_mismatch(torch.tensor(1.0), torch.tensor(2.0)) == ((), 1.0, 2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# 1c. average_gradients_uneven: a design task, checked against one process on the whole batch
+# --------------------------------------------------------------------------------------------
+
+from labkit.checks.ex01 import UNEVEN_MISTAKES, ZERO_RANK_MISTAKES, check_average_gradients_uneven  # noqa: E402
+from labkit.checks.harness import literal_parts  # noqa: E402
+from labkit.data_parallel import weighted_average_gradients  # noqa: E402
+
+FIRST = ((5, 2, 0),)     # one launch: every mistake below shows on it
+
+
+def average_gradients_uneven(model, local_count):
+    """labkit's reference (the checker refuses the function itself: a student must write one)."""
+    weighted_average_gradients(model, local_count)
+
+
+def one_message(model, local_count):
+    """Another correct design: b_r·g_r of every parameter and b_r in one buffer, one all-reduce."""
+    grads = [p.grad for p in model.parameters()]
+    buffer = torch.cat([g.reshape(-1) * local_count for g in grads] + [torch.tensor([float(local_count)],
+                                                                                    dtype=torch.float64)])
+    dist.all_reduce(buffer)
+    offset = 0
+    for g in grads:
+        g.copy_(buffer[offset:offset + g.numel()].view_as(g) / buffer[-1])
+        offset += g.numel()
+
+
+def gathers_the_counts(model, local_count):
+    """A third: all_gather the counts, each rank scales its gradient by N·b_r/B, then 1a's plain mean."""
+    counts = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([float(local_count)], dtype=torch.float64))
+    share = local_count * dist.get_world_size() / float(sum(counts))
+    for p in model.parameters():
+        p.grad *= share
+    reference_average_gradients(model)
+
+
+def from_row(row):
+    """The wrong version a row of UNEVEN_MISTAKES describes, as a change of labkit's weighted_average_gradients:
+    rank r all-reduces weight(b_r)·g_r and divides the sum by divisor(B, N, b_r)."""
+    def wrong(model, local_count):
+        total = torch.tensor([float(local_count)], dtype=torch.float64)
+        dist.all_reduce(total)
+        for p in model.parameters():
+            p.grad *= row.variant.weight(local_count)
+            dist.all_reduce(p.grad)
+            p.grad /= row.variant.divisor(total.item(), dist.get_world_size(), local_count)
+    wrong.__name__ = "wrong"
+    return wrong
+
+
+def zero_rank_skips(model, local_count):
+    if local_count == 0:
+        return                        # "nothing to add": but the others wait for it
+    weighted_average_gradients(model, local_count)
+
+
+def zero_rank_divides(model, local_count):
+    total = torch.tensor([float(local_count)])
+    dist.all_reduce(total)
+    for p in model.parameters():
+        p.grad /= total.item() / local_count      # the share b_r/B written as 1/(B/b_r): B/0 on an empty rank
+        dist.all_reduce(p.grad)
+
+
+def test_labkits_version_and_other_designs_pass(capsys):
+    check_average_gradients_uneven(average_gradients_uneven)
+    out = capsys.readouterr().out
+    assert out.startswith("✓ average_gradients_uneven gives every rank the whole batch's gradient (3 processes with "
+                          "(5, 2, 0), (0, 3, 1), (3, 3, 3); 2 processes with (7, 1), (2, 2)"), out
+    assert "Collective calls per call: 3; one is enough" in out
+    check_average_gradients_uneven(one_message, cases=FIRST)
+    assert "Collective calls per call: one, the fewest" in capsys.readouterr().out
+    check_average_gradients_uneven(gathers_the_counts, cases=FIRST)
+    assert "✓ gathers_the_counts gives every rank" in capsys.readouterr().out
+
+
+def test_labkits_own_function_is_refused():
+    with pytest.raises(CheckFailed, match="this is labkit's own weighted_average_gradients"):
+        check_average_gradients_uneven(weighted_average_gradients)
+
+
+# What some messages say of this case's numbers, beyond the row's fixed text.
+NUMBERS = {
+    "the plain mean": ["(1/N) Σ g_r, as in 1a (rank 0, parameter w[0]: one process on the whole batch gives ",
+                       "each sample of rank 0 counts 1/15 in your average and each sample of rank 1 1/6",
+                       "every sample 1/B = 1/7"],
+    "divided by N": ["B/N = 7/3 times one process's"],
+    "divided by N·b_r": ["Rank 2, which holds no samples, divided by 0: its p.grad holds inf"],
+    "divided by the local count": ["B = 7, which no rank knows alone", "Rank 2, which holds no samples, divided by 0"],
+}
+
+
+@pytest.mark.parametrize("row", UNEVEN_MISTAKES, ids=lambda m: m.name)
+def test_every_known_weighting_is_named(row):
+    with pytest.raises(CheckFailed) as info:
+        check_average_gradients_uneven(from_row(row), cases=FIRST)
+    message = str(info.value)
+    assert message.startswith("wrong on 3 processes with local counts (5, 2, 0) (B = 7): "), message
+    for part in literal_parts(row.says)[1:] + NUMBERS.get(row.name, []):
+        assert part in message, message
+    others = [m for m in UNEVEN_MISTAKES if m is not row]
+    assert not any(max(literal_parts(m.says), key=len) in message for m in others), message
+
+
+def test_the_plain_mean_passes_only_on_equal_counts(capsys):
+    plain = from_row(UNEVEN_MISTAKES[0])
+    check_average_gradients_uneven(plain, cases=((2, 2),))
+    assert "✓ wrong gives every rank" in capsys.readouterr().out
+    with pytest.raises(CheckFailed, match=r"local counts \(7, 1\).*the plain mean"):
+        check_average_gradients_uneven(plain, cases=((2, 2), (7, 1)))
+
+
+def test_a_rank_without_samples_that_skips_the_collectives_is_named_not_hung():
+    with pytest.raises(CheckFailed) as info:
+        check_average_gradients_uneven(zero_rank_skips, cases=FIRST, timeout=2)
+    message = str(info.value)
+    assert "the other side never came: the run is deadlocked" in message, message
+    assert "rank 2: had finished its part" in message, message
+    assert ZERO_RANK_MISTAKES[0].says.format(rank="rank 2") in message, message
+
+
+def test_a_rank_without_samples_that_divides_by_its_count_is_named():
+    with pytest.raises(CheckFailed) as info:
+        check_average_gradients_uneven(zero_rank_divides, cases=FIRST)
+    message = str(info.value)
+    assert "zero_rank_divides on 3 processes with local counts (5, 2, 0) (B = 7): rank 2 holds no samples " \
+           "(local_count = 0) and your function divided by its count: ZeroDivisionError (" in message, message
+    for part in literal_parts(ZERO_RANK_MISTAKES[1].says)[3:]:
+        assert part in message, message
+    assert "p.grad /= total.item() / local_count" in message, message     # the student's line
+
+
+def test_other_wrong_results_are_named_with_rank_parameter_element():
+    def off_on_rank_1(model, local_count):
+        weighted_average_gradients(model, local_count)
+        if dist.get_rank() == 1:
+            model.w.grad[2] += 0.5
+
+    def half(model, local_count):
+        weighted_average_gradients(model, local_count)
+        for p in model.parameters():
+            p.grad /= 2
+
+    def grad_none(model, local_count):
+        weighted_average_gradients(model, local_count)
+        if local_count == 0:
+            model.b.grad = None
+
+    def steps_itself(model, local_count):
+        weighted_average_gradients(model, local_count)
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+
+    cases = [
+        (off_on_rank_1, ["the ranks end with different gradients (parameter 'w', element [2]: rank 0 has",
+                         "rank 1 has", "or the replicas drift apart"]),
+        (half, ["rank 0, parameter w[0]: one process on the whole batch gives ",
+                "On every rank your gradient is 0.5 times one process's"]),
+        (grad_none, ["on rank 2 parameter 'b' has no gradient after your function (p.grad is None)"]),
+        (steps_itself, ["on rank 0 your function changed the parameter(s) 'w', 'b' themselves"]),
+    ]
+    for fn, expected in cases:
+        with pytest.raises(CheckFailed) as info:
+            check_average_gradients_uneven(fn, cases=FIRST)
+        for text in expected:
+            assert text in str(info.value), str(info.value)
+
+
+def test_the_stub_and_a_students_own_not_implemented():
+    def stub_1c(model, local_count):
+        raise NotImplementedError("Exercise 1c: derive what to send; see the instructions above")
+    with pytest.raises(NotImplementedError, match="^Exercise 1c: derive what to send"):
+        check_average_gradients_uneven(stub_1c, cases=FIRST)
+
+    def todo(model, local_count):
+        raise NotImplementedError
+    with pytest.raises(NotImplementedError, match="^Exercise 1c: todo is not written yet"):
+        check_average_gradients_uneven(todo, cases=FIRST)

@@ -382,3 +382,210 @@ def test_a_trace_with_rounds_missing_is_rejected():
     from labkit.checks.ex02 import compare_with_simulation
     with pytest.raises(CheckFailed, match=r"rank 0 recorded 0 rounds, but the ring takes 2\(N-1\) = 4 rounds"):
         compare_with_simulation([[], [], []])
+
+
+# --------------------------------------------------------------------------------------------
+# 2c: the ring to the left (a design task), checked by simulation, then run as half of the bidirectional ring
+# --------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from labkit import ring  # noqa: E402
+from labkit.checks.ex02 import LEFT_RING_MISTAKES, _run_bidirectional, check_left_ring_rounds  # noqa: E402
+from labkit.checks.harness import literal_parts  # noqa: E402
+from labkit.ring import ALL_GATHER, REDUCE_SCATTER, Round, Transfer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _solution_left_ring_rounds():
+    # json, not nbformat: this module is imported by every worker a test launches, and nbformat is slow to import
+    cells = json.loads((ROOT / "solutions" / "02_ring_allreduce_exercise.ipynb").read_text())["cells"]
+    source = next("".join(c["source"]) for c in cells if "def left_ring_rounds" in "".join(c["source"]))
+    namespace = {"__name__": "__main__", "Round": Round, "Transfer": Transfer}
+    exec(compile(source, "2c", "exec"), namespace)
+    return namespace["left_ring_rounds"]
+
+
+def _named(make):
+    """``make`` under the name a student gives the function (the messages start with it)."""
+    def left_ring_rounds(world_size):
+        return make(world_size)
+    return left_ring_rounds
+
+
+def labkits(n):
+    return ring.all_reduce_rounds(n, direction=-1)
+
+
+def test_the_solution_passes_simulated_and_run_as_the_bidirectional_ring(capsys):
+    check_left_ring_rounds(_solution_left_ring_rounds())
+    assert capsys.readouterr().out == (
+        "✓ left_ring_rounds is correct on N = 1, 2, 3, 4, 5, 6, 7, 8: every rank sends only to its left neighbour, "
+        "and labkit.ring.simulate ends with every chunk complete on every rank, no rank counted twice; run for real as "
+        "the left-going half of the bidirectional ring on N = 1, 2, 3, 4, 5 (labkit's ring to the right carries the "
+        "other half), it matches dist.all_reduce (M = 4N+3 and N+1, and a (3, 5) tensor with op='max')\n")
+
+
+@pytest.mark.parametrize("make", [
+    labkits,
+    # every chunk renumbered by one: rank i completes chunk i (torch's convention), as correct
+    lambda n: ring.reduce_scatter_rounds(n, shift=-1, direction=-1) + ring.all_gather_rounds(n, shift=0, direction=-1),
+    lambda n: [Round(r.phase, r.index, list(r.transfers)) for r in labkits(n)],  # transfers as a list
+], ids=["labkit", "renumbered", "list-of-transfers"])
+def test_any_correct_left_ring_passes(make, capsys):
+    check_left_ring_rounds(_named(make), run_sizes=(3, 2))
+    assert capsys.readouterr().out.startswith("✓ left_ring_rounds is correct on N = 1, 2, 3, 4, 5, 6, 7, 8")
+
+
+LEFT_EXPECTED = {
+    "the ring of 2a and 2b unchanged": [
+        "left_ring_rounds(3): reduce-scatter round 0 (item 0): rank 0 sends to rank 1, expected its left neighbour, "
+        "rank 2 ((i-1) mod N). Every rank sends to its right neighbour"],
+    "the sign of j flipped": [
+        "left_ring_rounds(3): after the reduce-scatter's N-1 = 2 rounds no rank holds chunk 0 complete: the most is rank "
+        "0's, {0, 1} (rank 2 missing), expected {0, 1, 2} on one rank.",
+        "In reduce-scatter round 1 rank 0 sends chunk 2, but the chunk it received in round 0 (from rank 1) is chunk 1"],
+    "the all-gather starts one chunk off": [
+        "left_ring_rounds(3): all-gather round 0: rank 0 sends its chunk 0 to rank 2, but that copy is incomplete, {0} "
+        "(ranks 1, 2 missing), and rank 2 overwrites its own copy with it. After the reduce-scatter rank 0 holds chunk 2 "
+        "complete. After all 4 rounds rank 0's chunk 0 holds {0} (ranks 1, 2 missing), expected {0, 1, 2}."],
+    "2b's +1 kept in the all-gather": [
+        "all-gather round 0: rank 0 sends its chunk 1 to rank 2, but that copy is incomplete, {0, 1} (rank 2 missing)",
+        "After all 4 rounds rank 0's chunk 0 holds {0, 2} (rank 1 missing), expected {0, 1, 2}"],
+    "N-2 rounds per phase": [
+        "left_ring_rounds(3): 1 reduce-scatter round and 1 all-gather round; the all-reduce takes N-1 = 2 of each, "
+        "2(N-1) = 4 rounds in all. After your 2 rounds rank 0's chunk 0 holds {1} (ranks 0, 2 missing), expected "
+        "{0, 1, 2}."],
+    "right only for powers of two": [
+        "left_ring_rounds(3): reduce-scatter round 0 (item 0): rank 2 sends to rank 0, expected its left neighbour, "
+        "rank 1", "(Your rounds are right for N = 2, 4 and 8, wrong for N = 3, 5, 6 and 7.)"],
+}
+
+
+@pytest.mark.parametrize("mistake", LEFT_RING_MISTAKES, ids=lambda m: m.name)
+def test_every_known_left_ring_mistake_is_named(mistake):
+    with pytest.raises(CheckFailed) as info:
+        check_left_ring_rounds(_named(mistake.variant))
+    message = str(info.value)
+    assert message.startswith("left_ring_rounds is wrong: left_ring_rounds(3): "), message
+    for text in literal_parts(mistake.says) + LEFT_EXPECTED[mistake.name]:
+        assert text in message, message
+    for other in LEFT_RING_MISTAKES:  # its own sentence, no other's
+        if other is not mistake:
+            assert literal_parts(other.says)[-1] not in message, (other.name, message)
+
+
+def test_every_known_left_ring_mistake_is_a_small_change_of_labkits_rounds():
+    """Each wrong version is rounds of labkit's form that differ from labkit's answer on N = 3."""
+    for mistake in LEFT_RING_MISTAKES:
+        rounds = mistake.variant(3)
+        assert rounds != labkits(3) and all(isinstance(r, Round) for r in rounds), mistake.name
+
+
+def _rs_left(n):
+    return ring.reduce_scatter_rounds(n, direction=-1)
+
+
+def left_same_chunk_every_round(n):  # the reduce-scatter forgets j
+    return [Round(REDUCE_SCATTER, j, tuple(Transfer(i, (i - 1) % n, i) for i in range(n))) for j in range(n - 1)] \
+        + ring.all_gather_rounds(n, direction=-1)
+
+
+def left_two_ranks_start_chunk_0(n):
+    return [Round(REDUCE_SCATTER, j, tuple(Transfer(i, (i - 1) % n, (j if i < 2 else i + j) % n) for i in range(n)))
+            for j in range(n - 1)] + ring.all_gather_rounds(n, direction=-1)
+
+
+def left_all_gather_never_moves_on(n):  # sends its own complete chunk in every round
+    return _rs_left(n) + [Round(ALL_GATHER, j, tuple(Transfer(i, (i - 1) % n, (i - 1) % n) for i in range(n)))
+                          for j in range(n - 1)]
+
+
+def left_numbered_on(n):
+    return [Round(r.phase, k, r.transfers) for k, r in enumerate(labkits(n))]
+
+
+def left_phases_swapped(n):
+    rounds = labkits(n)
+    return rounds[n - 1:] + rounds[:n - 1]
+
+
+def left_by_receiver(n):
+    return [Round(r.phase, r.index, tuple(sorted(r.transfers, key=lambda t: t.receiver))) for r in labkits(n)]
+
+
+def left_no_mod(n):
+    return [Round(r.phase, r.index, tuple(Transfer(i, (i - 1) % n, i + r.index - (r.phase == ALL_GATHER))
+                                          for i in range(n))) for r in labkits(n)]
+
+
+@pytest.mark.parametrize("make,expected", [
+    (left_same_chunk_every_round, [
+        "left_ring_rounds(3): reduce-scatter round 1: rank 0 sends chunk 0, which holds {0}, to rank 2, whose chunk 0 "
+        "holds {0, 2} already: adding it counts rank 0 twice."]),
+    (left_two_ranks_start_chunk_0, [
+        "no rank holds chunk 1 complete", "In reduce-scatter round 0 ranks 0 and 1 both send chunk 0, and no rank sends "
+        "chunk 1: each chunk starts its trip round the ring on one rank."]),
+    (left_all_gather_never_moves_on, [
+        "left_ring_rounds(3): after all 4 rounds rank 0's chunk 1 holds {0, 1} (rank 2 missing), expected {0, 1, 2}. "
+        "In all-gather round 1 rank 0 sends chunk 2 to rank 2, which holds it complete already: that message is "
+        "wasted."]),
+    (left_numbered_on, ["item 2 is all-gather round 2, expected all-gather round 0"]),
+    (left_phases_swapped, ["item 2 is a reduce-scatter round after an all-gather round"]),
+    (left_by_receiver, ["item 0 (reduce-scatter round 0): transfers[0] is rank 1's; list them by sender"]),
+    (left_no_mod, ["item 1 (reduce-scatter round 1): rank 2 sends chunk 3, but there are N = 3 (chunks 0 .. 2): take "
+                   "the index mod N."]),
+    (lambda n: None, ["left_ring_rounds(3) returned None: return a list of labkit.ring.Round, the 2(N-1) = 4 rounds"]),
+    (lambda n: (r for r in labkits(n)), ["left_ring_rounds(3) returned a generator: return a list"]),
+    (lambda n: [(r.phase, r.index, r.transfers) for r in labkits(n)],
+     ["item 0 of your list is a tuple of 3 items, not a labkit.ring.Round"]),
+])
+def test_other_wrong_left_rings_are_named(make, expected):
+    with pytest.raises(CheckFailed) as info:
+        check_left_ring_rounds(_named(make), run_sizes=())
+    for text in expected:
+        assert text in str(info.value), str(info.value)
+
+
+def test_the_real_run_names_a_wrong_element_in_the_half_of_the_left_ring():
+    """Rounds that pass the simulation always sum right; the real run's own diagnosis, on rounds that do not."""
+    with pytest.raises(CheckFailed) as info:
+        _run_bidirectional("left_ring_rounds", 3, LEFT_RING_MISTAKES[1].variant(3), timeout=10)
+    message = str(info.value)
+    assert message.startswith("left_ring_rounds is wrong: run for real as the left-going half of the bidirectional "
+                              "ring (labkit.collectives.bidirectional_ring_all_reduce) on N=3 ranks, x of shape "
+                              "(15,), op='sum': rank 0, element [8], in the second half (elements 8 .. 14), which "
+                              "your rounds carry: expected"), message
+
+
+def test_the_left_ring_stub_is_reported_as_itself():
+    def left_ring_rounds(world_size):
+        raise NotImplementedError("Exercise 2c: the 2(N-1) rounds of the ring to the left; see the instructions above")
+    with pytest.raises(NotImplementedError, match="^Exercise 2c: the 2"):
+        check_left_ring_rounds(left_ring_rounds)
+
+    def bare(world_size):
+        raise NotImplementedError
+    with pytest.raises(NotImplementedError, match="^Exercise 2c: bare is not written yet"):
+        check_left_ring_rounds(bare)
+
+
+def test_labkits_left_ring_is_the_mirror_and_the_bidirectional_ring_halves_each_link():
+    for n in range(1, 9):
+        mirror = [Round(r.phase, r.index, tuple(Transfer(i, (-t.receiver) % n, (-t.chunk) % n)
+                                                for i, t in ((i, r.sent_by((-i) % n)) for i in range(n))))
+                  for r in ring.all_reduce_rounds(n)]
+        assert labkits(n) == mirror  # rank i <-> -i, chunk c <-> -c
+        for m in range(0, 30):
+            both = ring.bidirectional_elements_sent(m, n)
+            assert sum(r + l for r, l in both) == 2 * (n - 1) * m  # every chunk moves 2(N-1) times
+            if m % (2 * n) == 0:
+                assert both == [((n - 1) * m // n, (n - 1) * m // n)] * n  # half the one-way ring, each way
+
+
+def test_bidirectional_ring_all_reduce_with_labkits_own_left_ring_matches_dist_all_reduce():
+    """left_rounds=None: labkit's ring to the left (the worker of the check, on 2 and 3 ranks, uneven chunks)."""
+    for world_size in (3, 2):
+        _run_bidirectional("bidirectional_ring_all_reduce", world_size, None, timeout=10)  # raises on a difference

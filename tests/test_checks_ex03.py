@@ -459,3 +459,233 @@ def test_bad_arguments_are_named_without_starting_processes():
     with pytest.raises(CheckFailed, match=r"OwnSkeleton is not a subclass of labkit.ddp.BucketedDDP: .*"
                                           r"class BucketedDDP\(labkit.ddp.BucketedDDP\)"):
         check_finish_backward(OwnSkeleton)
+
+
+# --------------------------------------------------------------------------------------------
+# 3e: choosing the buckets from labkit.bucket_model, checked against the best split (in this process)
+# --------------------------------------------------------------------------------------------
+
+import itertools  # noqa: E402
+import math  # noqa: E402
+
+from labkit import bucket_model  # noqa: E402
+from labkit.checks.ex03 import CHOOSE_CASES, CHOOSE_MISTAKES, CHOOSE_TOLERANCE, check_choose_buckets  # noqa: E402
+from labkit.ddp import plan_buckets  # noqa: E402
+
+
+def _solution_choose_buckets():
+    nb = nbformat.read(ROOT / "solutions" / "03_ddp_exercise.ipynb", as_version=4)
+    namespace = {"__name__": "__main__"}
+    exec(compile("import math", "imports", "exec"), namespace)
+    exec(compile(next(c.source for c in nb.cells if "def choose_buckets" in c.source), "3e", "exec"), namespace)
+    return namespace["choose_buckets"]
+
+
+choose_buckets = _solution_choose_buckets()
+
+
+def _case(name):
+    return next(c for c in CHOOSE_CASES if c.name == name)
+
+
+def _args(case):
+    return list(case.sizes), list(case.ready), case.alpha, case.beta
+
+
+def assert_choice_rejected(fn, expected):
+    with pytest.raises(CheckFailed) as info:
+        check_choose_buckets(fn)
+    for text in expected:
+        assert text in str(info.value), str(info.value)
+    return str(info.value)
+
+
+def test_the_model_times_a_plan_by_hand():
+    # two gradients of 100 and 300 bytes, ready at 1 and 2 (index 1 first); α = 0.5, β = 0.01
+    sizes, ready = [300, 100], [2.0, 1.0]
+    assert bucket_model.bucket_times([[1], [0]], sizes, ready, 0.5, 0.01) == [(1.0, 2.5), (2.5, 6.0)]
+    assert bucket_model.bucket_times([[0, 1]], sizes, ready, 0.5, 0.01) == [(2.0, 6.5)]
+    assert bucket_model.bucket_times([[0], [1]], sizes, ready, 0.5, 0.01) == [(2.0, 5.5), (5.5, 7.0)]
+    assert bucket_model.exposed([[1], [0]], sizes, ready, 0.5, 0.01) == 4.0
+    assert bucket_model.best_split(sizes, ready, 0.5, 0.01) == [[1], [0]]
+    assert bucket_model.ready_order([3.0, 1.0, 2.0, 1.0]) == [1, 3, 2, 0]
+
+
+def test_cut_by_cap_is_plan_buckets_on_the_same_sizes():
+    sizes = [40, 8, 8, 100, 4, 4, 60]
+    tensors = [torch.zeros(n // 4) for n in sizes]     # float32: 4 bytes an element
+    order = [6, 5, 4, 3, 2, 1, 0]
+    for cap in (1, 16, 50, 64, 1000):
+        by_tensors = [[next(i for i, t in enumerate(tensors) if t is p) for p in b]
+                      for b in plan_buckets([tensors[i] for i in order], cap)]
+        assert bucket_model.cut_by_cap(order, sizes, cap) == by_tensors
+
+
+def _ordered_partitions(items):
+    """Every list of non-empty buckets, in every order, that holds each item once."""
+    if not items:
+        yield []
+        return
+    for k in range(1, len(items) + 1):
+        for first in itertools.combinations(items, k):
+            rest = [i for i in items if i not in first]
+            for tail in _ordered_partitions(rest):
+                yield [list(first)] + tail
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_no_plan_beats_the_best_contiguous_split_of_the_ready_order(seed):
+    """The instructor notes' claim, on small random cases: trying the contiguous splits of the ready order is enough
+    (every ordered partition of 5 gradients is tried)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [int(x) for x in torch.randint(1, 1000, (5,), generator=g)]
+    ready = [float(x) for x in torch.rand(5, generator=g)]
+    alpha, beta = float(torch.rand(1, generator=g)) * 0.3, 1e-3
+    best = bucket_model.step_end(bucket_model.best_split(sizes, ready, alpha, beta), sizes, ready, alpha, beta)
+    every = min(bucket_model.step_end(p, sizes, ready, alpha, beta) for p in _ordered_partitions(list(range(5))))
+    assert math.isclose(best, every, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 6, 12])
+def test_the_equal_gradients_formula_of_the_summary_is_the_models(k):
+    """k equal buckets of n equal gradients ready at a constant rate over T_b expose
+    max(α + Mβ/k, T_b/k + kα + Mβ − T_b)."""
+    case = _case("equal gradients")
+    n, total, t_b = len(case.sizes), sum(case.sizes), max(case.ready)
+    for alpha, beta in ((case.alpha, case.beta), (0.05e-3, 1e-9), (5e-3, 1e-10)):
+        plan = bucket_model.cut_by_cap(bucket_model.ready_order(case.ready), case.sizes, total / k)
+        assert len(plan) == k and all(len(b) == n // k for b in plan)
+        formula = max(alpha + total * beta / k, t_b / k + k * alpha + total * beta - t_b)
+        assert math.isclose(bucket_model.exposed(plan, case.sizes, case.ready, alpha, beta), formula, rel_tol=1e-12)
+
+
+def test_the_cases_cover_the_regimes():
+    """Latency-bound: one bucket is best; compute-bound: everything but one small last bucket hides; equal gradients:
+    the best is in between; bandwidth-bound: the link is busy at least as long as the backward."""
+    best = {c.name: bucket_model.best_split(c.sizes, c.ready, c.alpha, c.beta) for c in CHOOSE_CASES}
+    assert len(best["latency-bound"]) == 1
+    assert len(best["compute-bound"][-1]) == 1
+    assert 1 < len(best["equal gradients"]) < len(_case("equal gradients").sizes)
+    bandwidth = _case("bandwidth-bound")
+    assert sum(bandwidth.sizes) * bandwidth.beta > max(bandwidth.ready)
+    gpt = _case("GPT-like")
+    assert best["GPT-like"][-1] == [0] and gpt.ready[0] == max(gpt.ready)    # the embedding alone, last
+    probe = _case("out of order")
+    assert bucket_model.ready_order(probe.ready) != list(range(len(probe.sizes) - 1, -1, -1))
+
+
+def test_the_solution_passes(capsys):
+    check_choose_buckets(choose_buckets)
+    assert capsys.readouterr().out == (
+        "✓ choose_buckets is within 5% of the best split on 6 cases (equal gradients, latency-bound, bandwidth-bound, "
+        "compute-bound, GPT-like, out of order): your exposed communication is at most 1.000× the best's, under "
+        "labkit.bucket_model\n")
+
+
+def test_another_design_within_the_tolerance_passes_too(capsys):
+    """Any buckets within the tolerance pass: here the best cap, found by timing every cap with labkit's model."""
+    def best_cap(sizes, ready, alpha, beta):
+        order = bucket_model.ready_order(ready)
+        caps = {sum(sizes[i] for i in order[a:b]) for a in range(len(order)) for b in range(a + 1, len(order) + 1)}
+        plans = [bucket_model.cut_by_cap(order, sizes, cap) for cap in sorted(caps)]
+        return min(plans, key=lambda p: bucket_model.step_end(p, sizes, ready, alpha, beta))
+    check_choose_buckets(best_cap)
+    assert "at most 1.009× the best's" in capsys.readouterr().out
+
+
+def test_the_solution_is_quick_on_many_parameters():
+    n = 400
+    sizes, ready = [1000 + 7 * i for i in range(n)], [1e-4 * (n - i) for i in range(n)]
+    plan = choose_buckets(sizes, ready, 1e-3, 1e-9)
+    assert sorted(i for b in plan for i in b) == list(range(n))
+
+
+@pytest.mark.parametrize("mistake", CHOOSE_MISTAKES, ids=lambda m: m.name)
+def test_every_known_wrong_choice_is_named_with_its_own_message(mistake):
+    message = assert_choice_rejected(mistake.variant, literal_parts(mistake.says))
+    assert "the best split of the ready order ends" in message
+    for other in CHOOSE_MISTAKES:
+        if other is not mistake:
+            assert not all(part in message for part in literal_parts(other.says)), other.name
+
+
+def test_the_known_wrong_choices_are_told_apart_on_the_cases():
+    outputs = {m.name: tuple(tuple(map(tuple, m.variant(*_args(c)))) for c in CHOOSE_CASES) for m in CHOOSE_MISTAKES}
+    assert len(set(outputs.values())) == len(CHOOSE_MISTAKES)
+
+
+@pytest.mark.parametrize("fn,expected", [
+    pytest.param(lambda s, r, a, b: [bucket_model.ready_order(r)[:2], bucket_model.ready_order(r)[2:]],
+                 ["on the equal gradients case", "your buckets are not the best", "yours exposes 1.68× as much",
+                  "b1 = [9, 8, 7, 6, ..., 0] (10 params), 20 MiB, ready 6 ms"], id="an_unnamed_plan"),
+    pytest.param(lambda s, r, a, b: list(reversed(choose_buckets(s, r, a, b))),
+                 ["your buckets are not the best", "Bucket 0 waits for parameter"], id="buckets_reversed"),
+    pytest.param(lambda s, r, a, b: None, ["returned None", "return a list of buckets"], id="none"),
+    pytest.param(lambda s, r, a, b: [4, 4, 4], ["bucket 0 is a number (4)", "the number of parameters per bucket?"],
+                 id="counts"),
+    pytest.param(lambda s, r, a, b: list(range(len(s))), ["bucket 0 is a number (0)", "a flat list of indices?"],
+                 id="flat"),
+    pytest.param(lambda s, r, a, b: [], ["returned no bucket"], id="empty"),
+    pytest.param(lambda s, r, a, b: [list(range(len(s))), []], ["bucket 1 is empty"], id="empty_bucket"),
+    pytest.param(lambda s, r, a, b: [list(range(len(s))), [0]], ["parameter 0 is in bucket 0 and in bucket 1"],
+                 id="twice"),
+    pytest.param(lambda s, r, a, b: [list(range(1, len(s) - 1))], ["parameters 0 and 11 in no bucket"],
+                 id="missing"),
+    pytest.param(lambda s, r, a, b: [list(range(len(s) + 1))], ["bucket 0 holds 12: the parameters are 0 .. 11"],
+                 id="out_of_range"),
+    pytest.param(lambda s, r, a, b: [[float(i) for i in range(len(s))]], ["bucket 0 holds a float (0.0)"],
+                 id="float_index"),
+])
+def test_wrong_choices_are_explained(fn, expected):
+    assert_choice_rejected(fn, expected)
+
+
+def test_stubs_exceptions_and_endless_loops():
+    def stub(sizes, ready, alpha, beta):
+        raise NotImplementedError("Exercise 3e: choose the buckets; see the instructions above")
+
+    def bare(sizes, ready, alpha, beta):
+        raise NotImplementedError
+
+    def broken(sizes, ready, alpha, beta):
+        return sizes[len(sizes)]
+
+    with pytest.raises(NotImplementedError, match="^Exercise 3e: choose the buckets"):
+        check_choose_buckets(stub)
+    with pytest.raises(NotImplementedError, match=r"^Exercise 3e: bare is not written yet"):
+        check_choose_buckets(bare)
+    assert_choice_rejected(broken, ["broken raised IndexError"])
+    with pytest.raises(CheckFailed, match="needs your function"):
+        check_choose_buckets("choose_buckets")
+
+
+def test_an_endless_loop_is_stopped(monkeypatch):
+    from labkit.checks import ex03
+    monkeypatch.setattr(ex03, "_CHOOSE_SECONDS", 0.3)
+
+    def endless(sizes, ready, alpha, beta):
+        while True:
+            pass
+    assert_choice_rejected(endless, ["did not return within 0.3 s"])
+
+
+def test_the_tolerance_is_what_the_check_applies():
+    """A plan a little worse than the best passes, one beyond the tolerance fails: built on the compute-bound case,
+    where the best exposes one gradient's all-reduce."""
+    case = _case("compute-bound")
+    best = bucket_model.exposed(bucket_model.best_split(case.sizes, case.ready, case.alpha, case.beta), *_args(case))
+    order = bucket_model.ready_order(case.ready)
+    two_last = bucket_model.exposed([order[:-2], order[-2:]], *_args(case))
+    assert two_last > (1 + CHOOSE_TOLERANCE) * best     # the last two together: beyond the tolerance
+    bandwidth = _case("bandwidth-bound")
+
+    def one_per_parameter_when_bandwidth_bound(sizes, ready, alpha, beta):   # 0.9 % off there: within
+        if (sizes, ready) == (list(bandwidth.sizes), list(bandwidth.ready)):
+            return [[i] for i in bucket_model.ready_order(ready)]
+        return choose_buckets(sizes, ready, alpha, beta)
+    check_choose_buckets(one_per_parameter_when_bandwidth_bound)
+
+    def last_two_together(sizes, ready, alpha, beta):
+        return [order[:-2], order[-2:]] if (sizes, ready) == (list(case.sizes), list(case.ready)) else \
+            choose_buckets(sizes, ready, alpha, beta)
+    assert_choice_rejected(last_two_together, ["on the compute-bound case", "yours exposes 1.68× as much"])

@@ -16,14 +16,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from labkit.checks import CheckFailed
-from labkit.checks.ex05 import (COLUMN_MISTAKES, COLUMN_SHARD_MISTAKES, F_AND_G_MISTAKES, MLP_MISTAKES, ROW_MISTAKES,
-                                ROW_SHARD_MISTAKES, check_column_parallel, check_f_and_g, check_parallel_mlp,
-                                check_row_parallel)
+from labkit.checks.ex05 import (COLUMN_MISTAKES, COLUMN_SHARD_MISTAKES, EMBEDDING_MISTAKES, F_AND_G_MISTAKES,
+                                MLP_MISTAKES, ROW_MISTAKES, ROW_SHARD_MISTAKES, check_column_parallel, check_f_and_g,
+                                check_parallel_mlp, check_row_parallel, check_vocab_parallel_embedding)
 from labkit.checks.harness import literal_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = "05_tensor_parallel_exercise.ipynb"
-CLASS_CELLS = ("class CopyToParallel", "class ColumnParallelLinear", "class RowParallelLinear")
+CLASS_CELLS = ("class CopyToParallel", "class ColumnParallelLinear", "class RowParallelLinear",
+               "class VocabParallelEmbedding")
 
 
 def _namespace(folder="solutions", **replace):
@@ -412,3 +413,148 @@ def test_a_detached_output_is_named():
 
     assert_rejected(check_row_parallel, (RowDetached,), [
         "RowDetached" + HEAD_3 + "on rank 0, the output y does not require grad"])
+
+
+# --------------------------------------------------------------------------------------------
+# 5i: the vocabulary-parallel embedding, a design task checked by what the embedding does
+# --------------------------------------------------------------------------------------------
+
+VocabParallelEmbedding = SOLUTION["VocabParallelEmbedding"]
+EMBEDDING_HEAD = " is wrong on 3 processes (tp = 3): "
+
+
+def test_the_solution_embedding_passes(capsys):
+    check_vocab_parallel_embedding(VocabParallelEmbedding)
+    assert capsys.readouterr().out == (
+        "✓ VocabParallelEmbedding equals nn.Embedding(11, 4) on 2 and 3 processes (the rows cut 4 + 4 + 3 on 3; 6 + 5 "
+        "on 2): every rank returns every token's row, each rank's weight.grad is its rows of the dense gradient "
+        "(repeated tokens summed), one all-reduce in forward, none in backward\n")
+
+
+def test_the_embedding_stub_is_reported_as_not_written():
+    with pytest.raises(NotImplementedError, match="^Exercise 5i: "):
+        check_vocab_parallel_embedding(_namespace("exercises")["VocabParallelEmbedding"], world_sizes=(2,))
+
+
+@pytest.mark.parametrize("mistake", EMBEDDING_MISTAKES, ids=lambda m: m.name)
+def test_each_known_embedding_mistake_is_named(mistake):
+    message = assert_rejected(check_vocab_parallel_embedding, (mistake.variant,), literal_parts(mistake.says))
+    assert message.startswith(mistake.variant.__name__ + EMBEDDING_HEAD), message
+    for other in EMBEDDING_MISTAKES:
+        if other is not mistake:
+            assert not all(p in message for p in literal_parts(other.says)), (other.name, message)
+
+
+def test_the_embedding_mistakes_are_named_once():
+    assert len({m.name for m in EMBEDDING_MISTAKES}) == len({m.says for m in EMBEDDING_MISTAKES}) == \
+        len(EMBEDDING_MISTAKES)
+
+
+def _variant(name):
+    return next(m.variant for m in EMBEDDING_MISTAKES if m.name == name)
+
+
+def _drops_tokens():
+    """Looks up its own tokens only, and returns just those: one row per token of this rank. (The test's classes are
+    made in functions: cloudpickle sends them to the workers by value, which then need not import this module.)"""
+    class EmbeddingDropsTokens(VocabParallelEmbedding):
+        def forward(self, idx):
+            mine = (idx >= self.start) & (idx < self.end)
+            return ReduceFromParallel.apply(F.embedding(idx[mine] - self.start, self.weight), self.group)
+    return EmbeddingDropsTokens
+
+
+@pytest.mark.parametrize("cls,expected", [
+    (_variant("clamped-not-zeroed"),
+     ["EmbeddingClamped" + EMBEDDING_HEAD + "on rank 0, y = layer(idx) with the same idx on every rank: y[0, 0, 0] "
+      "(token 5, whose row is rank 1's row 1): expected -0.129663, got ", "the ranks that do not hold token 5 added "
+      "rows of their own to it"]),
+    (_variant("f-instead-of-g"),
+     ["(token 5, whose row is rank 1's row 1): expected -0.129663, got 0; on rank 0, y holds the rows of its own "
+      "tokens only ([0, 4)) and zeros for the others', after 0 all-reduces in forward"]),
+    (_variant("g-backward-all-reduce"),
+     ["EmbeddingGBackward" + EMBEDDING_HEAD + "on rank 0, after y.backward(dy) with the same dy on every rank: "
+      "weight.grad[0, 0] (rank 0's row 0, token 0, 1 time in idx): expected ", "rank 0's weight.grad is tp times too "
+      "large (measured factor 3 = tp), after 1 all-reduce in backward (expected none)"]),
+    (_drops_tokens(), ["EmbeddingDropsTokens" + EMBEDDING_HEAD + "in forward, the ranks handed dist.all_reduce "
+                            "tensors of different shapes (rank 0 one of shape (5, 4), rank 1 one of shape (5, 4) and "
+                            "rank 2 one of shape (4, 4)). A collective combines the ranks' tensors element by element",
+                            "(B, T, d) = (2, 7, 4), a row for every token of idx"]),
+], ids=["clamped", "f-instead-of-g", "g-backward", "tokens-dropped"])
+def test_embedding_messages_give_rank_token_element_expected_and_got(cls, expected):
+    assert_rejected(check_vocab_parallel_embedding, (cls,), expected)
+
+
+def test_no_offset_names_the_rank_that_indexed_out_of_range_and_its_rows():
+    """The first rank to fail is named (rank 1 or 2: the others wait in the all-reduce), with its own rows."""
+    message = assert_rejected(check_vocab_parallel_embedding, (_variant("no-offset"),), [
+        "EmbeddingNoOffset" + EMBEDDING_HEAD + "EmbeddingNoOffset.forward raised IndexError on rank "])
+    assert ("on rank 1 (index out of range in self). Rank 1 holds rows [4, 8) of the table, and its self.weight "
+            "numbers them 0 .. 3" in message or "on rank 2 (index out of range in self). Rank 2 holds rows [8, 11) of "
+            "the table, and its self.weight numbers them 0 .. 2" in message), message
+
+
+def test_another_right_design_passes(capsys):
+    class GatherAndSum(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y, group):
+            parts = [torch.empty_like(y) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, y.contiguous(), group=group)
+            return torch.stack(parts).sum(dim=0)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, None
+
+    class EmbeddingOtherDesign(VocabParallelEmbedding):
+        """A mask by multiplication, a lookup by indexing, the ranks joined by an all-gather and a sum."""
+
+        def forward(self, idx):
+            mine = ((idx >= self.start) & (idx < self.end)).to(self.weight.dtype)
+            rows = (idx - self.start).clamp(0, self.weight.shape[0] - 1)
+            return GatherAndSum.apply(self.weight[rows] * mine.unsqueeze(-1), self.group)
+
+    check_vocab_parallel_embedding(EmbeddingOtherDesign)
+    assert "one collective in forward, none in backward" in capsys.readouterr().out
+
+
+def test_communication_in_the_embeddings_backward_is_named():
+    class GMeanBackward(torch.autograd.Function):
+        """g, and in backward an all-reduce of tp equal copies of dL/dy, divided by tp: the right numbers."""
+
+        @staticmethod
+        def forward(ctx, y, group):
+            ctx.group = group
+            total = y.clone()
+            dist.all_reduce(total, group=group)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad):
+            total = grad.clone()
+            dist.all_reduce(total, group=ctx.group)
+            return total / dist.get_world_size(ctx.group), None
+
+    class EmbeddingBackwardMean(VocabParallelEmbedding):
+        def forward(self, idx):
+            mine = (idx >= self.start) & (idx < self.end)
+            y = F.embedding(torch.where(mine, idx - self.start, 0), self.weight).masked_fill(~mine.unsqueeze(-1), 0.0)
+            return GMeanBackward.apply(y, self.group)
+
+    assert_rejected(check_vocab_parallel_embedding, (EmbeddingBackwardMean,), [
+        "EmbeddingBackwardMean is wrong on 3 processes (tp = 3): the numbers are right, but on rank 0 there was 1 "
+        "all-reduce in backward: every rank holds the same dL/dy after g"])
+
+
+def test_a_detached_embedding_and_a_wrong_class_are_named():
+    class EmbeddingDetached(VocabParallelEmbedding):
+        def forward(self, idx):
+            with torch.no_grad():
+                return VocabParallelEmbedding.forward(self, idx)
+
+    assert_rejected(check_vocab_parallel_embedding, (EmbeddingDetached,), [
+        "EmbeddingDetached" + EMBEDDING_HEAD + "on rank 0, the output y does not require grad"])
+    with pytest.raises(CheckFailed, match="must be a subclass of labkit's embedding"):
+        check_vocab_parallel_embedding(torch.nn.Embedding)
+    with pytest.raises(CheckFailed, match="pass your class itself"):
+        check_vocab_parallel_embedding(VocabParallelEmbedding(torch.nn.Embedding(3, 2)))

@@ -357,3 +357,108 @@ def test_not_functions_are_refused():
 
 def test_configurations_cover_odd_counts():
     assert CONFIGS[0] == (3, 2) and {(2, 1), (4, 1), (3, 3)} <= set(CONFIGS)
+
+
+# --------------------------------------------------------------------------------------------
+# 7c: the bounded-staleness rule and the largest staleness, a design task
+# --------------------------------------------------------------------------------------------
+
+from labkit.checks.ex07 import (BOUND_MISTAKES, BOUND_SIZES, RELEASE_MISTAKES, STATES,  # noqa: E402
+                                check_max_staleness, check_release, largest_staleness, release_variant)
+from labkit.checks.harness import literal_parts  # noqa: E402
+from labkit.param_server import ssp_release  # noqa: E402
+
+
+def _design(folder="solutions"):
+    """The notebook's 7c cell (release and max_staleness), run in a fresh namespace."""
+    nb = nbformat.read(ROOT / folder / NOTEBOOK, as_version=4)
+    namespace = {"__name__": "__main__"}
+    exec(compile(next(c.source for c in nb.cells if c.source.startswith("def release")), f"{folder}-7c", "exec"),
+         namespace)
+    return namespace["release"], namespace["max_staleness"]
+
+
+def _answers(fn):
+    return [sorted(fn(list(s.waiting), list(s.clock), set(s.active), s.tau, s.message)) for s in STATES]
+
+
+def test_the_design_solution_passes_both_checks(capsys):
+    release, max_staleness = _design()
+    check_release(release)                       # the constructed states, then the real runs (τ = 1, τ = 0)
+    check_max_staleness(max_staleness)
+    lines = capsys.readouterr().out.split("\n")
+    assert lines[0].startswith("✓ release releases the same workers as labkit's rule on 10 constructed states")
+    assert "every call agreed, the runs ended" in lines[0]
+    assert lines[1].startswith("✓ max_staleness is the largest staleness on (W, τ) = (2, 0), (2, 1)")
+
+
+def test_the_design_stubs_are_reported_as_not_written():
+    release, max_staleness = _design("exercises")
+    with pytest.raises(NotImplementedError, match=r"^Exercise 7c\(i\): "):
+        check_release(release)
+    with pytest.raises(NotImplementedError, match=r"^Exercise 7c\(ii\): "):
+        check_max_staleness(max_staleness)
+
+
+@pytest.mark.parametrize("mistake", RELEASE_MISTAKES, ids=[m.name for m in RELEASE_MISTAKES])
+def test_every_wrong_rule_is_named_on_the_constructed_states(mistake):
+    message = assert_rejected(check_release, (release_variant(mistake),), literal_parts(mistake.says), run=False)
+    assert "is wrong on constructed states: " in message and "expected to release" in message
+    for other in RELEASE_MISTAKES:       # its own words, not another row's
+        if other is not mistake:
+            assert not all(part in message for part in literal_parts(other.says)), other.name
+
+
+@pytest.mark.parametrize("name", ["finished workers too", "only the pull that arrived"])
+def test_a_rule_that_deadlocks_a_real_run_is_named_by_the_servers_timeout(name):
+    # without the constructed states, the real run itself: worker 2 finishes after 3 steps (the minimum over
+    # every worker then never moves again), or workers held back are never looked at again. The server's
+    # timeout stops the run, and the recorded calls name the mistake.
+    mistake = next(m for m in RELEASE_MISTAKES if m.name == name)
+    expected = ["deadlocked in a real run (W = 3 workers on one server, τ = 1", "stopped the run. Its last call was",
+                "The first call where it differs from labkit's rule: the server's call"] + literal_parts(mistake.says)
+    assert_rejected(check_release, (release_variant(mistake),), expected, states=())
+
+
+def test_the_rule_tables_name_different_mistakes():
+    answers = [_answers(release_variant(m)) for m in RELEASE_MISTAKES]
+    assert all(a != _answers(ssp_release) for a in answers)
+    assert len({repr(a) for a in answers}) == len(answers)
+    bounds = [[m.variant(W, tau) for W, tau in BOUND_SIZES] for m in BOUND_MISTAKES]
+    assert len({repr(b) for b in bounds}) == len(bounds)
+
+
+@pytest.mark.parametrize("fn,expected", [
+    (lambda waiting, clock, active, tau, message: None, ["returned None: return a list of the waiting workers"]),
+    (lambda waiting, clock, active, tau, message: [0, 1, 2], ["returned worker 0, which has no pull waiting"]),
+    (lambda waiting, clock, active, tau, message: list(waiting),
+     ["a fast worker two steps ahead", "expected to release [], got [1]", "more than τ = 1: it must wait"]),
+    (lambda waiting, clock, active, tau, message: [w for w in waiting if clock[w] - min(clock) <= tau] if tau else [],
+     ["τ = 0, the last push of the step", "expected to release [0, 1], got []", "wait needlessly"]),
+    (lambda waiting, clock, active, tau, message:       # compared with the others only: alone, with nobody
+     [w for w in waiting if clock[w] - min((clock[v] for v in active if v != w), default=clock[w] - tau - 1) <= tau],
+     ["one worker left", "expected to release [1], got []", "nobody can push any more, the run deadlocks"]),
+], ids=["none", "not waiting", "async", "tau 0 never", "alone never"])
+def test_other_wrong_rules_are_explained(fn, expected):
+    fn.__name__ = "release"
+    assert_rejected(check_release, (fn,), expected, run=False)
+
+
+@pytest.mark.parametrize("mistake", BOUND_MISTAKES, ids=[m.name for m in BOUND_MISTAKES])
+def test_every_wrong_bound_is_named_with_the_order_that_reaches_the_largest(mistake):
+    def max_staleness(W, tau):
+        return mistake.variant(W, tau)
+    assert_rejected(check_max_staleness, (max_staleness,),
+                    ["max_staleness(", "labkit's server reaches", "when the clocks were"] + literal_parts(mistake.says))
+
+
+def test_the_search_is_the_bound_and_its_witness_is_an_order_of_messages():
+    for (W, tau), steps in (((2, 1), 6), ((3, 0), 4), ((3, 1), 5)):
+        assert largest_staleness(W, tau, steps)[0] == largest_staleness(W, tau)[0]   # more steps: no more
+    stale, (w, step, pulled, pushed) = largest_staleness(3, 1)
+    assert stale == sum(pushed) - sum(pulled) and pulled[w] == pushed[w] == step
+    assert all(pulled[w] - pulled[v] <= 1 for v in range(3))     # its pull was admitted by labkit's rule
+    def max_staleness(W, tau):
+        return float((W - 1) * (2 * tau + 1))
+    with pytest.raises(CheckFailed, match=r"max_staleness\(2, 0\) returned a float \(1.0\): a staleness is a number"):
+        check_max_staleness(max_staleness, sizes=((2, 0),))

@@ -15,7 +15,9 @@ import labkit
 from labkit.models import GPT, GPTConfig
 from labkit.tensor_parallel import (ColumnParallelLinear, ParallelMLP, RowParallelLinear, copy_to_tensor_parallel,
                                     count_communication, gather_from_tensor_parallel, reduce_from_tensor_parallel)
-from labkit.tensor_parallel_gpt import ParallelBlock, ParallelSelfAttention, grid_groups, shard_like, tensor_parallel_gpt
+from labkit.ring import chunk_bounds
+from labkit.tensor_parallel_gpt import (ParallelBlock, ParallelSelfAttention, VocabParallelEmbedding, grid_groups,
+                                        shard_like, tensor_parallel_gpt)
 
 TOL = 1e-12
 VOCAB, B, T = 13, 4, 16
@@ -174,6 +176,32 @@ def check_gpt(errors, info):
         errors[f"sgd: {name}"] = diff(p.detach(), expected[name].detach())
 
 
+def check_embedding(errors, info):
+    """VocabParallelEmbedding against nn.Embedding, V = 10 and 11 (uneven on 3 and 4, on 2 too for 11): every
+    token id once, in every shard, some twice (their rows' gradients add up); the forward on every rank, and each
+    rank's rows of the gradient."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    for V in (10, 11):
+        torch.manual_seed(V)
+        dense = nn.Embedding(V, 5).double()
+        parallel = VocabParallelEmbedding(dense)
+        info[f"embedding {V} rows"] = (parallel.start, parallel.end, tuple(parallel.weight.shape))
+        idx = torch.cat([torch.randperm(V, generator=torch.Generator().manual_seed(V)), torch.tensor([0, V - 1, 3])])
+        idx = idx.view(1, -1).repeat(2, 1)
+        dy = randn(*idx.shape, 5, seed=V)
+        dense(idx).backward(dy)
+        with count_communication() as log:
+            y = parallel(idx)
+            y.backward(dy)
+        info[f"embedding {V} log"] = [(c.op, c.phase, c.numel) for c in log]
+        errors[f"embedding {V}: forward"] = diff(y.detach(), dense(idx).detach())
+        errors[f"embedding {V}: grad of rank {rank}'s rows"] = diff(parallel.weight.grad,
+                                                                    dense.weight.grad[parallel.start:parallel.end])
+        errors[f"embedding {V}: shard"] = diff(parallel.weight.detach(), parallel.shard(dense.weight).detach())
+        if n == 1:
+            errors[f"embedding {V}: shard_like"] = diff(shard_like(parallel, grads(dense))["weight"], dense.weight.grad)
+
+
 def check_errors():
     """Dimensions that do not divide: a ValueError naming the dimension, raised before any collective."""
     n = dist.get_world_size()
@@ -227,6 +255,7 @@ def all_checks():
         check_linear(errors, "column", bias, parts=3)
         check_linear(errors, "row", bias)
     check_gpt(errors, info)
+    check_embedding(errors, info)
     info["errors"] = check_errors() if dist.get_world_size() > 1 else []
     if dist.get_world_size() == 4:
         check_dp_tp(errors, info)
@@ -252,6 +281,13 @@ def test_tensor_parallel_equals_dense(world_size):
             assert [(c.op, c.collective, c.phase, c.numel, c.nbytes) for c in log] == (
                 [("g", "all_reduce", "forward", numel, 8 * numel)] * 2 * cfg.n_layer
                 + [("f", "all_reduce", "backward", numel, 8 * numel)] * 2 * cfg.n_layer)
+
+        # the embedding: rank r holds chunk_bounds' rows; one all-reduce (g) in forward, of B·T·d, none backward
+        for V in (10, 11):
+            start, end = chunk_bounds(V, world_size)[rank]
+            assert info[f"embedding {V} rows"] == (start, end, (end - start, 5))
+            numel = 2 * (V + 3) * 5
+            assert info[f"embedding {V} log"] == ([("g", "forward", numel)] if world_size > 1 else [])
 
         if world_size > 1:
             column, row, gathered_parts, heads = info["errors"]
@@ -283,3 +319,7 @@ def test_without_a_process_group_the_layers_are_the_dense_ones():
     assert torch.equal(row.weight, reference.weight) and torch.equal(row.bias, reference.bias)
     with pytest.raises(TypeError, match="ColumnParallelLinear cuts a dense nn.Linear, got Conv1d"):
         ColumnParallelLinear(nn.Conv1d(3, 4, 1))
+    embedding = nn.Embedding(11, 3)
+    assert torch.equal(VocabParallelEmbedding(embedding).weight, embedding.weight)
+    idx = torch.tensor([[0, 10, 4]])
+    assert torch.equal(VocabParallelEmbedding(embedding)(idx), embedding(idx))

@@ -2,6 +2,7 @@
 
     check_average_gradients(average_gradients)   # 1a: runs it on 1, 2, 3 and 4 processes
     check_shard_indices(shard_indices)           # 1b: a pure function, checked in this process
+    check_average_gradients_uneven(average_gradients_uneven)   # 1c: a design task, against one process
 
 Each prints one ``✓`` line when the code is right and raises :class:`labkit.checks.CheckFailed`
 naming the mistake when it is not. How the diagnosis works is written next to each check: the
@@ -14,15 +15,19 @@ from __future__ import annotations
 import math
 import operator
 from collections import Counter
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from labkit.checks import (CheckFailed, call_repr, describe, expected_got, fail, first_mismatch, fmt_index, fmt_list,
-                           fmt_number, passed, run_on_ranks)
-from labkit.checks.harness import close
+                           fmt_number, fmt_pair, passed, run_on_ranks, time_limit)
+from labkit.checks.harness import (Board, Mistake, Watch, board_dir, bound, close, element_text, everyone, factor,
+                                   find_mistake, keep, need_function)
+from labkit.data_parallel import LinearRegression, make_linear_data, weighted_average_gradients
 
-__all__ = ["check_average_gradients", "check_shard_indices"]
+__all__ = ["check_average_gradients", "check_shard_indices", "check_average_gradients_uneven", "UNEVEN_CASES",
+           "UNEVEN_MISTAKES", "ZERO_RANK_MISTAKES", "Weighting"]
 
 _RTOL, _ATOL = 1e-9, 1e-12
 
@@ -619,3 +624,275 @@ def check_shard_indices(student_fn, *, num_samples=_NUM_SAMPLES, world_sizes=_WO
     passed(f"{name} is correct: {cases} cases (num_samples {min(num_samples)} to {max(num_samples)}, world sizes "
            f"{min(world_sizes)} to {max(world_sizes)}, epochs {min(epochs)} to {max(epochs)}) give disjoint, "
            f"complete, balanced shards, reshuffled every epoch")
+
+
+# ============================================================================================
+# 1c. Design: the average when the ranks hold different numbers of samples
+# ============================================================================================
+# The task: average_gradients_uneven(model, local_count). Rank r's p.grad holds the gradient of the mean loss over
+# its own b_r = local_count samples (b_r may be 0: an empty batch's backward leaves p.grad = 0); afterwards every
+# rank's p.grad must be the gradient of the mean loss over all B = Σ b_r samples. Checked on real processes against
+# one process on the whole batch, not against a formula: any communication that gives it passes. The known wrong
+# versions are small changes of labkit.data_parallel.weighted_average_gradients (send b_r·g_r, all-reduce, divide by
+# the all-reduced B): each row says what rank r sends and what it divides the sum by, and the checker computes what
+# that gives on every rank from the ranks' local gradients. The mistakes of a rank with no samples show as a
+# symptom instead: a skipped collective (the others wait: the Watch names it) or a division by its count (raised).
+
+UNEVEN_CASES = ((5, 2, 0), (0, 3, 1), (3, 3, 3), (7, 1), (2, 2))   # each rank's local count; len = world size
+_FEATURES = 3
+_START_W, _START_B = (0.5, -0.25, 1.0), 0.25     # common weights, not the optimum: every gradient is nonzero
+_UNEVEN_OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce", "broadcast", "reduce_scatter",
+               "reduce_scatter_tensor", "barrier", "send", "recv", "isend", "irecv")
+
+
+class Weighting(NamedTuple):
+    """A wrong version as a change of labkit's ``weighted_average_gradients``: rank r all-reduces (sums)
+    ``weight(b_r)``·g_r and divides the sum by ``divisor(B, N, b_r)`` (labkit's: b_r and B)."""
+    weight: Callable[[int], float]
+    divisor: Callable[[int, int, int], float]
+
+
+_NO_ONE_KNOWS = "which no rank knows alone"
+
+# Tried in order where some rank's gradient is wrong; a row matches when it gives every rank's gradient (its inf and
+# nan included). Texts formatted with head, where (the first wrong element), N, B, zero (what a rank without samples
+# got, or ""), and for the plain mean big, small (two ranks' counts) and their per-sample weights nb_big, nb_small.
+UNEVEN_MISTAKES = (
+    Mistake("the plain mean", Weighting(lambda b: 1, lambda B, N, b: N),
+            "{head}: this is the plain mean of the ranks' gradients, (1/N) Σ g_r, as in 1a ({where}). It is one "
+            "process's gradient only when every rank holds the same number of samples: here each sample of rank "
+            "{big} counts 1/{nb_big} in your average and each sample of rank {small} 1/{nb_small}, while one process "
+            "on the whole batch counts every sample 1/B = 1/{B}."),
+    Mistake("divided by N", Weighting(lambda b: b, lambda B, N, b: N),
+            "{head}: on every rank your gradient is B/N = {B}/{N} times one process's ({where}): you divided "
+            "Σ b_r g_r by the number of ranks, N = {N}. Σ b_r g_r is the gradient of the loss summed over all "
+            "B = {B} samples; the mean loss of the whole batch is that sum divided by the number of samples."),
+    Mistake("weighted, then averaged", Weighting(lambda b: b, lambda B, N, b: N * B),
+            "{head}: on every rank your gradient is 1/N = 1/{N} of one process's ({where}): after the weights b_r/B "
+            "the sum is already the whole batch's mean, and dividing by N once more (1a's mean of the weighted "
+            "gradients, or ReduceOp.AVG) counts every sample 1/(N·B) instead of 1/B."),
+    Mistake("divided by N·b_r", Weighting(lambda b: b, lambda B, N, b: N * b),
+            "{head}: the ranks end with different gradients ({where}): each rank divided Σ b_r g_r by N·b_r, as if "
+            "every rank held as many samples as itself. That is the number of samples B only when the counts are "
+            "equal; here B = {B}, " + _NO_ONE_KNOWS + ": the ranks must tell each other their counts.{zero}"),
+    Mistake("divided by the local count", Weighting(lambda b: b, lambda B, N, b: b),
+            "{head}: the ranks end with different gradients ({where}): each rank divided Σ b_r g_r by its own count "
+            "b_r, not by the number of samples of the whole batch, B = {B}, " + _NO_ONE_KNOWS + ".{zero}"),
+    Mistake("not divided", Weighting(lambda b: b, lambda B, N, b: 1),
+            "{head}: on every rank your gradient is B = {B} times one process's ({where}): Σ b_r g_r is the gradient "
+            "of the loss summed over the samples; one process differentiates their mean loss, the sum divided by "
+            "its B samples."),
+)
+
+# A rank with no samples: what it did wrong shows as a symptom, named where it shows (the variant: a short
+# description for the tests' table; the wrong versions themselves are in tests/test_checks_ex01.py).
+ZERO_RANK_MISTAKES = (
+    Mistake("skips the collectives", "returns early when local_count == 0",
+            "→ {rank} holds no samples (local_count = 0) and went on without the collectives the others wait in: "
+            "a rank with nothing to add is still one of the N ranks, it must make every call the others make (its "
+            "contribution is zero), and it takes the same step, so it needs the result too."),
+    Mistake("divides by its zero count", "divides by local_count in Python numbers",
+            "{head}: rank {rank} holds no samples (local_count = 0) and your function divided by its count: "
+            "{error}. A rank with no samples has no mean of its own to rescale, but its share of the whole batch's "
+            "gradient is simply zero: compute it without dividing by b_r, and make the same collectives as the "
+            "others."),
+)
+
+
+def _counts(counts) -> str:
+    return "(" + ", ".join(str(b) for b in counts) + ")"
+
+
+def _uneven_head(name: str, counts) -> str:
+    N = len(counts)
+    return f"{name} on {N} process{'es' if N > 1 else ''} with local counts {_counts(counts)} (B = {sum(counts)})"
+
+
+def _uneven_data(index: int, counts) -> tuple[torch.Tensor, torch.Tensor]:
+    X, y, _, _ = make_linear_data(sum(counts), _FEATURES, seed=10 + index, dtype=torch.float64)
+    return X, y
+
+
+def _uneven_model(X: torch.Tensor, y: torch.Tensor, counts, rank: int | None) -> LinearRegression:
+    """The common model after the backward of rank ``rank``'s mean loss (its rows of X, maybe none), or of the
+    whole batch's (``rank`` None: one process)."""
+    model = LinearRegression(_FEATURES, dtype=torch.float64)
+    with torch.no_grad():
+        model.w.copy_(torch.tensor(_START_W, dtype=torch.float64))
+        model.b.fill_(_START_B)
+    rows = slice(None) if rank is None else slice(sum(counts[:rank]), sum(counts[:rank + 1]))
+    model.loss(X[rows], y[rows]).backward()     # an empty batch: the loss is nan, p.grad is 0
+    return model
+
+
+def _grads(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+class _UnevenWatch(Watch):
+    """Names a rank without samples that went on without the others' collectives."""
+    counts: tuple = ()
+
+    def stuck_hints(self, states: dict[int, dict]) -> list[str]:
+        hints = super().stuck_hints(states)
+        says = ZERO_RANK_MISTAKES[0].says
+        return hints + [says.format(rank=self.rank_name(r)) for r, s in sorted(states.items())
+                        if s["state"] in ("returned", "checking") and self.counts[r] == 0]
+
+
+def _uneven_worker(student_fn, cases: list, name: str, timeout: float, board_path: str) -> list[dict]:
+    """On each rank, for each (index, counts): the model after this rank's backward, the student's function, what
+    it left (the gradients, changed weights, the calls made); the ranks meet after each call."""
+    rank, N = dist.get_rank(), dist.get_world_size()
+    watch = _UnevenWatch(_UNEVEN_OPS, deadline=0.5 * timeout, board=Board(board_path, rank, N), comm_too=True,
+                         hint_checking=True)
+    records = []
+    for index, counts in cases:
+        X, y = _uneven_data(index, counts)
+        model = _uneven_model(X, y, counts, rank)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        watch.counts, watch.phase = counts, f"the call with local counts {_counts(counts)}"
+        start = len(watch.calls)
+        seconds = 0.6 * timeout
+        watch.running()
+        try:
+            with watch.installed(), time_limit(seconds, f"{name}(model, {counts[rank]}) did not return within "
+                                                        f"{seconds:g} s on rank {rank}: an endless loop?"):
+                student_fn(model, counts[rank])
+        except ZeroDivisionError as err:
+            if counts[rank]:
+                raise
+            raise CheckFailed(ZERO_RANK_MISTAKES[1].says.format(
+                head=_uneven_head(name, counts), rank=rank, error=f"ZeroDivisionError ({err})")) from err
+        watch.returned()
+        records.append(dict(
+            grads={n: keep(p.grad) for n, p in model.named_parameters()},
+            changed=[n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])],
+            calls=[c.op for c in watch.calls[start:]]))
+        watch.checking()
+        everyone(None, watch)   # every rank made as many calls (else named), before the next case pairs with them
+    return records
+
+
+def _same(want: torch.Tensor, got) -> bool:
+    """Equal within the tolerances, with the same nan and the same infinities (a division by zero)."""
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return False
+    w, g = want.to(torch.float64), got.detach().to(torch.float64)
+    inf = torch.isinf(w)
+    if not (torch.equal(torch.isnan(w), torch.isnan(g)) and torch.equal(inf, torch.isinf(g))
+            and torch.equal(w[inf], g[inf])):
+        return False
+    finite = torch.isfinite(w)
+    return close(w[finite], g[finite], _RTOL, _ATOL)
+
+
+def _weighted(local: list[dict], counts, rank: int, row: Weighting) -> dict:
+    """What rank ``rank`` holds after a :class:`Weighting`: Σ_s weight(b_s) g_s / divisor(B, N, b_rank), with IEEE's
+    inf and nan where the divisor is 0 (as ``p.grad /= 0`` gives)."""
+    N, B = len(counts), sum(counts)
+    divisor = torch.tensor(float(row.divisor(B, N, counts[rank])), dtype=torch.float64)
+    return {n: sum(row.weight(b) * g[n] for b, g in zip(counts, local)) / divisor for n in local[0]}
+
+
+def _not_finite(got) -> str:
+    kinds = [k for k, test in (("inf", torch.isinf), ("nan", torch.isnan))
+             if isinstance(got, torch.Tensor) and got.is_floating_point() and bool(test(got).any())]
+    return " and ".join(kinds)
+
+
+def _diagnose_uneven(name: str, index: int, counts, records: list[dict]) -> tuple[str | None, float]:
+    """(None, the largest relative difference) when every rank holds one process's gradient; else (the mistake, 0)."""
+    N, B = len(counts), sum(counts)
+    head = _uneven_head(name, counts)
+    X, y = _uneven_data(index, counts)
+    want = _grads(_uneven_model(X, y, counts, None))
+    names = list(want)
+    got = [rec["grads"] for rec in records]
+    for r in range(N):
+        for n in names:
+            g = got[r][n]
+            if g is None:
+                return (f"{head}: on rank {r} parameter {n!r} has no gradient after your function (p.grad is None): "
+                        f"every rank must end with the whole batch's gradient in p.grad, the ranks without samples "
+                        f"too (they take the same step)."), 0.0
+            if not isinstance(g, torch.Tensor) or g.shape != want[n].shape:
+                return (f"{head}: {element_text(f'on rank {r}, p.grad of {n!r}', want[n], g)}: p.grad must keep "
+                        f"its parameter's shape."), 0.0
+            if g.dtype != want[n].dtype:
+                return (f"{head}: on rank {r}, p.grad of {n!r} has dtype {g.dtype}: keep the gradient's own dtype, "
+                        f"torch.float64 (the check compares 12 digits)."), 0.0
+        if records[r]["changed"]:
+            return (f"{head}: on rank {r} your function changed the parameter(s) {_names(records[r]['changed'])} "
+                    f"themselves, not only their .grad: set p.grad and leave the step to the optimizer."), 0.0
+    wrong = [(r, n) for r in range(N) for n in names if not _same(want[n], got[r][n])]
+    if not wrong:
+        worst = max(((want[n] - got[r][n]).abs().max() / want[n].abs().max()).item()
+                    for r in range(N) for n in names)
+        return None, worst
+    r, n = wrong[0]
+    index, e, g = first_mismatch(want[n], got[r][n], _RTOL, _ATOL)
+    e, g = fmt_pair(e, g)
+    where = f"rank {r}, parameter {n}{fmt_index(index) if index else ''}: one process on the whole batch gives {e}, " \
+        f"yours {g}"
+    zero = " ".join(f"Rank {z}, which holds no samples, divided by 0: its p.grad holds {_not_finite(got[z][m])}."
+                    for z in range(N) if counts[z] == 0
+                    for m in names[:1] if _not_finite(got[z][m]))
+    zero = " " + zero if zero else ""
+    local = [_grads(_uneven_model(X, y, counts, s)) for s in range(N)]
+    mistake = find_mistake(UNEVEN_MISTAKES, lambda row: all(
+        _same(_weighted(local, counts, s, row.variant)[m], got[s][m]) for s in range(N) for m in names))
+    if mistake is not None:
+        with_samples = sorted((b, s) for s, b in enumerate(counts) if b)
+        (b_small, small), (b_big, big) = with_samples[0], with_samples[-1]
+        return mistake.says.format(head=head, where=where, N=N, B=B, zero=zero, big=big, small=small,
+                                   nb_big=N * b_big, nb_small=N * b_small), 0.0
+    for m in names:      # the ranks disagree: they would take different steps
+        stacked = torch.stack([got[s][m].to(torch.float64).reshape(-1) for s in range(N)])
+        if not all(_same(stacked[0], stacked[s]) for s in range(1, N)):
+            s = next(s for s in range(1, N) if not _same(stacked[0], stacked[s]))
+            index, a, b = first_mismatch(got[0][m], got[s][m], _RTOL, _ATOL) or ((), math.nan, math.nan)
+            a, b = fmt_pair(a, b)
+            return (f"{head}: the ranks end with different gradients (parameter {m!r}, element {fmt_index(index)}: "
+                    f"rank 0 has {a}, rank {s} has {b}, one process {fmt_number(want[m][index].item(), 9)}). Every "
+                    f"rank must end with the same gradient, the whole batch's: they all take the same step, or the "
+                    f"replicas drift apart.{zero}"), 0.0
+    c = factor(want[n], got[r][n])
+    scaled = f" On every rank your gradient is {fmt_number(c)} times one process's." if c is not None and all(
+        _same(c * want[m], got[s][m]) for s in range(N) for m in names) else ""
+    return f"{head}: {where}.{scaled}{zero}", 0.0
+
+
+def check_average_gradients_uneven(student_fn, *, cases=UNEVEN_CASES, timeout: float = 5.0) -> None:
+    """Check exercise 1c: ``student_fn(model, local_count)``, called on every rank after the backward of the mean
+    loss over its own ``local_count`` samples (maybe 0), leaves in every rank's ``p.grad`` the gradient of the mean
+    loss over all the ranks' samples: one process's on the whole batch.
+
+    Each tuple of ``cases`` is one call on ``len(tuple)`` processes (``LinearRegression``, float64, common
+    weights; rank r holds the next ``tuple[r]`` rows of the data). Every rank's gradient is compared with one
+    process's; a wrong one is matched against :data:`UNEVEN_MISTAKES`; a rank without samples that skips a collective
+    is named after ``timeout / 2`` seconds, one that divides by its count when it raises."""
+    __tracebackhide__ = True
+    name = need_function(student_fn, "check_average_gradients_uneven")
+    if student_fn is weighted_average_gradients:
+        fail("this is labkit's own weighted_average_gradients (lesson 1): write your own")
+    worlds: dict[int, list] = {}
+    for index, counts in enumerate(cases):
+        worlds.setdefault(len(counts), []).append((index, tuple(counts)))
+    worst, calls = 0.0, set()
+    for N, indexed in worlds.items():
+        with board_dir() as path:
+            per_rank = run_on_ranks(_uneven_worker, student_fn, indexed, name, timeout, path, world_size=N,
+                                    timeout=timeout, name=name, task="1c", device="cpu")
+        for k, (index, counts) in enumerate(indexed):
+            problem, w = _diagnose_uneven(name, index, counts, [per_rank[r][k] for r in range(N)])
+            if problem:
+                fail(problem)
+            worst = max(worst, w)
+            calls |= {len(per_rank[r][k]["calls"]) for r in range(N)}
+    shown = "; ".join(f"{N} processes with " + ", ".join(_counts(c) for _, c in indexed)
+                      for N, indexed in worlds.items())
+    most = max(calls)
+    how = "one, the fewest" if most == 1 else f"{most}; one is enough: can everything travel in the same buffer?"
+    passed(f"{name} gives every rank the whole batch's gradient ({shown}; a rank with 0 samples included): one "
+           f"process's within {bound(worst, -12)}. Collective calls per call: {how}")

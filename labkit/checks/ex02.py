@@ -3,6 +3,7 @@
     check_reduce_scatter_phase(reduce_scatter_phase)               # 2a, round by round
     check_all_gather_phase(all_gather_phase)                       # 2b, round by round
     check_ring_all_reduce(reduce_scatter_phase, all_gather_phase)  # both inside ring_all_reduce, vs dist.all_reduce
+    check_left_ring_rounds(left_ring_rounds)                       # 2c, the design task: the ring to the left
 
 Each prints one ``✓`` line when the code is right and raises :class:`labkit.checks.CheckFailed` naming
 N, M, the round, the rank and the chunk, expected versus got, when it is not.
@@ -24,11 +25,17 @@ chunk is explained from what the round moved: a rank's own contribution gone (ov
 add), ranks counted twice (add instead of overwrite), the received chunk stored in the wrong place, a
 chunk replaced in the list instead of changed in place. The all-gather is checked on its own: it
 starts from what labkit's own reduce-scatter leaves.
+
+2c is a design task, checked by behaviour (the end of this file): the student's rounds of the ring to the left
+are replayed by :func:`labkit.ring.simulate` (any rounds pass that leave every chunk complete on every rank and
+never count a rank twice), then run for real as the left-going half of
+:func:`labkit.collectives.bidirectional_ring_all_reduce`. Known wrong versions: ``LEFT_RING_MISTAKES``.
 """
 
 from __future__ import annotations
 
 import operator
+import types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,16 +43,16 @@ import torch
 import torch.distributed as dist
 
 from labkit import comm
-from labkit.checks import (CheckFailed, fail, first_mismatch, fmt_index, fmt_pair, passed, run_on_ranks, time_limit,
-                           time_limit_paused)
-from labkit.checks.harness import plural
-from labkit.collectives import decode_contributions, provenance_input, ring_all_reduce
+from labkit.checks import (CheckFailed, describe, fail, first_mismatch, fmt_index, fmt_pair, passed, run_on_ranks,
+                           time_limit, time_limit_paused)
+from labkit.checks.harness import Mistake, call_student, find_mistake, need_function, plural
+from labkit.collectives import bidirectional_ring_all_reduce, decode_contributions, provenance_input, ring_all_reduce
 from labkit.collectives import reduce_scatter_phase as _reference_reduce_scatter
-from labkit.ring import (ALL_GATHER, REDUCE_SCATTER, all_gather_rounds, all_reduce_rounds, chunk_bounds,
-                         chunk_sizes, reduce_scatter_rounds, simulate)
+from labkit.ring import (ALL_GATHER, REDUCE_SCATTER, Round, Transfer, all_gather_rounds, all_reduce_rounds,
+                         chunk_bounds, chunk_sizes, reduce_scatter_rounds, simulate)
 
 __all__ = ["check_reduce_scatter_phase", "check_all_gather_phase", "check_ring_all_reduce", "compare_with_simulation",
-           "WORLD_SIZES"]
+           "check_left_ring_rounds", "LEFT_RING_MISTAKES", "WORLD_SIZES"]
 
 # 3 first: the smallest ring in which the left and the right neighbour differ (so the first failure
 # reported is the most readable one); 2 is the degenerate ring, 4 and 5 catch what only shows later.
@@ -581,3 +588,323 @@ def compare_with_simulation(traces: list) -> None:
                          f"simulation above has {_set_text(want)}" + _state_hint(
                              phase, N, rnd.index + 1, rank, c, got, states[start:start + N], seen))
     print("every round is the simulation above")
+
+
+# ============================================================================================
+# 2c. The ring to the left, and the bidirectional ring: a design task, checked by behaviour
+# ============================================================================================
+# The task: left_ring_rounds(N) returns the 2(N-1) rounds (labkit.ring.Round) of an all-reduce in which rank i
+# sends only to its left neighbour (i-1) mod N. Checked by simulation, not against a formula: any rounds pass whose
+# labkit.ring.simulate ends with every chunk complete on every rank, no rank ever counted twice, on N = 1 .. 8.
+# Then they run for real as the left-going half of labkit.collectives.bidirectional_ring_all_reduce (labkit's ring
+# to the right carries the other half), against dist.all_reduce. labkit's answer: all_reduce_rounds(N, direction=-1).
+
+LEFT_SIZES = (3, 2, 4, 5, 1, 6, 7, 8)  # simulated; 3 first: the smallest ring in which left and right differ
+LEFT_RUN_SIZES = (3, 2, 4, 5, 1)       # run for real
+_SECONDS = 2.0                         # for one call of the student's (pure) function
+
+
+def _left_cases(world_size: int) -> tuple:
+    """(shape, op) run for real: halves whose chunks are uneven, fewer elements than 2N, a 2-D tensor with max."""
+    return (((4 * world_size + 3,), "sum"), ((world_size + 1,), "sum"), ((3, 5), "max"))
+
+
+def _redirected(rounds: list, step: int) -> list:
+    """The same rounds, every transfer sent to (sender + step) mod N instead: the chunks unchanged."""
+    n = len(rounds[0].transfers) if rounds else 1
+    return [Round(r.phase, r.index, tuple(Transfer(t.sender, (t.sender + step) % n, t.chunk) for t in r.transfers))
+            for r in rounds]
+
+
+def _masked(n: int) -> list:
+    """labkit's rounds to the left with ``& (N - 1)`` in place of ``mod N`` (the same numbers when N is a power of 2)."""
+    return [Round(r.phase, r.index, tuple(Transfer(i, (i - 1) & (n - 1), (i + r.index - (r.phase == ALL_GATHER))
+                                                   & (n - 1)) for i in range(n)))
+            for r in all_reduce_rounds(n, direction=-1)]
+
+
+_LEFT_PHASES = ("On the left ring rank i receives from its right neighbour (i+1) mod N, so the chunk indices "
+                "must run the other way too.")
+
+# Known wrong versions, small changes of labkit's answer (all_reduce_rounds(N, direction=-1)); the student's rounds
+# are compared with each at the first N where they fail. ``says``: the diagnosis {problem}, then the mistake named.
+LEFT_RING_MISTAKES = (
+    Mistake("the ring of 2a and 2b unchanged", lambda n: all_reduce_rounds(n),
+            "{problem} These are the rounds of 2a and 2b unchanged. The task is the ring in the other direction, "
+            "where rank i sends only to rank (i-1) mod N. " + _LEFT_PHASES),
+    Mistake("the sign of j flipped", lambda n: _redirected(all_reduce_rounds(n), -1),
+            "{problem} Your rounds send to the left but keep the chunk indices of 2a and 2b, (i-j) mod N and (i+1-j) "
+            "mod N: the sign of j is that of the ring to the right. " + _LEFT_PHASES),
+    Mistake("the all-gather starts one chunk off",
+            lambda n: reduce_scatter_rounds(n, direction=-1) + all_gather_rounds(n, shift=0, direction=-1),
+            "{problem} Your reduce-scatter is right, but the all-gather starts one chunk off: in its round 0 every "
+            "rank must send the chunk that the reduce-scatter completed on it (simulate(N, rounds)[N-1] shows which)."),
+    Mistake("2b's +1 kept in the all-gather",
+            lambda n: reduce_scatter_rounds(n, direction=-1) + all_gather_rounds(n, shift=-1, direction=-1),
+            "{problem} Your reduce-scatter is right, but the all-gather starts from chunk (i+1) mod N, as 2b does: on "
+            "the ring to the left the reduce-scatter leaves rank i another chunk complete (simulate(N, rounds)[N-1] "
+            "shows which)."),
+    Mistake("N-2 rounds per phase",
+            lambda n: reduce_scatter_rounds(n, direction=-1)[:-1] + all_gather_rounds(n, direction=-1)[:-1],
+            "{problem} Each phase has N-2 rounds, one too few: in the reduce-scatter a chunk must visit all N ranks, "
+            "N-1 hops, and in the all-gather a complete chunk must reach the N-1 other ranks."),
+    Mistake("right only for powers of two", _masked,
+            "{problem} Your rounds are right only when N is a power of two: x & (N-1) equals x mod N only then. "
+            "Take indices with % world_size."),
+)
+
+
+def _canonical(rounds) -> list | None:
+    """Rounds as plain tuples (a list of transfers compares equal to a tuple of them), or None if not rounds."""
+    if not isinstance(rounds, (list, tuple)) or not all(isinstance(r, Round) for r in rounds):
+        return None
+    try:
+        return [(r.phase, r.index, tuple(r.transfers)) for r in rounds]
+    except TypeError:
+        return None
+
+
+def _as_int(x) -> int | None:
+    if isinstance(x, bool):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
+def _left_structure(N: int, result, head: str) -> tuple[str | None, list]:
+    """(what is wrong with the rounds' form, or None; the rounds with plain ints and tuples)."""
+    n_rounds = f"2(N-1) = {_rounds_text(2 * (N - 1))} (N-1 reduce-scatter rounds, then N-1 all-gather rounds)"
+    if not isinstance(result, (list, tuple)):
+        what = "a generator" if isinstance(result, types.GeneratorType) else describe(result)
+        return f"{head} returned {what}: return a list of labkit.ring.Round, the {n_rounds}.", []
+    rounds = []
+    for k, rnd in enumerate(result):
+        if not isinstance(rnd, Round):
+            return (f"{head}: item {k} of your list is {describe(rnd)}, not a labkit.ring.Round: make each round "
+                    f"with Round(phase, j, transfers)."), []
+        where = f"{head}: item {k} ({rnd.phase} round {rnd.index})"
+        if rnd.phase not in (REDUCE_SCATTER, ALL_GATHER):
+            return (f"{head}: item {k} has phase {rnd.phase!r}: a round's phase is {REDUCE_SCATTER!r} (the receiver "
+                    f"adds) or {ALL_GATHER!r} (the receiver overwrites)."), []
+        if _as_int(rnd.index) is None:
+            return f"{where}: its index is {describe(rnd.index)}, not an int: the round's number j within its phase.", []
+        if not isinstance(rnd.transfers, (list, tuple)) or len(rnd.transfers) != N:
+            got = (f"{len(rnd.transfers)} transfers" if isinstance(rnd.transfers, (list, tuple))
+                   else f"transfers that are {describe(rnd.transfers)}")
+            return (f"{where} has {got} for N = {N} ranks: one Transfer per rank, every rank sends one chunk in "
+                    f"every round."), []
+        transfers = []
+        for i, t in enumerate(rnd.transfers):
+            if not isinstance(t, Transfer):
+                return (f"{where}: transfers[{i}] is {describe(t)}, not a labkit.ring.Transfer(sender, receiver, "
+                        f"chunk)."), []
+            sender, receiver, chunk = (_as_int(x) for x in (t.sender, t.receiver, t.chunk))
+            if sender is None or receiver is None or chunk is None:
+                return f"{where}: transfers[{i}] is {t}: its sender, receiver and chunk must be ints.", []
+            if sender != i:
+                return (f"{where}: transfers[{i}] is rank {sender}'s; list them by sender: transfers[i] is what rank "
+                        f"i sends (Round.sent_by(i) reads transfers[i])."), []
+            for what, x in (("sends to rank", receiver), ("sends chunk", chunk)):
+                if not 0 <= x < N:
+                    return (f"{where}: rank {i} {what} {x}, but there are N = {N} ({'ranks' if 'rank' in what else 'chunks'} "
+                            f"0 .. {N - 1}): take the index mod N."), []
+            transfers.append(Transfer(sender, receiver, chunk))
+        rounds.append(Round(rnd.phase, int(rnd.index), tuple(transfers)))
+    for k, rnd in enumerate(rounds):  # every rank sends to its left neighbour
+        for t in rnd.transfers:
+            left = (t.sender - 1) % N
+            if t.receiver != left:
+                msg = (f"{head}: {rnd.phase} round {rnd.index} (item {k}): rank {t.sender} sends to rank {t.receiver}, "
+                       f"expected its left neighbour, rank {left} ((i-1) mod N)")
+                if all(u.receiver == (u.sender + 1) % N for r in rounds for u in r.transfers):
+                    msg += ". Every rank sends to its right neighbour (i+1) mod N: that is the ring of 2a and 2b"
+                return msg + ".", rounds
+    phases = [r.phase for r in rounds]
+    if ALL_GATHER in phases and REDUCE_SCATTER in phases[phases.index(ALL_GATHER):]:
+        k = phases.index(REDUCE_SCATTER, phases.index(ALL_GATHER))
+        return (f"{head}: item {k} is a reduce-scatter round after an all-gather round: first the N-1 reduce-scatter "
+                f"rounds, then the N-1 all-gather rounds."), rounds
+    n_rs, n_ag = phases.count(REDUCE_SCATTER), phases.count(ALL_GATHER)
+    if (n_rs, n_ag) != (N - 1, N - 1):
+        msg = (f"{head}: {plural(n_rs, 'reduce-scatter round')} and {plural(n_ag, 'all-gather round')}; the all-reduce "
+               f"takes N-1 = {N - 1} of each, {n_rounds.split(' (')[0]} in all.")
+        if n_rs + n_ag < 2 * (N - 1):
+            final = simulate(N, rounds)[-1]
+            rank, c = next((r, c) for r in range(N) for c in range(N) if final[r][c] != frozenset(range(N)))
+            msg += (f" After your {_rounds_text(len(rounds))} rank {rank}'s chunk {c} holds "
+                    f"{_holds(final[rank][c], N)}, expected {_set_text(range(N))}.")
+        return msg, rounds
+    for k, rnd in enumerate(rounds):
+        j = k if k < N - 1 else k - (N - 1)
+        if rnd.index != j:
+            return (f"{head}: item {k} is {rnd.phase} round {rnd.index}, expected {rnd.phase} round {j}: a round's "
+                    f"index counts the rounds of its phase from 0."), rounds
+    return None, rounds
+
+
+def _holds(ranks, N: int) -> str:
+    """{0, 1} (rank 2 missing)."""
+    missing = sorted(set(range(N)) - set(ranks))
+    return _set_text(ranks) + (f" (rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} missing)"
+                               if missing else "")
+
+
+def _passed_on(phase_rounds: list, N: int) -> str:
+    """The first rank that does not send on, in round j of a phase, the chunk it received in round j-1 (a chunk that is
+    not passed on stops travelling), as a sentence; empty if there is none."""
+    for j in range(1, len(phase_rounds)):
+        for i in range(N):
+            sent, got = phase_rounds[j].sent_by(i), phase_rounds[j - 1].received_by(i)
+            if sent.chunk != got.chunk:
+                return (f" In {phase_rounds[j].phase} round {j} rank {i} sends chunk {sent.chunk}, but the "
+                        f"chunk it received in round {j - 1} (from rank {got.sender}) is chunk {got.chunk}: a chunk "
+                        f"that is not passed on stops travelling round the ring.")
+    return ""
+
+
+def _left_problem(N: int, result, head: str) -> str | None:
+    """What is wrong with ``result`` as the rounds of the ring to the left on N ranks, or None (checked with
+    labkit.ring.simulate: no rank counted twice, every chunk complete on every rank at the end)."""
+    problem, rounds = _left_structure(N, result, head)
+    if problem:
+        return problem
+    everyone = frozenset(range(N))
+    states = simulate(N, rounds)
+    rs, ag = rounds[:N - 1], rounds[N - 1:]
+    for t, rnd in enumerate(rs):  # adding a copy that holds a rank the receiver's copy holds already
+        for tr in rnd.transfers:
+            incoming, own = states[t][tr.sender][tr.chunk], states[t][tr.receiver][tr.chunk]
+            if incoming & own:
+                twice = sorted(incoming & own)
+                return (f"{head}: reduce-scatter round {rnd.index}: rank {tr.sender} sends chunk {tr.chunk}, which "
+                        f"holds {_set_text(incoming)}, to rank {tr.receiver}, whose chunk {tr.chunk} holds "
+                        f"{_set_text(own)} already: adding it counts rank{'s' if len(twice) > 1 else ''} "
+                        f"{', '.join(map(str, twice))} twice." + _passed_on(rs, N))
+    after_rs = states[N - 1]
+    for c in range(N):
+        if not any(after_rs[r][c] == everyone for r in range(N)):
+            best = max(range(N), key=lambda r: len(after_rs[r][c]))
+            firsts = [rnd.sent_by(i).chunk for i in range(N) for rnd in rs[:1]]
+            twice = sorted({x for x in firsts if firsts.count(x) > 1})
+            same = [str(i) for i in range(N) if firsts[i] == twice[0]] if twice else []
+            hint = (f" In reduce-scatter round 0 ranks {_and(same)} {'both' if len(same) == 2 else 'all'} send chunk "
+                    f"{twice[0]}, and no rank sends chunk {min(set(range(N)) - set(firsts))}: each chunk starts its "
+                    f"trip round the ring on one rank." if twice else _passed_on(rs, N))
+            return (f"{head}: after the reduce-scatter's N-1 = {_rounds_text(N - 1)} no rank holds chunk {c} "
+                    f"complete: the most is rank {best}'s, {_holds(after_rs[best][c], N)}, expected "
+                    f"{_set_text(everyone)} on one rank." + hint)
+    final = states[-1]
+    incomplete = next(((r, c) for r in range(N) for c in range(N) if final[r][c] != everyone), None)
+    end = (f" After all {_rounds_text(len(rounds))} rank {incomplete[0]}'s chunk {incomplete[1]} holds "
+           f"{_holds(final[incomplete[0]][incomplete[1]], N)}, expected {_set_text(everyone)}." if incomplete else "")
+    for t, rnd in enumerate(ag, start=N - 1):  # what arrives overwrites: it must be complete
+        for tr in rnd.transfers:
+            sent = states[t][tr.sender][tr.chunk]
+            if sent != everyone:
+                if rnd.index == 0:
+                    own = [c for c in range(N) if after_rs[tr.sender][c] == everyone]
+                    hint = (f" After the reduce-scatter rank {tr.sender} holds chunk {own[0]} complete." if own
+                            else "")
+                else:
+                    hint = _passed_on(ag, N)
+                return (f"{head}: all-gather round {rnd.index}: rank {tr.sender} sends its chunk {tr.chunk} to rank "
+                        f"{tr.receiver}, but that copy is incomplete, {_holds(sent, N)}, and rank {tr.receiver} "
+                        f"overwrites its own copy with it." + hint + end)
+    if incomplete:
+        r, c = incomplete
+        wasted = next(((rnd, tr) for t, rnd in enumerate(ag, start=N - 1) for tr in rnd.transfers
+                       if states[t][tr.receiver][tr.chunk] == everyone), None)
+        hint = (f" In all-gather round {wasted[0].index} rank {wasted[1].sender} sends chunk {wasted[1].chunk} to rank "
+                f"{wasted[1].receiver}, which holds it complete already: that message is wasted."
+                if wasted else "")
+        return f"{head}: after all {_rounds_text(len(rounds))} rank {r}'s chunk {c} holds {_holds(final[r][c], N)}, " \
+               f"expected {_set_text(everyone)}." + hint
+    return None
+
+
+def _bidirectional_worker(left_rounds: list, cases: tuple) -> list:
+    """One rank: the bidirectional ring with the student's rounds on the left-going half, and dist.all_reduce."""
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(300 + rank)
+    out = []
+    for shape, op in cases:
+        x = torch.randn(shape, generator=g, dtype=torch.float64)
+        want = x.clone()
+        comm.all_reduce(want, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        got = bidirectional_ring_all_reduce(x.clone(), op, left_rounds=left_rounds, check=False)
+        out.append((got, want))
+    return out
+
+
+def _run_bidirectional(name: str, N: int, rounds: list, timeout: float) -> None:
+    """Run ``rounds`` as the left-going half of labkit's bidirectional ring on N processes; fail on a difference
+    from dist.all_reduce, naming the rank, the element and which half it is in."""
+    __tracebackhide__ = True
+    cases = _left_cases(N)
+    results = run_on_ranks(_bidirectional_worker, rounds, cases, world_size=N, timeout=timeout, name=name, task="2c")
+    for k, (shape, op) in enumerate(cases):
+        numel = 1
+        for d in shape:
+            numel *= d
+        (_, b), _ = chunk_bounds(numel, 2)
+        for rank in range(N):
+            got, want = results[rank][k]
+            bad = first_mismatch(want, got, rtol=1e-9, atol=1e-12)
+            if bad:
+                index, e, g = bad
+                e, g = fmt_pair(e, g)
+                flat = 0
+                for i, d in zip(index, shape):
+                    flat = flat * d + i
+                half = ("the first half, which labkit's ring to the right carries" if flat < b else
+                        f"the second half (elements {b} .. {numel - 1}), which your rounds carry")
+                fail(f"{name} is wrong: run for real as the left-going half of the bidirectional ring "
+                     f"(labkit.collectives.bidirectional_ring_all_reduce) on N={N} ranks, x of shape {shape}, "
+                     f"op={op!r}: rank {rank}, element {fmt_index(index)}, in {half}: expected {e} (what "
+                     f"dist.all_reduce gives), got {g}.")
+
+
+def check_left_ring_rounds(left_ring_rounds, *, sizes=LEFT_SIZES, run_sizes=LEFT_RUN_SIZES,
+                           timeout: float = 10.0) -> None:
+    """Check exercise 2c: ``left_ring_rounds(N)`` returns the 2(N-1) labkit.ring.Round of an all-reduce in which
+    rank i sends only to rank (i-1) mod N. Simulated on every N of ``sizes`` (labkit.ring.simulate: every chunk
+    complete on every rank at the end, no rank counted twice; any rounds that do this pass), then run for real on
+    the N of ``run_sizes`` as the left-going half of labkit's bidirectional ring, against dist.all_reduce."""
+    __tracebackhide__ = True
+    name = need_function(left_ring_rounds, "check_left_ring_rounds")
+    problems, normalised = {}, {}
+    for N in sizes:
+        head = f"{name}({N})"
+        with time_limit(_SECONDS, f"{head} did not return within {_SECONDS:g} s: an endless loop?"):
+            result = call_student(left_ring_rounds, N, name=name, task="2c")
+        problem = _left_problem(N, result, head)
+        if problem:
+            problems[N] = (problem, result)
+        else:
+            normalised[N] = _left_structure(N, result, head)[1]
+    if problems:
+        N = next(n for n in sizes if n in problems)
+        problem, result = problems[N]
+        yours = _canonical(result)
+        mistake = find_mistake(LEFT_RING_MISTAKES, lambda row: yours is not None and yours == _canonical(row.variant(N)))
+        message = mistake.says.format(problem=problem) if mistake else problem
+        right = [n for n in sizes if n not in problems and n > 1]
+        if any(n > 2 for n in right):  # (N = 2 alone says little: there the left and the right neighbour coincide)
+            message += (f" (Your rounds are right for N = {_and([str(n) for n in sorted(right)])}, wrong for "
+                        f"N = {_and([str(n) for n in sorted(problems)])}.)")
+        fail(f"{name} is wrong: {message}")
+    for N in run_sizes:
+        _run_bidirectional(name, N, normalised[N], timeout)
+    shown = ", ".join(str(n) for n in sorted(sizes))
+    passed(f"{name} is correct on N = {shown}: every rank sends only to its left neighbour, and labkit.ring.simulate "
+           f"ends with every chunk complete on every rank, no rank counted twice; run for real as the left-going half "
+           f"of the bidirectional ring on N = {', '.join(str(n) for n in sorted(run_sizes))} (labkit's ring to the "
+           f"right carries the other half), it matches dist.all_reduce (M = 4N+3 and N+1, and a (3, 5) tensor with "
+           f"op='max')")
+
+
+def _and(items: list) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+

@@ -5,6 +5,7 @@
     check_on_grad_ready(BucketedDDP)     # 3c: on_grad_ready, with labkit's 3a, 3b, 3d
     check_finish_backward(BucketedDDP)   # 3d: finish_backward, with labkit's 3a, 3b, 3c
     check_bucketed_ddp(BucketedDDP)      # all of it (any class cls(module, bucket_cap_mb=...)), on 3, 2, 4 ranks
+    check_choose_buckets(choose_buckets) # 3e: the buckets chosen from labkit.bucket_model, against the best split
 
 On N processes each rank builds a small float64 model with its own seed (a tied embedding/output weight, a frozen
 layer, a buffer, a layer registered before the one it follows), wraps it with three bucket caps and trains 3 SGD
@@ -15,10 +16,19 @@ they saw and compute the same verdict. ``dist.all_reduce`` and ``dist.broadcast`
 ``wait()``, so a missing wait gives the same diagnosis on every run; a stuck rank names the deadlock). An exception
 caused by what another method left (a bucket never launched, a ``.grad`` set to None) is blamed on that method.
 The known mistakes are :data:`MISTAKES`, each with the change of labkit's class that makes it (:func:`wrong_version`).
+
+3e is checked in this process, without workers: the student's buckets for each of :data:`CHOOSE_CASES` (latency-,
+bandwidth- and compute-bound, equal gradients, a GPT with its embedding ready last, a ready order that is not the
+reverse of ``model.parameters()``) are timed with :mod:`labkit.bucket_model` and compared with the best contiguous
+split of the ready order (:func:`labkit.bucket_model.best_split`); :data:`CHOOSE_MISTAKES` names the known wrong
+choices.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import numbers
 import os
 import time
 import warnings
@@ -29,15 +39,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from labkit import comm, ddp
-from labkit.checks import CheckFailed, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, passed, run_on_ranks, \
-    time_limit
-from labkit.checks.harness import Board, Mistake, Watch, and_list, board_dir, bound
+from labkit import bucket_model, comm, ddp
+from labkit.checks import CheckFailed, describe, fail, first_mismatch, fmt_index, fmt_number, fmt_pair, passed, \
+    run_on_ranks, time_limit
+from labkit.checks.harness import (Board, Mistake, Watch, and_list, board_dir, bound, call_student, find_mistake,
+                                   need_function, plural)
 from labkit.data_parallel import broadcast_parameters
 from labkit.ddp import plan_buckets
 
 __all__ = ["check_broadcast", "check_bucket_plan", "check_on_grad_ready", "check_finish_backward",
-           "check_bucketed_ddp", "TASKS", "WORLD_SIZES", "MISTAKES", "Change", "wrong_version"]
+           "check_bucketed_ddp", "TASKS", "WORLD_SIZES", "MISTAKES", "Change", "wrong_version", "check_choose_buckets",
+           "Case", "CHOOSE_CASES", "CHOOSE_MISTAKES", "CHOOSE_TOLERANCE"]
 
 WORLD_SIZES = (3, 2, 4)   # 3 first: a first failure on 3 ranks reads best
 STEPS, LR, _SEED, MB = 3, 0.5, 100, 2 ** 20
@@ -849,3 +861,266 @@ def check_bucketed_ddp(cls, *, world_sizes=WORLD_SIZES, timeout: float = 10.0) -
            f"{_configs_text(CONFIGS)}: the same weights after the wrap, the same gradients after each of {STEPS} "
            f"SGD steps, the parameters within {bound(max(diffs))} of torch's; the all-reduces launched in "
            f"bucket order during backward and each one waited on")
+
+
+# ============================================================================================
+# 3e. Choosing the buckets from a model: a design task, checked against the best split
+# ============================================================================================
+# The task: choose_buckets(sizes, ready, alpha, beta) returns the buckets (lists of parameter indices, bucket 0
+# first) whose all-reduces, sent one after another in bucket order (labkit.bucket_model), end soonest after the last
+# gradient is ready. Checked by labkit's model against the best of every contiguous split of the ready order: any
+# buckets whose exposed time is within CHOOSE_TOLERANCE of the best pass.
+
+class Case(NamedTuple):
+    """One regime of 3e: ``sizes[i]`` bytes of parameter i's gradient (model.parameters() order), ready at
+    ``ready[i]`` seconds; one all-reduce of m bytes costs ``alpha + m·beta``."""
+    name: str
+    what: str
+    sizes: tuple
+    ready: tuple
+    alpha: float
+    beta: float
+
+
+_MS, _KB = 1e-3, 2 ** 10
+
+
+def _equal(name: str, what: str, n: int, nbytes: int, every: float, alpha: float, beta: float) -> Case:
+    """n gradients of ``nbytes``, one every ``every`` seconds, parameter 0 ready last (backward runs from the output)."""
+    return Case(name, what, (nbytes,) * n, tuple(every * (n - i) for i in range(n)), alpha, beta)
+
+
+def _gpt_like() -> Case:
+    """A tied embedding (index 0, 32 MiB) ready last, a position embedding, 3 blocks of a 4 MiB matrix, its bias and a
+    norm's weight and bias, a final norm; each matrix takes 1 ms of backward, each small tensor 0.02 ms."""
+    sizes = (32 * MB, 1 * MB) + (4 * MB, 16 * _KB, 4 * _KB, 4 * _KB) * 3 + (4 * _KB, 4 * _KB)
+    ready, t = [0.0] * len(sizes), 0.0
+    for i in range(len(sizes) - 1, 0, -1):
+        t += 1.0 * _MS if sizes[i] >= MB else 0.02 * _MS
+        ready[i] = round(t, 9)
+    ready[0] = round(t + 2.0 * _MS, 9)     # the tied weight's second contribution: the end of backward
+    return Case("GPT-like", "16 tensors, a 32 MiB tied embedding ready last, small biases and norms", sizes,
+                tuple(ready), 0.5 * _MS, 1e-10)
+
+
+CHOOSE_CASES = (
+    _equal("equal gradients", "12 gradients of 2 MiB, one every 0.5 ms, α = 1 ms", 12, 2 * MB, 0.5 * _MS, 1 * _MS,
+           1e-10),
+    _equal("latency-bound", "8 gradients of 1 MiB, one every 0.1 ms, α = 5 ms", 8, MB, 0.1 * _MS, 5 * _MS, 1e-10),
+    _equal("bandwidth-bound", "8 gradients of 4 MiB, one every 1 ms, 4.2 ms each on the link", 8, 4 * MB, 1 * _MS,
+           0.05 * _MS, 1e-9),
+    _equal("compute-bound", "8 gradients of 1 MiB, one every 2 ms, α = 0.05 ms", 8, MB, 2 * _MS, 0.05 * _MS, 1e-10),
+    _gpt_like(),
+    Case("out of order", "5 tensors as Probe's: `out` created before `hidden` but used after it",
+         (8 * MB, 8 * MB, 8 * _KB, 8 * MB, 8 * _KB), (6 * _MS, 2 * _MS, 1 * _MS, 4 * _MS, 3 * _MS), 0.1 * _MS, 2e-10),
+)
+CHOOSE_TOLERANCE = 0.05          # exposed time within 5 % of the best split's passes
+_CHOOSE_SECONDS = 10.0           # for one call of the student's function
+
+
+def _args(case: Case) -> tuple:
+    return list(case.sizes), list(case.ready), case.alpha, case.beta
+
+
+@functools.lru_cache(maxsize=None)
+def _best(sizes: tuple, ready: tuple, alpha: float, beta: float) -> list:
+    return bucket_model.best_split(sizes, ready, alpha, beta)
+
+
+def _in_order(order: list, counts: list) -> list:
+    """``order`` cut into consecutive buckets of ``counts`` parameters."""
+    out, start = [], 0
+    for c in counts:
+        out.append(order[start:start + c])
+        start += c
+    return out
+
+
+def _best_counts_in(order_of: Callable) -> Callable:
+    """The best split's bucket sizes (in parameters), filled in another order than the ready order."""
+    def variant(sizes, ready, alpha, beta):
+        counts = [len(b) for b in _best(tuple(sizes), tuple(ready), alpha, beta)]
+        return _in_order(order_of(len(sizes)), counts)
+    return variant
+
+
+def _sqrt_rule(sizes, ready, alpha, beta):
+    """k = √(Mβ/α), the minimum of kα + (M/k)β, and a cap of M/k."""
+    total = sum(sizes)
+    k = min(len(sizes), max(1, round(math.sqrt(total * beta / alpha))))
+    return bucket_model.cut_by_cap(bucket_model.ready_order(ready), sizes, total / k)
+
+
+def _lesson_rough(sizes, ready, alpha, beta):
+    """The split that minimises the lesson's rough step time: max(T_b + α + β·(last bucket), kα + Mβ), from the
+    first gradient on."""
+    backward, total = max(ready) - min(ready), sum(sizes)
+
+    def rough(buckets):
+        tail = alpha + beta * sum(sizes[i] for i in buckets[-1])
+        return max(backward + tail, len(buckets) * alpha + total * beta), len(buckets)
+    return min(bucket_model.splits(bucket_model.ready_order(ready)), key=rough)
+
+
+_STARTS_LATE = ("A bucket starts only when its last gradient is ready, and every bucket after it waits for it on the "
+                "link.")
+
+# Known wrong choices, each a change of labkit's reference (the best split of the ready order); texts formatted with
+# head and effect.
+CHOOSE_MISTAKES = (
+    Mistake("one bucket", lambda sizes, ready, alpha, beta: [bucket_model.ready_order(ready)],
+            "{head}: you put every gradient into one bucket. It can start only when the last gradient is ready, so "
+            "all of its α + Mβ comes after backward: nothing overlaps.{effect}"),
+    Mistake("one bucket per parameter", lambda sizes, ready, alpha, beta: [[i] for i in bucket_model.ready_order(ready)],
+            "{head}: one bucket per parameter: every gradient pays α. When α is long next to the time backward takes "
+            "to produce the next gradients, the messages queue up on the link and their α's add up after "
+            "backward.{effect}"),
+    Mistake("torch's 25 MB", lambda sizes, ready, alpha, beta: bucket_model.cut_by_cap(
+                bucket_model.ready_order(ready), sizes, 25 * MB),
+            "{head}: these are the buckets of torch's default cap, 25 MiB, whatever α and β are. 25 MiB suits an α of "
+            "microseconds and links of tens of GB/s; the best buckets depend on α, β and when the gradients are "
+            "ready.{effect}"),
+    Mistake("k = sqrt(M beta / alpha)", _sqrt_rule,
+            "{head}: your buckets are cut with a cap of M/k, k = √(Mβ/α), the k that minimises kα + (M/k)β. That "
+            "formula ignores when the gradients are ready: a bucket cannot start before its last gradient, and the "
+            "buckets before the last hide behind what backward still has to compute.{effect}"),
+    Mistake("the lesson's rough formula", _lesson_rough,
+            "{head}: your buckets minimise the lesson's rough step time, max(T_backward + T_tail, kα + Mβ). Its "
+            "second term assumes the link can be busy from the first gradient on, but bucket 0 starts only when its "
+            "last gradient is ready: with a large first bucket the link waits.{effect}"),
+    Mistake("model.parameters() order", _best_counts_in(lambda n: list(range(n))),
+            "{head}: your buckets follow the parameters' indices (the order of model.parameters()), not the order "
+            "their gradients become ready (sort the indices by ready[i]). " + _STARTS_LATE + "{effect}"),
+    Mistake("reversed(model.parameters())", _best_counts_in(lambda n: list(range(n - 1, -1, -1))),
+            "{head}: your buckets follow reversed(model.parameters()), 3b's first guess of the ready order. Here the "
+            "ready times say otherwise (a layer created before another and used after it), and they are given: "
+            "sort the indices by ready[i]. " + _STARTS_LATE + "{effect}"),
+)
+
+
+def _canon(buckets) -> tuple:
+    return tuple(tuple(sorted(b)) for b in buckets)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds / _MS:.4g} ms"
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / MB:.3g} MiB"
+
+
+def _plan_text(buckets, case: Case, limit: int = 6) -> str:
+    times = bucket_model.bucket_times(buckets, case.sizes, case.ready, case.alpha, case.beta)
+    parts = [f"b{k} = {_list_text(b)}, {_mib(sum(case.sizes[i] for i in b))}, ready {_ms(max(case.ready[i] for i in b))}"
+             f", sent {_ms(start)} to {_ms(end)}" for k, (b, (start, end)) in enumerate(zip(buckets, times))]
+    if len(parts) > limit:
+        parts = parts[:limit - 1] + [f"... {parts[-1]}"]
+    return "; ".join(parts)
+
+
+def _list_text(values) -> str:
+    values = list(values)
+    return "[" + ", ".join(str(v) for v in values) + "]" if len(values) <= 6 else \
+        f"[{', '.join(str(v) for v in values[:4])}, ..., {values[-1]}] ({len(values)} params)"
+
+
+def _out_of_order(buckets, case: Case) -> str:
+    """A bucket that waits for a gradient ready after one of a later bucket: the first such pair, or ""."""
+    for a, early in enumerate(buckets):
+        last = max(early, key=lambda i: case.ready[i])
+        for b in range(a + 1, len(buckets)):
+            first = min(buckets[b], key=lambda i: case.ready[i])
+            if case.ready[first] < case.ready[last]:
+                return (f" Bucket {a} waits for parameter {last} (ready at {_ms(case.ready[last])}) while parameter "
+                        f"{first} of the later bucket {b} was ready at {_ms(case.ready[first])}.")
+    return ""
+
+
+def _choose_effect(case: Case, yours: list, best: list) -> str:
+    """What the student's buckets do under labkit's model, next to the best split's."""
+    args = (case.sizes, case.ready, case.alpha, case.beta)
+    mine, least = bucket_model.exposed(yours, *args), bucket_model.exposed(best, *args)
+    k, k_best = len(yours), len(best)
+    if k > k_best:
+        why = f" Your {k} buckets pay α {k} times ({_ms(k * case.alpha)}), the best's {k_best} ({_ms(k_best * case.alpha)})."
+    elif k < k_best:
+        start, end = bucket_model.bucket_times(yours, *args)[-1]
+        why = (f" Your last bucket ({_mib(sum(case.sizes[i] for i in yours[-1]))}) is sent from {_ms(start)} to "
+               f"{_ms(end)}: fewer, larger buckets start later.")
+    else:
+        why = ""
+    return (f" Under labkit's model (labkit.bucket_model: bucket k starts when its last gradient is ready and bucket "
+            f"k − 1 has arrived, and takes α + m·β), your buckets end {_ms(mine)} after the last gradient is ready "
+            f"(at {_ms(max(case.ready))}); the best split of the ready order ends {_ms(least)} after it, with "
+            f"{plural(k_best, 'bucket')} of {_list_text(len(b) for b in best)} gradients: yours exposes "
+            f"{mine / least:.3g}× as much (up to {1 + CHOOSE_TOLERANCE:g}× passes).{_out_of_order(yours, case)}{why}"
+            f"\n  yours:    {_plan_text(yours, case)}\n  the best: {_plan_text(best, case)}")
+
+
+def _read_buckets(result, head: str, n: int) -> list:
+    example = "e.g. [[4, 3], [2, 1, 0]]"
+    if not isinstance(result, (list, tuple)):
+        fail(f"{head} returned {describe(result)}: return a list of buckets, bucket 0 first, each a list of parameter "
+             f"indices ({example})")
+    if not result:
+        fail(f"{head} returned no bucket: every gradient must travel in some bucket ({example})")
+    buckets, where = [], {}
+    for k, bucket in enumerate(result):
+        if not isinstance(bucket, (list, tuple)):
+            counts = all(isinstance(b, int) and not isinstance(b, bool) for b in result)
+            hint = (" (the number of parameters per bucket? give the indices themselves)" if counts
+                    and sum(result) == n else " (a flat list of indices? put them in buckets)" if counts else "")
+            what = f"a number ({bucket!r})" if isinstance(bucket, numbers.Number) else describe(bucket)
+            fail(f"{head}: bucket {k} is {what}: each bucket is a list of parameter indices, {example}"
+                 f"{hint}")
+        if not bucket:
+            fail(f"{head}: bucket {k} is empty: an all-reduce of nothing still costs α; leave it out")
+        for i in bucket:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                fail(f"{head}: bucket {k} holds {describe(i)}: a parameter index, an int from 0 to {n - 1}")
+            if not 0 <= i < n:
+                fail(f"{head}: bucket {k} holds {i}: the parameters are 0 .. {n - 1}")
+            if int(i) in where:
+                fail(f"{head}: parameter {i} is in bucket {where[int(i)]} and in bucket {k}: each gradient travels "
+                     f"once")
+            where[int(i)] = k
+        buckets.append([int(i) for i in bucket])
+    missing = [i for i in range(n) if i not in where]
+    if missing:
+        fail(f"{head}: parameter{'s' if len(missing) > 1 else ''} {and_list(missing)} in no bucket: every gradient "
+             f"must be averaged")
+    return buckets
+
+
+def check_choose_buckets(choose_buckets, *, cases=CHOOSE_CASES) -> None:
+    """Check exercise 3e: ``choose_buckets(sizes, ready, alpha, beta)`` returns buckets (lists of parameter indices,
+    bucket 0 first) whose exposed communication under :mod:`labkit.bucket_model` is within
+    :data:`CHOOSE_TOLERANCE` of the best contiguous split of the ready order, on every case of ``cases``.
+    A known wrong choice (:data:`CHOOSE_MISTAKES`) is named."""
+    __tracebackhide__ = True
+    name = need_function(choose_buckets, "check_choose_buckets")
+    results, ratios = [], []
+    for case in cases:
+        head = f"{name} on the {case.name} case ({case.what})"
+        with time_limit(_CHOOSE_SECONDS, f"{head} did not return within {_CHOOSE_SECONDS:g} s: an endless loop, or "
+                                         f"a search through every split?"):
+            result = call_student(choose_buckets, *_args(case), name=name, task="3e")
+        results.append((case, head, _read_buckets(result, head, len(case.sizes))))
+    for case, head, yours in results:
+        best = _best(case.sizes, case.ready, case.alpha, case.beta)
+        args = (case.sizes, case.ready, case.alpha, case.beta)
+        mine, least = bucket_model.exposed(yours, *args), bucket_model.exposed(best, *args)
+        ratios.append(mine / least)
+        if mine <= least * (1 + CHOOSE_TOLERANCE) + 1e-15:
+            continue
+
+        def same(mistake: Mistake, on) -> bool:
+            return all(_canon(mistake.variant(*_args(c))) == _canon(y) for c, _, y in on)
+        mistake = (find_mistake(CHOOSE_MISTAKES, lambda m: same(m, results))
+                   or find_mistake(CHOOSE_MISTAKES, lambda m: same(m, [(case, head, yours)])))
+        says = mistake.says if mistake else "{head}: your buckets are not the best.{effect}"
+        fail(says.format(head=head, effect=_choose_effect(case, yours, best)))
+    passed(f"{name} is within {CHOOSE_TOLERANCE:.0%} of the best split on {len(cases)} cases "
+           f"({', '.join(c.name for c in cases)}): your exposed communication is at most {max(ratios):.3f}× the "
+           f"best's, under labkit.bucket_model")

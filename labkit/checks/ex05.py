@@ -4,12 +4,15 @@
     check_column_parallel(ColumnParallelLinear)                   # 5e, 5f: shard and forward
     check_row_parallel(RowParallelLinear)                         # 5g, 5h: shard and forward
     check_parallel_mlp(ColumnParallelLinear, RowParallelLinear)   # column -> GELU -> row against a dense MLP
+    check_vocab_parallel_embedding(VocabParallelEmbedding)        # 5i: design the vocabulary-parallel embedding
 
 Each prints one ``✓`` line when the code is right, or raises :class:`labkit.checks.CheckFailed` naming the mistake.
 The student's f and g are ``torch.autograd.Function`` subclasses (``f.apply(x, group)``); the layers subclass labkit's
 :mod:`labkit.tensor_parallel` classes, the reference (a forward is checked with labkit's shards, a shard with labkit's
 ``__init__``). Every check runs on 3, 2, 4 and 1 processes (:data:`WORLD_SIZES`, stopping at the first problem), in
 float64, against the dense computation; on 4 processes also in tensor-parallel groups of 2, each with its own data.
+The embedding of 5i (a design task: the student's forward against ``nn.Embedding``, any correct design passes) runs
+on 3 and 2 processes, with a vocabulary that does not divide by either.
 The collectives are watched (:class:`~labkit.checks.harness.Watch`: phase, group size and op of each call; a deadlock
 named as one); an all-gather and a sum is as good as an all-reduce. Mistakes are named from the numbers: where the
 student's are wrong, the workers also run every row of the check's table of :class:`~labkit.checks.harness.Mistake`
@@ -28,16 +31,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit import comm
-from labkit.checks import CheckFailed, fail, passed, run_on_ranks, student_traceback, time_limit
-from labkit.checks.harness import (Board, Mistake, Watch, all_ranks, and_list, board_dir, close, element_text, factor,
-                                   factor_words, find_mistake, keep, not_written, plural, variants_if_wrong)
+from labkit.checks import (CheckFailed, fail, first_mismatch, fmt_index, fmt_pair, passed, run_on_ranks,
+                           student_traceback, time_limit)
+from labkit.checks.harness import (Board, Mistake, Watch, all_ranks, and_list, board_dir, close, element_text, everyone,
+                                   factor, factor_words, find_mistake, keep, not_written, plural, variants_if_wrong)
 from labkit.tensor_parallel import (ColumnParallelLinear, CopyToParallel, ReduceFromParallel, RowParallelLinear,
                                     shard_columns, shard_rows)
-from labkit.tensor_parallel_gpt import grid_groups
+from labkit.ring import chunk_bounds
+from labkit.tensor_parallel_gpt import VocabParallelEmbedding, grid_groups
 
-__all__ = ["check_f_and_g", "check_column_parallel", "check_row_parallel", "check_parallel_mlp", "WORLD_SIZES",
-           "F_AND_G_MISTAKES", "COLUMN_SHARD_MISTAKES", "ROW_SHARD_MISTAKES", "COLUMN_MISTAKES", "ROW_MISTAKES",
-           "MLP_MISTAKES"]
+__all__ = ["check_f_and_g", "check_column_parallel", "check_row_parallel", "check_parallel_mlp",
+           "check_vocab_parallel_embedding", "WORLD_SIZES", "F_AND_G_MISTAKES", "COLUMN_SHARD_MISTAKES",
+           "ROW_SHARD_MISTAKES", "COLUMN_MISTAKES", "ROW_MISTAKES", "MLP_MISTAKES", "EMBEDDING_MISTAKES"]
 
 # 3 first: its messages read best (a factor 3 is unmistakable, rank 1 sits between two others); 1 last.
 WORLD_SIZES = (3, 2, 4, 1)
@@ -917,3 +922,242 @@ def check_parallel_mlp(column_cls, row_cls, *, world_sizes=WORLD_SIZES, timeout:
     passed(f"{column_cls.__name__} → GELU → {row_cls.__name__} equals the dense MLP on {_sizes(world_sizes)}{grouped}: the output, "
            f"the input gradient and every weight and bias gradient, sliced as the shards are; one {collective} "
            f"in forward, one in backward")
+
+
+# 5i. The vocabulary-parallel embedding: a design task, checked by what the embedding does
+# ============================================================================================
+# The task: VocabParallelEmbedding.forward(idx), rank r holding rows [start, end) of the V × d table (labkit's
+# __init__, labkit.ring.chunk_bounds' cut), returns every token's row on every rank, and the backward leaves in each
+# rank's weight.grad exactly its rows of the dense gradient. Checked against nn.Embedding on 3 and 2 processes: the
+# output on every rank, each rank's weight.grad, the collectives of each direction. Any forward with these
+# properties passes (an all-gather, a mask by multiplication, a lookup by indexing ...).
+
+EMBEDDING_WORLD_SIZES = (3, 2)
+VOCAB, DIM = 11, 4       # 11 rows: 4 + 4 + 3 on 3 ranks, 6 + 5 on 2: uneven on both
+
+
+class _Embedding(VocabParallelEmbedding):
+    """labkit's embedding with its steps replaceable: the rows it reads, whether it zeroes the others' tokens, the
+    operator that joins the ranks."""
+    join, zeroed = ReduceFromParallel, True
+
+    def rows(self, idx, mine):
+        return torch.where(mine, idx - self.start, 0)
+
+    def forward(self, idx):
+        mine = (idx >= self.start) & (idx < self.end)
+        y = F.embedding(self.rows(idx, mine), self.weight)
+        return self.join.apply(y.masked_fill(~mine.unsqueeze(-1), 0.0) if self.zeroed else y, self.group)
+
+
+EmbeddingNoOffset = type("EmbeddingNoOffset", (_Embedding,), {"rows": lambda self, idx, mine: torch.where(mine, idx, 0)})
+EmbeddingClamped = type("EmbeddingClamped", (_Embedding,), {"zeroed": False, "rows": lambda self, idx, mine: (
+    idx - self.start).clamp(0, self.end - self.start - 1)})
+EmbeddingNotZeroed = type("EmbeddingNotZeroed", (_Embedding,), {"zeroed": False})
+EmbeddingWithF = type("EmbeddingWithF", (_Embedding,), {"join": CopyToParallel})
+EmbeddingGBackward = type("EmbeddingGBackward", (_Embedding,), {"join": GReducesInBackward})
+EmbeddingAverages = type("EmbeddingAverages", (_Embedding,), {"join": GAverages})
+
+_ONE_RANK = "each token's row is on exactly one rank, and the other ranks contribute zeros"
+_ZERO = ("A rank must contribute zeros for the tokens it does not hold: zero its output there, after the lookup "
+         "(whatever it read for them), and g's sum then holds each token's row once.")
+# variant: the class the check would be given; says: the end of the message (no-offset's: all of it), str.format'ed
+# with {r} (the rank), {start}, {end}, {last}, {token}, {calls}, {times}, ...
+EMBEDDING_MISTAKES = (
+    Mistake("no-offset", EmbeddingNoOffset,
+            "{head}: {name}.forward raised IndexError on rank {r} ({error}). Rank {r} holds rows [{start}, {end}) of "
+            "the table, and its self.weight numbers them 0 .. {last}: row i of self.weight is token self.start + i, so "
+            "this rank's token t is its row t − self.start (was the offset subtracted?). The tokens of the other ranks "
+            "have no row here at all: look up a valid row for them or none, and contribute zeros."),
+    Mistake("clamped-not-zeroed", EmbeddingClamped,
+            "; the ranks that do not hold token {token} added rows of their own to it: clamping the other ranks' "
+            "tokens into [0, end − start) gives them a row to read, but that row (garbage for them) is still summed "
+            "in. " + _ZERO),
+    Mistake("masked-input-only", EmbeddingNotZeroed,
+            "; every rank that does not hold token {token} added its row 0 to it: replacing the other ranks' tokens "
+            "on input by a valid row avoids the IndexError, but the row read for them is still summed in. " + _ZERO),
+    Mistake("f-instead-of-g", EmbeddingWithF,
+            "; on rank {r}, y holds the rows of its own tokens only ([{start}, {end})) and zeros for the others', "
+            "after {calls}: f's forward is the identity, so nothing joined the ranks. " + _ONE_RANK.capitalize()
+            + ": every rank needs the sum of the ranks' outputs in forward, g's all-reduce (f's belongs in backward, "
+            "where an input feeds every rank)."),
+    Mistake("g-backward-all-reduce", EmbeddingGBackward,
+            "; rank {r}'s weight.grad is {times}, after {calls} (expected none). After g every rank holds the same y, "
+            "so every rank already holds the same dL/dy, and the lookup's backward adds dL/dy[b, t] to the one row "
+            "it read for token idx[b, t]: each rank's rows get exactly their tokens' gradient (the zeroed tokens "
+            "give none). g's backward is the identity."),
+    Mistake("averages", EmbeddingAverages,
+            "; y is the mean of the ranks' outputs, {times}: " + _ONE_RANK + ", so their sum is each token's row. "
+            "Sum (ReduceOp.SUM, the default), do not divide by tp."),
+)
+_RAISES = ("no-offset",)       # its wrong version stops with an IndexError on some ranks: named from the exception
+
+
+class _SameShapes(Watch):
+    """Before each collective, the ranks compare the shapes they hand it: gloo stops the processes on a mismatch
+    without a Python error (an embedding that returns one row per token of its own, say), so it is named first."""
+    head = ""
+
+    def on_call(self, call, args: dict) -> None:
+        tensor = args.get("tensor")
+        shapes = everyone(tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else None, self)
+        if len(set(shapes)) > 1:
+            given = and_list(f"rank {k} one of shape {shape}" for k, shape in enumerate(shapes))
+            raise CheckFailed(f"{self.head}: in {call.phase}, the ranks handed dist.{call.op} tensors of different "
+                              f"shapes ({given}). A collective combines the ranks' tensors element by element: every "
+                              f"rank hands it the same shape, here that of the output, (B, T, d) = (2, 7, {DIM}), a "
+                              f"row for every token of idx.")
+
+
+def _tokens() -> torch.Tensor:
+    """(2, 7) token ids, the same on every rank: every id of the vocabulary once, three of them twice (their rows'
+    gradients add up), shuffled."""
+    ids = torch.cat([torch.arange(VOCAB), torch.tensor([2, 5, VOCAB - 1])])
+    return ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(3))].view(2, 7)
+
+
+def _embedding_run(cls, watch: Watch, timeout: float) -> Run:
+    """``cls`` against nn.Embedding on this rank: the output, then weight.grad after y.backward(dy), the same dy
+    on every rank."""
+    N, rank, name = dist.get_world_size(), dist.get_rank(), cls.__name__
+    torch.manual_seed(5)
+    dense = nn.Embedding(VOCAB, DIM).double()
+    idx, dy = _tokens(), _randn(2, 7, DIM, seed=15)
+    want_y = dense(idx)
+    want_y.backward(dy)
+    start, end = chunk_bounds(VOCAB, N)[rank]
+    v = dict(want_y=want_y.detach(), want_grad=dense.weight.grad[start:end].clone())
+    with watch.installed():
+        layer = _student(timeout, f"{name}(embedding, group)", lambda: cls(dense, None))
+        try:
+            y = _student(timeout, f"{name}.forward", lambda: layer(idx), watch, "forward")
+        except IndexError as err:
+            raise CheckFailed(EMBEDDING_MISTAKES[0].says.format(
+                head=f"{name} is wrong on {N} processes (tp = {N})", name=name, r=rank, error=err, start=start,
+                end=end, last=end - start - 1)) from None
+        v["y"] = keep(y)
+        if all_ranks(_is(y, want_y.shape), watch):
+            v["detached"] = not y.requires_grad
+            if all_ranks(y.requires_grad, watch):
+                _student(timeout, f"y.backward(dy) (backward through your {name}.forward)",
+                         lambda: y.backward(dy.clone()), watch, "backward")
+                v["grad"] = keep(layer.weight.grad)
+    return Run(v, watch.calls)
+
+
+def _embedding_worker(cls, timeout: float, board_path: str) -> Case:
+    board, rank, N = Board(board_path, dist.get_rank(), dist.get_world_size()), dist.get_rank(), dist.get_world_size()
+
+    def run(variant) -> Run:
+        watch = _SameShapes(_OPS, deadline=0.5 * timeout, board=board, hint_checking=True)
+        watch.head = f"{variant.__name__} is wrong on {N} processes (tp = {N})"
+        return _embedding_run(variant, watch, timeout)
+    student = run(cls)
+    right = close(student.values["want_y"], student.values.get("y")) and \
+        close(student.values["want_grad"], student.values.get("grad"))
+    mistakes = [m for m in EMBEDDING_MISTAKES if m.name not in _RAISES]
+    return Case(rank, rank, N, False, student, variants_if_wrong(right, mistakes, run))
+
+
+def _owner(token: int, tp: int) -> tuple[int, int]:
+    """(the rank that holds token's row, the row's index in that rank's weight)."""
+    k = next(k for k, (a, b) in enumerate(chunk_bounds(VOCAB, tp)) if a <= token < b)
+    return k, token - chunk_bounds(VOCAB, tp)[k][0]
+
+
+def _element(label: str, bad: tuple) -> str:
+    """``'label: expected x, got y'`` for :func:`first_mismatch`'s ``bad``."""
+    e, g = fmt_pair(*bad[1:])
+    return f"{label}: expected {e}, got {g}"
+
+
+def _embedding_problem(name: str, N: int, cases: list) -> str | None:
+    """The first wrong value (every rank's output, then every rank's weight.grad), named by the first known mistake
+    whose run gave the same; then communication in backward, or more than one collective in forward."""
+    head, idx = f"{name} is wrong on {N} processes (tp = {N})", _tokens()
+    for key, want_key, phase in (("y", "want_y", "forward"), ("grad", "want_grad", "backward")):
+        for case in cases:
+            run, r = case.student, case.rank
+            got, want = run.values.get(key), run.values[want_key]
+            if close(want, got):
+                continue
+            start, end = chunk_bounds(VOCAB, N)[r]
+            if key == "grad" and run.values.get("detached"):
+                return f"{head}: on rank {r}, {_DETACHED}"
+            words = dict(r=r, start=start, end=end, token="", calls=_calls_text(run.calls, phase),
+                         times=factor_words(factor(want, got), N))
+            bad = first_mismatch(want, got) if _is(got, want.shape) else None
+            if key == "y":
+                where = f"{head}: on rank {r}, y = layer(idx) with the same idx on every rank: "
+                if bad:
+                    token = int(idx[bad[0][:2]])
+                    k, row = _owner(token, N)
+                    words["token"] = token
+                    where += _element(f"y{fmt_index(bad[0])} (token {token}, whose row is rank {k}'s row {row})", bad)
+                else:
+                    where += element_text("y", want, got)
+            elif got is None:
+                return (f"{head}: on rank {r}, after y.backward(dy), weight.grad is None: no gradient reached this "
+                        f"rank's rows (is self.weight used in forward, without .detach()?).")
+            else:
+                where = f"{head}: on rank {r}, after y.backward(dy) with the same dy on every rank: "
+                if bad:
+                    i = bad[0][0]
+                    where += _element(f"weight.grad{fmt_index(bad[0])} (rank {r}'s row {i}, token {start + i}, "
+                                      f"{plural(int((idx == start + i).sum()), 'time')} in idx)", bad)
+                else:
+                    where += element_text("weight.grad", want, got)
+
+            def looks_like(m: Mistake) -> bool:   # the same value, communicating in the same phases; for a
+                variant = case.variants.get(m.name)   # gradient, after the same (right) output
+                return (variant is not None and close(variant.values.get(key), got)
+                        and bool(variant.count(phase)) == bool(run.count(phase))
+                        and (key == "y" or close(run.values.get("y"), variant.values.get("y"))))
+            mistake = find_mistake(EMBEDDING_MISTAKES, looks_like)
+            if mistake:
+                return where + mistake.says.format(**words)
+            if key == "y":
+                return where + (f": {words['times']}" if words["times"] else "") + (
+                    ". Every rank must return the whole embedding of every token, the same on every rank: the row "
+                    "of token t, whichever rank holds it.")
+            return where + (f": {words['times']}, after {words['calls']}" if words["times"] else "") + (
+                f". Rank {r}'s rows must get their dense gradient: for each row, the sum of dL/dy over the positions "
+                f"of its token in idx, and nothing else.")
+    for case in cases if N > 1 else ():
+        run, start = case.student, f"{head}: the numbers are right, but on rank {case.rank}"
+        if run.count("backward"):
+            return (f"{start} there {'was' if run.count('backward') == 1 else 'were'} "
+                    f"{_calls_text(run.calls, 'backward')}: every rank holds the same dL/dy after g, and the lookup's "
+                    f"backward sends it to this rank's rows only, so the backward needs no communication.")
+        if run.count("forward") > 1:
+            return f"{start} there were {_calls_text(run.calls, 'forward')}: one is enough."
+    return None
+
+
+def check_vocab_parallel_embedding(cls, *, world_sizes=EMBEDDING_WORLD_SIZES, timeout: float = 10.0) -> None:
+    """Check exercise 5i: ``cls`` subclasses labkit's :class:`~labkit.tensor_parallel_gpt.VocabParallelEmbedding`
+    (its ``__init__``: rank r keeps rows [start, end) of the table) and writes ``forward``. Against
+    ``nn.Embedding(11, 4)`` on each of ``world_sizes``, in float64, with every token id in idx and some twice: the
+    output on every rank, and each rank's ``weight.grad`` (its rows of the dense gradient); no communication in
+    backward."""
+    __tracebackhide__ = True
+    if not isinstance(cls, type):
+        fail(f"pass your class itself (check_vocab_parallel_embedding(VocabParallelEmbedding)), not a "
+             f"{type(cls).__name__} object")
+    if not issubclass(cls, VocabParallelEmbedding):
+        fail(f"{cls.__name__} must be a subclass of labkit's embedding, as in the notebook: class {cls.__name__}("
+             f"labkit.tensor_parallel_gpt.VocabParallelEmbedding), whose __init__ keeps this rank's rows")
+    name, calls = cls.__name__, []
+    for N in world_sizes:
+        with board_dir() as board:
+            cases = run_on_ranks(_embedding_worker, cls, timeout, board, world_size=N, timeout=timeout, name=name,
+                                 task="5i", device="cpu")
+        problem = _embedding_problem(name, N, cases)
+        if problem:
+            fail(problem)
+        calls += [c for case in cases for c in case.student.calls]
+    collective = "all-reduce" if all(c.op == "all_reduce" for c in calls) else "collective"
+    shown = "; ".join(f"{' + '.join(str(b - a) for a, b in chunk_bounds(VOCAB, n))} on {n}" for n in world_sizes)
+    passed(f"{name} equals nn.Embedding({VOCAB}, {DIM}) on {_sizes(world_sizes)} (the rows cut {shown}): every rank "
+           f"returns every token's row, each rank's weight.grad is its rows of the dense gradient (repeated tokens "
+           f"summed), one {collective} in forward, none in backward")

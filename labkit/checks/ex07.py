@@ -3,6 +3,8 @@
     check_server(run_server)                          # 7a: your server loop, with labkit's workers
     check_worker(run_worker)                          # 7b: your worker loop, with labkit's servers
     check_parameter_server(run_server, run_worker)    # both of yours together
+    check_release(release)                            # 7c (i): the bounded-staleness rule (a design task)
+    check_max_staleness(max_staleness)                # 7c (ii): the largest staleness it allows, derived
 
 Each prints one ``✓`` line when the code is right and raises :class:`labkit.checks.CheckFailed` naming the
 mistake when it is not.
@@ -36,10 +38,16 @@ and what that means here. Then the run is replayed step by step (the pulls, the 
 wrong number is compared with the known wrong ones: :data:`ARRIVAL_MISTAKES`, :data:`UPDATE_MISTAKES` and
 :data:`PUSH_MISTAKES`, each row's :class:`Variant` holding the edits of labkit's run_server or run_worker that
 make it (the tests build every row) and the formula of its numbers. Compared within 1e-9 relative (float64).
+
+7c (see "# 7c." below): the student's rule for labkit's bounded server (:func:`labkit.param_server.serve`,
+``release=``) against labkit's :func:`~labkit.param_server.ssp_release` on constructed states (:data:`STATES`,
+:data:`RELEASE_MISTAKES`), then in real runs; the bound against :func:`largest_staleness`, a search over every order
+of messages (:data:`BOUND_MISTAKES`).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from typing import Callable, NamedTuple, NoReturn
@@ -51,14 +59,16 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from labkit.checks import CheckFailed, describe, fail, first_mismatch, fmt_number, fmt_pair, passed, run_on_ranks
-from labkit.checks.harness import (Board, Call, Mistake, Watch, and_list, board_dir, close, find_mistake,
-                                   need_function, not_written, plural)
+from labkit.checks.harness import (Board, Call, Mistake, Watch, and_list, board_dir, call_student, close,
+                                   find_mistake, need_function, not_written, plural)
 from labkit.param_server import run_server as labkit_server
 from labkit.param_server import run_worker as labkit_worker
 from labkit.param_server import shard_bounds
 
 __all__ = ["check_server", "check_worker", "check_parameter_server", "make_model", "make_batches", "sync_sgd",
-           "CONFIGS", "STEPS", "LR", "Message", "Variant", "ARRIVAL_MISTAKES", "UPDATE_MISTAKES", "PUSH_MISTAKES"]
+           "CONFIGS", "STEPS", "LR", "Message", "Variant", "ARRIVAL_MISTAKES", "UPDATE_MISTAKES", "PUSH_MISTAKES",
+           "check_release", "check_max_staleness", "State", "STATES", "RELEASE_MISTAKES", "release_variant",
+           "largest_staleness", "BOUND_SIZES", "BOUND_MISTAKES"]
 
 # (workers W, servers S). (3, 2) first: its messages read best (a factor 3 is unmistakable, 23 parameters do not
 # split evenly in 2); then one server, more workers, and as many servers as workers.
@@ -710,3 +720,324 @@ def check_parameter_server(run_server: Callable, run_worker: Callable, *, config
                "are correct together")
     except NotImplementedError as err:
         raise _not_written(run_server, run_worker, err) from None
+
+
+# 7c. Bounded staleness: a design task, checked on constructed states and in a real run
+# ============================================================================================
+# The task: release(waiting, clock, active, tau, message) -> the waiting workers that may start their next step
+# now; labkit's bounded server (labkit.param_server.serve, release=...) calls it after every message, as it calls
+# its own rule, ssp_release, the reference. Then max_staleness(W, tau), the largest staleness a push can have,
+# checked against every order of messages of labkit's server (an exhaustive search).
+
+class State(NamedTuple):
+    """What the server knows when it calls release: which workers wait, each worker's clock (pushes received),
+    the workers still training, the bound τ, and the message it just handled."""
+    what: str
+    waiting: list
+    clock: list
+    active: set
+    tau: int
+    message: tuple
+
+
+STATES = (
+    State("at the start", [1], [0, 0, 0], {0, 1, 2}, 1, ("pull", 1)),
+    State("a fast worker one step ahead", [1], [0, 1, 0], {0, 1, 2}, 1, ("pull", 1)),
+    State("a fast worker two steps ahead", [1], [0, 2, 1], {0, 1, 2}, 1, ("pull", 1)),
+    State("the slowest worker pushed", [1, 2], [1, 2, 2], {0, 1, 2}, 1, ("push", 0)),
+    State("τ = 0, one worker still on its step", [0, 1], [1, 1, 0], {0, 1, 2}, 0, ("pull", 1)),
+    State("τ = 0, the last push of the step", [0, 1], [1, 1, 1], {0, 1, 2}, 0, ("push", 2)),
+    State("worker 2 has done its 3 steps", [0], [5, 4, 3], {0, 1}, 1, ("pull", 0)),
+    State("τ = 0, worker 2 has done its 2 steps", [0], [3, 3, 2], {0, 1}, 0, ("push", 1)),
+    State("one worker left", [1], [4, 5, 3], {1}, 0, ("pull", 1)),
+    State("4 workers, τ = 2, a push of the slowest", [2, 1], [3, 5, 6, 4], {0, 1, 2, 3}, 2, ("push", 0)),
+)
+
+_LOST = (" Its pushes would be computed on parameters that miss more of the slowest worker's updates than the "
+         "bound allows.")
+# Edits of labkit's ssp_release (its source, one line each), and what the student is told: {head} is the first
+# state where the answer is wrong, with expected and got.
+RELEASE_MISTAKES = (
+    Mistake("the fastest worker", (("min(clock[v] for v in active)", "max(clock[v] for v in active)"),),
+            "{head} You compare a worker's clock with the fastest worker's, not the slowest's: every worker is "
+            "level with or behind the fastest, so every pull is answered at once, as in async mode, and the "
+            "staleness has no bound." + _LOST),
+    Mistake("< instead of <=", (("<= staleness", "< staleness"),),
+            "{head} A worker exactly τ steps ahead of the slowest is held back (< τ where ≤ τ is meant): with "
+            "τ = 1 the server admits as the synchronous one does, and with τ = 0 no worker may ever start (the run "
+            "deadlocks at step 0). A worker may be τ steps ahead."),
+    Mistake("finished workers too", (("min(clock[v] for v in active)", "min(clock)"),),
+            "{head} The slowest clock is taken over every worker, finished ones too. A worker that has done all its "
+            "steps pushes no more: its clock stops there, and once the others are τ steps past it they wait for it "
+            "forever. When the workers have different numbers of steps the run deadlocks at the end."),
+    Mistake("only the pull that arrived",
+            (("if clock[w] - slowest", "if message == ('pull', w) and clock[w] - slowest"),),
+            "{head} A worker is let go only when its own pull arrives: one held back is never looked at again, yet a "
+            "push of the slowest worker moves the slowest clock. After every message, decide again for every "
+            "waiting worker; otherwise they wait forever (a deadlock)."),
+)
+
+
+def release_variant(mistake: Mistake) -> Callable:
+    """labkit's ssp_release with the mistake's edits: the wrong version (the tests use it too)."""
+    import inspect
+    import textwrap
+    from labkit import param_server
+    source = textwrap.dedent(inspect.getsource(param_server.ssp_release))
+    for code, replacement in mistake.variant:
+        if source.count(code) != 1:
+            raise ValueError(f"{code!r} is not once in ssp_release")
+        source = source.replace(code, replacement)
+    namespace = {"__name__": "__main__"}        # travels by value into launched processes, as a notebook's
+    exec(compile(source, f"<{mistake.name}>", "exec"), namespace)
+    return namespace["ssp_release"]
+
+
+def _state_text(s: State, W: int | None = None) -> str:
+    kind, w = s.message
+    return (f"τ = {s.tau}, clocks {list(s.clock)} (pushes received from workers 0 .. {len(s.clock) - 1}), still "
+            f"training {sorted(s.active)}, waiting {list(s.waiting)}, just after worker {w}'s {kind}")
+
+
+def _read_release(result, s: State, name: str) -> list:
+    head = f"{name} ({_state_text(s)})"
+    if not isinstance(result, (list, tuple, set, frozenset)):
+        fail(f"{head} returned {describe(result)}: return a list of the waiting workers that may start now "
+             f"([] when none)")
+    for w in result:
+        if isinstance(w, bool) or not isinstance(w, int):
+            fail(f"{head} returned {describe(result)}: the workers are ints (0 .. {len(s.clock) - 1})")
+        if w not in s.waiting:
+            fail(f"{head} returned worker {w}, which has no pull waiting: release only workers of `waiting`")
+    return sorted(set(result))
+
+
+def _why(s: State, expected: list, got: list) -> str:
+    """Which worker is wrong and why, in clocks."""
+    slowest = min(s.active, key=lambda v: (s.clock[v], v))
+    lag = f"the slowest worker still training is worker {slowest}, clock {s.clock[slowest]}"
+    for w in sorted(set(got) - set(expected)):
+        return (f"worker {w} (clock {s.clock[w]}) is {s.clock[w] - s.clock[slowest]} steps ahead ({lag}), more "
+                f"than τ = {s.tau}: it must wait.")
+    w = sorted(set(expected) - set(got))[0]
+    stuck = (" Every worker still training is waiting: nobody can push any more, the run deadlocks."
+             if set(s.active) <= set(s.waiting) and not got else "")
+    ahead = plural(s.clock[w] - s.clock[slowest], 'step')
+    return (f"worker {w} (clock {s.clock[w]}) is {ahead} ahead ({lag}), at most τ = {s.tau}: holding it back makes "
+            f"it wait needlessly.{stuck}")
+
+
+def _decide(fn: Callable, s: State, name: str) -> list:
+    got = call_student(fn, list(s.waiting), list(s.clock), set(s.active), s.tau, s.message, name=name, task="7c(i)",
+                       where=f"({_state_text(s)})")
+    return _read_release(got, s, name)
+
+
+def _state_problem(release: Callable, states, name: str, prefix: str) -> str | None:
+    """The first state where ``release`` differs from ssp_release, with the known mistake it matches if any."""
+    from labkit.param_server import ssp_release
+    gots = [_decide(release, s, name) for s in states]
+    for s, got in zip(states, gots):
+        expected = sorted(ssp_release(list(s.waiting), list(s.clock), set(s.active), s.tau, s.message))
+        if got != expected:
+            head = (f"{prefix}: {s.what} ({_state_text(s)}): expected to release {expected}, got "
+                    f"{got}: {_why(s, expected, got)}")
+            m = find_mistake(RELEASE_MISTAKES, lambda m: all(
+                sorted(release_variant(m)(list(t.waiting), list(t.clock), set(t.active), t.tau, t.message)) == g
+                for t, g in zip(states, gots)))
+            return m.says.format(head=head) if m else head
+    return None
+
+
+# The real run: W = 3 workers on one server, worker 0 slowed, worker 2 with fewer steps (it finishes first).
+RUN_STEPS = (6, 6, 3)
+RUN_TAUS = (1, 0)
+RUN_SLOW = 4.0
+RUN_COMPUTE_MS = 3.0
+RUN_TIMEOUT = 1.5          # the server's: this long without a message, it names the workers it waits for and stops
+
+
+def _loss(model, x, y):
+    return F.mse_loss(model(x), y)
+
+
+def _run_rank(release: Callable, taus, steps, slow: float, compute_ms: float, timeout: float) -> list:
+    """One rank of the real runs, one per τ, each on a fresh gloo group (a receive left posted by a stopped server
+    cannot take the next run's messages). The server records every call of ``release``: its state and answer."""
+    from labkit.param_server import serve, work
+    rank, W = dist.get_rank(), dist.get_world_size() - 1
+    out = []
+    for tau in taus:
+        group = dist.new_group(backend="gloo")
+        model = make_model()
+        if rank == 0:
+            calls = []
+
+            def recorded(waiting, clock, active, staleness, message):
+                state = State("", list(waiting), list(clock), set(active), staleness, message)
+                got = release(waiting, clock, active, staleness, message)
+                calls.append((state, sorted(got) if isinstance(got, (list, tuple, set, frozenset)) else got))
+                return got
+
+            result = serve(_flat(model), 0, 1, W, mode="bounded", lr=0.05, staleness=tau, timeout=timeout,
+                           group=group, release=recorded)
+            out.append((tau, [tuple(u) for u in result.updates], result.stopped, calls))
+        else:
+            w = rank - 1
+            batches = make_batches(w, steps[w])
+            r = work(model, w, 1, lambda w, t: batches[t], _loss, steps=steps[w], compute_ms=compute_ms,
+                     slow=slow if w == 0 else 1.0, group=group)
+            out.append((tau, r.steps_done, r.stopped))
+        stopped = torch.tensor([float(rank == 0 and bool(out[-1][2]))])
+        dist.all_reduce(stopped, op=dist.ReduceOp.MAX)          # a deadlocked run: no second one
+        if stopped.item():
+            break
+    return out
+
+
+def _bounded_run_problem(release: Callable, results: list, name: str, steps) -> str | None:
+    """The server's recorded calls against ssp_release, then the run's end, stalenesses and admissions."""
+    W = len(steps)
+    for i, (tau, updates, stopped, calls) in enumerate(results[0]):
+        where = (f"in a real run (W = {W} workers on one server, τ = {tau}, worker 0 {fmt_number(RUN_SLOW)} times "
+                 f"slower, steps per worker {list(steps)})")
+        states = [s._replace(what=f"the server's call {k + 1} (of {len(calls)})") for k, (s, _) in enumerate(calls)]
+        if stopped:
+            s, got = calls[-1]
+            problem = _state_problem(release, states, name, "The first call where it differs from labkit's rule")
+            head = (f"{name} deadlocked {where}: the server heard nothing for {fmt_number(RUN_TIMEOUT)} s and stopped "
+                    f"the run. Its last call was {_state_text(s)}, and {name} released {got}.")
+            return f"{head} {problem}" if problem else head
+        problem = _state_problem(release, states, name, f"{name} is wrong {where}")
+        if problem:
+            return problem
+        done = [r[i][1] for r in results[1:]]
+        if done != list(steps):
+            return f"{name} {where}: the workers did {done} steps, not {list(steps)}."
+        bound = largest_staleness(W, tau)[0]
+        worst = max(updates, key=lambda u: u[3])
+        if worst[3] > bound:
+            return (f"{name} {where}: worker {worst[1]}'s push of step {worst[2]} had staleness {worst[3]}, more "
+                    f"than any order of messages allows with labkit's rule ({bound}).")
+        for k, (_, w, t, _) in enumerate(updates):      # worker w started step t with every other worker still
+            for v in range(W):                          # training at most τ steps behind
+                before = sum(1 for u in updates[:k] if u[1] == v)
+                if v != w and before < min(t - tau, steps[v]):
+                    return (f"{name} {where}: worker {w}'s push of step {t} came when worker {v} had pushed only "
+                            f"{before} step(s): worker {w} started step {t} more than τ = {tau} steps ahead.")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def largest_staleness(workers: int, tau: int, steps: int | None = None) -> tuple:
+    """The largest staleness of a push over EVERY order of messages of labkit's bounded server (one server,
+    ``workers`` workers of ``steps`` steps each, 2τ + 2 by default; labkit's rule ssp_release): (staleness, witness)
+    with witness = (worker, its step, the clocks when it pulled, the clocks when it pushed). A search over states."""
+    from labkit.param_server import ssp_release
+    steps = 2 * tau + 2 if steps is None else steps
+    # a worker: ("fly", c) its pull on the way; ("wait", c) its pull waiting; ("run", c, clocks at its pull);
+    # ("bye",) its done on the way; ("off",) finished. c: its clock, the pushes the server has from it.
+
+    def clocks(states) -> tuple:
+        return tuple(s[1] if s[0] in ("fly", "wait", "run") else steps for s in states)
+
+    def answered(states, message) -> tuple:                  # the server, after every message
+        waiting = [v for v, s in enumerate(states) if s[0] == "wait"]
+        if not waiting:
+            return states
+        c = clocks(states)
+        go = set(ssp_release(waiting, list(c), {v for v, s in enumerate(states) if s[0] != "off"}, tau, message))
+        return tuple(("run", s[1], c) if v in go else s for v, s in enumerate(states))
+
+    @functools.lru_cache(maxsize=None)
+    def best(states) -> tuple:
+        out, c = (-1, None), clocks(states)
+        for w, s in enumerate(states):
+            nxt = list(states)
+            if s[0] == "fly":
+                nxt[w] = ("wait", s[1])
+                out = max(out, best(answered(tuple(nxt), ("pull", w))), key=lambda r: r[0])
+            elif s[0] == "bye":
+                nxt[w] = ("off",)
+                out = max(out, best(answered(tuple(nxt), ("done", w))), key=lambda r: r[0])
+            elif s[0] == "run":
+                nxt[w] = ("fly", s[1] + 1) if s[1] + 1 < steps else ("bye",)
+                here = (sum(c) - sum(s[2]), (w, s[1], s[2], c))
+                out = max(out, here, best(answered(tuple(nxt), ("push", w))), key=lambda r: r[0])
+        return out
+
+    return best(tuple(("fly", 0) for _ in range(workers)))
+
+
+def check_release(release: Callable, *, states=STATES, run: bool = True) -> None:
+    """Check exercise 7c: ``release(waiting, clock, active, tau, message)``, the waiting workers that may start their
+    next step now. Against labkit's rule (:func:`labkit.param_server.ssp_release`) on the constructed ``states``;
+    then (``run``) in real runs of labkit's bounded server with your rule: W = 3 workers on one server, worker 0
+    slowed, worker 2 with fewer steps, τ = 1 then τ = 0: every call of your rule, the run's end, every staleness
+    (within the largest any order of messages gives with labkit's rule) and every admission."""
+    __tracebackhide__ = True
+    name = need_function(release, "check_release")
+    problem = _state_problem(release, states, name, f"{name} is wrong on constructed states")
+    if problem:
+        fail(problem)
+    if run:
+        results = run_on_ranks(_run_rank, release, RUN_TAUS, RUN_STEPS, RUN_SLOW, RUN_COMPUTE_MS, RUN_TIMEOUT,
+                               world_size=1 + len(RUN_STEPS), timeout=30.0, name=name, task="7c(i)", device="cpu")
+        problem = _bounded_run_problem(release, results, name, RUN_STEPS)
+        if problem:
+            fail(problem)
+    ran = (f"; and in real runs of labkit's server (W = {len(RUN_STEPS)}, worker 0 slowed, steps {list(RUN_STEPS)}, "
+           f"τ = {' and '.join(map(str, RUN_TAUS))}) every call agreed, the runs ended, no staleness exceeded the "
+           f"largest possible and no worker started more than τ steps ahead" if run else "")
+    passed(f"{name} releases the same workers as labkit's rule on {len(states)} constructed states (a fast worker, "
+           f"the slowest one's push, τ = 0, finished workers, one worker left){ran}")
+
+
+# The largest staleness: checked against the exhaustive search of labkit's server, on small sizes.
+BOUND_SIZES = ((2, 0), (2, 1), (3, 0), (3, 1), (2, 2), (4, 0), (3, 2))      # (W, τ)
+
+BOUND_MISTAKES = (     # formulas for the student's function; says: {head} the first size, expected and got
+    Mistake("τ", lambda W, tau: tau,
+            "{head} τ bounds the clocks (steps), not the staleness, which counts pushes: every push of every other "
+            "worker between your pull and your push moves the version."),
+    Mistake("one other worker", lambda W, tau: 2 * tau + 1,
+            "{head} This is the staleness with one other worker; each of the W − 1 others pushes in between."),
+    Mistake("the others only ahead", lambda W, tau: (W - 1) * (tau + 1),
+            "{head} You count the others' steps up to τ ahead of the pulling worker, but when it pulls they may be "
+            "τ steps behind it: they go on from there."),
+    Mistake("the others only behind", lambda W, tau: (W - 1) * tau,
+            "{head} The others can do more steps than the τ that separate them from the pulling worker."),
+    Mistake("the worker itself too", lambda W, tau: W * (2 * tau + 1),
+            "{head} A worker's own pushes never fall between its pull and its push: count the W − 1 others."),
+)
+
+
+def _witness(W: int, tau: int) -> str:
+    stale, (w, step, pulled, pushed) = largest_staleness(W, tau)
+    return (f"labkit's server reaches {stale}: worker {w} pulled for its step {step} when the clocks were "
+            f"{list(pulled)} (version {sum(pulled)}) and pushed it when they were {list(pushed)} (version "
+            f"{sum(pushed)})")
+
+
+def check_max_staleness(max_staleness: Callable, *, sizes=BOUND_SIZES) -> None:
+    """Check exercise 7c's bound: ``max_staleness(W, tau)``, the largest staleness a push can have with W workers and
+    bound τ on labkit's bounded server. Against an exhaustive search of every order of messages (one server,
+    labkit's rule :func:`labkit.param_server.ssp_release`) on every (W, τ) of ``sizes``: equal (a bound that is
+    reached: tight)."""
+    __tracebackhide__ = True
+    name = need_function(max_staleness, "check_max_staleness")
+    for W, tau in sizes:
+        got = call_student(max_staleness, W, tau, name=name, task="7c(ii)", where=f"for W = {W}, τ = {tau}")
+        if isinstance(got, bool) or not isinstance(got, int):
+            fail(f"{name}({W}, {tau}) returned {describe(got)}: a staleness is a number of pushes, an int")
+        want = largest_staleness(W, tau)[0]
+        if got == want:
+            continue
+        why = (f"a push can be {plural(want, 'version')} stale, more than your bound" if got < want else
+               f"no order of messages gives more than {want}: your bound is not tight")
+        head = f"{name}({W}, {tau}) = {got}, expected {want}: {why}; {_witness(W, tau)}."
+        m = find_mistake(BOUND_MISTAKES, lambda m: all(m.variant(*size) == call_student(
+            max_staleness, *size, name=name, task="7c(ii)") for size in sizes))
+        fail(m.says.format(head=head) if m else head)
+    passed(f"{name} is the largest staleness on (W, τ) = {and_list(f'({W}, {tau})' for W, tau in sizes)}: every order "
+           f"of messages of labkit's bounded server, searched, reaches it and none exceeds it")
