@@ -19,13 +19,14 @@ Lecture code (a concept per file; read it beside its notebook)
               data_parallel_figures   shard_grid, draw_loss_curves, draw_loss_differences
               local_sgd_figures       draw_gap_vs_local_steps, draw_gap_curves
     2         ring              the ring as a schedule: reduce_scatter_rounds, all_gather_rounds,
-                                chunk_bounds, simulate
+                                chunk_bounds, simulate (direction=-1: the leftward ring, exercise 2c)
               collectives       reduce_scatter_phase, all_gather_phase (exercise 2), ring_all_reduce,
                                 tree_all_reduce, naive_all_reduce, broadcast
               cost_model        the α–β model: predict, fit_alpha_beta, bus_bandwidth
               ring_figures      draw_ring_round, draw_ring_rounds, ring_legend
               cost_model_figures  bytes_per_rank_figure, alpha_beta_fit_figure, crossover_figure
     3         ddp               NaiveDDP, OverlapDDP, BucketedDDP (exercise 3 subclasses it), plan_buckets
+              bucket_model      bucket_times, exposed, best_split (when each bucket is sent; exercise 3e)
               ddp_figures       draw_ddp_timeline, ddp_timeline_legend, ddp_timelines_figure, draw_loss_curve,
                                 draw_wrapper_agreement, bucket_sweep_figure, scaling_figure
     4         optim             LARS, Lamb, AdaScale, scaled_lr, warmup_factor; lamb_sharded: whole_norms,
@@ -41,7 +42,7 @@ Lecture code (a concept per file; read it beside its notebook)
               tensor_parallel   ColumnParallelLinear, RowParallelLinear, the f/g operators,
                                 ParallelMLP, count_communication
               tensor_parallel_gpt   ParallelSelfAttention, ParallelBlock, tensor_parallel_gpt,
-                                    shard_like, grid_groups
+                                    shard_like, grid_groups, VocabParallelEmbedding (exercise 5i)
               tensor_parallel_figures   draw_tp_mlp, draw_grid, c_attn_rows_figure, draw_tp_dp_traffic
     6         pipeline          schedules as data (gpipe, one_f_one_b, interleaved_1f1b), simulate,
                                 bubble_fraction, run_schedule (the runtime: a plain interpreter; its
@@ -49,7 +50,8 @@ Lecture code (a concept per file; read it beside its notebook)
                                 draw_gantt, gantt_stack, pipeline_figure, measured_figure,
                                 draw_measured_bubble, draw_bubble_vs_m, activation_memory_figure,
                                 draw_dp_pp_layout, explorer)
-    7         param_server      shard_bounds, serve, work, train (sync, async, bounded staleness)
+    7         param_server      shard_bounds, serve, work, train (sync, async, bounded staleness;
+                                ssp_release is the bounded rule, release= takes another, exercise 7c)
               param_server_figures  draw_roles, draw_step, draw_stability_bounds, loss_curves_figure,
                                     staleness_figure, draw_divergence, draw_stability_sweep, traffic_figure
     8         memory            Setup, Memory, predict, activation_bytes, measure, recompute_blocks (where a
