@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from labkit import comm
 from labkit.checks import CheckFailed, describe, fail, first_mismatch, fmt_number, fmt_pair, passed, run_on_ranks
 from labkit.checks.harness import (Board, Call, Mistake, Watch, and_list, board_dir, call_student, close,
                                    find_mistake, need_function, not_written, plural)
@@ -889,7 +890,7 @@ def _run_rank(release: Callable, taus, steps, slow: float, compute_ms: float, ti
                      slow=slow if w == 0 else 1.0, group=group)
             out.append((tau, r.steps_done, r.stopped))
         stopped = torch.tensor([float(rank == 0 and bool(out[-1][2]))])
-        dist.all_reduce(stopped, op=dist.ReduceOp.MAX)          # a deadlocked run: no second one
+        comm.all_reduce(stopped, op=dist.ReduceOp.MAX)          # a deadlocked run: no second one
         if stopped.item():
             break
     return out
