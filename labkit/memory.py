@@ -22,7 +22,8 @@ of b sequences of s tokens, width h, a heads, per layer (dropout 0):
 that is 16·bsh + a·b·s² numbers per layer (Korthikanti et al. 2022 count the same for GPT-3, plus dropout masks),
 plus the LayerNorms' mean and 1/σ (2·bs each) and the causal mask (s² booleans). With tensor parallelism of degree t the
 parts inside the parallel region are split: 4·bsh + (12·bsh + a·b·s²)/t. Full recomputation keeps only each
-layer's input (bsh) and recomputes the rest in the backward. The head adds the final LayerNorm's and lm_head's
+layer's input (bsh) and recomputes the rest in the backward; selective recomputation (Korthikanti et al.)
+recomputes only the attention core softmax(QKᵀ/√d)·V, whose saved tensors grow with s², and keeps 16·bsh. The head adds the final LayerNorm's and lm_head's
 inputs (2·bsh) and the log-softmax output (b·s·V).
 
 :func:`predict` is the formula; :func:`measure` runs one step on this process and sums what really exists
@@ -39,7 +40,8 @@ import torch
 
 from labkit.models import GPT, GPTConfig
 
-__all__ = ["Setup", "Memory", "predict", "activation_bytes", "measure", "recompute_blocks"]
+__all__ = ["Setup", "Memory", "predict", "activation_bytes", "measure", "recompute_blocks", "recompute_attention",
+           "step_flops"]
 
 _OPTIMIZER_STATES = {"adam": 2, "sgd_momentum": 1, "sgd": 0}   # state tensors per parameter
 
@@ -57,7 +59,7 @@ class Setup:
     tp: int = 1                     # tensor-parallel degree t
     pp: int = 1                     # pipeline stages p (1F1B: the first stage holds p micro-batches)
     micro_batches: int = 1          # m, micro-batches per step (with pp > 1)
-    recompute: str = "none"         # "none" | "full" (torch.utils.checkpoint around every block)
+    recompute: str = "none"         # "none" | "selective" (the attention core) | "full" (every block)
     flash: bool = False             # fused attention: saves a·b·s instead of a·b·s²
 
     def __post_init__(self):
@@ -65,8 +67,8 @@ class Setup:
             raise ValueError(f"optimizer must be one of {sorted(_OPTIMIZER_STATES)}, got {self.optimizer!r}")
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"zero must be a ZeRO stage 0..3, got {self.zero}")
-        if self.recompute not in ("none", "full"):
-            raise ValueError(f"recompute must be 'none' or 'full', got {self.recompute!r}")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"recompute must be 'none', 'selective' or 'full', got {self.recompute!r}")
         for name in ("batch", "seq_len", "dtype_bytes", "dp", "tp", "pp", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -98,10 +100,13 @@ def activation_bytes(config: GPTConfig, setup: Setup) -> float:
     if setup.recompute == "full":
         layer = b * s * h * e                                   # only the block's input
     else:
-        attention = a * b * s if setup.flash else a * b * s * s
+        if setup.recompute == "selective":
+            attention = 0                                       # recomputed: only Q, K, V (in the 12·bsh) kept
+        else:
+            attention = a * b * s if setup.flash else a * b * s * s
         layer = (4 * b * s * h + (12 * b * s * h + attention) / t) * e
         layer += 2 * 2 * b * s * e                              # two LayerNorms' mean and 1/σ
-        if not setup.flash:
+        if not setup.flash and setup.recompute == "none":
             layer += s * s                                      # the causal mask (bool, ~mask[:s, :s]), for masked_fill
     layers_here = config.n_layer / setup.pp
     in_flight = min(setup.pp, setup.micro_batches)              # 1F1B: the first stage holds p micro-batches
@@ -140,11 +145,11 @@ def _storage_bytes(tensors) -> dict:
     return out
 
 
-def measure(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-            loss_fn: Callable[[torch.nn.Module], torch.Tensor]) -> Memory:
+def measure(model: torch.nn.Module, optimizer, loss_fn: Callable[[torch.nn.Module], torch.Tensor]) -> Memory:
     """One step of ``model`` on this process: the activations are what the forward saves for the backward
     (saved-tensor hooks; the parameters themselves are not counted twice), then the parameters, gradients and
-    optimizer state as they exist after ``loss_fn(model).backward()`` and ``optimizer.step()``."""
+    optimizer state as they exist after ``loss_fn(model).backward()`` and ``optimizer.step()``. ``optimizer``: a
+    torch optimizer, or a wrapper with ``.optimizer`` and fp32 ``.master`` copies (labkit.mixed_precision)."""
     params = _storage_bytes(model.parameters())
     saved: dict = {}
 
@@ -160,10 +165,12 @@ def measure(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
     if optimizer is not None:
         optimizer.step()
     grads = _storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
-    state = _storage_bytes(v for s in (optimizer.state.values() if optimizer else ()) for v in s.values()
+    inner = getattr(optimizer, "optimizer", optimizer)
+    state = _storage_bytes(v for s in (inner.state.values() if inner else ()) for v in s.values()
                            if isinstance(v, torch.Tensor) and v.dim() > 0)   # not the 0-dim step counters
+    master = _storage_bytes(getattr(optimizer, "master", ()))
     return Memory(parameters=sum(params.values()), gradients=sum(grads.values()), optimizer=sum(state.values()),
-                  master=0.0, activations=sum(saved.values()))
+                  master=sum(master.values()), activations=sum(saved.values()))
 
 
 def recompute_blocks(model: GPT) -> GPT:
@@ -175,6 +182,30 @@ def recompute_blocks(model: GPT) -> GPT:
         forward = block.forward
         block.forward = lambda x, forward=forward: checkpoint(forward, x, use_reentrant=False)
     return model
+
+
+def recompute_attention(model: GPT) -> GPT:
+    """Selective recomputation: every attention core (``CausalSelfAttention.attend``) runs under
+    ``torch.utils.checkpoint``; its s²-sized softmax is recomputed in the backward. Changes ``model`` in place."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        attend = block.attn.attend
+        block.attn.attend = lambda q, k, v, attend=attend: checkpoint(attend, q, k, v, use_reentrant=False)
+    return model
+
+
+def step_flops(config: GPTConfig, setup: Setup) -> float:
+    """Matrix-product FLOPs of one training step on one micro-batch: forward F, backward 2F, plus what
+    recomputation runs again. Per layer F = 24·bsh² + 4·bs²h (the four linear maps, then Q Kᵀ and A V of the
+    written-out attention); the head 2·bshV. torch's checkpoint stops recomputing as soon as it has every
+    tensor the backward needs, so a recomputed region's last product is not run again: selective recomputation
+    reruns Q Kᵀ only (2·bs²h per layer), full recomputation the block but its last linear map (F − 8·bsh²)."""
+    b, s, h, V = setup.batch, setup.seq_len, config.n_embd, config.vocab_size
+    layer = 24 * b * s * h * h + 4 * b * s * s * h
+    forward = config.n_layer * layer + 2 * b * s * h * V
+    again = {"none": 0, "selective": 2 * b * s * s * h, "full": layer - 8 * b * s * h * h}[setup.recompute]
+    return 3 * forward + config.n_layer * again
 
 
 def relative_error(predicted: float, measured: float) -> float:

@@ -3,7 +3,10 @@
 import pytest
 import torch
 
-from labkit.memory import Memory, Setup, activation_bytes, measure, predict, recompute_blocks, relative_error
+from torch.utils.flop_counter import FlopCounterMode
+
+from labkit.memory import (Memory, Setup, activation_bytes, measure, predict, recompute_attention, recompute_blocks,
+                           relative_error, step_flops)
 from labkit.models import GPT, GPTConfig
 
 CASES = [  # (batch, seq_len, n_embd, n_head, n_layer, vocab, block_size)
@@ -17,6 +20,8 @@ def _measured(config, dtype, batch, seq_len, recompute, optimizer="adam"):
     model = GPT(config).to(dtype)
     if recompute == "full":
         recompute_blocks(model)
+    if recompute == "selective":
+        recompute_attention(model)
     opt = (torch.optim.AdamW(model.parameters(), lr=1e-3) if optimizer == "adam" else
            torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9 if optimizer == "sgd_momentum" else 0.0))
     idx = torch.randint(0, config.vocab_size, (batch, seq_len))
@@ -27,7 +32,7 @@ def _measured(config, dtype, batch, seq_len, recompute, optimizer="adam"):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("flash", [False, True])
-@pytest.mark.parametrize("recompute", ["none", "full"])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 def test_the_prediction_is_what_one_step_keeps(case, dtype, flash, recompute):
     b, s, h, a, layers, vocab, block = case
     config = GPTConfig(vocab_size=vocab, block_size=block, n_layer=layers, n_head=a, n_embd=h, flash=flash)
@@ -93,3 +98,25 @@ def test_dropout_is_refused_by_the_activation_formula():
 def test_memory_total():
     m = Memory(1, 2, 3, 4, 5)
     assert m.total == 15 and m.as_dict()["total"] == 15
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_the_flops_of_a_step_with_recomputation_are_counted_exactly(recompute):
+    config = GPTConfig(vocab_size=60, block_size=64, n_layer=2, n_head=4, n_embd=48)
+    torch.manual_seed(0)
+    model = GPT(config)
+    {"full": recompute_blocks, "selective": recompute_attention}.get(recompute, lambda m: m)(model)
+    idx, targets = torch.randint(0, 60, (3, 32)), torch.randint(0, 60, (3, 32))
+    with FlopCounterMode(display=False) as counter:
+        model(idx, targets)[1].backward()
+    assert counter.get_total_flops() == step_flops(config, Setup(batch=3, seq_len=32, recompute=recompute))
+
+
+def test_selective_recomputation_saves_the_attention_matrices_for_a_few_flops():
+    config = GPTConfig(vocab_size=50, block_size=512, n_layer=4, n_head=8, n_embd=64)
+    setups = {r: Setup(batch=4, seq_len=512, recompute=r) for r in ("none", "selective", "full")}
+    mem = {r: activation_bytes(config, s) for r, s in setups.items()}
+    flops = {r: step_flops(config, s) for r, s in setups.items()}
+    assert mem["full"] < mem["selective"] < mem["none"] / 2          # long sequences: a·b·s² dominates
+    assert flops["none"] < flops["selective"] < flops["full"]
+    assert flops["selective"] - flops["none"] < (flops["full"] - flops["none"]) / 2

@@ -78,16 +78,21 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) → (B, n_head, T, d_k): every head attends on its own slice of the channels.
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if self.flash:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.attn_dropout.p if self.training else 0.0)
-        else:
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))          # (B, nh, T, T)
-            att = att.masked_fill(~self.mask[:T, :T], float("-inf"))        # no peeking ahead
-            att = self.attn_dropout(F.softmax(att, dim=-1))
-            y = att @ v                                                     # (B, nh, T, d_k)
+        y = self.attend(q, k, v)                                            # (B, nh, T, d_k)
         y = y.transpose(1, 2).contiguous().view(B, T, C)                    # heads side by side
         return self.resid_dropout(self.c_proj(y))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(Q Kᵀ / √d_k) · V, causal: the part whose saved tensors grow with T² (what selective
+        recomputation, labkit.memory.recompute_attention, recomputes in the backward)."""
+        if self.flash:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                  dropout_p=self.attn_dropout.p if self.training else 0.0)
+        T = q.size(-2)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))              # (B, nh, T, T)
+        att = att.masked_fill(~self.mask[:T, :T], float("-inf"))            # no peeking ahead
+        att = self.attn_dropout(F.softmax(att, dim=-1))
+        return att @ v
 
 
 class MLP(nn.Module):
