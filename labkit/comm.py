@@ -59,9 +59,10 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 
 @contextlib.contextmanager
-def record() -> Iterator[list]:
-    """Collect the :class:`CommEvent` of every call this rank makes inside the ``with`` block."""
-    events: list = []
+def record(into: list | None = None) -> Iterator[list]:
+    """Collect the :class:`CommEvent` of every call this rank makes inside the ``with`` block (appended to
+    ``into`` when given: a list subclass can act on each event as it comes)."""
+    events: list = [] if into is None else into
     _listeners.append(events)
     try:
         yield events

@@ -29,7 +29,7 @@ import math
 
 import torch
 
-__all__ = ["ALGORITHMS", "terms", "predict", "fit_alpha_beta", "bus_bandwidth", "algorithm_bandwidth"]
+__all__ = ["ALGORITHMS", "terms", "predict", "fit_alpha_beta", "bus_bandwidth", "algorithm_bandwidth", "ring_bytes_sent"]
 
 ALGORITHMS = ("ring", "tree", "naive")
 
@@ -49,6 +49,24 @@ def terms(algorithm: str, world_size: int, nbytes: float) -> tuple[float, float]
     if algorithm == "naive":  # (N-1)·M in and (N-1)·M out of the root's full-duplex link, overlapped
         return 2.0 * (n - 1), (n - 1) * float(nbytes)
     raise ValueError(f"algorithm must be one of {ALGORITHMS}, not {algorithm!r}")
+
+
+_RING_SHARE = {  # bytes one rank sends, per byte of its input, when a ring runs the collective on N ranks
+    "all_reduce": lambda n: 2 * (n - 1) / n,                # reduce-scatter, then all-gather, of M
+    "reduce_scatter": lambda n: (n - 1) / n,                # the input is the whole vector M: N−1 chunks out
+    "all_gather": lambda n: n - 1,                          # the input is one chunk: it travels N−1 hops
+}
+
+
+def ring_bytes_sent(events, world_size: int) -> float:
+    """The bytes one rank sends for the collectives in ``events`` (labkit.comm's records) if a ring runs them:
+    what the ZeRO stages and FSDP cost per step (the backend's own algorithm may differ)."""
+    total = 0.0
+    for e in events:
+        if e.op not in _RING_SHARE:
+            raise ValueError(f"no ring cost for {e.op!r}: only {sorted(_RING_SHARE)}")
+        total += _RING_SHARE[e.op](world_size) * e.bytes
+    return total
 
 
 def predict(algorithm: str, world_size: int, nbytes: float, alpha: float, beta: float) -> float:

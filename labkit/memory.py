@@ -40,7 +40,7 @@ import torch
 
 from labkit.models import GPT, GPTConfig
 
-__all__ = ["Setup", "Memory", "predict", "activation_bytes", "measure", "recompute_blocks", "recompute_attention",
+__all__ = ["Setup", "Memory", "num_parameters", "predict", "activation_bytes", "measure", "recompute_blocks", "recompute_attention",
            "step_flops"]
 
 _OPTIMIZER_STATES = {"adam": 2, "sgd_momentum": 1, "sgd": 0}   # state tensors per parameter
@@ -52,7 +52,9 @@ class Setup:
     batch: int                      # b: sequences per micro-batch
     seq_len: int                    # s: tokens per sequence
     dtype_bytes: int = 4            # parameters, gradients and activations (2 under bf16 mixed precision)
-    mixed_precision: bool = False   # fp32 master weights and fp32 optimizer state beside 16-bit parameters
+    mixed_precision: bool = False   # master weights (a copy the optimizer updates) beside the parameters
+    state_bytes: int = 0            # per number of optimizer state and master: 0 = 4 (fp32) with mixed precision,
+                                    # else dtype_bytes
     optimizer: str = "adam"         # "adam" | "sgd_momentum" | "sgd"
     dp: int = 1                     # data-parallel degree N (what ZeRO divides by)
     zero: int = 0                   # ZeRO stage 0..3
@@ -69,6 +71,8 @@ class Setup:
             raise ValueError(f"zero must be a ZeRO stage 0..3, got {self.zero}")
         if self.recompute not in ("none", "selective", "full"):
             raise ValueError(f"recompute must be 'none', 'selective' or 'full', got {self.recompute!r}")
+        if self.state_bytes < 0:
+            raise ValueError(f"state_bytes must be 0 (the default) or positive, got {self.state_bytes}")
         for name in ("batch", "seq_len", "dtype_bytes", "dp", "tp", "pp", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -115,15 +119,23 @@ def activation_bytes(config: GPTConfig, setup: Setup) -> float:
     return layers_here * in_flight * layer + head
 
 
+def num_parameters(config: GPTConfig) -> int:
+    """Ψ of labkit's GPT without building it: per block 12h² (the four linear maps) + 13h (their biases and two
+    LayerNorms), the token embedding (tied with the head) V·h, the position embedding block·h, the final LayerNorm."""
+    h, bias = config.n_embd, int(config.bias)
+    block = 12 * h * h + (9 * bias + 2 + 2 * bias) * h
+    return config.n_layer * block + (config.vocab_size + config.block_size) * h + (1 + bias) * h
+
+
 def predict(config: GPTConfig, setup: Setup, num_params: int | None = None) -> Memory:
     """Bytes per rank of a training step of labkit's GPT under ``setup``. ``num_params``: Ψ, by default the
-    model's own count; tensor and pipeline parallelism divide it evenly (an approximation: embeddings and
-    LayerNorms are not split the same way)."""
-    psi = (num_params if num_params is not None else GPT(config).num_params()) / (setup.tp * setup.pp)
+    model's (:func:`num_parameters`); tensor and pipeline parallelism divide it evenly (an approximation:
+    embeddings and LayerNorms are not split the same way)."""
+    psi = (num_params if num_params is not None else num_parameters(config)) / (setup.tp * setup.pp)
     n = setup.dp
-    state_bytes = 4 if setup.mixed_precision else setup.dtype_bytes
+    state_bytes = setup.state_bytes or (4 if setup.mixed_precision else setup.dtype_bytes)
     optimizer = _OPTIMIZER_STATES[setup.optimizer] * psi * state_bytes
-    master = 4 * psi if setup.mixed_precision else 0.0
+    master = state_bytes * psi if setup.mixed_precision else 0.0
     return Memory(parameters=psi * setup.dtype_bytes / (n if setup.zero >= 3 else 1),
                   gradients=psi * setup.dtype_bytes / (n if setup.zero >= 2 else 1),
                   optimizer=optimizer / (n if setup.zero >= 1 else 1),
