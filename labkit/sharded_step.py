@@ -28,6 +28,7 @@ from labkit import comm
 from labkit.cost_model import ring_bytes_sent
 from labkit.memory import Memory
 from labkit.models import GPT, GPTConfig
+from labkit.timeline import Event
 
 __all__ = ["STRATEGIES", "RunResult", "train", "batch_at"]
 
@@ -48,6 +49,7 @@ class RunResult:
     peak_parameters: int = 0
     sent_per_step: float = 0.0
     step_seconds: list = field(default_factory=list)
+    timeline: list = field(default_factory=list)     # the last step: each block's forward and backward, each message
 
 
 def batch_at(step: int, rows: int, config: GPTConfig, seq_len: int, seed: int = 0):
@@ -151,6 +153,27 @@ class _Build:
         return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
+def _time_blocks(model: GPT, rank: int, events: list) -> list:
+    """Hooks that record each block's forward and backward as timeline events (into ``events``)."""
+    def opened(kind, label):
+        events.append(Event(kind, time.perf_counter(), float("nan"), label, rank))
+
+    def closed(*_):
+        events[-1].end = time.perf_counter()
+
+    hooks = []
+    for i, block in enumerate(model.blocks):
+        hooks += [block.register_forward_pre_hook(lambda *_, i=i: opened("forward", f"block {i}")),
+                  block.register_forward_hook(closed),
+                  block.register_full_backward_pre_hook(lambda *_, i=i: opened("backward", f"block {i}")),
+                  block.register_full_backward_hook(closed)]
+    return hooks
+
+
+def _message_events(events, rank: int) -> list:
+    return [Event(e.op, e.start, e.end if e.end is not None else e.start, e.label, rank, e.bytes) for e in events]
+
+
 class _PeakSampler(list):
     """A comm.record() list that also notes the parameter bytes held each time a message starts: they only grow
     when an all-gather refills a unit, so the largest sample is the step's peak."""
@@ -166,9 +189,10 @@ class _PeakSampler(list):
 
 def train(strategy: str, config: GPTConfig, *, steps: int = 3, batch: int = 2, seq_len: int | None = None,
           lr: float = 1e-2, dtype: torch.dtype = torch.float64, seed: int = 0, bucket_cap_mb: float = 25.0,
-          prefetch: bool = False) -> RunResult:
+          prefetch: bool = False, timeline: bool = False) -> RunResult:
     """``steps`` AdamW steps of labkit's GPT (built from ``seed`` on every rank) under ``strategy``, on the
-    ranks of the default process group, ``batch`` sequences per rank. See the module's table."""
+    ranks of the default process group, ``batch`` sequences per rank. See the module's table. ``timeline``:
+    record the last step's block forwards and backwards (hooks) beside its messages, in ``RunResult.timeline``."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     rank, n = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -193,6 +217,8 @@ def train(strategy: str, config: GPTConfig, *, steps: int = 3, batch: int = 2, s
             return t
 
         events = _PeakSampler(build) if last else []
+        compute: list = []
+        hooks = _time_blocks(model, rank, compute) if last and timeline else []
         start = time.perf_counter()
         with comm.record(into=events):
             build.optimizer.zero_grad()
@@ -200,6 +226,8 @@ def train(strategy: str, config: GPTConfig, *, steps: int = 3, batch: int = 2, s
                 loss = build.model(x, y)[1]
             loss.backward()
             build.optimizer.step()
+        for hook in hooks:
+            hook.remove()
         if device.type == "cuda":
             torch.cuda.synchronize()
         out.step_seconds.append(time.perf_counter() - start)
@@ -208,5 +236,6 @@ def train(strategy: str, config: GPTConfig, *, steps: int = 3, batch: int = 2, s
             out.sent_per_step = ring_bytes_sent(events, n)
             out.peak_parameters = events.peak
             out.memory = build.kept(sum(saved.values()))
+            out.timeline = compute + _message_events(events, rank)
     out.params = build.whole_parameters()
     return out
