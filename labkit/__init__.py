@@ -22,7 +22,7 @@ Lecture code (a concept per file; read it beside its notebook)
                                 chunk_bounds, simulate (direction=-1: the leftward ring, exercise 2c)
               collectives       reduce_scatter_phase, all_gather_phase (exercise 2), ring_all_reduce,
                                 tree_all_reduce, naive_all_reduce, broadcast
-              cost_model        the α–β model: predict, fit_alpha_beta, bus_bandwidth
+              cost_model        the α–β model: predict, fit_alpha_beta, bus_bandwidth, ring_bytes_sent
               ring_figures      draw_ring_round, draw_ring_rounds, ring_legend
               cost_model_figures  bytes_per_rank_figure, alpha_beta_fit_figure, crossover_figure
     3         ddp               NaiveDDP, OverlapDDP, BucketedDDP (exercise 3 subclasses it), plan_buckets
@@ -54,12 +54,19 @@ Lecture code (a concept per file; read it beside its notebook)
                                 ssp_release is the bounded rule, release= takes another, exercise 7c)
               param_server_figures  draw_roles, draw_step, draw_stability_bounds, loss_curves_figure,
                                     staleness_figure, draw_divergence, draw_stability_sweep, traffic_figure
-    8         memory            Setup, Memory, predict, activation_bytes, measure, recompute_blocks (where a
-                                step's bytes go, predicted and measured; the memory lesson's base, issue 17)
+    8         memory            Setup, Memory, predict, num_parameters, activation_bytes, measure, step_flops,
+                                recompute_blocks (full), recompute_attention (selective): where a step's bytes
+                                go, predicted and measured to the byte
+              mixed_precision   MasterWeights (fp32 master copy of a 16-bit model), LossScaler (torch.amp's
+                                dynamic rule), underflow_fraction, update_survives
               zero              ZeroOptimizer (ZeRO stages 1 and 2: optimizer state and gradients split over
-                                the ranks; reduce-scatter, update a chunk, all-gather)
+                                the ranks; reduce-scatter, update a chunk, all-gather; exercise 8a)
               fsdp              FSDP, Unit, gpt_units (ZeRO stage 3: parameters sharded by unit, gathered for
-                                the unit's forward and backward, freed after; prefetch optional)
+                                the unit's forward and backward, freed after; prefetch optional; exercise 8b)
+              sharded_step      train: the GPT under DDP, ZeRO-1/2, FSDP or torch's counterparts, with each
+                                rank's kept bytes, bytes sent and timeline (the lesson, the benchmark, tests)
+              memory_figures    predicted_measured_figure, activations_figure, per_rank_figure,
+                                fsdp_timeline_figure, calculator_figure, calculator (the widget)
     models    models            GPT, GPTConfig (the small GPT every lesson trains)
               text              load_corpus, CharTokenizer, TokenBlocks, distributed_loader (no download)
     Each concept's figures live beside it (<concept>_figures.py, pipeline/gantt.py): they import

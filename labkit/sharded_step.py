@@ -18,6 +18,7 @@ steps as any strategy on N ranks.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -50,6 +51,7 @@ class RunResult:
     sent_per_step: float = 0.0
     step_seconds: list = field(default_factory=list)
     timeline: list = field(default_factory=list)     # the last step: each block's forward and backward, each message
+    cuda_peak: int = 0                               # on a GPU: torch.cuda.max_memory_allocated() in the last step
 
 
 def batch_at(step: int, rows: int, config: GPTConfig, seq_len: int, seed: int = 0):
@@ -212,17 +214,20 @@ def train(strategy: str, config: GPTConfig, *, steps: int = 3, batch: int = 2, s
 
         def pack(t):
             st = t.untyped_storage()
-            if last and st.data_ptr() not in build.parameter_storages():
+            if st.data_ptr() not in build.parameter_storages():
                 saved[st.data_ptr()] = st.nbytes()
             return t
 
         events = _PeakSampler(build) if last else []
         compute: list = []
         hooks = _time_blocks(model, rank, compute) if last and timeline else []
+        if last and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         with comm.record(into=events):
             build.optimizer.zero_grad()
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            counting = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+            with counting if last else contextlib.nullcontext():
                 loss = build.model(x, y)[1]
             loss.backward()
             build.optimizer.step()
@@ -237,5 +242,6 @@ def train(strategy: str, config: GPTConfig, *, steps: int = 3, batch: int = 2, s
             out.peak_parameters = events.peak
             out.memory = build.kept(sum(saved.values()))
             out.timeline = compute + _message_events(events, rank)
+            out.cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     out.params = build.whole_parameters()
     return out
