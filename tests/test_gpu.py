@@ -144,6 +144,38 @@ def test_each_ddp_equals_one_process_under_nccl(kind, world_size):
     assert max(errors) < 1e-5, errors
 
 
+# --- lesson 8: ZeRO, FSDP and the memory prediction on the GPU ------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "fsdp", "torch_zero1", "torch_fsdp"])
+@pytest.mark.parametrize("world_size", NCCL_WORLDS)
+def test_each_sharding_equals_one_process_under_nccl(strategy, world_size):
+    from labkit.models import GPTConfig
+    from labkit.sharded_step import train
+
+    config = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    reference = train("single", config, batch=2 * world_size)
+    results = labkit.launch(train, strategy, config, batch=2, world_size=world_size, device="cuda", timeout=120)
+    for result in results:
+        for name, want in reference.params.items():
+            assert torch.allclose(result.params[name].cpu(), want, rtol=1e-10, atol=1e-12), (strategy, name)
+        assert result.cuda_peak > 0
+
+
+def test_the_memory_prediction_against_the_cuda_allocator():
+    """What a step keeps is the prediction (counted the same way as on CPU); the allocator's peak in the step is
+    at least that and at most the prediction plus the backward's temporaries."""
+    from labkit.memory import Setup, predict
+    from labkit.models import GPTConfig
+    from labkit.sharded_step import train
+
+    config = GPTConfig(vocab_size=128, block_size=128, n_layer=4, n_head=4, n_embd=128)
+    result = labkit.launch(train, "ddp", config, batch=8, dtype=torch.float32, world_size=1, device="cuda")[0]
+    want = predict(config, Setup(batch=8, seq_len=128))
+    assert result.memory.as_dict() == pytest.approx(want.as_dict())
+    print(f"predicted {want.total / 2 ** 20:.1f} MiB, cuda peak {result.cuda_peak / 2 ** 20:.1f} MiB")
+    assert want.total <= result.cuda_peak < 2 * want.total
+
+
 # --- tensor parallel, pipeline, parameter server ------------------------------------------------------------
 
 def _tensor_parallel_gpt():
