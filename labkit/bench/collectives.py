@@ -40,7 +40,6 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402  (imports after the environment variable on purpose)
-import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
@@ -54,7 +53,7 @@ import torch.distributed as dist  # noqa: E402
 import labkit  # noqa: E402
 from labkit import comm  # noqa: E402
 from labkit import collectives, cost_model  # noqa: E402
-from labkit.bench import load_average  # noqa: E402
+from labkit.bench import load_average, publish  # noqa: E402
 
 __all__ = ["ALGORITHMS", "MAIN", "SLOW", "FIT_LARGE_BYTES", "parse_bytes", "message_sizes", "measure", "summarise",
            "format_results", "fit", "format_fits", "main"]
@@ -373,15 +372,9 @@ def main(argv=None) -> None:
                  f"within about {args.budget:g} s per size; whole run {elapsed:.0f} s, load average "
                  f"{load_average()} after it")
     text = report(records, args.world_sizes, args.dtype, args_line, load_before, notes)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "records": records, "fits": fit(records),
-                       "fits_large": fit(records, FIT_LARGE_BYTES), "torch": torch.__version__,
-                       "cpu_count": os.cpu_count(), "seconds": elapsed}, f, indent=1)
+    publish(text, args.output, args.json,
+            {"args": vars(args), "records": records, "fits": fit(records), "fits_large": fit(records, FIT_LARGE_BYTES),
+             "torch": torch.__version__, "cpu_count": os.cpu_count(), "seconds": elapsed})
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402  (imports after the environment variable on purpose)
-import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -39,7 +38,7 @@ import labkit  # noqa: E402
 from labkit import comm  # noqa: E402
 from labkit.ddp import BucketedDDP, NaiveDDP, OverlapDDP  # noqa: E402
 from labkit.models.gpt import GPT, GPTConfig  # noqa: E402
-from labkit.bench import load_average  # noqa: E402
+from labkit.bench import load_average, publish  # noqa: E402
 
 __all__ = ["VERSIONS", "measure", "summarise", "format_table", "main"]
 
@@ -170,13 +169,7 @@ def main(argv=None) -> None:
         "",
         format_table(result),
     ])
-    print(report)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(report + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), result=result, summary=summarise(result)), f, indent=1)
+    publish(report, args.output, args.json, dict(args=vars(args), result=result, summary=summarise(result)))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")     # before torch is imported: N workers share the cores
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -35,7 +34,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 import labkit  # noqa: E402
-from labkit.bench import load_average  # noqa: E402
+from labkit.bench import load_average, publish  # noqa: E402
 from labkit.memory import Setup, predict, relative_error  # noqa: E402
 from labkit.models.gpt import GPTConfig  # noqa: E402
 from labkit.sharded_step import STRATEGIES, train  # noqa: E402
@@ -146,13 +145,7 @@ def main(argv=None) -> None:
         "",
         format_table(result),
     ])
-    print(report)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(report + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), result=result, summary=summarise(result)), f, indent=1)
+    publish(report, args.output, args.json, dict(args=vars(args), result=result, summary=summarise(result)))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ compute the same thing and, after the same steps on the same gradients, must agr
 """
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -59,7 +58,7 @@ from torch import nn
 
 from labkit.optim import Lamb
 from labkit.optim.references import timm_lamb
-from labkit.bench import load_average
+from labkit.bench import load_average, publish
 
 __all__ = ["VERSIONS", "EXTRA_VERSIONS", "TRAFFIC", "parse_size", "model_shape", "build_model", "make_optimizer",
            "timm_default_path", "copy_bandwidth", "measure", "summarise", "format_table", "main"]
@@ -331,15 +330,9 @@ def main(argv=None) -> None:
                       f"{result['params'] * result['element_size'] / 2 ** 20:.0f} MiB per copy",
                   format_table(result, best_bandwidth)]
     report = "\n".join(lines)
-    print(report)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(report + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), bandwidth=[bandwidth, bandwidth_after],
-                           results=[dict(result, summary=summarise(result, best_bandwidth)) for result in results]),
-                      f, indent=1)
+    publish(report, args.output, args.json,
+            dict(args=vars(args), bandwidth=[bandwidth, bandwidth_after],
+                 results=[dict(result, summary=summarise(result, best_bandwidth)) for result in results]))
 
 
 if __name__ == "__main__":
