@@ -25,7 +25,6 @@ import os
 # One OpenMP thread per process, set before torch is imported (N workers share the cores).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse  # noqa: E402  (imports after the environment variable on purpose)
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -38,7 +37,7 @@ import labkit  # noqa: E402
 from labkit import comm  # noqa: E402
 from labkit.ddp import BucketedDDP, NaiveDDP, OverlapDDP  # noqa: E402
 from labkit.models.gpt import GPT, GPTConfig  # noqa: E402
-from labkit.bench import load_average, publish  # noqa: E402
+from labkit.bench import gpt_parser, load_average, publish  # noqa: E402
 
 __all__ = ["VERSIONS", "measure", "summarise", "format_table", "main"]
 
@@ -134,22 +133,9 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world-size", type=int, default=4)
-    parser.add_argument("--preset", default="medium", help="GPT size: tiny, small, medium, gpu (default medium)")
-    # Short sequences and one per rank: little compute per step, so the 56 MB of gradients that the
-    # "medium" GPT all-reduces every step are a large share of it (communication matters).
-    parser.add_argument("--block-size", type=int, default=32, help="tokens per sequence (default 32)")
-    parser.add_argument("--batch-size", type=int, default=1, help="sequences per rank per step (default 1)")
-    parser.add_argument("--vocab-size", type=int, default=78, help="default: Botchan's 78 characters")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per version (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser = gpt_parser(__doc__, steps=10, warmup=2)
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="torch's and labkit's (default 25)")
     parser.add_argument("--versions", nargs="+", default=list(VERSIONS), choices=VERSIONS)
-    parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--output", metavar="FILE", help="also write the report to FILE")
-    parser.add_argument("--json", metavar="FILE", help="write the raw timings to FILE")
     args = parser.parse_args(argv)
     config = GPTConfig.preset(args.preset, args.vocab_size, block_size=args.block_size)
     load_before, start = load_average(), time.perf_counter()

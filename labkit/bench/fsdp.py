@@ -26,7 +26,6 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")     # before torch is imported: N workers share the cores
 
-import argparse  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -34,7 +33,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 import labkit  # noqa: E402
-from labkit.bench import load_average, publish  # noqa: E402
+from labkit.bench import gpt_parser, load_average, publish  # noqa: E402
 from labkit.memory import Setup, predict, relative_error  # noqa: E402
 from labkit.models.gpt import GPTConfig  # noqa: E402
 from labkit.sharded_step import STRATEGIES, train  # noqa: E402
@@ -114,21 +113,10 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world-size", type=int, default=4)
-    parser.add_argument("--preset", default="medium", help="GPT size: tiny, small, medium, gpu (default medium)")
-    parser.add_argument("--block-size", type=int, default=32, help="tokens per sequence (default 32)")
-    parser.add_argument("--batch-size", type=int, default=1, help="sequences per rank per step (default 1)")
-    parser.add_argument("--vocab-size", type=int, default=78, help="default: Botchan's 78 characters")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per run (default 4)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    parser = gpt_parser(__doc__, steps=4, warmup=1)
     parser.add_argument("--rounds", type=int, default=2, help="runs of every version, taking turns (default 2)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--versions", nargs="+", default=list(VERSIONS), choices=VERSIONS)
-    parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--output", metavar="FILE", help="also write the report to FILE")
-    parser.add_argument("--json", metavar="FILE", help="write the raw timings to FILE")
     args = parser.parse_args(argv)
     config = GPTConfig.preset(args.preset, args.vocab_size, block_size=args.block_size)
     load_before, start = load_average(), time.perf_counter()
