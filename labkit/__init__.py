@@ -60,9 +60,11 @@ Lecture code (a concept per file; read it beside its notebook)
               mixed_precision   MasterWeights (fp32 master copy of a 16-bit model), LossScaler (torch.amp's
                                 dynamic rule), underflow_fraction, update_survives
               zero              ZeroOptimizer (ZeRO stages 1 and 2: optimizer state and gradients split over
-                                the ranks; reduce-scatter, update a chunk, all-gather; exercise 8a)
-              fsdp              FSDP, Unit, gpt_units (ZeRO stage 3: parameters sharded by unit, gathered for
-                                the unit's forward and backward, freed after; prefetch optional; exercise 8b)
+                                the ranks; reduce-scatter, update a chunk, all-gather; exercise 8a overrides shard
+                                and step), bytes_sent_per_step (per-rank traffic of stages 0–3; exercise 8c)
+              fsdp              FSDP (unit_class: exercise 8b sets its own Unit), Unit, gpt_units (ZeRO stage 3:
+                                parameters sharded by unit, gathered for the unit's forward and backward, freed
+                                after; prefetch optional)
               sharded_step      train: the GPT under DDP, ZeRO-1/2, FSDP or torch's counterparts, with each
                                 rank's kept bytes, bytes sent and timeline (the lesson, the benchmark, tests)
               memory_figures    predicted_measured_figure, activations_figure, per_rank_figure,

@@ -102,14 +102,17 @@ class FSDP(nn.Module):
         opt = torch.optim.AdamW(model.shards(), lr=1e-3)      # the optimizer updates the shards
         loss = model(x, y)[1]; loss.backward(); opt.step(); opt.zero_grad()
 
-    Every rank must build the module with the same parameters (the same seed, or a broadcast first)."""
+    Every rank must build the module with the same parameters (the same seed, or a broadcast first). The units are
+    made by ``unit_class`` (a subclass may set its own :class:`Unit`, as exercise 8b does)."""
+
+    unit_class = Unit
 
     def __init__(self, module: nn.Module, units: list[tuple[str, list]] | None = None, *, prefetch: bool = False,
                  group: dist.ProcessGroup | None = None):
         super().__init__()
         self.module, self.prefetch = module, prefetch
         named = units if units is not None else gpt_units(module)
-        self.units = [Unit(name, params, group) for name, params in named]
+        self.units = [self.unit_class(name, params, group) for name, params in named]
         self.root, blocks = self.units[0], self.units[1:]
         self._unit_of = {}
         for unit in self.units:

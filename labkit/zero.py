@@ -37,7 +37,18 @@ from torch import nn
 from labkit import comm
 from labkit.ddp import plan_buckets
 
-__all__ = ["ZeroOptimizer", "ZeroBucket"]
+__all__ = ["ZeroOptimizer", "ZeroBucket", "bytes_sent_per_step"]
+
+
+def bytes_sent_per_step(num_params: float, world_size: int, stage: int, dtype_bytes: int = 2) -> float:
+    """The bytes each rank sends per step, data parallel with ZeRO stage 0..3, its collectives costed as a ring's
+    (lesson 2); ``dtype_bytes``: of the gradients and parameters sent (2 under 16-bit mixed precision). Stages 0–2:
+    2Ψ(N−1)/N (an all-reduce of the gradients, or its two halves: a reduce-scatter of the gradients and an all-gather
+    of the updated parameters); stage 3: 3Ψ(N−1)/N (the parameters all-gathered for the forward and again for the
+    backward, the gradients reduce-scattered)."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"stage must be a ZeRO stage 0..3, got {stage}")
+    return (3 if stage == 3 else 2) * num_params * (world_size - 1) / world_size * dtype_bytes
 
 
 @dataclass(eq=False)
@@ -47,14 +58,15 @@ class ZeroBucket:
     offsets: list                                   # where each parameter starts in the flat vector
     numel: int                                      # P, before the padding
     chunk: int                                      # c = ⌈P/N⌉
-    master: nn.Parameter                            # this rank's chunk: what the optimizer updates
+    master: nn.Parameter                            # this rank's chunk: what the optimizer updates (shard())
     grads: torch.Tensor | None = None               # stage 2: the bucket's gradients while they are collected
     ready: int = 0
     work: object = None                             # the reduce-scatter in flight
 
     def flat(self, tensors: Iterable[torch.Tensor], world_size: int) -> torch.Tensor:
-        """The tensors laid end to end and padded with zeros to N·c numbers."""
-        out = self.master.new_zeros(world_size * self.chunk)
+        """The tensors (one per parameter) laid end to end and padded with zeros to N·c numbers."""
+        tensors = list(tensors)
+        out = tensors[0].new_zeros(world_size * self.chunk)
         for t, offset in zip(tensors, self.offsets):
             out[offset:offset + t.numel()].copy_(t.reshape(-1))
         return out
@@ -90,14 +102,17 @@ class ZeroOptimizer:
     def _bucket(self, params: list) -> ZeroBucket:
         offsets = list(itertools.accumulate((p.numel() for p in params), initial=0))
         numel = offsets[-1]
-        chunk = -(-numel // self.world_size)
-        start = self.rank * chunk
+        bucket = ZeroBucket(params, offsets[:-1], numel, -(-numel // self.world_size), master=None)
         with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
-            master = flat.new_zeros(chunk)
-            mine = flat[start:start + chunk]                 # shorter (or empty) at the end: the rest is padding
-            master[:mine.numel()] = mine
-        return ZeroBucket(params, offsets[:-1], numel, chunk, nn.Parameter(master))
+            bucket.master = nn.Parameter(self.shard(bucket))
+        return bucket
+
+    def shard(self, bucket: ZeroBucket) -> torch.Tensor:
+        """This rank's chunk of the bucket's parameters (a new tensor of c numbers): what it keeps and updates.
+        Rank r owns chunk r, because that is the chunk a reduce-scatter hands it; the last chunks may be padding."""
+        flat = bucket.flat((p.detach() for p in bucket.params), self.world_size)
+        start = self.rank * bucket.chunk
+        return flat[start:start + bucket.chunk].clone()
 
     # --- stage 2: reduce-scatter during the backward, keep only the chunk ---------------------------------------
 
@@ -140,12 +155,17 @@ class ZeroOptimizer:
             bucket.grads, bucket.ready, bucket.work = None, 0, None
         self.next_to_launch = 0
         self.optimizer.step()                                # on this rank's chunks only
-        for index, bucket in enumerate(self.buckets):
-            gathered = bucket.master.new_empty(self.world_size * bucket.chunk)
-            with comm.label(f"bucket {index}"):
-                comm.all_gather_into_tensor(gathered, bucket.master.detach(), group=self.group)
-            for p, offset in zip(bucket.params, bucket.offsets):
-                p.copy_(gathered[offset:offset + p.numel()].view_as(p))
+        for index in range(len(self.buckets)):
+            self._gather(index)
+
+    def _gather(self, index: int) -> None:
+        """All-gather bucket ``index``'s updated chunks and copy them into the parameters."""
+        bucket = self.buckets[index]
+        gathered = bucket.master.new_empty(self.world_size * bucket.chunk)
+        with comm.label(f"bucket {index}"):
+            comm.all_gather_into_tensor(gathered, bucket.master.detach(), group=self.group)
+        for p, offset in zip(bucket.params, bucket.offsets):
+            p.copy_(gathered[offset:offset + p.numel()].view_as(p))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
