@@ -11,6 +11,8 @@ Read it to know what is sent, to whom, and how many bytes. Three rules are kept 
    belong together (a ring round) are started together, so a ring cannot deadlock.
 3. **Every message is recorded as one kind of event**, :class:`CommEvent` (what, peer, bytes,
    start, end), for whoever listens: ``with comm.record() as events: ...``.
+4. **An emulated network, when asked for**: inside ``with comm.emulate(network):`` every message is held
+   until the time :class:`labkit.network.Network` gives it has passed (α per round, bytes / bandwidth).
 
 Receiving from *any* source (a parameter server waiting for whichever worker pushes first) exists
 only in gloo: :func:`irecv_any` refuses an NCCL group with an error that says what to do instead.
@@ -28,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-__all__ = ["CommEvent", "record", "label", "Traffic", "traffic", "device", "on", "nbytes", "send", "recv", "isend", "irecv",
+__all__ = ["CommEvent", "record", "label", "emulate", "Traffic", "traffic", "device", "on", "nbytes", "send", "recv", "isend", "irecv",
            "exchange", "irecv_any", "all_reduce", "all_gather", "all_gather_into_tensor",
            "reduce_scatter_tensor", "broadcast", "broadcast_objects", "all_gather_objects", "gather", "barrier",
            "Handle"]
@@ -48,10 +50,12 @@ class CommEvent:
     tag: int = 0
     numel: int = 0
     label: str = ""            # what the message is for, set by whoever sends it (see :func:`label`)
+    modelled: float = 0.0      # seconds the emulated network gives it (0: no network emulated)
 
 
 _listeners: list[list] = []
 _labels: list[str] = []
+_network = None                # a labkit.network.Network while comm.emulate(...) is on
 
 # torch 2.12 renamed these two (the old names warn); take whichever this torch has
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -81,12 +85,35 @@ def label(text: str) -> Iterator[None]:
         _labels.pop()
 
 
-def _log(op: str, peer: int | None, t: torch.Tensor | None, tag: int = 0) -> CommEvent:
+@contextlib.contextmanager
+def emulate(network) -> Iterator[None]:
+    """Hold every message of the ``with`` block for the time ``network`` (labkit.network.Network) gives it."""
+    global _network
+    previous, _network = _network, network
+    try:
+        yield
+    finally:
+        _network = previous
+
+
+def _log(op: str, peer: int | None, t: torch.Tensor | None, tag: int = 0, group: ProcessGroup | None = None,
+         p2p: bool = False) -> CommEvent:
     event = CommEvent(op, peer, 0 if t is None else nbytes(t), time.perf_counter(), tag=tag,
                       numel=0 if t is None else t.numel(), label=_labels[-1] if _labels else "")
+    if _network is not None:
+        ranks = ([dist.get_rank(), peer] if p2p and peer is not None else
+                 dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+        event.modelled = _network.seconds(op, ranks, event.bytes)
     for events in _listeners:
         events.append(event)
     return event
+
+
+def _hold(events: Sequence[CommEvent]) -> None:
+    """Under an emulated network: sleep until each event's modelled time since its start has passed."""
+    until = max((e.start + e.modelled for e in events if e.modelled), default=0.0)
+    if until > time.perf_counter():
+        time.sleep(until - time.perf_counter())
 
 
 @dataclass
@@ -138,6 +165,7 @@ class Handle:
                 done = work.wait(datetime.timedelta(seconds=max(0.0, deadline - time.monotonic())))
             if done is False:
                 return False
+        _hold(self.events)
         now = time.perf_counter()
         for e in self.events:
             e.end = e.end if e.end is not None else now
@@ -184,7 +212,7 @@ def _p2p(ops: Sequence[tuple[str, torch.Tensor, int]], group: ProcessGroup | Non
     _check(group, "send/recv", *(t for _, t, _ in ops))
     if not ops:
         return Handle([], [])
-    events = [_log(kind, peer, t, tag) for kind, t, peer in ops]
+    events = [_log(kind, peer, t, tag, group, p2p=True) for kind, t, peer in ops]
     p2p = [dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer, group, tag) for kind, t, peer in ops]
     return Handle(dist.batch_isend_irecv(p2p), events)
 
@@ -219,7 +247,7 @@ def irecv_any(t: torch.Tensor, group: ProcessGroup | None = None, tag: int = 0) 
                            f"{dist.get_backend(group)}: make a gloo group beside it for such messages "
                            f"(dist.new_group(backend='gloo'))")
     _check(group, "irecv_any", t)
-    event = _log("recv", None, t, tag)
+    event = _log("recv", None, t, tag, group, p2p=True)
     return Handle([dist.irecv(t, group=group, tag=tag)], [event])
 
 
@@ -240,65 +268,68 @@ def _done(work, event: CommEvent, async_op: bool):
 def all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM, group: ProcessGroup | None = None,
                async_op: bool = False) -> Handle | None:
     _check(group, "all_reduce", t)
-    event = _log("all_reduce", None, t)
+    event = _log("all_reduce", None, t, group=group)
     return _done(dist.all_reduce(t, op=op, group=group, async_op=True), event, async_op)
 
 
 def all_gather(outputs: list, t: torch.Tensor, group: ProcessGroup | None = None) -> None:
     _check(group, "all_gather", t, *outputs)
-    event = _log("all_gather", None, t)
+    event = _log("all_gather", None, t, group=group)
     _done(dist.all_gather(outputs, t, group=group, async_op=True), event, False)
 
 
 def all_gather_into_tensor(output: torch.Tensor, t: torch.Tensor, group: ProcessGroup | None = None,
                            async_op: bool = False) -> Handle | None:
     _check(group, "all_gather_into_tensor", output, t)
-    event = _log("all_gather", None, t)
+    event = _log("all_gather", None, t, group=group)
     return _done(_all_gather_single(output, t, group=group, async_op=True), event, async_op)
 
 
 def reduce_scatter_tensor(output: torch.Tensor, t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM,
                           group: ProcessGroup | None = None, async_op: bool = False) -> Handle | None:
     _check(group, "reduce_scatter_tensor", output, t)
-    event = _log("reduce_scatter", None, t)
+    event = _log("reduce_scatter", None, t, group=group)
     return _done(_reduce_scatter_single(output, t, op=op, group=group, async_op=True), event, async_op)
 
 
 def broadcast(t: torch.Tensor, src: int, group: ProcessGroup | None = None, async_op: bool = False) -> Handle | None:
     """``src`` is a global rank, as in ``torch.distributed.broadcast``."""
     _check(group, "broadcast", t)
-    event = _log("broadcast", src, t)
+    event = _log("broadcast", src, t, group=group)
     return _done(dist.broadcast(t, src=src, group=group, async_op=True), event, async_op)
 
 
 def gather(t: torch.Tensor, gather_list: list | None, dst: int, group: ProcessGroup | None = None) -> None:
     """``dst`` is a global rank; only ``dst`` passes a ``gather_list``."""
     _check(group, "gather", t, *(gather_list or []))
-    event = _log("gather", dst, t)
+    event = _log("gather", dst, t, group=group)
     _done(dist.gather(t, gather_list=gather_list, dst=dst, group=group, async_op=True), event, False)
 
 
 def broadcast_objects(objects: list, src: int, group: ProcessGroup | None = None) -> None:
     """Rank ``src``'s picklable objects into ``objects`` on every rank (in place; ``bytes`` is 0: torch
     pickles them itself)."""
-    event = _log("broadcast_objects", src, None)
+    event = _log("broadcast_objects", src, None, group=group)
     dist.broadcast_object_list(objects, src=src, group=group)   # torch picks the group's device itself
+    _hold([event])
     event.end = time.perf_counter()
 
 
 def all_gather_objects(obj: object, group: ProcessGroup | None = None) -> list:
     """Every rank's picklable ``obj``, in rank order (``bytes`` is 0: torch pickles them itself)."""
-    event = _log("all_gather_objects", None, None)
+    event = _log("all_gather_objects", None, None, group=group)
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
+    _hold([event])
     event.end = time.perf_counter()
     return out
 
 
 def barrier(group: ProcessGroup | None = None) -> None:
-    event = _log("barrier", None, None)
+    event = _log("barrier", None, None, group=group)
     if dist.get_backend(group) == "nccl":  # NCCL's barrier guesses a device; say which
         dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier(group=group)
+    _hold([event])
     event.end = time.perf_counter()

@@ -283,10 +283,14 @@ class BucketedDDP(_DataParallel):
         # Launch every full bucket whose predecessors are all launched: same order on every rank.
         while (self.next_to_launch < len(self.buckets)
                and self.buckets[self.next_to_launch].ready == len(self.buckets[self.next_to_launch].params)):
-            full = self.buckets[self.next_to_launch]
-            full.buffer.div_(self.world_size)       # divide first, then sum: the mean, without overflow
-            full.work = self._timed_all_reduce(full.buffer, f"bucket {self.next_to_launch}")
+            self.launch(self.next_to_launch)
             self.next_to_launch += 1
+
+    def launch(self, index: int) -> None:
+        """Start averaging bucket ``index`` (labkit.ddp_hooks.HookedDDP replaces this by a communication hook)."""
+        full = self.buckets[index]
+        full.buffer.div_(self.world_size)           # divide first, then sum: the mean, without overflow
+        full.work = self._timed_all_reduce(full.buffer, f"bucket {index}")
 
     def finish_backward(self) -> None:
         for bucket in self.buckets:
