@@ -118,8 +118,10 @@ class _Outer:
 
 def train(method: str, config: GPTConfig, *, steps: int = 40, batch: int = 2, seq_len: int | None = None,
           lr: float = 3e-3, topk_ratio: float = 0.01, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-          network=None, seed: int = 0, dtype: torch.dtype = torch.float32) -> Run:
-    """``steps`` AdamW steps of labkit's GPT on every rank of the default group with ``method`` (module table)."""
+          network=None, seed: int = 0, dtype: torch.dtype = torch.float32, comm_hook: tuple | None = None) -> Run:
+    """``steps`` AdamW steps of labkit's GPT on every rank of the default group with ``method`` (module table).
+    ``comm_hook``: a (state, hook) pair registered instead of the method's (an exercise's own hook; method
+    "allreduce" then only names the run)."""
     kind, options = parse_method(method)
     if config.vocab_size != VOCAB_SIZE:
         raise ValueError(f"the text has {VOCAB_SIZE} characters: build the GPT with vocab_size={VOCAB_SIZE}")
@@ -128,7 +130,14 @@ def train(method: str, config: GPTConfig, *, steps: int = 40, batch: int = 2, se
     torch.manual_seed(seed)
     model = GPT(config).to(dtype)
     local = kind in ("localsgd", "diloco")
-    net = model if local else _ddp(model, kind, options, topk_ratio)
+    if comm_hook is not None:
+        if local:
+            raise ValueError(f"{method!r} sends no gradients: a communication hook has nothing to do")
+        from labkit.ddp_hooks import HookedDDP
+        net = HookedDDP(model, rebuild_buckets=False)
+        net.register_comm_hook(*comm_hook)
+    else:
+        net = model if local else _ddp(model, kind, options, topk_ratio)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     outer = _Outer(list(model.parameters()), kind == "diloco", outer_lr, outer_momentum) if local else None
     run, sent, clock = Run(method), 0.0, 0.0
