@@ -51,11 +51,13 @@ class CommEvent:
     numel: int = 0
     label: str = ""            # what the message is for, set by whoever sends it (see :func:`label`)
     modelled: float = 0.0      # seconds the emulated network gives it (0: no network emulated)
+    due: float = 0.0           # under an emulated network: when it is done (after the messages queued before it)
 
 
 _listeners: list[list] = []
 _labels: list[str] = []
 _network = None                # a labkit.network.Network while comm.emulate(...) is on
+_link_free = {"out": 0.0, "in": 0.0}   # when this rank's link is free again in each direction (emulated)
 
 # torch 2.12 renamed these two (the old names warn); take whichever this torch has
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -87,9 +89,11 @@ def label(text: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def emulate(network) -> Iterator[None]:
-    """Hold every message of the ``with`` block for the time ``network`` (labkit.network.Network) gives it."""
+    """Hold every message of the ``with`` block for the time ``network`` (labkit.network.Network) gives it; the
+    messages of one rank queue on its link, one direction each way."""
     global _network
     previous, _network = _network, network
+    _link_free.update({"out": 0.0, "in": 0.0})
     try:
         yield
     finally:
@@ -104,14 +108,18 @@ def _log(op: str, peer: int | None, t: torch.Tensor | None, tag: int = 0, group:
         ranks = ([dist.get_rank(), peer] if p2p and peer is not None else
                  dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
         event.modelled = _network.seconds(op, ranks, event.bytes)
+        # one link per direction: a message waits for those queued before it (receives use the other direction)
+        direction = "in" if op == "recv" else "out"
+        event.due = max(event.start, _link_free[direction]) + event.modelled
+        _link_free[direction] = event.due
     for events in _listeners:
         events.append(event)
     return event
 
 
 def _hold(events: Sequence[CommEvent]) -> None:
-    """Under an emulated network: sleep until each event's modelled time since its start has passed."""
-    until = max((e.start + e.modelled for e in events if e.modelled), default=0.0)
+    """Under an emulated network: sleep until each event is due (its modelled time, after the messages before it)."""
+    until = max((e.due for e in events if e.modelled), default=0.0)
     if until > time.perf_counter():
         time.sleep(until - time.perf_counter())
 

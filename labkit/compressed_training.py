@@ -77,11 +77,11 @@ def parse_method(method: str) -> tuple[str, dict]:
     return kind, options
 
 
-def _ddp(model, kind: str, options: dict, topk_ratio: float):
+def _ddp(model, kind: str, options: dict, topk_ratio: float, bucket_cap_mb: float):
     from labkit import compression
     from labkit.ddp_hooks import HookedDDP
 
-    ddp = HookedDDP(model, rebuild_buckets=False)
+    ddp = HookedDDP(model, bucket_cap_mb=bucket_cap_mb, rebuild_buckets=False)
     if kind in ("bf16", "fp16"):
         ddp.register_comm_hook(compression.CastState(dtype=getattr(torch, {"bf16": "bfloat16"}.get(kind, "float16"))),
                                compression.cast_hook)
@@ -118,7 +118,8 @@ class _Outer:
 
 def train(method: str, config: GPTConfig, *, steps: int = 40, batch: int = 2, seq_len: int | None = None,
           lr: float = 3e-3, topk_ratio: float = 0.01, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-          network=None, seed: int = 0, dtype: torch.dtype = torch.float32, comm_hook: tuple | None = None) -> Run:
+          network=None, seed: int = 0, dtype: torch.dtype = torch.float32, comm_hook: tuple | None = None,
+          bucket_cap_mb: float = 25.0) -> Run:
     """``steps`` AdamW steps of labkit's GPT on every rank of the default group with ``method`` (module table).
     ``comm_hook``: a (state, hook) pair registered instead of the method's (an exercise's own hook; method
     "allreduce" then only names the run)."""
@@ -134,10 +135,10 @@ def train(method: str, config: GPTConfig, *, steps: int = 40, batch: int = 2, se
         if local:
             raise ValueError(f"{method!r} sends no gradients: a communication hook has nothing to do")
         from labkit.ddp_hooks import HookedDDP
-        net = HookedDDP(model, rebuild_buckets=False)
+        net = HookedDDP(model, bucket_cap_mb=bucket_cap_mb, rebuild_buckets=False)
         net.register_comm_hook(*comm_hook)
     else:
-        net = model if local else _ddp(model, kind, options, topk_ratio)
+        net = model if local else _ddp(model, kind, options, topk_ratio, bucket_cap_mb)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     outer = _Outer(list(model.parameters()), kind == "diloco", outer_lr, outer_momentum) if local else None
     run, sent, clock = Run(method), 0.0, 0.0

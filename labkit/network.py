@@ -14,9 +14,10 @@ it has passed since it was started:
     barrier, objects   N−1           0
 
 A message between ranks of one node uses the ``inside`` link; one whose group spans nodes (rank // ranks_per_node
-differ) the ``between`` link, the slower one. The delay is added to what the message really took (a few
-microseconds to milliseconds here), and only on the rank that waits for it: each rank of a collective waits, so each
-is held. Off unless asked for.
+differ) the ``between`` link, the slower one. A rank's messages queue on its link (one queue for what it sends and
+its collectives, one for what it receives): a message started while another is on the wire is done its modelled
+time after that one. The delay replaces nothing: it is the earliest the call may return (if the real message took
+longer, it took longer), and it is applied on the rank that waits for the message. Off unless asked for.
 """
 
 from __future__ import annotations
