@@ -69,6 +69,14 @@ Lecture code (a concept per file; read it beside its notebook)
                                 rank's kept bytes, bytes sent and timeline (the lesson, the benchmark, tests)
               memory_figures    predicted_measured_figure, activations_figure, per_rank_figure,
                                 fsdp_timeline_figure, calculator_figure, calculator (the widget)
+    9         network           Link, Network, message_cost (the emulated network: comm.emulate(network))
+              hierarchical      node_groups, hierarchical_all_reduce, hierarchical_seconds, flat_seconds
+              bottleneck        step_time, threshold_tokens (compute + the messages the backward cannot hide)
+              compression       cast_hook, topk_hook (exercise 9), powersgd_hook and their states: DDP hooks
+              ddp_hooks         HookedDDP (register_comm_hook, torch's interface), GradBucket
+              compressed_training   train(method, ...): each remedy's loss, bytes and wall-clock per step
+              compression_figures   curves_figure, allreduce_time_figure, threshold_figure, step_time_figure,
+                                    explorer
     models    models            GPT, GPTConfig (the small GPT every lesson trains)
               text              load_corpus, CharTokenizer, TokenBlocks, distributed_loader (no download)
     Each concept's figures live beside it (<concept>_figures.py, pipeline/gantt.py): they import
