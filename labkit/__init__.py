@@ -72,7 +72,8 @@ Lecture code (a concept per file; read it beside its notebook)
     9         network           Link, Network, message_cost (the emulated network: comm.emulate(network))
               hierarchical      node_groups, hierarchical_all_reduce, hierarchical_seconds, flat_seconds
               bottleneck        step_time, threshold_tokens (compute + the messages the backward cannot hide)
-              compression       cast_hook, topk_hook (exercise 9), powersgd_hook and their states: DDP hooks
+              compression       cast_hook, topk_hook (exercise 9a), powersgd_hook and their states: DDP hooks
+              compression_cost  topk_bytes, allreduce_bytes, break_even_ratio (when top-k pays; exercise 9b)
               ddp_hooks         HookedDDP (register_comm_hook, torch's interface), GradBucket
               compressed_training   train(method, ...): each remedy's loss, bytes and wall-clock per step
               compression_figures   curves_figure, allreduce_time_figure, threshold_figure, step_time_figure,

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from labkit import comm
+from labkit.compression_cost import topk_k
 
 __all__ = ["done", "allreduce_hook", "CastState", "cast_hook", "TopKState", "topk_hook", "PowerSGDState",
            "powersgd_hook", "orthonormalize"]
@@ -82,23 +83,26 @@ class TopKState:
     ratio: float = 0.01                   # k = ⌈ratio · M⌉ numbers of each bucket
     error_feedback: bool = True
     residual: dict = field(default_factory=dict)     # bucket index → what was not sent last time
+    layout: dict = field(default_factory=dict)       # bucket index → its parameters, for which the residual holds
 
 
 def topk_hook(state: TopKState, bucket) -> torch.futures.Future[torch.Tensor]:
     """Each rank sends its k largest entries (of gradient + residual) as values and indices; every rank adds up
     everyone's and divides by N. With error feedback the rest is kept for the next step."""
-    g = bucket.buffer()
-    n, size = dist.get_world_size(state.group), g.numel()
-    residual = state.residual.get(bucket.index())
-    if state.error_feedback and residual is not None and residual.shape == g.shape:   # (DDP may rebuild buckets)
-        g.add_(residual)
-    k = max(1, int(np.ceil(state.ratio * size)))
+    g, index = bucket.buffer(), bucket.index()
+    n = dist.get_world_size(state.group)
+    layout = [id(p) for p in bucket.parameters()]
+    if state.error_feedback and index in state.residual:
+        if state.layout.get(index) == layout:
+            g.add_(state.residual[index])
+        # else: DDP rebuilt its buckets after the first step; the residual no longer lines up, and is dropped
+    k = topk_k(g.numel(), state.ratio)
     indices = g.abs().topk(k, sorted=False).indices
     values = g[indices]
     if state.error_feedback:
         residual = g.clone()
         residual[indices] = 0                                    # what was sent is not owed
-        state.residual[bucket.index()] = residual
+        state.residual[index], state.layout[index] = residual, layout
     # indices differ from rank to rank: gather everyone's, then add each at its own places
     all_values = [torch.empty_like(values) for _ in range(n)]
     all_indices = [torch.empty_like(indices) for _ in range(n)]

@@ -43,28 +43,14 @@ import torch.distributed as dist
 
 from labkit.checks import (CheckFailed, describe, fail, first_mismatch, fmt_number, fmt_pair, passed, run_on_ranks,
                            time_limit)
-from labkit.checks.harness import (Mistake, and_list, bound, call_student, close, close_number, element_text,
-                                   find_mistake, need_function)
+from labkit.checks.harness import (Mistake, and_list, as_number, bound, call_student, close, close_number,
+                                   element_text, find_mistake, need_function)
 
 __all__ = ["check_lamb", "check_adascale_gain", "lamb_variant_step", "gain_formula", "labkit_gain", "gain_cases",
            "LambVariant", "LAMB_MISTAKES", "GAIN_MISTAKES", "WORLD_SIZES", "check_whole_norms", "norm_cases",
            "norms_formula", "NORM_MISTAKES", "NORM_WORLD_SIZES"]
 
 _RTOL, _ATOL = 1e-9, 1e-12
-
-
-def _as_number(x):
-    """A returned scalar as a float, or None when it is not one (a list, None, a tensor of several elements)."""
-    if isinstance(x, bool):
-        return None
-    if isinstance(x, (int, float)):
-        return float(x)
-    if isinstance(x, torch.Tensor) and x.numel() == 1:
-        return float(x.detach().reshape(()).item())
-    if type(x).__module__ == "numpy" and getattr(x, "size", 2) == 1:
-        return float(x)
-    return None
-
 
 
 # ============================================================================================
@@ -244,7 +230,7 @@ def _ratios_returned(result, n: int, name: str, step: int) -> list:
     if len(result) != n:
         fail(f"{name} returned {len(result)} trust ratios at step {step} for {n} tensors: one per tensor, in the "
              f"order of params.")
-    numbers = [_as_number(x) for x in result]
+    numbers = [as_number(x) for x in result]
     for i, (x, value) in enumerate(zip(result, numbers)):
         if value is None:
             fail(f"{name} returned {describe(x)} as the trust ratio of {_TENSORS[i][0]!r} (item {i}) at step "
@@ -595,7 +581,7 @@ def _gain_worker(student_fn, name: str, seconds: float) -> list:
                                 if isinstance(exc, ZeroDivisionError) else ")"))
             raise
         records.append(dict(
-            gain=_as_number(returned), returned=describe(returned),
+            gain=as_number(returned), returned=describe(returned),
             originals=[t.detach().clone() for t in originals],
             listed=[t.detach().clone() if isinstance(t, torch.Tensor) else None for t in grads]))
     return records
@@ -821,7 +807,7 @@ def _numbers(x, n: int):
         x = x.detach().reshape(-1).tolist()
     if not isinstance(x, (list, tuple)) or len(x) != n:
         return None
-    values = [_as_number(v) for v in x]
+    values = [as_number(v) for v in x]
     return None if any(v is None for v in values) else values
 
 

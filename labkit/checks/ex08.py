@@ -50,8 +50,8 @@ from torch import nn
 from labkit import comm
 from labkit.checks import CheckFailed, call_repr, describe, fail, first_mismatch, fmt_number, fmt_pair, passed, \
     run_on_ranks, time_limit
-from labkit.checks.harness import (Described, Mistake, all_ranks, and_list, bound, call_student, close, factor,
-                                   find_mistake, keep, not_written, plural)
+from labkit.checks.harness import (Described, Mistake, all_ranks, and_list, as_number, bound, call_student, close,
+                                   factor, find_mistake, keep, not_written, plural)
 from labkit.cost_model import ring_bytes_sent
 from labkit.fsdp import FSDP, Unit
 from labkit.models import GPT, GPTConfig
@@ -1366,16 +1366,6 @@ _KIND_HOW = {
 }
 
 
-def _as_number(x):
-    if isinstance(x, bool):
-        return None
-    if isinstance(x, (int, float)):
-        return float(x)
-    if isinstance(x, torch.Tensor) and x.numel() == 1:
-        return float(x.reshape(()).item())
-    return None
-
-
 def _bytes_result(fn, name: str, case: tuple) -> dict:
     __tracebackhide__ = True
     psi, n, stage, mp = case
@@ -1385,7 +1375,7 @@ def _bytes_result(fn, name: str, case: tuple) -> dict:
         keys = f" with the keys {sorted(got)}" if isinstance(got, dict) else ""
         fail(f"{call} returned {describe(got)}{keys}: return a dict with the keys {', '.join(_KINDS)} (bytes per "
              f"rank of each kind, and bytes this rank sends per step).")
-    values = {k: _as_number(got[k]) for k in _KINDS}
+    values = {k: as_number(got[k]) for k in _KINDS}
     bad = next((k for k in _KINDS if values[k] is None), None)
     if bad:
         fail(f"{call}[{bad!r}] is {describe(got[bad])}: each value is a number of bytes (an int or a float).")

@@ -43,8 +43,8 @@ from labkit.checks import CheckFailed, describe, fail, first_mismatch, fmt_index
     time_limit_paused
 
 __all__ = ["Mistake", "find_mistake", "literal_parts", "need_function", "call_student", "not_written", "close",
-           "close_number", "factor", "factor_words", "element_text", "Described", "keep", "and_list", "plural", "bound",
-           "everyone", "all_ranks", "variants_if_wrong", "Board", "board_dir", "Call", "Watch"]
+           "close_number", "as_number", "factor", "factor_words", "element_text", "Described", "keep", "and_list",
+           "plural", "bound", "everyone", "all_ranks", "variants_if_wrong", "Board", "board_dir", "Call", "Watch"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,6 +144,20 @@ def close(want: torch.Tensor | None, got: Any, rtol: float = 1e-9, atol: float =
 
 def close_number(want: float, got: float, rtol: float = 1e-9, atol: float = 1e-12) -> bool:
     return math.isclose(want, got, rel_tol=rtol, abs_tol=atol) or (math.isnan(want) and math.isnan(got))
+
+
+def as_number(x: Any) -> float | None:
+    """What a student's function returned, as a float when it is one number (an int, a float, a tensor or a numpy
+    value of one element), else None (a bool, a list, None, a tensor of several elements)."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return float(x.detach().reshape(()).item())
+    if type(x).__module__ == "numpy" and getattr(x, "size", 2) == 1:
+        return float(x)
+    return None
 
 
 def factor(want: torch.Tensor, got: Any) -> float | None:
