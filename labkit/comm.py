@@ -119,9 +119,9 @@ def _log(op: str, peer: int | None, t: torch.Tensor | None, tag: int = 0, group:
 
 def _hold(events: Sequence[CommEvent]) -> None:
     """Under an emulated network: sleep until each event is due (its modelled time, after the messages before it)."""
-    until = max((e.due for e in events if e.modelled), default=0.0)
-    if until > time.perf_counter():
-        time.sleep(until - time.perf_counter())
+    delay = max((e.due for e in events if e.modelled), default=0.0) - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
 
 
 @dataclass

@@ -82,3 +82,11 @@ def test_the_emulation_holds_point_to_point_messages_too():
     for elapsed, modelled in labkit.launch(worker, world_size=2, timeout=30):
         assert modelled == pytest.approx([0.02 + 4000 / 1e9] * 2)
         assert elapsed >= modelled[0]
+
+
+def test_a_message_already_due_is_not_held():
+    from labkit import comm
+    past = comm.CommEvent("all_reduce", None, 8, time.perf_counter() - 2, modelled=1.0, due=time.perf_counter() - 1)
+    start = time.perf_counter()
+    comm._hold([past])                        # a negative delay: no sleep (and no error)
+    assert time.perf_counter() - start < 0.5
