@@ -128,8 +128,9 @@ def train(method: str, config: GPTConfig, *, steps: int = 40, batch: int = 2, se
         raise ValueError(f"the text has {VOCAB_SIZE} characters: build the GPT with vocab_size={VOCAB_SIZE}")
     rank, n = dist.get_rank(), dist.get_world_size()
     seq_len = seq_len or config.block_size
+    device = comm.device()                                   # the process group's: cuda under NCCL, else the CPU
     torch.manual_seed(seed)
-    model = GPT(config).to(dtype)
+    model = GPT(config).to(device=device, dtype=dtype)
     local = kind in ("localsgd", "diloco")
     if comm_hook is not None:
         if local:
@@ -143,7 +144,7 @@ def train(method: str, config: GPTConfig, *, steps: int = 40, batch: int = 2, se
     outer = _Outer(list(model.parameters()), kind == "diloco", outer_lr, outer_momentum) if local else None
     run, sent, clock = Run(method), 0.0, 0.0
     for step in range(steps):
-        x, y = (t[rank * batch:(rank + 1) * batch] for t in text_batch(step, n * batch, seq_len, seed))
+        x, y = (t[rank * batch:(rank + 1) * batch].to(device) for t in text_batch(step, n * batch, seq_len, seed))
         start = time.perf_counter()
         with comm.emulate(network) if network is not None else contextlib.nullcontext(), comm.record() as events:
             opt.zero_grad()
@@ -154,11 +155,11 @@ def train(method: str, config: GPTConfig, *, steps: int = 40, batch: int = 2, se
                 outer.sync()
         clock += time.perf_counter() - start
         sent += sum(message_cost(e.op, n, e.bytes)[1] for e in events)
-        mean = torch.tensor([loss.item()], dtype=torch.float64)      # a metric: outside the emulation, not counted
+        mean = comm.on(torch.tensor([loss.item()], dtype=torch.float64))   # a metric: outside the emulation, not counted
         comm.all_reduce(mean)
         run.losses.append(mean.item() / n)
         run.bytes.append(sent)
         run.seconds.append(clock)
-    run.params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    run.params = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu()
     return run
 

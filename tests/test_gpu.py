@@ -176,6 +176,24 @@ def test_the_memory_prediction_against_the_cuda_allocator():
     assert want.total <= result.cuda_peak < 2 * want.total
 
 
+# --- lesson 9: compression hooks, local SGD and the emulated network under NCCL -----------------------------------
+
+@pytest.mark.parametrize("method", ["bf16", "topk", "powersgd-r1", "diloco-4"])
+@pytest.mark.parametrize("world_size", NCCL_WORLDS)
+def test_each_remedy_trains_under_nccl(method, world_size):
+    from labkit.compressed_training import VOCAB_SIZE, train
+    from labkit.models import GPTConfig
+    from labkit.network import Link, Network
+
+    config = GPTConfig(vocab_size=VOCAB_SIZE, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    net = Network(inside=Link(alpha=1e-4, bandwidth=1e9))
+    runs = labkit.launch(train, method, config, steps=8, network=net, world_size=world_size, device="cuda",
+                         timeout=120)
+    assert runs[0].losses[-1] < runs[0].losses[0]
+    assert runs[0].bytes[-1] > 0 or world_size == 1                  # one rank sends nothing
+    assert all(torch.allclose(r.params, runs[0].params, atol=1e-5) for r in runs)
+
+
 # --- tensor parallel, pipeline, parameter server ------------------------------------------------------------
 
 def _tensor_parallel_gpt():
