@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from labkit import comm
 from labkit.compression_cost import topk_k
+from labkit.data_parallel import all_reduce_mean_
 
 __all__ = ["done", "allreduce_hook", "CastState", "cast_hook", "TopKState", "topk_hook", "PowerSGDState",
            "powersgd_hook", "orthonormalize"]
@@ -172,13 +173,7 @@ def powersgd_hook(state: PowerSGDState, bucket) -> torch.futures.Future[torch.Te
             buffer.add_(state.error[index])
         before = buffer.clone()
     matrices, rest = _matrices(bucket, state)
-    if rest:                                              # small tensors (biases, LayerNorms) go whole
-        flat = torch.cat([t.reshape(-1) for t in rest])
-        _mean_(flat, state.group)
-        offset = 0
-        for t in rest:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+    all_reduce_mean_(rest, group=state.group)             # small tensors (biases, LayerNorms) go whole
     if matrices:
         if not state.warm_start or index not in state.qs:
             with torch.random.fork_rng(devices=[]):

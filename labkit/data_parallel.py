@@ -131,7 +131,8 @@ def average_gradients(model: torch.nn.Module, one_message: bool = False) -> None
         g /= world_size
 
 
-def all_reduce_mean_(tensors: list[torch.Tensor], dtype: torch.dtype | None = None) -> None:
+def all_reduce_mean_(tensors: list[torch.Tensor], dtype: torch.dtype | None = None,
+                     group: ProcessGroup | None = None) -> None:
     """Replace each tensor, in place, by its mean over the ranks, with ONE all-reduce: copy them into
     a single flat buffer first. Every collective pays a fixed latency (milliseconds when processes
     share a few cores), so one call per step instead of one per tensor; DDP's buckets do the same.
@@ -141,8 +142,8 @@ def all_reduce_mean_(tensors: list[torch.Tensor], dtype: torch.dtype | None = No
     flat = torch.cat([t.reshape(-1) for t in tensors])
     if dtype is not None:
         flat = flat.to(dtype)
-    comm.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat = flat.to(tensors[0].dtype) / dist.get_world_size()
+    comm.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat = flat.to(tensors[0].dtype) / dist.get_world_size(group)
     offset = 0
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))

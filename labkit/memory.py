@@ -152,6 +152,7 @@ def _storage_bytes(tensors) -> dict:
     out = {}
     for t in tensors:
         if isinstance(t, torch.Tensor):
+            t = t.to_local() if hasattr(t, "to_local") else t       # a DTensor (torch's FSDP): this rank's part
             st = t.untyped_storage()
             out[st.data_ptr()] = st.nbytes()
     return out

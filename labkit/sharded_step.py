@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from labkit import comm
 from labkit.cost_model import ring_bytes_sent
-from labkit.memory import Memory
+from labkit.memory import Memory, _storage_bytes
 from labkit.models import GPT, GPTConfig
 from labkit.timeline import Event
 
@@ -62,13 +62,7 @@ def batch_at(step: int, rows: int, config: GPTConfig, seq_len: int, seed: int = 
 
 def _nbytes(tensors) -> int:
     """Bytes of the tensors' storages, each storage once (views share one)."""
-    seen = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            t = t.to_local() if hasattr(t, "to_local") else t       # torch FSDP's DTensors: this rank's part
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
+    return sum(_storage_bytes(tensors).values())
 
 
 def _state_bytes(optimizer) -> int:
