@@ -23,7 +23,7 @@ import torch.distributed as dist
 from labkit import comm
 from labkit.data_parallel import (LinearRegression, average_gradients, broadcast_parameters,
                                   make_linear_data, server_average_gradients, shard_indices)
-from labkit.labs.entry import run_lab
+from labkit.labs.entry import run_as_script, run_lab
 
 
 def parse_args(argv=None):
@@ -98,4 +98,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_script(main)

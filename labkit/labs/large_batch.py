@@ -20,7 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from labkit.labs.entry import run_lab, under_launcher
+from labkit.labs.entry import run_as_script, run_lab, under_launcher
 from labkit.large_batch import DECAYS, DEFAULT_LRS, METHODS, SCALING_RULES
 from labkit.large_batch_sweep import DEFAULTS, check_options, summary_table, train
 from labkit.models.gpt import PRESETS
@@ -131,4 +131,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_script(main)

@@ -41,7 +41,7 @@ from torch import nn
 
 from labkit import comm
 from labkit.ddp import BucketedDDP, NaiveDDP, OverlapDDP
-from labkit.labs.entry import run_lab, under_launcher
+from labkit.labs.entry import run_as_script, run_lab, under_launcher
 from labkit.models.gpt import GPT, PRESETS, GPTConfig
 from labkit.text import CharTokenizer, TokenBlocks, batches, distributed_loader, load_corpus, split_tokens
 
@@ -573,4 +573,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_script(main)
