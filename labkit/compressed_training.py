@@ -10,7 +10,7 @@ steps, bytes and wall-clock (lesson 9, issue 18).
     "diloco-<H>"       every H steps: the parameters; their mean's distance from the last outer parameters is
                        an outer gradient for Nesterov SGD (Douillard et al. 2023)
 
-Each rank takes AdamW steps on its own batches of the course's text (Botchan, characters: :func:`text_batch`). With
+Each rank takes AdamW (or SGD) steps on its own batches of the course's text (Botchan, characters: :func:`text_batch`). With
 ``network`` (a labkit.network.Network) every message is held for its modelled time. The bytes are what a ring
 puts on the wire from one rank for the recorded messages (labkit.network.message_cost), so that the methods compare
 on the same scale; the loss is the mean over the ranks of each rank's loss at that step (that all-reduce is not
@@ -33,7 +33,7 @@ from labkit.models import GPT, GPTConfig
 from labkit.network import message_cost
 from labkit.text import CharTokenizer, load_corpus
 
-__all__ = ["Run", "train", "parse_method", "text_batch", "VOCAB_SIZE"]
+__all__ = ["Run", "train", "train_each", "parse_method", "text_batch", "VOCAB_SIZE"]
 
 _TOKENS = CharTokenizer.from_text(load_corpus())
 VOCAB_SIZE = _TOKENS.vocab_size
@@ -119,11 +119,14 @@ class _Outer:
 def train(method: str, config: GPTConfig, *, steps: int = 40, batch: int = 2, seq_len: int | None = None,
           lr: float = 3e-3, topk_ratio: float = 0.01, outer_lr: float = 0.7, outer_momentum: float = 0.9,
           network=None, seed: int = 0, dtype: torch.dtype = torch.float32, comm_hook: tuple | None = None,
-          bucket_cap_mb: float = 25.0) -> Run:
-    """``steps`` AdamW steps of labkit's GPT on every rank of the default group with ``method`` (module table).
+          bucket_cap_mb: float = 25.0, optimizer: str = "adamw") -> Run:
+    """``steps`` optimizer steps of labkit's GPT on every rank of the default group with ``method`` (module table);
+    ``optimizer``: "adamw", or "sgd" (momentum 0.9), the optimizer error feedback was designed for.
     ``comm_hook``: a (state, hook) pair registered instead of the method's (an exercise's own hook; method
     "allreduce" then only names the run)."""
     kind, options = parse_method(method)
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {optimizer!r}")
     if config.vocab_size != VOCAB_SIZE:
         raise ValueError(f"the text has {VOCAB_SIZE} characters: build the GPT with vocab_size={VOCAB_SIZE}")
     rank, n = dist.get_rank(), dist.get_world_size()
@@ -140,7 +143,8 @@ def train(method: str, config: GPTConfig, *, steps: int = 40, batch: int = 2, se
         net.register_comm_hook(*comm_hook)
     else:
         net = model if local else _ddp(model, kind, options, topk_ratio, bucket_cap_mb)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = (torch.optim.AdamW(model.parameters(), lr=lr) if optimizer == "adamw" else
+           torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
     outer = _Outer(list(model.parameters()), kind == "diloco", outer_lr, outer_momentum) if local else None
     run, sent, clock = Run(method), 0.0, 0.0
     for step in range(steps):
@@ -163,3 +167,8 @@ def train(method: str, config: GPTConfig, *, steps: int = 40, batch: int = 2, se
     run.params = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu()
     return run
 
+
+def train_each(methods, config: GPTConfig, **options) -> dict[str, Run]:
+    """:func:`train` with each method in turn on the same ranks: one ``labkit.launch`` for a whole comparison
+    (starting four processes costs more than a short run)."""
+    return {method: train(method, config, **options) for method in methods}

@@ -21,24 +21,48 @@ from labkit.network import Link
 __all__ = ["curves_figure", "allreduce_time_figure", "threshold_figure", "step_time_figure", "explorer"]
 
 
+_COLORS = {"allreduce": "black", "fp16": "#DD8452", "bf16": "#937860", "topk": "#55A868", "powersgd-r1": "#8172B3",
+           "powersgd-r4": "#4C72B0", "localsgd-8": "#C44E52", "diloco-8": "#DA8BC3"}
+
+
 def _style(method: str) -> dict:
     dashed = method.endswith("-noef")
-    return {"linestyle": "--" if dashed else "-", "linewidth": 1.2 if dashed else 1.6}
+    return {"color": _COLORS.get(method.removesuffix("-noef")), "linestyle": "--" if dashed else "-",
+            "linewidth": 1.2 if dashed else 1.6}
 
 
-def curves_figure(runs: Mapping, *, target: float | None = None, title: str = ""):
-    """``runs[method]`` is a labkit.compressed_training.Run (rank 0's)."""
+def _field(run, name: str) -> list:
+    return run[name] if isinstance(run, Mapping) else getattr(run, name)
+
+
+def _running_mean(values: Sequence[float], window: int) -> list:
+    """The mean of the last ``window`` values at each step (fewer at the start): a training loss of small batches
+    is too noisy to compare methods by eye."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def curves_figure(runs: Mapping, *, target: float | None = None, title: str = "", smooth: int = 1):
+    """Loss against steps, MiB sent per rank and seconds. ``runs[method]`` is a labkit.compressed_training.Run
+    (rank 0's) or a dict with its ``losses``, ``bytes`` and ``seconds``; ``smooth``: the loss's running mean over
+    that many steps."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
     for method, run in runs.items():
-        steps = range(1, len(run.losses) + 1)
-        for ax, x in zip(axes, (steps, [b / 2 ** 20 for b in run.bytes], run.seconds)):
-            ax.plot(x, run.losses, label=method, **_style(method))
+        losses = _running_mean(_field(run, "losses"), smooth)
+        steps = range(1, len(losses) + 1)
+        mib = [b / 2 ** 20 for b in _field(run, "bytes")]
+        for ax, x in zip(axes, (steps, mib, _field(run, "seconds"))):
+            ax.plot(x, losses, label=method, **_style(method))
     for ax, xlabel in zip(axes, ("step", "MiB sent per rank", "seconds (emulated network)")):
         ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
         if target is not None:
             ax.axhline(target, color="black", linewidth=0.8, linestyle=":")
     axes[1].set_xscale("log")
-    axes[0].set_ylabel("training loss (mean over ranks)")
+    axes[0].set_ylabel("training loss (mean over ranks)" + (f", mean of {smooth} steps" if smooth > 1 else ""))
     axes[2].legend(fontsize=7, loc="upper right")
     if title:
         fig.suptitle(title, fontsize=10)

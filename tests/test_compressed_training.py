@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import labkit
-from labkit.compressed_training import VOCAB_SIZE, parse_method, text_batch, train
+from labkit.compressed_training import VOCAB_SIZE, parse_method, text_batch, train, train_each
 from labkit.models import GPT, GPTConfig
 from labkit.network import Link, Network
 
@@ -51,6 +51,21 @@ def test_diloco_with_plain_outer_sgd_of_rate_one_is_local_sgd():
     local = labkit.launch(train, "localsgd-3", CONFIG, **f64)[0]
     diloco = labkit.launch(train, "diloco-3", CONFIG, outer_lr=1.0, outer_momentum=0.0, **f64)[0]
     assert torch.allclose(local.params, diloco.params, atol=1e-10)     # θ − 1·(θ − θ̄) = θ̄, to rounding
+
+
+def test_train_each_runs_the_methods_in_turn_as_separate_launches_would(runs):
+    each = labkit.launch(train_each, ["localsgd-4", "allreduce"], CONFIG, steps=STEPS, world_size=N, timeout=120)[0]
+    assert list(each) == ["localsgd-4", "allreduce"]
+    for method, run in each.items():           # nothing of one run leaks into the next
+        assert run.losses == runs[method][0].losses and torch.equal(run.params, runs[method][0].params), method
+
+
+def test_sgd_instead_of_adamw():
+    sgd = labkit.launch(train, "topk", CONFIG, steps=4, lr=0.3, optimizer="sgd", world_size=N, timeout=60)[0]
+    adamw = labkit.launch(train, "topk", CONFIG, steps=4, lr=0.3, world_size=N, timeout=60)[0]
+    assert sgd.losses[0] == adamw.losses[0] and sgd.losses[1] != adamw.losses[1]   # same start, other update
+    with pytest.raises(labkit.WorkerError, match="optimizer must be 'adamw' or 'sgd'"):
+        labkit.launch(train, "topk", CONFIG, steps=1, optimizer="lamb", world_size=1, timeout=60)
 
 
 def test_the_emulated_network_holds_each_step():

@@ -29,6 +29,13 @@ def test_curves_put_each_run_on_three_axes():
     assert [l.get_linestyle() for l in fig.axes[0].get_lines()][:2] == ["-", "--"]
 
 
+def test_curves_take_recorded_dicts_and_draw_running_means():
+    runs = {"allreduce": dict(losses=[4.0, 2.0, 3.0, 1.0], bytes=[1.0, 2.0, 3.0, 4.0], seconds=[0.1, 0.2, 0.3, 0.4])}
+    fig = curves_figure(runs, smooth=2)
+    assert list(fig.axes[0].get_lines()[0].get_ydata()) == [4.0, 3.0, 2.5, 2.0]   # the mean of the last two
+    assert "mean of 2 steps" in fig.axes[0].get_ylabel()
+
+
 def test_step_time_bars_are_the_model():
     fig = step_time_figure(psi_b=1.0, tokens=4096, world_size=64, ranks_per_node=8, inside_gbs=450, between_gbs=50,
                            tflops=400, bf16=True)

@@ -1,13 +1,15 @@
 """Bytes, step time and steps to a target loss of each remedy for the communication bottleneck, on one GPT.
 
-    python -m labkit.bench.compression [--world-size 4] [--steps 100] [--bandwidths 1000 20]
+    python -m labkit.bench.compression [--world-size 4] [--steps 250] [--bandwidths 1000 20] [--json FILE]
 
-Each method of :mod:`labkit.compressed_training` (all-reduce, bf16, top-k with and without error feedback, PowerSGD
-rank 1 and 4, local SGD and DiLoCo every 8 steps) trains the small GPT on the course's text for ``steps`` AdamW
-steps on N processes, once per emulated bandwidth (one link class, α = 100 µs; MB/s as given). The table shows
-per method: MiB each rank sends per step (the mean over the run), the median step time at each bandwidth, the loss
-of the last 10 steps, and the steps and seconds it takes to reach the target loss (the all-reduce run's loss after
-80 % of the steps, averaged over 10 steps).
+Each method of :mod:`labkit.compressed_training` (all-reduce, fp16, bf16, top-k with and without error feedback,
+PowerSGD rank 1 with and without error feedback and rank 4, local SGD and DiLoCo every 8 steps) trains the small GPT
+on the course's text for ``steps`` AdamW steps (``--optimizer sgd``: SGD with momentum) on N processes, every method
+in turn on the same processes, once per emulated bandwidth (one link class, α = 100 µs; MB/s as given). The table
+shows per method: MiB each rank sends per step (the mean over the run), the median step time at each bandwidth, the
+loss of the last 10 steps, and the steps and seconds it takes to reach the target loss (the all-reduce run's loss
+after 80 % of the steps, averaged over 10 steps). ``--json`` writes every run's losses, bytes and seconds (lesson 9
+loads docs/results/compression.json).
 
 Then PowerSGD from scratch (labkit.compression.powersgd_hook) against torch's powerSGD_hook under torch's DDP, with
 no emulated network (torch's hook sends through torch.distributed directly, which labkit.comm cannot hold): the
@@ -28,17 +30,17 @@ import torch.distributed as dist  # noqa: E402
 
 import labkit  # noqa: E402
 from labkit.bench import gpt_parser, load_average, publish  # noqa: E402
-from labkit.compressed_training import VOCAB_SIZE, text_batch, train  # noqa: E402
+from labkit.compressed_training import VOCAB_SIZE, text_batch, train_each  # noqa: E402
 from labkit.models.gpt import GPT, GPTConfig  # noqa: E402
 from labkit.network import Link, Network  # noqa: E402
 
 __all__ = ["METHODS", "measure", "summarise", "format_table", "powersgd_against_torch", "main"]
 
-METHODS = ("allreduce", "bf16", "topk", "topk-noef", "powersgd-r1", "powersgd-r4", "localsgd-8", "diloco-8")
+METHODS = ("allreduce", "fp16", "bf16", "topk", "topk-noef", "powersgd-r1", "powersgd-r1-noef", "powersgd-r4", "localsgd-8", "diloco-8")
 
 
-def measure(world_size: int, config: GPTConfig, *, methods=METHODS, steps: int = 100, batch: int = 4,
-            bandwidths=(1000.0, 20.0), timeout: float = 600.0) -> dict:
+def measure(world_size: int, config: GPTConfig, *, methods=METHODS, steps: int = 250, batch: int = 4,
+            lr: float = 2e-3, optimizer: str = "adamw", bandwidths=(1000.0, 20.0), timeout: float = 600.0) -> dict:
     """Every method at every bandwidth (MB/s); rank 0's runs."""
     unknown = set(methods) - set(METHODS)
     if unknown:
@@ -48,12 +50,13 @@ def measure(world_size: int, config: GPTConfig, *, methods=METHODS, steps: int =
     runs = {}
     for mbs in bandwidths:
         network = Network(inside=Link(alpha=1e-4, bandwidth=mbs * 1e6))
-        for method in methods:
-            run = labkit.launch(train, method, config, steps=steps, batch=batch, network=network,
-                                world_size=world_size, timeout=timeout)[0]
-            runs[(method, mbs)] = dict(losses=run.losses, bytes=run.bytes, seconds=run.seconds)
-    return dict(runs=runs, methods=list(methods), bandwidths=list(bandwidths), steps=steps, world_size=world_size,
-                params=GPT(config).num_params())
+        each = labkit.launch(train_each, methods, config, steps=steps, batch=batch, lr=lr, optimizer=optimizer, network=network,
+                             world_size=world_size, timeout=timeout)[0]
+        for method, run in each.items():   # rounded: the JSON is committed for lesson 9
+            runs[(method, mbs)] = dict(losses=[round(x, 5) for x in run.losses], bytes=run.bytes,
+                                       seconds=[round(x, 5) for x in run.seconds])
+    return dict(runs=runs, methods=list(methods), bandwidths=list(bandwidths), steps=steps, lr=lr,
+                optimizer=optimizer, world_size=world_size, params=GPT(config).num_params())
 
 
 def _window(steps: int) -> int:
@@ -93,12 +96,12 @@ def summarise(result: dict) -> dict:
 def format_table(result: dict) -> str:
     summary = summarise(result)
     bws = result["bandwidths"]
-    head = f"{'method':<14} {'MiB/step':>9} " + " ".join(f"{'step ms @' + format(b, 'g'):>13}" for b in bws)
+    head = f"{'method':<17} {'MiB/step':>9} " + " ".join(f"{'step ms @' + format(b, 'g'):>13}" for b in bws)
     head += f" {'loss (last 10)':>15} {'steps to target':>16} " + " ".join(f"{'s to target @' + format(b, 'g'):>17}"
                                                                           for b in bws)
     lines = [f"target loss {summary['target']:.3f} (all-reduce's, at 80 % of the steps)", head]
     for method, r in summary["rows"].items():
-        line = f"{method:<14} {r['mib_per_step']:>9.3f} " + " ".join(f"{1e3 * r[f'step_s@{b:g}']:>13.1f}" for b in bws)
+        line = f"{method:<17} {r['mib_per_step']:>9.3f} " + " ".join(f"{1e3 * r[f'step_s@{b:g}']:>13.1f}" for b in bws)
         steps = "never" if r["to_target_steps"] is None else str(r["to_target_steps"])
         line += f" {r['last_loss']:>15.3f} {steps:>16} "
         line += " ".join(f"{'-' if r[f'to_target_s@{b:g}'] is None else format(r[f'to_target_s@{b:g}'], '.1f'):>17}"
@@ -160,7 +163,10 @@ def powersgd_against_torch(world_size: int, config: GPTConfig, *, steps: int = 2
 
 
 def main(argv=None) -> None:
-    parser = gpt_parser(__doc__, steps=100, warmup=0)
+    parser = gpt_parser(__doc__, steps=250, warmup=0)
+    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                        help="adamw (default), or sgd with momentum 0.9")
     parser.add_argument("--bandwidths", nargs="+", type=float, default=[1000.0, 20.0], help="MB/s (default 1000 20)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.set_defaults(preset="tiny", block_size=32, batch_size=4)
@@ -168,12 +174,12 @@ def main(argv=None) -> None:
     config = GPTConfig.preset(args.preset, VOCAB_SIZE, block_size=args.block_size)
     load_before, start = load_average(), time.perf_counter()
     result = measure(args.world_size, config, methods=args.methods, steps=args.steps, batch=args.batch_size,
-                     bandwidths=args.bandwidths, timeout=args.timeout)
+                     lr=args.lr, optimizer=args.optimizer, bandwidths=args.bandwidths, timeout=args.timeout)
     versus = powersgd_against_torch(args.world_size, config, batch=args.batch_size, timeout=args.timeout)
     report = "\n".join([
         f"labkit.bench.compression: GPT preset {args.preset!r} ({result['params'] / 1e6:.2f} M parameters), "
         f"N = {args.world_size} CPU processes over gloo, batch {args.batch_size} x {args.block_size} characters per "
-        f"rank, AdamW lr 3e-3, {args.steps} steps; emulated network: one link class, α = 100 µs, "
+        f"rank, {dict(adamw='AdamW', sgd='SGD (momentum 0.9)')[args.optimizer]} lr {args.lr:g}, {args.steps} steps; emulated network: one link class, α = 100 µs, "
         f"{' and '.join(format(b, 'g') for b in args.bandwidths)} MB/s",
         f"torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPU cores, 1 torch thread "
         f"per rank; load average {load_before} before, {load_average()} after; whole run "
@@ -183,7 +189,7 @@ def main(argv=None) -> None:
         "",
         f"PowerSGD rank 1 under torch's DDP, no emulated network: labkit {1e3 * versus['step_s']['labkit']:.1f} ms, "
         f"torch's hook {1e3 * versus['step_s']['torch']:.1f} ms per step (labkit at {versus['vs_torch']:.2f}x torch's "
-        f"speed); labkit sends {versus['sent']} bytes per step, torch's P and Q {versus['expected_bytes']}; "
+        f"speed); labkit sends {versus['sent']:.0f} bytes per step, torch's P and Q {versus['expected_bytes']}; "
         f"max |parameter difference| after the run {versus['drift']:.1e}",
     ])
     publish(report, args.output, args.json, dict(args=vars(args), result={**result, "runs": {
