@@ -78,6 +78,10 @@ Lecture code (a concept per file; read it beside its notebook)
               compressed_training   train(method, ...): each remedy's loss, bytes and wall-clock per step
               compression_figures   curves_figure, allreduce_time_figure, threshold_figure, step_time_figure,
                                     explorer
+    10        checkpoint        rng_state, set_rng_state, all_rng_states, save (always a whole file), load
+                                (weights_only, clear errors), CheckpointError
+              resumable         Trainer (state_dict / load_state_dict: what a resume needs), train (stop, resume,
+                                compare bit for bit)
     models    models            GPT, GPTConfig (the small GPT every lesson trains)
               text              load_corpus, CharTokenizer, TokenBlocks, distributed_loader (no download)
     Each concept's figures live beside it (<concept>_figures.py, pipeline/gantt.py): they import

@@ -29,7 +29,6 @@ import datetime
 import inspect
 import json
 import math
-import os
 import sys
 import time
 import zlib
@@ -39,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from labkit import comm
+from labkit import checkpoint, comm
 from labkit.ddp import BucketedDDP, NaiveDDP, OverlapDDP
 from labkit.labs.entry import run_as_script, run_lab, under_launcher
 from labkit.models.gpt import GPT, PRESETS, GPTConfig
@@ -132,7 +131,7 @@ NOT_INHERITED = {"help", "resume", "out_dir", "stop_after"}
 def _inherit_from_checkpoint(parser, argv, args) -> None:
     """``--resume RUN`` continues RUN as it was started: every option not given on this command
     line takes the value saved in the checkpoint (so ``--resume RUN --steps 400`` just trains longer)."""
-    saved = torch.load(checkpoint_path(args.resume), map_location="cpu", mmap=True, weights_only=True)["args"]
+    saved = checkpoint.load(checkpoint_path(args.resume))["args"]
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     for action in parser._actions:
         if (action.dest in saved and action.dest not in NOT_INHERITED
@@ -303,32 +302,17 @@ def evaluate(module: nn.Module, val_loader, n_batches: int, device, autocast) ->
     return mean_over_ranks(total / count, device)
 
 
-def rng_state(device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device) -> None:
-    torch.set_rng_state(state["cpu"].cpu())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
 # --------------------------------------------------------------------------------------------
 # Checkpoints and outputs
 # --------------------------------------------------------------------------------------------
 
 def save_checkpoint(path: Path, module, optimizer, step: int, data: DataStream, history: dict, args,
                     device) -> None:
-    """Every rank sends its RNG state; rank 0 writes (to a temporary file, then renames it)."""
-    rank = dist.get_rank()
-    states = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(rng_state(device), states, dst=0)
-    if rank != 0:
+    """Every rank's random state is gathered; rank 0 writes the file whole (labkit.checkpoint.save)."""
+    states = checkpoint.all_rng_states(device)
+    if dist.get_rank() != 0:
         return
-    checkpoint = {
+    state = {
         "model": module.state_dict(),            # the unwrapped model: loads without any DDP
         "optimizer": optimizer.state_dict(),
         "scheduler": {"kind": "warmup-cosine", "step": step},   # lr_at(step, args) is the whole state
@@ -339,9 +323,7 @@ def save_checkpoint(path: Path, module, optimizer, step: int, data: DataStream, 
         "history": history,
         "args": vars(args),
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    checkpoint.save(state, path)
 
 
 # What a resumed run must share with the run that wrote the checkpoint for the data order (and so
@@ -350,19 +332,19 @@ MUST_MATCH = ("preset", "batch_size", "grad_accum", "seed", "dropout")
 
 
 def load_checkpoint(path: Path, args, device, world_size: int) -> dict:
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
-    old = checkpoint["args"]
+    state = checkpoint.load(path, map_location=device)
+    old = state["args"]
     diff = [f"--{k.replace('_', '-')} {old.get(k)} (now {getattr(args, k)})" for k in MUST_MATCH
             if old.get(k) != getattr(args, k)]
-    if checkpoint["world_size"] != world_size:
-        diff.append(f"world size {checkpoint['world_size']} (now {world_size})")
+    if state["world_size"] != world_size:
+        diff.append(f"world size {state['world_size']} (now {world_size})")
     if diff:
         raise ValueError(f"cannot resume {path} exactly: it was written with " + ", ".join(diff) +
                          ". The data order (each rank's shard, the position in the epoch) depends on these.")
-    if checkpoint["step"] >= args.steps:
-        raise ValueError(f"{path} is at step {checkpoint['step']} and --steps is {args.steps}: nothing to do. "
+    if state["step"] >= args.steps:
+        raise ValueError(f"{path} is at step {state['step']} and --steps is {args.steps}: nothing to do. "
                          f"Pass a larger --steps to train on.")
-    return checkpoint
+    return state
 
 
 def peak_flops(device, args) -> tuple[float | None, str]:
@@ -427,10 +409,10 @@ def train(args, device: torch.device) -> dict:
 
     torch.manual_seed(args.seed)                 # the same initial weights everywhere (DDP checks anyway)
     model = GPT(config)
-    checkpoint = None
+    state = None
     if args.resume:
-        checkpoint = load_checkpoint(checkpoint_path(args.resume), args, device, world_size)
-        model.load_state_dict(checkpoint["model"])
+        state = load_checkpoint(checkpoint_path(args.resume), args, device, world_size)
+        model.load_state_dict(state["model"])
     model.to(device)
     ddp_model = wrap(model, args, device)
     if not replicas_identical(model, device):
@@ -438,16 +420,16 @@ def train(args, device: torch.device) -> dict:
                            "weights")
     optimizer = make_optimizer(model, args)
     torch.manual_seed(args.seed + 1 + rank)      # dropout: a different mask on every rank
-    if checkpoint is None:
+    if state is None:
         start_step, data = 0, DataStream(train_loader)
         history = {"train_loss": [], "lr": [], "step_time_s": [], "eval_loss": []}
     else:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_step = checkpoint["step"]
-        data = DataStream(train_loader, checkpoint["data"]["epoch"], checkpoint["data"]["position"])
-        history = checkpoint["history"]
-        set_rng_state(checkpoint["rng"][rank], device)   # last: nothing above may draw from it
-        del checkpoint
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+        data = DataStream(train_loader, state["data"]["epoch"], state["data"]["position"])
+        history = state["history"]
+        checkpoint.set_rng_state(state["rng"][rank], device)   # last: nothing above may draw from it
+        del state
 
     last_step = args.stop_after or args.steps
     seqs_per_step = world_size * args.grad_accum * args.batch_size
