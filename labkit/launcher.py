@@ -637,6 +637,20 @@ def _stop(procs) -> None:
 # Under torchrun / accelerate launch
 # --------------------------------------------------------------------------------------------
 
+def _store_of_this_attempt(rank: int, world_size: int, timeout: float) -> dict:
+    """Under torchrun, a store whose keys belong to this attempt of the job (``{}``: let env:// make one).
+
+    torchrun keeps one store for the whole job, and env:// adds no prefix per restart: after a restart a rank could
+    read the address a peer of the previous attempt published, and fail with "Connection refused" connecting to a
+    dead process (pytorch/pytorch#167288; 2 runs in 3 of the lesson's elastic lab before this)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=datetime.timedelta(seconds=timeout))
+    return dict(store=dist.PrefixStore(f"labkit/attempt_{attempt}", store), rank=rank, world_size=world_size)
+
+
 def init_from_env(expected_world_size: int | None = None, device: str | None = None,
                   backend: str | None = None, timeout: float = 60.0) -> tuple[int, int, torch.device]:
     """Join the process group described by torchrun's / accelerate's environment variables.
@@ -659,7 +673,8 @@ def init_from_env(expected_world_size: int | None = None, device: str | None = N
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout),
-                                device_id=dev if dev.type == "cuda" else None)
+                                device_id=dev if dev.type == "cuda" else None,
+                                **_store_of_this_attempt(rank, world_size, timeout))
     else:
         rank, world_size, dev = 0, 1, torch.device("cpu")
         if "MASTER_ADDR" in os.environ and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):

@@ -128,11 +128,11 @@ class Result:
 
 
 def train(steps: int, *, path: str | Path | None = None, every: int = 0, stop_after: int | None = None,
-          resume: bool = False, trainer_class: type = Trainer, **options) -> Result:
+          resume: bool = False, trainer_class: type = Trainer, on_step=None, **options) -> Result:
     """Train to ``steps`` (every rank calls it). ``path``: the checkpoint file, written every ``every`` steps and at
     the end (by rank 0); ``resume``: start from it; ``stop_after``: stop after that step, as a crash would (the
     checkpoint is not written there unless ``every`` divides it). ``trainer_class``: a Trainer or a subclass (an
-    exercise's)."""
+    exercise's). ``on_step(trainer, saved)``: called after each step (``saved``: a checkpoint was just written)."""
     trainer = trainer_class(steps, **options)
     if resume:
         trainer.load_state_dict(checkpoint.load(path, map_location=trainer.device))
@@ -140,10 +140,13 @@ def train(steps: int, *, path: str | Path | None = None, every: int = 0, stop_af
     last = steps if stop_after is None else min(steps, stop_after)
     while trainer.step < last:
         result.losses.append(trainer.train_step())
-        if path is not None and ((every and trainer.step % every == 0) or trainer.step == steps):
+        saved = path is not None and ((every and trainer.step % every == 0) or trainer.step == steps)
+        if saved:
             state = trainer.state_dict()
             if trainer.rank == 0:
                 checkpoint.save(state, path)
             comm.barrier()                          # no rank runs ahead of a checkpoint that is not written yet
+        if on_step is not None:
+            on_step(trainer, saved)
     result.params = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()]).cpu()
     return result
