@@ -82,6 +82,8 @@ Lecture code (a concept per file; read it beside its notebook)
                                 (weights_only, clear errors), CheckpointError
               resumable         Trainer (state_dict / load_state_dict: what a resume needs), train (stop, resume,
                                 compare bit for bit)
+              sharded_checkpoint   save, load, full_state (torch.distributed.checkpoint: FSDP shards saved on
+                                   N ranks, loaded on M)
     models    models            GPT, GPTConfig (the small GPT every lesson trains)
               text              load_corpus, CharTokenizer, TokenBlocks, distributed_loader (no download)
     Each concept's figures live beside it (<concept>_figures.py, pipeline/gantt.py): they import
