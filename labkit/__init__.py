@@ -84,6 +84,8 @@ Lecture code (a concept per file; read it beside its notebook)
                                 compare bit for bit)
               sharded_checkpoint   save, load, full_state (torch.distributed.checkpoint: FSDP shards saved on
                                    N ranks, loaded on M)
+              hangs             watch, beat, diagnose, explain (per-rank stack dumps of a hung job: which rank
+                                is not in the collective, and where), scenario (loop, skip, mismatch)
     models    models            GPT, GPTConfig (the small GPT every lesson trains)
               text              load_corpus, CharTokenizer, TokenBlocks, distributed_loader (no download)
     Each concept's figures live beside it (<concept>_figures.py, pipeline/gantt.py): they import
