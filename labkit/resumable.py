@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from labkit import checkpoint, comm
 from labkit.ddp import BucketedDDP
 
-__all__ = ["Trainer", "Result", "train", "make_data"]
+__all__ = ["Trainer", "Result", "train", "make_data", "FORGET", "resume_each"]
 
 
 def make_data(n: int = 48, features: int = 8, seed: int = 0) -> TensorDataset:
@@ -127,15 +127,29 @@ class Result:
     params: torch.Tensor | None = None
 
 
+# What a resume can forget, each as a change to the state it loads (the lesson's table; the tests use it too).
+FORGET = {
+    "random states": lambda trainer, state: dict(state, rng=checkpoint.all_rng_states(trainer.device)),
+    "random states of ranks > 0": lambda trainer, state: dict(state, rng=[state["rng"][0]] * trainer.world_size),
+    "optimizer state": lambda trainer, state: dict(state, optimizer=trainer.optimizer.state_dict()),
+    "schedule": lambda trainer, state: dict(state, scheduler=trainer.scheduler.state_dict()),
+    "sampler epoch": lambda trainer, state: dict(state, data=dict(state["data"], epoch=0)),
+    "position in the epoch": lambda trainer, state: dict(state, data=dict(state["data"], position=0)),
+}
+
+
 def train(steps: int, *, path: str | Path | None = None, every: int = 0, stop_after: int | None = None,
-          resume: bool = False, trainer_class: type = Trainer, on_step=None, **options) -> Result:
+          resume: bool = False, forget: str | None = None, trainer_class: type = Trainer, on_step=None,
+          **options) -> Result:
     """Train to ``steps`` (every rank calls it). ``path``: the checkpoint file, written every ``every`` steps and at
     the end (by rank 0); ``resume``: start from it; ``stop_after``: stop after that step, as a crash would (the
     checkpoint is not written there unless ``every`` divides it). ``trainer_class``: a Trainer or a subclass (an
-    exercise's). ``on_step(trainer, saved)``: called after each step (``saved``: a checkpoint was just written)."""
+    exercise's). ``forget``: a key of FORGET, left out of the state loaded on resume. ``on_step(trainer, saved)``:
+    called after each step (``saved``: a checkpoint was just written)."""
     trainer = trainer_class(steps, **options)
     if resume:
-        trainer.load_state_dict(checkpoint.load(path, map_location=trainer.device))
+        state = checkpoint.load(path, map_location=trainer.device)
+        trainer.load_state_dict(FORGET[forget](trainer, state) if forget else state)
     result = Result(start=trainer.step)
     last = steps if stop_after is None else min(steps, stop_after)
     while trainer.step < last:
@@ -150,3 +164,22 @@ def train(steps: int, *, path: str | Path | None = None, every: int = 0, stop_af
             on_step(trainer, saved)
     result.params = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()]).cpu()
     return result
+
+
+def resume_each(directory: str | Path, steps: int = 20, every: int = 5, crash: int = 13) -> dict:
+    """On every rank: an uninterrupted run; a run that crashes after step ``crash``; then resumes from its last
+    checkpoint, whole and with each piece of FORGET left out. Returns, for each, the largest difference of any
+    parameter on any rank from the uninterrupted run's (0.0: the same bits)."""
+    clean = train(steps)
+    path = Path(directory) / "crash.pt"
+    train(steps, path=path, every=every, stop_after=crash)
+    differences = {}
+    for i, forget in enumerate([None, *FORGET]):
+        copy = Path(directory) / f"resume-{i}.pt"    # each resume writes its own last checkpoint
+        if dist.get_rank() == 0:
+            copy.write_bytes(path.read_bytes())
+        comm.barrier()
+        resumed = train(steps, path=copy, resume=True, forget=forget)
+        mine = (resumed.params - clean.params).abs().max().item()
+        differences[forget or "nothing"] = max(comm.all_gather_objects(mine))
+    return differences

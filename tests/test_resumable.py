@@ -15,7 +15,7 @@ import torch
 
 import labkit
 from labkit import checkpoint
-from labkit.resumable import Trainer, train
+from labkit.resumable import FORGET, Trainer, resume_each, train
 
 N, STEPS, EVERY, CRASH = 2, 20, 5, 13        # 6 batches per epoch and rank: the crash is in epoch 2, the resume
 #                                              from step 10 (epoch 1, position 4) crosses into epoch 2
@@ -41,42 +41,20 @@ def test_a_stopped_and_resumed_run_ends_on_the_same_bits(uninterrupted, tmp_path
         assert resumed[rank].losses == uninterrupted[rank].losses[10:]        # every step again, to the bit
 
 
-# Known mistakes, each a small change to what Trainer saves or restores.
-class NoRngState(Trainer):
-    def load_state_dict(self, state):
-        super().load_state_dict(dict(state, rng=checkpoint.all_rng_states(self.device)))   # the fresh ones
-
-
-class RankZerosRngEverywhere(Trainer):
-    def load_state_dict(self, state):
-        super().load_state_dict(dict(state, rng=[state["rng"][0]] * self.world_size))
-
-
-class NoOptimizerState(Trainer):
-    def load_state_dict(self, state):
-        super().load_state_dict(dict(state, optimizer=self.optimizer.state_dict()))
-
-
-class ScheduleRestarted(Trainer):
-    def load_state_dict(self, state):
-        super().load_state_dict(dict(state, scheduler=self.scheduler.state_dict()))
-
-
-class NoSamplerEpoch(Trainer):
-    def load_state_dict(self, state):
-        super().load_state_dict(dict(state, data=dict(state["data"], epoch=0)))
-
-
 class LoaderWithoutItsOwnGenerator(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.loader.generator = None          # iter(loader) then draws its seed from torch's global RNG
 
 
-@pytest.mark.parametrize("mistake", [NoRngState, RankZerosRngEverywhere, NoOptimizerState, ScheduleRestarted,
-                                     NoSamplerEpoch, LoaderWithoutItsOwnGenerator], ids=lambda c: c.__name__)
-def test_each_piece_of_state_left_out_makes_another_run(uninterrupted, tmp_path, mistake):
-    resumed = _resumed(tmp_path, mistake)
+def test_each_piece_of_state_left_out_makes_another_run(tmp_path):
+    differences = labkit.launch(resume_each, tmp_path, STEPS, EVERY, CRASH, world_size=N, timeout=120)[0]
+    assert differences.pop("nothing") == 0.0
+    assert set(differences) == set(FORGET) and all(d > 0 for d in differences.values()), differences
+
+
+def test_a_loader_that_draws_from_the_global_generator_breaks_the_resume(uninterrupted, tmp_path):
+    resumed = _resumed(tmp_path, LoaderWithoutItsOwnGenerator)
     assert not all(torch.equal(resumed[r].params, uninterrupted[r].params) for r in range(N))
 
 
