@@ -67,6 +67,7 @@ def save(obj: dict, path: str | os.PathLike) -> None:
     of one); a last ``fsync`` of the folder makes the rename itself survive a power cut. Written in place instead,
     a process killed mid-write leaves a truncated file and no checkpoint at all."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -112,4 +113,6 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or ["(no message)"])[0][:300]
+    """The first sentence of an exception's message (torch's can run to a paragraph)."""
+    line = (str(exc).splitlines() or ["(no message)"])[0]
+    return line.split(". ")[0][:300]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from labkit import checkpoint, comm
 from labkit.ddp import BucketedDDP
 
-__all__ = ["Trainer", "Result", "train", "make_data", "FORGET", "resume_each"]
+__all__ = ["Trainer", "Result", "train", "make_data", "FORGET", "resume_each", "kill_while_writing"]
 
 
 def make_data(n: int = 48, features: int = 8, seed: int = 0) -> TensorDataset:
@@ -183,3 +184,38 @@ def resume_each(directory: str | Path, steps: int = 20, every: int = 5, crash: i
         mine = (resumed.params - clean.params).abs().max().item()
         differences[forget or "nothing"] = max(comm.all_gather_objects(mine))
     return differences
+
+
+_WRITER = """
+import sys, torch
+from labkit import checkpoint
+i = 0
+while True:
+    i += 1
+    state = {"i": i, "w": torch.full((2_000_000,), float(i))}
+    torch.save(state, sys.argv[1]) if sys.argv[2] == "in place" else checkpoint.save(state, sys.argv[1])
+    print(i, flush=True)
+"""
+
+
+def kill_while_writing(path: str | Path, how: str, delays=(0.05, 0.13, 0.31, 0.07, 0.2)) -> int:
+    """A process writes an 8 MB checkpoint over and over (``how``: "in place" with torch.save, or "atomic" with
+    labkit.checkpoint.save) and is killed with SIGKILL after each delay. Returns how many kills left ``path``
+    unreadable."""
+    import signal
+    import subprocess
+    import sys
+
+    broken = 0
+    for delay in delays:
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), how], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()                          # one checkpoint at least was written whole
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()
+        try:
+            checkpoint.load(path)
+        except checkpoint.CheckpointError:
+            broken += 1
+    return broken
