@@ -86,6 +86,10 @@ Lecture code (a concept per file; read it beside its notebook)
                                    N ranks, loaded on M)
               hangs             watch, beat, diagnose, explain (per-rank stack dumps of a hung job: which rank
                                 is not in the collective, and where), scenario (loop, skip, mismatch)
+              data_loading      SlowDataset, measure, predicted_seconds (a DataLoader's workers against the step)
+              preflight         report, compare, run (what every rank sees, and what differs between them)
+              ecosystem         Tool, TOOLS, LESSONS (the tools of the field on the course's lessons);
+                                ecosystem_figures.ecosystem_figure
     models    models            GPT, GPTConfig (the small GPT every lesson trains)
               text              load_corpus, CharTokenizer, TokenBlocks, distributed_loader (no download)
     Each concept's figures live beside it (<concept>_figures.py, pipeline/gantt.py): they import
