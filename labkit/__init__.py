@@ -85,9 +85,11 @@ Lecture code (a concept per file; read it beside its notebook)
               sharded_checkpoint   save, load, full_state (torch.distributed.checkpoint: FSDP shards saved on
                                    N ranks, loaded on M)
               hangs             watch, beat, diagnose, explain (per-rank stack dumps of a hung job: which rank
-                                is not in the collective, and where), scenario (loop, skip, mismatch)
+                                is not in the collective, and where), scenario (loop, skip, mismatch),
+                                late_at_barrier (monitored_barrier names a late rank)
               data_loading      SlowDataset, measure, predicted_seconds (a DataLoader's workers against the step)
-              preflight         report, compare, run (what every rank sees, and what differs between them)
+              preflight         report, compare, run (what every rank sees, and what differs between them),
+                                my_shard, shard_overlap (a sampler told the wrong rank)
               ecosystem         Tool, TOOLS, LESSONS (the tools of the field on the course's lessons);
                                 ecosystem_figures.ecosystem_figure
     models    models            GPT, GPTConfig (the small GPT every lesson trains)

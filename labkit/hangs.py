@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-__all__ = ["watch", "beat", "RankState", "diagnose", "explain"]
+__all__ = ["watch", "beat", "RankState", "diagnose", "explain", "scenario", "SCENARIOS", "late_at_barrier"]
 
 _armed: dict = {}
 
@@ -171,3 +171,14 @@ def scenario(kind: str, directory: str | Path, seconds: float = 1.0, steps: int 
         if kind == "skip" and rank == culprit:
             time.sleep(10 * seconds)                            # the rest of its work, one all-reduce short
     return steps
+
+
+def late_at_barrier(seconds: float = 1.0, culprit: int = 1) -> None:
+    """``dist.monitored_barrier`` (gloo only) with rank ``culprit`` arriving 3·seconds late: rank 0 raises, naming
+    the ranks that did not arrive within ``seconds``, instead of every rank timing out on its own."""
+    import datetime
+    import time
+
+    if dist.get_rank() == culprit:
+        time.sleep(3 * seconds)
+    dist.monitored_barrier(timeout=datetime.timedelta(seconds=seconds), wait_all_ranks=True)

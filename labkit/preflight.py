@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from labkit import comm
 
-__all__ = ["report", "compare", "run", "ENV"]
+__all__ = ["report", "compare", "run", "ENV", "shard_overlap", "my_shard"]
 
 # The variables that decide where a rank connects and how it communicates.
 ENV = ("MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG", "NCCL_IB_DISABLE",
@@ -74,3 +74,31 @@ def run() -> tuple[list[str], list[dict]]:
     comm.barrier()
     reports = comm.all_gather_objects(report())
     return compare(reports), reports
+
+
+# ---- a rank with the wrong data ------------------------------------------------------------------------------------
+
+def my_shard(n: int, rank: int | None = None, seed: int = 0) -> list[int]:
+    """The indices of the items this rank reads in epoch 0 (DistributedSampler over ``n`` items, shuffled).
+    ``rank``: the rank the sampler is told (None: the true one). Collective: every rank's list, on every rank."""
+    from torch.utils.data import DistributedSampler
+
+    told = dist.get_rank() if rank is None else rank
+    sampler = DistributedSampler(range(n), num_replicas=dist.get_world_size(), rank=told, shuffle=True, seed=seed,
+                                 drop_last=True)
+    return comm.all_gather_objects(list(sampler))
+
+
+def shard_overlap(shards: list[list[int]]) -> list[str]:
+    """What is wrong with the ranks' shards of one epoch: items read by several ranks (a sampler told the wrong
+    rank, or none at all: every rank then trains on the same batches, and the run is one rank's N times over)."""
+    problems, seen = [], {}
+    for rank, shard in enumerate(shards):
+        for item in shard:
+            seen.setdefault(item, []).append(rank)
+    shared = {item: ranks for item, ranks in seen.items() if len(ranks) > 1}
+    if shared:
+        item, ranks = min(shared.items())
+        problems.append(f"{len(shared)} of {len(seen)} items are read by more than one rank in the same epoch (item "
+                        f"{item}: ranks {ranks}): give each rank's DistributedSampler its own rank")
+    return problems

@@ -46,3 +46,8 @@ def test_each_way_to_hang_is_named(tmp_path, kind, expected):
 def test_bad_scenario():
     with pytest.raises(ValueError, match="kind must be one of"):
         hangs.scenario("crash", "/nonexistent")
+
+
+def test_monitored_barrier_names_the_late_rank():
+    with pytest.raises(labkit.WorkerError, match="Ranks 1 failed to pass monitoredBarrier"):
+        labkit.launch(hangs.late_at_barrier, 0.5, world_size=3, timeout=10)

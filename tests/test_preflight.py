@@ -25,3 +25,12 @@ def test_each_difference_is_named():
     assert "MASTER_ADDR differs" in problems and "clocks differ by 3.2 s" in problems
     same_gpu = copy.deepcopy(good) | {"rank": 1}
     assert "2 ranks share cuda:0 (H100) on node1" in preflight.compare([good, same_gpu])[0]
+
+
+def test_a_sampler_told_the_wrong_rank_is_found():
+    right = labkit.launch(preflight.my_shard, 20, world_size=2, timeout=60)[0]
+    wrong = labkit.launch(preflight.my_shard, 20, 0, world_size=2, timeout=60)[0]
+    assert preflight.shard_overlap(right) == [] and sorted(right[0] + right[1]) == list(range(20))
+    assert preflight.shard_overlap(wrong) == ["10 of 10 items are read by more than one rank in the same epoch "
+                                              f"(item {min(wrong[0])}: ranks [0, 1]): give each rank's "
+                                              "DistributedSampler its own rank"]
