@@ -33,7 +33,7 @@ from torch.distributed import ProcessGroup
 __all__ = ["CommEvent", "record", "label", "emulate", "Traffic", "traffic", "device", "on", "nbytes", "send", "recv", "isend", "irecv",
            "exchange", "irecv_any", "all_reduce", "all_gather", "all_gather_into_tensor",
            "reduce_scatter_tensor", "broadcast", "broadcast_objects", "all_gather_objects", "gather", "barrier",
-           "Handle"]
+           "monitored_barrier", "Handle"]
 
 
 @dataclass
@@ -331,6 +331,18 @@ def all_gather_objects(obj: object, group: ProcessGroup | None = None) -> list:
     _hold([event])
     event.end = time.perf_counter()
     return out
+
+
+def monitored_barrier(timeout_s: float, group: ProcessGroup | None = None) -> None:
+    """torch's monitored_barrier (gloo only): when it times out, rank 0 raises naming every rank that did not
+    arrive (wait_all_ranks), instead of each rank timing out on its own."""
+    import datetime
+
+    if dist.get_backend(group) != "gloo":
+        raise RuntimeError("monitored_barrier exists only for gloo: use a gloo group (dist.new_group(backend='gloo'))")
+    event = _log("monitored_barrier", None, None, group=group)
+    dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+    event.end = time.perf_counter()
 
 
 def barrier(group: ProcessGroup | None = None) -> None:

@@ -176,9 +176,10 @@ def scenario(kind: str, directory: str | Path, seconds: float = 1.0, steps: int 
 def late_at_barrier(seconds: float = 1.0, culprit: int = 1) -> None:
     """``dist.monitored_barrier`` (gloo only) with rank ``culprit`` arriving 3·seconds late: rank 0 raises, naming
     the ranks that did not arrive within ``seconds``, instead of every rank timing out on its own."""
-    import datetime
     import time
+
+    from labkit import comm
 
     if dist.get_rank() == culprit:
         time.sleep(3 * seconds)
-    dist.monitored_barrier(timeout=datetime.timedelta(seconds=seconds), wait_all_ranks=True)
+    comm.monitored_barrier(seconds)

@@ -53,7 +53,8 @@ def _schedule(steps: int, warmup: int):
 class Trainer:
     """One rank's training state and its step. The process group is initialised (every rank builds one)."""
 
-    def __init__(self, steps: int, *, batch: int = 4, lr: float = 1e-2, seed: int = 0, data: TensorDataset | None = None):
+    def __init__(self, steps: int, *, batch: int = 4, lr: float = 1e-2, seed: int = 0,
+                 data: TensorDataset | None = None):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = comm.device()
         torch.manual_seed(seed)                                   # the same initial weights on every rank
@@ -61,7 +62,8 @@ class Trainer:
         self.model = model.to(self.device)
         self.ddp = BucketedDDP(self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(steps, warmup=max(1, steps // 5)))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           _schedule(steps, warmup=max(1, steps // 5)))
         self.sampler = DistributedSampler(make_data() if data is None else data, num_replicas=self.world_size, rank=self.rank,
                                           shuffle=True, seed=seed, drop_last=True)
         # iter(loader) draws a seed from the loader's generator, or from torch's global one when it has none: then

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from labkit import checkpoint
+from labkit import checkpoint, comm
 from labkit.checks import CheckFailed, fail, first_mismatch, passed, run_on_ranks
 from labkit.checks.harness import Mistake, call_student, find_mistake, need_function, not_written
 from labkit.resumable import Trainer, train
@@ -114,7 +114,7 @@ def _mistake_runs(directory: str, crash: int) -> dict:
         copy = Path(directory) / f"labkit-{crash}-{mistake.name.replace(' ', '-')}.pt"
         if dist.get_rank() == 0:
             copy.write_bytes(path.read_bytes())
-        dist.barrier()
+        comm.barrier()
         out[mistake.name] = train(STEPS, path=copy, resume=True, forget=mistake.variant).params
     return out
 
