@@ -293,11 +293,13 @@ def test_what_workers_print_appears_in_the_notebook():
             streams.append(msg["content"]["text"])
     try:
         code = ("import torch.distributed as dist, labkit\n"
-                "def f():\n    print('hello from rank', dist.get_rank(), flush=True)\n    return 1\n"
+                "def f():\n    print(f'hello from rank {dist.get_rank()}', flush=True)\n    return 1\n"
                 "assert labkit.launch(f, world_size=2) == [1, 1]\n")
         reply = kc.execute_interactive(code, timeout=120, output_hook=keep)
         assert reply["content"]["status"] == "ok", reply["content"]
-        # ipykernel forwards what reaches the kernel's file descriptors from a thread: give it a moment
+        # one string per print: print(a, b) writes its pieces apart, and two ranks' pieces interleaved once in CI
+        # ("hello from rankhello from rank 1\n 0"). ipykernel forwards what reaches the kernel's file descriptors
+        # from a thread: give it a moment
         kc.execute_interactive("import sys, time; time.sleep(1); sys.stdout.flush()", timeout=60, output_hook=keep)
         text = "".join(streams)
         assert "hello from rank 0" in text and "hello from rank 1" in text, text
