@@ -49,7 +49,7 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, key, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state((kind, key.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))   # loaded onto a GPU too
     if "cuda" in state and device is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 

@@ -194,6 +194,34 @@ def test_each_remedy_trains_under_nccl(method, world_size):
     assert all(torch.allclose(r.params, runs[0].params, atol=1e-5) for r in runs)
 
 
+# --- lesson 10: exact resume, sharded checkpoints and the preflight under NCCL --------------------------------------
+
+@pytest.mark.parametrize("world_size", NCCL_WORLDS)
+def test_a_resume_on_the_gpu_ends_on_the_uninterrupted_bits(world_size, tmp_path):
+    from labkit.resumable import resume_each
+
+    # checkpoints loaded onto the GPU (map_location=cuda): the random states come back from there
+    differences = labkit.launch(resume_each, tmp_path, 12, 4, 7, world_size=world_size, device="cuda", timeout=120)[0]
+    assert differences["nothing"] == 0.0
+    assert differences["optimizer state"] > 0 and differences["random states"] > 0
+
+
+@pytest.mark.parametrize("world_size", NCCL_WORLDS)
+def test_sharded_checkpoint_and_preflight_under_nccl(world_size, tmp_path):
+    from labkit import preflight, sharded_checkpoint
+    from labkit.compressed_training import VOCAB_SIZE
+    from labkit.models import GPTConfig
+
+    config = GPTConfig(vocab_size=VOCAB_SIZE, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    saved, _ = labkit.launch(sharded_checkpoint.train_and_save, str(tmp_path / "dcp"), 2, config,
+                             world_size=world_size, device="cuda", timeout=120)[0]
+    loaded, _ = labkit.launch(sharded_checkpoint.load_and_continue, str(tmp_path / "dcp"), 2, config,
+                              world_size=world_size, device="cuda", timeout=120)[0]
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    problems, reports = labkit.launch(preflight.run, world_size=world_size, device="cuda", timeout=60)[0]
+    assert problems == [] and reports[0]["backend"] == "nccl"
+
+
 # --- tensor parallel, pipeline, parameter server ------------------------------------------------------------
 
 def _tensor_parallel_gpt():
