@@ -30,7 +30,8 @@ Lecture code (a concept per file; read it beside its notebook)
               ddp_figures       draw_ddp_timeline, ddp_timeline_legend, ddp_timelines_figure, draw_loss_curve,
                                 draw_wrapper_agreement, bucket_sweep_figure, scaling_figure
     4         optim             LARS, Lamb, AdaScale, scaled_lr, warmup_factor; lamb_sharded: whole_norms,
-                                sharded_lamb_step (LAMB with ZeRO-1's sharded state, exercise 4c)
+                                sharded_lamb_step (LAMB with ZeRO-1's sharded state, exercise 4c);
+                                lamb_fused: fused_lamb_step (Lamb(fused=True): two passes, compiled)
               large_batch       one GPT at batch k·B: lr_multiplier, schedule, Data, train_run, mean_loss
               large_batch_sweep the sweep over methods and k: options, sweep, train, summary_table
               large_batch_figures   batch_sweep_figure, draw_batch_sweep, noise_scale_figure, warmup_figure,
@@ -93,6 +94,8 @@ Lecture code (a concept per file; read it beside its notebook)
               ecosystem         Tool, TOOLS, LESSONS (the tools of the field on the course's lessons);
                                 ecosystem_figures.ecosystem_figure
     models    models            GPT, GPTConfig (the small GPT every lesson trains)
+              speed             Switches: what the GPT lab turns on for speed (bf16, TF32, flash, compile,
+                                fused AdamW), measured_matmul_flops, datasheet_peak_flops, peak memory
               text              load_corpus, CharTokenizer, TokenBlocks, distributed_loader (no download)
     Each concept's figures live beside it (<concept>_figures.py, pipeline/gantt.py): they import
     matplotlib, the concepts do not.

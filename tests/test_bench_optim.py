@@ -14,6 +14,8 @@ def test_sizes_and_shapes():
     assert bench.parse_size("0.2M") == 200_000
     assert bench.parse_size("50k") == 50_000
     assert bench.parse_size("1000") == 1000
+    assert bench.parse_size("1B") == bench.parse_size("1G") == bench.parse_size("1000M") == 10 ** 9
+    assert bench.parse_size("1.5b") == 1_500_000_000
     for bad in ("", "ten", "5T", "0"):
         with pytest.raises(ValueError, match="parameter count"):
             bench.parse_size(bad)
@@ -37,7 +39,7 @@ def test_measure_tiny_model(monkeypatch):
     assert all(1e-4 < moved < 1e-2 for moved in result["moved"].values()), result["moved"]
     # ... and the four LAMBs, the same algorithm, to float32 rounding of each other
     assert result["drift"]["lamb"] == 0.0 and result["drift"]["adamw"] is None
-    for version in ("lamb-readable", "timm", "timm-foreach", "timm-single"):
+    for version in ("lamb-readable", "lamb-fused", "timm", "timm-foreach", "timm-single"):
         assert result["drift"][version] < 1e-6, (version, result["drift"])
 
     rows = bench.summarise(result, bandwidth=1e10)
@@ -48,6 +50,9 @@ def test_measure_tiny_model(monkeypatch):
     assert rows["lamb"]["vs_adamw"] == pytest.approx(rows["lamb"]["step_s"] / rows["adamw"]["step_s"])
     assert rows["lamb"]["limit_s"] == pytest.approx(10 * 4 * result["params"] / 1e10)
     assert rows["adamw"]["limit_s"] == pytest.approx(7 * 4 * result["params"] / 1e10)
+    assert rows["adamw-fused"]["per_byte"] == pytest.approx(1.0)
+    assert rows["lamb-fused"]["per_byte"] == pytest.approx(
+        rows["lamb-fused"]["step_s"] / 10 / (rows["adamw-fused"]["step_s"] / 7))
     assert rows["lamb"]["of_limit"] == pytest.approx(rows["lamb"]["limit_s"] / rows["lamb"]["step_s"])
 
     table = bench.format_table(result, bandwidth=1e10).splitlines()
@@ -80,6 +85,32 @@ def test_bad_arguments():
         bench.measure(1000, steps=0)
     with pytest.raises(ValueError, match="unknown version"):
         bench.make_optimizer("sgd", [torch.nn.Parameter(torch.zeros(2))])
+
+
+def test_timm_arguments_are_those_the_installed_timm_takes(monkeypatch):
+    assert bench.timm_options("timm") == dict(max_grad_norm=None, always_adapt=True)
+    assert bench.timm_options("timm-foreach")["foreach"] is True
+    assert bench.timm_options("timm-single")["foreach"] is False
+
+    class OldLamb(torch.optim.Optimizer):       # a timm before foreach (1.0.19 and older)
+        def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, grad_averaging=True,
+                     max_grad_norm=1.0, trust_clip=False, always_adapt=False):
+            super().__init__(params, dict(lr=lr))
+
+    monkeypatch.setattr(bench, "timm_lamb", lambda: OldLamb)
+    assert bench.timm_options("timm") == dict(max_grad_norm=None, always_adapt=True)
+    assert isinstance(bench.make_optimizer("timm", [torch.nn.Parameter(torch.zeros(2))]), OldLamb)
+    with pytest.raises(ValueError, match="no foreach argument"):
+        bench.make_optimizer("timm-foreach", [torch.nn.Parameter(torch.zeros(2))])
+    assert "only path" in bench.timm_default_path("cpu")
+
+    class AncientLamb(torch.optim.Optimizer):
+        def __init__(self, params, lr=1e-3):
+            super().__init__(params, dict(lr=lr))
+
+    monkeypatch.setattr(bench, "timm_lamb", lambda: AncientLamb)
+    with pytest.raises(ValueError, match="max_grad_norm or always_adapt"):
+        bench.timm_options("timm")
 
 
 def test_timm_default_path_on_cpu():

@@ -318,7 +318,9 @@ def _run(cmd, timeout=240):
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
-GPT_ARGS = ["--world-size", "1", "--preset", "tiny", "--steps", "6", "--eval-every", "0", "--batch-size", "4"]
+# --no-compile: compiling takes a minute per run; the speed switches have a test of their own below
+GPT_ARGS = ["--world-size", "1", "--preset", "tiny", "--steps", "6", "--eval-every", "0", "--batch-size", "4",
+            "--no-compile"]
 
 
 @pytest.mark.parametrize("ddp", ["naive", "overlap", "bucketed", "torch"])
@@ -345,3 +347,41 @@ def test_large_batch_lab_under_torchrun(tmp_path):
                            "adascale", "--scales", "1", "2", "--epochs", "0.05", "--eval-points", "2", "--no-figure",
                            "--no-progress", "--output", str(tmp_path / "sweep.json")], timeout=400)
     assert (tmp_path / "sweep.json").exists(), out[-2000:]
+
+
+# --- speed (labkit.speed, labkit.optim.lamb_fused) ----------------------------------------------------------
+
+def test_gpt_lab_with_every_speed_switch_on_the_gpu(tmp_path):
+    """The GPU defaults (bf16, TF32, flash, compile, fused AdamW) under torchrun: it trains, compiles a
+    few graphs, and prints tokens/s, both MFUs and the allocator's peak."""
+    out = _run(TORCHRUN + ["-m", "labkit.labs.train_gpt", "--world-size", "1", "--preset", "small", "--steps", "12",
+                           "--eval-every", "0", "--batch-size", "16", "--out-dir", str(tmp_path)], timeout=400)
+    import json
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["switches"] == dict(dtype="bfloat16", tf32=True, flash=True, compile=True, fused_optimizer=True)
+    assert 1 <= metrics["compiled_graphs"] <= 4, metrics["compiled_graphs"]
+    assert metrics["train_loss"][-1] < metrics["train_loss"][0] - 0.5
+    assert 0 < metrics["mfu_of_measured"] < 1 and metrics["peak_memory_source"] == "torch.cuda.max_memory_allocated"
+    assert "of the data sheet" in out or "not in labkit.speed's table" in out, out[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_lamb_equals_the_readable_one_on_the_gpu(dtype):
+    from labkit.optim import Lamb
+    torch.manual_seed(0)
+    shapes = [(1024, 768), (768,), (3, 5), (4096, 1024)]
+    base = [torch.randn(s, device="cuda").to(dtype) for s in shapes]
+    grads = [[torch.randn(s, device="cuda").to(dtype) * 1e-2 for s in shapes] for _ in range(5)]
+    results = {}
+    for path in (dict(fused=True), dict(foreach=False)):
+        params = [nn.Parameter(p.clone()) for p in base]
+        opt = Lamb(params, lr=1e-2, weight_decay=0.01, **path)
+        for step in range(5):
+            for p, g in zip(params, grads[step]):
+                p.grad = g
+            opt.step()
+        results[path.get("fused", False)] = params
+    tol = 1e-5 if dtype == torch.float32 else 6 * 2 ** -8     # bf16: an ulp per step may differ
+    for fused, readable in zip(results[True], results[False]):
+        scale = readable.detach().float().abs().max()
+        assert (fused.detach().float() - readable.detach().float()).abs().max() <= tol * scale

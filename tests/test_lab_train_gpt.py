@@ -64,6 +64,25 @@ def test_all_four_ddps_end_with_the_same_parameters(ddp_runs):
         assert ddp_runs[ddp][0]["train_loss"] == pytest.approx(ddp_runs["torch"][0]["train_loss"], rel=1e-6)
 
 
+def test_speed_switches_train_the_same_model_on_cpu(tmp_path):
+    """--compile, --flash and --fused-optimizer (labkit.speed) change how a step runs, not what it
+    computes: the losses of a plain run to float32 rounding. And the speed line's numbers are there."""
+    common = ["--world-size", "1", "--steps", "5", "--batch-size", "4", "--eval-every", "0", "--eval-batches", "1"]
+    plain = train_gpt.main(common + ["--out-dir", str(tmp_path / "plain")])
+    fast = train_gpt.main(common + ["--out-dir", str(tmp_path / "fast"), "--compile", "--flash", "--fused-optimizer"])
+    assert plain["switches"] == dict(dtype="float32", tf32=False, flash=False, compile=False, fused_optimizer=False)
+    assert fast["switches"] == dict(dtype="float32", tf32=False, flash=True, compile=True, fused_optimizer=True)
+    assert fast["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
+    assert fast["train_loss"][-1] < fast["train_loss"][0] - 0.3
+    assert fast["compiled_graphs"] >= 1 and plain["compiled_graphs"] == 0
+    for run in (plain, fast):
+        assert 0 < run["mfu_of_measured"] < 1 and run["measured_matmul_tflops"] > 0
+        assert run["peak_memory_bytes"] > 50 * 2 ** 20 and "resident" in run["peak_memory_source"]
+        assert run["timed_steps"] == (2 if run is fast else 4)
+    line = train_gpt.speed_line(fast)
+    assert "tokens/s" in line and "no data sheet for CPUs" in line and "compile" in line
+
+
 def test_resume_continues_exactly(tmp_path):
     """6 steps in one go == 3 steps, stop, resume for 3 more: bitwise, with dropout (RNG states restored),
     gradient accumulation (no_sync) and a stop in the middle of an epoch's data."""

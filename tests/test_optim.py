@@ -96,6 +96,60 @@ def test_lamb_fast_and_readable_paths_agree():
     _assert_same(fast, readable, tol=1e-13)
 
 
+def test_lamb_fused_path_equals_the_readable_one_in_float64_and_compiles_once():
+    # Two groups (the clamp and no bias correction; no decay and no trust ratio), a bias whose norm
+    # starts at 0, and a learning rate that changes every step (a schedule): none of it may change
+    # the result, and none of it may compile the step again after the first.
+    from torch._dynamo.utils import counters
+
+    def groups(model):
+        weights = [p for p in model.parameters() if p.ndim == 2] + [model.out.bias]
+        return [dict(params=weights, max_weight_norm=5.0, bias_correction=False),
+                dict(params=[model.inp.bias, model.norm.weight, model.norm.bias], weight_decay=0.0, adapt=False)]
+
+    def run(**path):
+        torch.manual_seed(0)
+        model = Net().double()
+        optimizer = Lamb(groups(model), lr=0.02, weight_decay=0.05, **path)
+        x, y = _data()
+        graphs = []
+        for i in range(40):
+            for group in optimizer.param_groups:
+                group["lr"] = 0.02 * (1 - i / 40)
+            optimizer.zero_grad()
+            ((model(x[8 * (i % 8):8 * (i % 8 + 1)]) - y[8 * (i % 8):8 * (i % 8 + 1)]) ** 2).mean().backward()
+            optimizer.step()
+            graphs.append(counters["stats"]["unique_graphs"])
+        ratios = [optimizer.state[p]["trust_ratio"] for p in model.parameters()]
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), ratios, graphs
+
+    fused, fused_ratios, graphs = run(fused=True)
+    readable, readable_ratios, _ = run(foreach=False)
+    _assert_same(fused, readable, tol=1e-13)
+    assert all(torch.allclose(a, b, rtol=1e-12) for a, b in zip(fused_ratios, readable_ratios))
+    assert graphs[1] > 0, "nothing was compiled: the fused path ran eagerly"
+    assert graphs[-1] == graphs[1], f"the step was compiled again after the first steps: {graphs}"
+
+
+def test_lamb_fused_step_eager_matches_foreach_in_bfloat16_with_float32_norms():
+    # The plain function (not compiled): bf16 parameters, norms summed in float32.
+    from labkit.optim.lamb_fused import fused_lamb_step, step_scalars
+    torch.manual_seed(0)
+    params = [torch.randn(300, 40).bfloat16(), torch.randn(7).bfloat16()]
+    grads = [torch.randn_like(p) * 1e-2 for p in params]
+    ms, vs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    theirs = [nn.Parameter(p.clone()) for p in params]
+    for p, g in zip(theirs, grads):
+        p.grad = g
+    Lamb(theirs, lr=0.01, weight_decay=0.1).step()
+    ratios = fused_lamb_step(params, grads, ms, vs, step_scalars(0.01, 1, 0.9, 0.999, 1e-6, True, "cpu",
+                                                                 torch.float32),
+                             beta1=0.9, beta2=0.999, weight_decay=0.1, adapt=True, max_weight_norm=None)
+    assert ratios.dtype == torch.float32
+    for ours, p in zip(params, theirs):
+        assert (ours.float() - p.detach().float()).abs().max() <= 2 * 2 ** -8 * p.detach().float().abs().max()
+
+
 def test_lamb_param_groups_equal_timm_with_the_same_exclusions():
     Timm = timm_lamb()
 

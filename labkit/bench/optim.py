@@ -1,6 +1,7 @@
-"""Time of one optimizer step: labkit's LAMB (both code paths) against timm's Lamb and torch's AdamW.
+"""Time of one optimizer step: labkit's LAMB (its three code paths) against timm's Lamb and torch's AdamW.
 
     python -m labkit.bench.optim [--sizes 10M 100M] [--steps 15] [--device cpu] [--dtype float32]
+    python -m labkit.bench.optim --device cuda --sizes 100M 1B
 
 For each size N, one model of about N parameters made like a stack of GPT blocks (per block: two
 LayerNorms, the attention's qkv and output Linears, the MLP's two Linears, all with biases: 12
@@ -10,19 +11,24 @@ gets the same fixed random gradients once. There is no forward or backward pass:
 weight decay 0.01 on every tensor:
 
     adamw          torch.optim.AdamW(foreach=True)                 the baseline
-    lamb           labkit.optim.Lamb (foreach=True, the default)   labkit's fast path
+    adamw-fused    torch.optim.AdamW(fused=True)                   torch's fused kernel: the anchor
+    lamb           labkit.optim.Lamb (foreach=True, the default)   labkit's multi-tensor path
+    lamb-fused     labkit.optim.Lamb(fused=True)                   compiled into two passes (GPUs)
     lamb-readable  labkit.optim.Lamb(foreach=False)                the formula, tensor by tensor
     timm           timm's Lamb(max_grad_norm=None, always_adapt=True): the paper's algorithm, with
                    timm's default foreach=None, which picks timm's per-tensor path on a CPU and its
                    multi-tensor (foreach) path on a GPU, as torch's optimizers do. On this CPU the
                    per-tensor path was the faster of the two (much faster at 100 M parameters);
-                   ``--versions timm-foreach timm-single`` times each path forced
+                   ``--versions timm-foreach timm-single`` times each path forced. Older timms
+                   have no ``foreach`` argument: the benchmark passes only the arguments the
+                   installed Lamb takes, and says so
 
 The versions take turns step by step, in an order that rotates every round, so that other work on
 the machine slows them all alike; the table shows the median over the timed steps, after warm-up
 steps (the first step allocates the optimizer's state). Ratios: ``vs adamw`` = this step time /
 AdamW's (the issue's target for ``lamb``: at most 1.5), ``vs timm`` = this step time / timm's (at
-most 1: not slower than timm).
+most 1: not slower than timm). The first step of ``lamb-fused`` compiles it (tens of seconds): it is
+one of the warm-up steps.
 
 The memory-traffic model. An optimizer step touches every parameter's few numbers once or twice
 and does a handful of flops on each: on a GPU it is limited by memory bandwidth, not arithmetic (on
@@ -39,13 +45,16 @@ So even a perfect LAMB needs 10/7 = 1.43 times AdamW's time: the issue's 1.5 lea
 waste. ``limit`` = traffic × N / copy bandwidth, with the bandwidth measured on the same device by
 ``dst.copy_(src)`` of a large tensor (read + write counted); ``of limit`` = limit / step time, the
 fraction of the memory bandwidth the step achieves. Real implementations take more passes (each
-``torch._foreach_*`` call is a pass over its tensors; see docs/optim-benchmark.md).
+``torch._foreach_*`` call is a pass over its tensors; see docs/optim-benchmark.md). ``per byte`` =
+(step / traffic) / (adamw-fused's step / its traffic): time per byte that must move, against torch's
+fused AdamW (at most 1: the fused LAMB's target).
 
 After the run, the last column checks the versions against each other: lamb, lamb-readable and timm
 compute the same thing and, after the same steps on the same gradients, must agree to rounding.
 """
 
 import argparse
+import inspect
 import os
 import platform
 import re
@@ -63,13 +72,14 @@ from labkit.bench import load_average, publish
 __all__ = ["VERSIONS", "EXTRA_VERSIONS", "TRAFFIC", "parse_size", "model_shape", "build_model", "make_optimizer",
            "timm_default_path", "copy_bandwidth", "measure", "summarise", "format_table", "main"]
 
-VERSIONS = ("adamw", "lamb", "lamb-readable", "timm")
+VERSIONS = ("adamw", "adamw-fused", "lamb", "lamb-fused", "lamb-readable", "timm")
 EXTRA_VERSIONS = ("timm-foreach", "timm-single")    # timm with each path forced: only on request
 HYPERPARAMETERS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
 # The fewest elements read + written per parameter per step (see the module's docstring).
-TRAFFIC = {"adamw": 7, "lamb": 10, "lamb-readable": 10, "timm": 10, "timm-foreach": 10, "timm-single": 10}
+TRAFFIC = {"adamw": 7, "adamw-fused": 7, "lamb": 10, "lamb-fused": 10, "lamb-readable": 10, "timm": 10,
+           "timm-foreach": 10, "timm-single": 10}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_UNITS = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}
+_UNITS = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "B": 10 ** 9, "G": 10 ** 9}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,10 +87,11 @@ _UNITS = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}
 # ---------------------------------------------------------------------------------------------
 
 def parse_size(text: str) -> int:
-    """'10M' -> 10_000_000, '0.2M' -> 200_000, '50K' -> 50_000 (decimal units: parameter counts)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMG]?)\s*", str(text).upper())
+    """'10M' -> 10_000_000, '0.2M' -> 200_000, '50K' -> 50_000, '1B' (or '1G') -> 10**9 (decimal units:
+    parameter counts)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMBG]?)\s*", str(text).upper())
     if not match or float(match.group(1)) * _UNITS[match.group(2)] < 1:
-        raise ValueError(f"not a parameter count: {text!r} (examples: 10M, 0.2M, 50K, 1000)")
+        raise ValueError(f"not a parameter count: {text!r} (examples: 10M, 0.2M, 50K, 1B, 1000)")
     return round(float(match.group(1)) * _UNITS[match.group(2)])
 
 
@@ -136,15 +147,13 @@ def _fixed_gradients(model: nn.Module, seed: int) -> list:
 def make_optimizer(version: str, params) -> torch.optim.Optimizer:
     """The optimizer of ``version`` (one of VERSIONS + EXTRA_VERSIONS), with the shared hyperparameters."""
     h = HYPERPARAMETERS
-    if version == "adamw":
-        return torch.optim.AdamW(params, **h, foreach=True)
-    if version in ("lamb", "lamb-readable"):
-        return Lamb(params, **h, foreach=version == "lamb")
+    if version in ("adamw", "adamw-fused"):
+        return torch.optim.AdamW(params, **h, **({"fused": True} if version == "adamw-fused" else {"foreach": True}))
+    if version in ("lamb", "lamb-readable", "lamb-fused"):
+        return Lamb(params, **h, foreach=version == "lamb", fused=version == "lamb-fused")
     if version.startswith("timm"):
-        # max_grad_norm=None: no global gradient clipping; always_adapt=True: the trust ratio on every
-        # tensor. With those, timm's Lamb is the paper's algorithm, as labkit's is by default.
-        foreach = {"timm": None, "timm-foreach": True, "timm-single": False}[version]
-        return timm_lamb()(params, **h, max_grad_norm=None, always_adapt=True, foreach=foreach)
+        cls, options = timm_lamb(), timm_options(version)
+        return cls(params, **h, **options)
     raise ValueError(f"unknown version {version!r}; choose from {', '.join(VERSIONS + EXTRA_VERSIONS)}")
 
 
@@ -152,12 +161,35 @@ def make_optimizer(version: str, params) -> torch.optim.Optimizer:
 # Timing
 # ---------------------------------------------------------------------------------------------
 
+def timm_options(version: str) -> dict:
+    """The keyword arguments for timm's Lamb in ``version``, limited to those the installed timm takes.
+
+    max_grad_norm=None: no global gradient clipping; always_adapt=True: the trust ratio on every
+    tensor. With those, timm's Lamb is the paper's algorithm, as labkit's is by default. ``foreach``
+    (timm 1.0.20 and later) picks its code path; an older timm has one path only."""
+    accepted = inspect.signature(timm_lamb().__init__).parameters
+    wanted = dict(max_grad_norm=None, always_adapt=True)
+    if version != "timm":
+        if "foreach" not in accepted:
+            raise ValueError(f"--versions {version}: this timm's Lamb has no foreach argument (one code path "
+                             f"only); time it as 'timm'")
+        wanted["foreach"] = version == "timm-foreach"
+    missing = [name for name in ("max_grad_norm", "always_adapt") if name not in accepted]
+    if missing:
+        raise ValueError(f"this timm's Lamb takes no {' or '.join(missing)}: it cannot run the paper's algorithm "
+                         f"(install the version in requirements/references.txt)")
+    return wanted
+
+
 def timm_default_path(device="cpu") -> str:
-    """Which of its two code paths timm's Lamb takes with its default foreach=None on ``device``."""
+    """Which of its code paths timm's Lamb takes by default on ``device``."""
+    if "foreach" not in inspect.signature(timm_lamb().__init__).parameters:
+        return "its only path (this timm's Lamb has no foreach argument)"
     resolve = getattr(sys.modules.get(timm_lamb().__module__), "_resolve_foreach", None)
-    if resolve is None:
+    try:
+        foreach = resolve(None, False, 1e-3, [torch.zeros(1, device=device)])
+    except Exception:     # missing or with another signature in this timm: do not guess
         return "timm's choice"
-    foreach = resolve(None, False, 1e-3, [torch.zeros(1, device=device)])
     return "its multi-tensor (foreach) path" if foreach else "its per-tensor path"
 
 
@@ -228,7 +260,7 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
     drift, moved = {}, {}
     for version in versions:
         moved[version] = max((p.detach() - p0).abs().max().item() for p, p0 in zip(params[version], initial))
-        drift[version] = None if reference is None or version == "adamw" else \
+        drift[version] = None if reference is None or version.startswith("adamw") else \
             max((p.detach() - q.detach()).abs().max().item() for p, q in zip(params[version], reference))
     return dict(times=times, params=sum(p.numel() for p in initial), tensors=len(initial),
                 width=model_shape(n_params)[0], depth=model_shape(n_params)[1],
@@ -236,9 +268,11 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
 
 
 def summarise(result: dict, bandwidth: float | None = None) -> dict:
-    """Per version: median and best step time (s), ratios of the medians to adamw's and timm's, and
-    with ``bandwidth`` (bytes/s) the memory-traffic limit (s) and the fraction of it achieved."""
+    """Per version: median and best step time (s), ratios of the medians to adamw's and timm's, the time
+    per element of traffic against adamw-fused's, and with ``bandwidth`` (bytes/s) the memory-traffic
+    limit (s) and the fraction of it achieved."""
     median = {v: statistics.median(ts) for v, ts in result["times"].items()}
+    fused_per_element = median["adamw-fused"] / TRAFFIC["adamw-fused"] if "adamw-fused" in median else None
     rows = {}
     for version, t in median.items():
         limit = None
@@ -248,6 +282,7 @@ def summarise(result: dict, bandwidth: float | None = None) -> dict:
                              vs_adamw=t / median["adamw"] if "adamw" in median else None,
                              vs_timm=t / median["timm"] if "timm" in median else None,
                              traffic=TRAFFIC[version], limit_s=limit, of_limit=limit / t if limit else None,
+                             per_byte=t / TRAFFIC[version] / fused_per_element if fused_per_element else None,
                              drift=result["drift"][version], moved=result["moved"][version])
     return rows
 
@@ -255,15 +290,16 @@ def summarise(result: dict, bandwidth: float | None = None) -> dict:
 def format_table(result: dict, bandwidth: float | None = None) -> str:
     rows = summarise(result, bandwidth)
     lines = [f"{'version':<14} {'step (ms)':>10} {'best (ms)':>10} {'vs adamw':>9} {'vs timm':>8} {'traffic':>8} "
-             f"{'limit (ms)':>11} {'of limit':>9} {'max |param - lamb|':>19}"]
+             f"{'limit (ms)':>11} {'of limit':>9} {'per byte':>9} {'max |param - lamb|':>19}"]
     for version, r in rows.items():
         def ratio(x):
             return f"{x:.2f}" if x is not None else "-"
         limit = f"{r['limit_s'] * 1e3:.1f}" if r["limit_s"] is not None else "-"
         of_limit = f"{r['of_limit']:.0%}" if r["of_limit"] is not None else "-"
-        drift = f"{r['drift']:.1e}" if r["drift"] is not None else "(AdamW)" if version == "adamw" else "-"
+        drift = f"{r['drift']:.1e}" if r["drift"] is not None else "(AdamW)" if version.startswith("adamw") else "-"
         lines.append(f"{version:<14} {r['step_s'] * 1e3:>10.1f} {r['best_s'] * 1e3:>10.1f} {ratio(r['vs_adamw']):>9} "
-                     f"{ratio(r['vs_timm']):>8} {r['traffic']:>7}x {limit:>11} {of_limit:>9} {drift:>19}")
+                     f"{ratio(r['vs_timm']):>8} {r['traffic']:>7}x {limit:>11} {of_limit:>9} {ratio(r['per_byte']):>9} "
+                     f"{drift:>19}")
     return "\n".join(lines)
 
 
@@ -315,12 +351,12 @@ def main(argv=None) -> None:
         f"copy bandwidth (dst.copy_(src), {1024 if device.type == 'cuda' else 256} MiB, read + write): "
         f"{bandwidth / 1e9:.1f} GB/s before, "
         f"{bandwidth_after / 1e9:.1f} GB/s after; the limits use the better of the two",
-        "adamw: torch.optim.AdamW(foreach=True); lamb: labkit.optim.Lamb (foreach); lamb-readable: "
-        "Lamb(foreach=False); " + timm_note,
+        "adamw: torch.optim.AdamW(foreach=True); adamw-fused: AdamW(fused=True); lamb: labkit.optim.Lamb "
+        "(foreach); lamb-fused: Lamb(fused=True), compiled; lamb-readable: Lamb(foreach=False); " + timm_note,
         "step: median ms per step (best: the fastest step); vs adamw, vs timm: this median / theirs; "
         "traffic: elements read + written per parameter at least;",
         "limit: traffic x parameters x bytes / copy bandwidth, the time of a step at the memory bandwidth; "
-        "of limit: limit / step",
+        "of limit: limit / step; per byte: (step / traffic) / (adamw-fused's step / its traffic)",
     ]
     best_bandwidth = max(bandwidth, bandwidth_after)
     for n, result in zip(sizes, results):

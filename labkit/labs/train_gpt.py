@@ -12,13 +12,17 @@ shard of the text (``DistributedSampler``), runs forward and backward on each (g
 averaged over the ranks only on the last one: ``no_sync()`` on the others), clips the gradient
 norm, and takes an AdamW step with a warm-up + cosine learning rate. Rank 0 shows a progress bar,
 evaluates on the held-out end of the text every ``--eval-every`` steps, and writes to ``--out-dir``:
-``metrics.json`` (losses, tokens/s, step time, model FLOPs utilisation on GPUs), ``loss.png`` and
+``metrics.json`` (losses, tokens/s, step time, model FLOPs utilisation, peak memory), ``loss.png`` and
 ``checkpoint.pt`` (at the end, and every ``--checkpoint-every`` steps). ``--resume RUN`` continues a
 run exactly where it stopped, with the options it was started with unless given again: N steps in
 one go and N/2 + N/2 give the same parameters, bit for bit.
 
 Device and backend come from the launcher alone, as in lab 1: one GPU per process with NCCL when
 there are enough GPUs (the GPU from LOCAL_RANK), else CPU processes over gloo.
+
+Speed: the switches (``--dtype``, ``--tf32``, ``--flash``, ``--compile``, ``--fused-optimizer``) are
+explained, and their defaults set, in one place, labkit.speed: all on for GPUs, all off on a CPU.
+``python -m labkit.bench.speed`` turns them on one at a time and measures each.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from labkit import checkpoint, comm
+from labkit import checkpoint, comm, speed
 from labkit.ddp import BucketedDDP, NaiveDDP, OverlapDDP
 from labkit.labs.entry import run_as_script, run_lab, under_launcher
 from labkit.models.gpt import GPT, PRESETS, GPTConfig
@@ -46,18 +50,6 @@ from labkit.text import CharTokenizer, TokenBlocks, batches, distributed_loader,
 
 DDP_CHOICES = ("torch", "naive", "overlap", "bucketed")
 CHECKPOINT = "checkpoint.pt"
-
-# Peak dense bf16 tensor-core throughput per GPU, in TFLOP/s, from the vendors' data sheets
-# (the "with sparsity" figures are twice these). Matched against torch.cuda.get_device_name(),
-# first match wins; --peak-tflops overrides.
-PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),      # SXM (and the NVL's per-GPU figure is close)
-    ("H200", 989.0),
-    ("GH200", 989.0),
-    ("A100", 312.0),
-)
-
 
 # --------------------------------------------------------------------------------------------
 # Command line
@@ -86,7 +78,13 @@ def parse_args(argv=None):
                    help="model size (default: tiny on CPU, gpu on GPUs)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout probability (a different mask on each rank)")
     p.add_argument("--flash", action=argparse.BooleanOptionalAction, default=None,
-                   help="fused scaled_dot_product_attention (default: on GPUs only)")
+                   help="fused scaled_dot_product_attention (default: on GPUs only; see labkit.speed)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on GPUs only; the first steps compile)")
+    p.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="AdamW(fused=True), one kernel for the whole step (default: on GPUs only)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                   help="TF32 tensor cores for the matrix multiplies left in float32 (default: on GPUs)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps in the whole run")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch, per rank")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (no_sync on all but the last)")
@@ -242,12 +240,14 @@ def wrap(model: nn.Module, args, device: torch.device) -> nn.Module:
     return BucketedDDP(model, bucket_cap_mb=args.bucket_cap_mb)
 
 
-def make_optimizer(model: nn.Module, args) -> torch.optim.AdamW:
-    """AdamW; weight decay on the 2-D weights (matrices, embeddings), none on biases and LayerNorms."""
+def make_optimizer(model: nn.Module, args, switches: speed.Switches | None = None) -> torch.optim.AdamW:
+    """AdamW; weight decay on the 2-D weights (matrices, embeddings), none on biases and LayerNorms;
+    fused when the switch is on."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95),
+                             **speed.adamw_options(switches or speed.Switches()))
 
 
 def lr_at(step: int, args) -> float:
@@ -347,19 +347,6 @@ def load_checkpoint(path: Path, args, device, world_size: int) -> dict:
     return state
 
 
-def peak_flops(device, args) -> tuple[float | None, str]:
-    """(peak FLOP/s of one device, where the number comes from) or (None, why not)."""
-    if args.peak_tflops:
-        return args.peak_tflops * 1e12, "--peak-tflops"
-    if device.type != "cuda":
-        return None, "unknown (no peak for CPUs: pass --peak-tflops)"
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key in name:
-            return tflops * 1e12, f"{name}: {tflops:g} TFLOP/s dense bf16 (data sheet)"
-    return None, f"unknown ({name} is not in the table: pass --peak-tflops)"
-
-
 def plot_losses(metrics: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg   # no pyplot: no global backend change
     from matplotlib.figure import Figure
@@ -388,20 +375,18 @@ def train(args, device: torch.device) -> dict:
     """Train on this rank; the process group is initialised. Returns the metrics (rank 0's in full)."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     is_cuda = device.type == "cuda"
+    speed.reset_peak_memory(device)
     preset = args.preset = args.preset or ("gpu" if is_cuda else "tiny")
-    args.dtype = args.dtype or ("bfloat16" if is_cuda else "float32")
-    if args.dtype == "bfloat16":
-        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
-    else:
-        autocast = contextlib.nullcontext
+    switches = resolve_switches(args, device)
+    autocast = speed.autocast(switches, device)
+    speed.set_tf32(switches.tf32)
 
     # One output folder, chosen by rank 0 (under torchrun every rank reads its own clock).
     out_dir = [str(resolve_out_dir(args))]
     comm.broadcast_objects(out_dir, src=0)
     out_dir = Path(out_dir[0])
 
-    config, tok, train_blocks, val_blocks = load_text(preset, args.dropout,
-                                                      is_cuda if args.flash is None else args.flash)
+    config, tok, train_blocks, val_blocks = load_text(preset, args.dropout, switches.flash)
     check_data_fits(train_blocks, val_blocks, args.batch_size, world_size)
     train_loader = make_loader(train_blocks, args.batch_size, rank, world_size, args.seed, shuffle=True)
     eval_batch = min(args.batch_size, len(val_blocks) // world_size)
@@ -414,11 +399,13 @@ def train(args, device: torch.device) -> dict:
         state = load_checkpoint(checkpoint_path(args.resume), args, device, world_size)
         model.load_state_dict(state["model"])
     model.to(device)
-    ddp_model = wrap(model, args, device)
+    # compiled inside the DDP wrapper (as nanoGPT does); ``model`` stays the plain module that is
+    # saved, evaluated and checksummed (a compiled module's state_dict names carry a prefix)
+    ddp_model = wrap(speed.maybe_compile(model, switches), args, device)
     if not replicas_identical(model, device):
         raise RuntimeError("the replicas differ after wrapping the model: the wrapper did not broadcast rank 0's "
                            "weights")
-    optimizer = make_optimizer(model, args)
+    optimizer = make_optimizer(model, args, switches)
     torch.manual_seed(args.seed + 1 + rank)      # dropout: a different mask on every rank
     if state is None:
         start_step, data = 0, DataStream(train_loader)
@@ -439,7 +426,7 @@ def train(args, device: torch.device) -> dict:
         print(f"GPT {preset}: {model.num_params():,} parameters, {model.flops_per_token():,} FLOPs per token | "
               f"{world_size} rank(s) x {args.grad_accum} micro-batch(es) x {args.batch_size} sequences = "
               f"global batch {seqs_per_step} sequences, {tokens_per_step:,} tokens | "
-              f"ddp={args.ddp}, {dist.get_backend()} on {device.type}, {args.dtype} | "
+              f"ddp={args.ddp}, {dist.get_backend()} on {device.type}, {switches.describe()} | "
               f"steps {start_step + 1}..{last_step} of {args.steps}"
               f"{f' (resumed from {args.resume})' if start_step else ''} | {out_dir}", flush=True)
     if start_step == 0:
@@ -489,22 +476,34 @@ def train(args, device: torch.device) -> dict:
     bar.close()
 
     identical = replicas_identical(model, device)
-    # Throughput of this run, leaving out its first step (bucket rebuild, allocator warm-up).
-    timed = times[1:] or times
+    peak_memory, memory_source = speed.peak_memory_bytes(device)
+    # Throughput of this run, leaving out its first step (bucket rebuild, allocator warm-up), or its
+    # first three under --compile (compiling, and a recompilation or two as the first steps settle).
+    skip = 3 if switches.compile else 1
+    timed = times[skip:] or times[-1:]
     tokens_per_s = tokens_per_step * len(timed) / sum(timed)
     flops = tokens_per_s * model.flops_per_token()
-    peak, peak_source = peak_flops(device, args)
+    peak, peak_source = speed.datasheet_peak_flops(device, args.peak_tflops)
+    # The matrix rate this device really reaches, in the run's matmul precision (rank 0 measures;
+    # after training, so that it takes nothing from the timed steps).
+    matmul = speed.measured_matmul_flops(device, torch.bfloat16 if switches.dtype == "bfloat16"
+                                         else torch.float32) if rank == 0 else None
     metrics = dict(
         rank=rank, world_size=world_size, backend=dist.get_backend(), device=str(device),
         device_name=torch.cuda.get_device_name(device) if is_cuda else "cpu", ddp=args.ddp, preset=preset,
-        dtype=args.dtype, config=vars(args), model_config=vars(config), params=model.num_params(),
+        dtype=args.dtype, switches=vars(switches), config=vars(args), model_config=vars(config),
+        params=model.num_params(),
         flops_per_token=model.flops_per_token(), global_batch_sequences=seqs_per_step,
         global_batch_tokens=tokens_per_step, steps_done=last_step, resumed_from_step=start_step or None,
         train_loss=history["train_loss"], eval_loss=history["eval_loss"], lr=history["lr"],
         step_time_s=history["step_time_s"], tokens_per_s=tokens_per_s,
         mean_step_time_s=sum(timed) / len(timed), achieved_tflops=flops / 1e12,
         mfu=flops / (peak * world_size) if peak else "unknown", peak_tflops_per_device=peak and peak / 1e12,
-        peak_source=peak_source, replicas_identical=identical, param_checksum=checksum(model),
+        peak_source=peak_source, measured_matmul_tflops=matmul and matmul / 1e12,
+        mfu_of_measured=matmul and flops / (matmul * world_size), timed_steps=len(timed),
+        peak_memory_bytes=peak_memory, peak_memory_source=memory_source,
+        compiled_graphs=compiled_graphs() if switches.compile else 0,
+        replicas_identical=identical, param_checksum=checksum(model),
         out_dir=str(out_dir))
     if rank == 0:
         if args.sample:
@@ -514,6 +513,36 @@ def train(args, device: torch.device) -> dict:
             json.dump(metrics, f, indent=1)
         plot_losses(metrics, out_dir / "loss.png")
     return metrics
+
+
+def speed_line(result: dict) -> str:
+    """Tokens/s, MFU against the data sheet and against the measured matrix rate, peak memory."""
+    mfu, switches = result["mfu"], result["switches"]
+    on = ", ".join(name for name, value in switches.items() if value is True) or "no switch on"
+    sheet = (f"{100 * mfu:.1f} % of the data sheet's {result['peak_tflops_per_device']:g} TFLOP/s"
+             if not isinstance(mfu, str) else f"unknown against a data sheet ({result['peak_source']})")
+    return (f"{result['tokens_per_s']:,.0f} tokens/s, {result['mean_step_time_s'] * 1e3:.1f} ms/step, "
+            f"{result['achieved_tflops']:.3g} TFLOP/s of model FLOPs; MFU {sheet}, "
+            f"{100 * result['mfu_of_measured']:.1f} % of the {result['measured_matmul_tflops']:.3g} TFLOP/s its "
+            f"matrix multiplies reach here; peak memory {result['peak_memory_bytes'] / 2 ** 20:,.0f} MiB "
+            f"({result['peak_memory_source']}) [{switches['dtype']}, {on}]")
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile made in this process: one or a few; more means recompilations."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def resolve_switches(args, device: torch.device) -> speed.Switches:
+    """labkit.speed's defaults for this device, overridden by the options given; written back into
+    ``args`` so that a checkpoint records what the run used."""
+    switches = speed.default_switches(device)
+    for name in ("dtype", "tf32", "flash", "compile", "fused_optimizer"):
+        if getattr(args, name) is not None:
+            setattr(switches, name, getattr(args, name))
+        setattr(args, name, getattr(switches, name))
+    return switches
 
 
 def sample_text(model: GPT, tok: CharTokenizer, n: int, seed: int, device) -> str:
@@ -544,13 +573,10 @@ def main(argv=None) -> dict:
         args.out_dir = str(resolve_out_dir(args))   # chosen once, here, for every worker
     rank, result = run_lab(train, args, device=args.device)
     if rank == 0:
-        mfu = result["mfu"]
         print(f"world size {result['world_size']} ({result['backend']} on {result['device']}), ddp={result['ddp']}: "
               f"final train loss {result['train_loss'][-1]:.4f}, val loss {result['eval_loss'][-1][1]:.4f}, "
-              f"{result['tokens_per_s']:,.0f} tokens/s, {result['mean_step_time_s'] * 1e3:.1f} ms/step, "
-              f"{result['achieved_tflops']:.3g} TFLOP/s, MFU "
-              f"{mfu if isinstance(mfu, str) else f'{100 * mfu:.1f} %'}, "
-              f"replicas identical: {result['replicas_identical']} -> {result['out_dir']}", flush=True)
+              f"replicas identical: {result['replicas_identical']} -> {result['out_dir']}\n"
+              f"speed: {speed_line(result)}", flush=True)
     return result
 
 

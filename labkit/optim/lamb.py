@@ -19,10 +19,11 @@ Variants, as options:
 - per group ``adapt=False`` (ratio 1: plain Adam) and ``weight_decay=0``: the usual exclusion of
   biases and normalisation weights, see :func:`lamb_param_groups`.
 
-Two code paths give the same result: ``foreach=True`` (default) updates many tensors per call with
+Three code paths give the same result: ``foreach=True`` (default) updates many tensors per call with
 ``torch._foreach_*`` kernels (all of a group's tensors on a GPU; on a CPU, runs of about a million
-elements, so that the temporaries are reused); ``foreach=False`` is the formula above, tensor by tensor.
-After each step, ``optimizer.state[p]["trust_ratio"]`` holds the ratio used for ``p``.
+elements, so that the temporaries are reused); ``foreach=False`` is the formula above, tensor by tensor;
+``fused=True`` compiles the step into two passes over memory (labkit.optim.lamb_fused: the fast path
+on GPUs; the first step compiles it). After each step, ``optimizer.state[p]["trust_ratio"]`` holds the ratio used for ``p``.
 """
 
 from __future__ import annotations
@@ -43,13 +44,14 @@ __all__ = ["Lamb", "lamb_param_groups", "lamb_direction"]
 class Lamb(Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.01, *, bias_correction: bool = True,
-                 max_weight_norm: float | None = None, adapt: bool = True, foreach: bool = True):
+                 max_weight_norm: float | None = None, adapt: bool = True, foreach: bool = True,
+                 fused: bool = False):
         check_hyperparameters("Lamb", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                               max_weight_norm=max_weight_norm)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, max_weight_norm=max_weight_norm, adapt=adapt)
         super().__init__(params, defaults)
-        self.foreach = foreach
+        self.foreach, self.fused = foreach, fused
 
     def add_param_group(self, param_group: dict) -> None:
         # Groups given as dicts (e.g. by lamb_param_groups) are checked too.
@@ -77,7 +79,10 @@ class Lamb(Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-            (self._group_step_foreach if self.foreach else self._group_step_readable)(group, params)
+            if self.fused:
+                self._group_step_fused(group, params)
+            else:
+                (self._group_step_foreach if self.foreach else self._group_step_readable)(group, params)
         return loss
 
     # --- the formula, one tensor at a time ----------------------------------------------------------
@@ -151,6 +156,26 @@ class Lamb(Optimizer):
             s["trust_ratio"] = ratio
         # θ ← θ + (−η·ratio)·u, the factor one 0-dim tensor per tensor (no wait for the GPU on the ratios)
         torch._foreach_addcmul_(params, update, (-group["lr"] * ratios).unbind())
+
+
+    # --- the same, compiled into two passes over memory (labkit.optim.lamb_fused) ----------------------
+
+    def _group_step_fused(self, group: dict, params: list) -> None:
+        from labkit.optim.lamb_fused import compiled_fused_lamb_step, step_scalars
+
+        by_step = {}      # one compiled call per step count (normally all of a group's tensors share it)
+        for p in params:
+            by_step.setdefault(self.state[p]["step"], []).append(p)
+        for step, ps in by_step.items():
+            states = [self.state[p] for p in ps]
+            scalars = step_scalars(group["lr"], step, *group["betas"], group["eps"], group["bias_correction"],
+                                   ps[0].device, torch.promote_types(ps[0].dtype, torch.float32))
+            ratios = compiled_fused_lamb_step()(
+                ps, [p.grad for p in ps], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                scalars, beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
+                adapt=group["adapt"], max_weight_norm=group["max_weight_norm"])
+            for s, ratio in zip(states, ratios.unbind()):
+                s["trust_ratio"] = ratio
 
 
 def lamb_direction(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int,
