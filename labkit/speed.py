@@ -16,7 +16,8 @@ first kind of time counts as useful. Each switch attacks one of the others:
                                             that never writes the T×T matrix to memory
     torch.compile     --compile             fuses the elementwise work between matrix multiplies into a
                                             few kernels (one read and one write instead of one per op)
-                                            and cuts Python overhead
+                                            and cuts Python overhead; block by block, so that the
+                                            gradients' all-reduces still overlap the backward
     fused optimizer   --fused-optimizer     AdamW(fused=True): one kernel over all parameters instead
                                             of a dozen passes (labkit.bench.optim measures it)
     a full batch      --batch-size, --grad-accum   enough tokens per kernel to fill the device; gradient
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Switches", "default_switches", "set_tf32", "autocast", "maybe_compile", "adamw_options",
+__all__ = ["Switches", "default_switches", "set_tf32", "autocast", "compile_blocks", "adamw_options",
            "PEAK_BF16_TFLOPS", "datasheet_peak_flops", "measured_matmul_flops", "peak_memory_bytes",
            "reset_peak_memory"]
 
@@ -57,15 +58,18 @@ class Switches:
 
 
 def default_switches(device: torch.device) -> Switches:
-    """On a GPU everything on; on a CPU everything off (bf16 and compile are slower or slow to start
-    there for the course's small models, and the CPU lessons' numbers stay those of plain PyTorch)."""
+    """On a GPU everything on; on a CPU everything off, so that what the lessons print on a laptop
+    stays plain float32 PyTorch's (bf16 would change those digits, and compiling takes seconds)."""
     if device.type == "cuda":
         return Switches(dtype="bfloat16", tf32=True, flash=True, compile=True, fused_optimizer=True)
     return Switches()
 
 
 def set_tf32(on: bool) -> None:
-    """TF32 for fp32 matrix multiplies and convolutions (process-wide; no effect on a CPU)."""
+    """TF32 for fp32 matrix multiplies and convolutions (process-wide; no effect on a CPU).
+
+    The legacy flags on purpose: once the newer ``fp32_precision`` setting is used, any later read of
+    ``allow_tf32`` (other libraries still read it) raises a RuntimeError in torch 2.9 and later."""
     torch.backends.cuda.matmul.allow_tf32 = on
     torch.backends.cudnn.allow_tf32 = on
 
@@ -77,9 +81,18 @@ def autocast(switches: Switches, device: torch.device):
     return contextlib.nullcontext
 
 
-def maybe_compile(model: torch.nn.Module, switches: Switches) -> torch.nn.Module:
-    """``torch.compile(model)`` when asked: the returned module shares the parameters of ``model``."""
-    return torch.compile(model) if switches.compile else model
+def compile_blocks(model: torch.nn.Module, switches: Switches) -> None:
+    """``torch.compile`` each transformer block of ``model`` in place, when asked (as torchtitan does).
+
+    Block by block and not the whole model, because of data parallelism: a compiled module's backward
+    is one autograd node, and the gradient hooks that start a bucket's all-reduce (labkit.ddp) fire
+    when it ends. Compiled whole, the backward would finish before the first all-reduce starts and
+    nothing would overlap; compiled per block, the hooks fire after each block's backward, as in eager
+    mode. torch's DDP, which splits a whole-model graph at its buckets itself, gets the same blocks, so
+    the two DDPs are compared on the same code. The parameters and their names do not change."""
+    if switches.compile:
+        for block in model.blocks:
+            block.compile()
 
 
 def adamw_options(switches: Switches) -> dict:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import labkit
+from labkit import speed
 from labkit.labs import train_gpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,10 +103,31 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed["train_loss"] == straight["train_loss"]          # the history carries over
     assert resumed["param_checksum"] == straight["param_checksum"]
 
+    # A checkpoint from before the speed switches existed continues with them off, unless asked.
+    old = torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=True)
+    for name in ("compile", "tf32", "fused_optimizer"):
+        del old["args"][name]
+    torch.save(old, tmp_path / "old.pt")
+    args = train_gpt.parse_args(["--resume", str(tmp_path / "old.pt")])
+    assert (args.compile, args.tf32, args.fused_optimizer) == (False, False, False)
+    assert train_gpt.parse_args(["--resume", str(tmp_path / "old.pt"), "--compile"]).compile is True
+
     with pytest.raises(labkit.WorkerError, match="cannot resume .* --batch-size 4 \\(now 2\\)"):
         train_gpt.main(["--resume", str(tmp_path / "halves"), "--batch-size", "2", "--steps", "8"])
     with pytest.raises(labkit.WorkerError, match="is at step 6 and --steps is 6: nothing to do"):
         train_gpt.main(["--resume", str(tmp_path / "straight" / "checkpoint.pt")])
+
+
+def test_a_resumed_optimizer_uses_the_kernel_asked_for_not_the_saved_one():
+    model = torch.nn.Linear(3, 2)
+    saved_run = torch.optim.AdamW(model.parameters(), fused=True)
+    model(torch.ones(1, 3)).sum().backward()
+    saved_run.step()
+    for asked in (False, True):
+        optimizer = torch.optim.AdamW(model.parameters(), **speed.adamw_options(speed.Switches(fused_optimizer=asked)))
+        train_gpt.load_optimizer_state(optimizer, saved_run.state_dict(), speed.Switches(fused_optimizer=asked))
+        assert bool(optimizer.param_groups[0]["fused"]) is asked
+        assert optimizer.state[model.weight]["step"] == 1
 
 
 def test_single_process(tmp_path):

@@ -80,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--flash", action=argparse.BooleanOptionalAction, default=None,
                    help="fused scaled_dot_product_attention (default: on GPUs only; see labkit.speed)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on GPUs only; the first steps compile)")
+                   help="torch.compile each transformer block (default: on GPUs only; the first steps compile)")
     p.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=None,
                    help="AdamW(fused=True), one kernel for the whole step (default: on GPUs only)")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
@@ -98,7 +98,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="initial weights, data order, dropout")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="bfloat16: autocast; weights, gradients and all-reduces stay float32 "
-                        "(default: bfloat16 on GPUs, float32 on CPU, where bfloat16 works but is slower)")
+                        "(default: bfloat16 on GPUs; float32 on CPU, the digits the lessons print)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: one GPU per process if there are enough, else CPU")
     p.add_argument("--out-dir", default=None,
@@ -124,12 +124,17 @@ def parse_args(argv=None):
 
 # Options a resumed run never takes from the checkpoint it continues.
 NOT_INHERITED = {"help", "resume", "out_dir", "stop_after"}
+# Switches older checkpoints do not record (labkit.speed): those runs had them off.
+SWITCHES_ADDED_LATER = ("compile", "tf32", "fused_optimizer")
 
 
 def _inherit_from_checkpoint(parser, argv, args) -> None:
     """``--resume RUN`` continues RUN as it was started: every option not given on this command
     line takes the value saved in the checkpoint (so ``--resume RUN --steps 400`` just trains longer)."""
     saved = checkpoint.load(checkpoint_path(args.resume))["args"]
+    # A checkpoint from before a switch existed ran without it: continue so (else a GPU would turn
+    # compile, TF32 and the fused optimizer on halfway, and the resumed run would not be the same run).
+    saved = {**{name: False for name in SWITCHES_ADDED_LATER}, **saved}
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     for action in parser._actions:
         if (action.dest in saved and action.dest not in NOT_INHERITED
@@ -399,9 +404,8 @@ def train(args, device: torch.device) -> dict:
         state = load_checkpoint(checkpoint_path(args.resume), args, device, world_size)
         model.load_state_dict(state["model"])
     model.to(device)
-    # compiled inside the DDP wrapper (as nanoGPT does); ``model`` stays the plain module that is
-    # saved, evaluated and checksummed (a compiled module's state_dict names carry a prefix)
-    ddp_model = wrap(speed.maybe_compile(model, switches), args, device)
+    speed.compile_blocks(model, switches)     # in place, block by block: see labkit.speed
+    ddp_model = wrap(model, args, device)
     if not replicas_identical(model, device):
         raise RuntimeError("the replicas differ after wrapping the model: the wrapper did not broadcast rank 0's "
                            "weights")
@@ -411,7 +415,7 @@ def train(args, device: torch.device) -> dict:
         start_step, data = 0, DataStream(train_loader)
         history = {"train_loss": [], "lr": [], "step_time_s": [], "eval_loss": []}
     else:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"], switches)
         start_step = state["step"]
         data = DataStream(train_loader, state["data"]["epoch"], state["data"]["position"])
         history = state["history"]
@@ -526,6 +530,14 @@ def speed_line(result: dict) -> str:
             f"{100 * result['mfu_of_measured']:.1f} % of the {result['measured_matmul_tflops']:.3g} TFLOP/s its "
             f"matrix multiplies reach here; peak memory {result['peak_memory_bytes'] / 2 ** 20:,.0f} MiB "
             f"({result['peak_memory_source']}) [{switches['dtype']}, {on}]")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, switches: speed.Switches) -> None:
+    """The saved moments and step counts; the kernel this run asked for (``--fused-optimizer``), not
+    the one the saved param groups name (``load_state_dict`` would restore their ``fused`` flag)."""
+    optimizer.load_state_dict(saved)
+    for group in optimizer.param_groups:
+        group["fused"] = speed.adamw_options(switches).get("fused")
 
 
 def compiled_graphs() -> int:

@@ -23,12 +23,13 @@ Three code paths give the same result: ``foreach=True`` (default) updates many t
 ``torch._foreach_*`` kernels (all of a group's tensors on a GPU; on a CPU, runs of about a million
 elements, so that the temporaries are reused); ``foreach=False`` is the formula above, tensor by tensor;
 ``fused=True`` compiles the step into two passes over memory (labkit.optim.lamb_fused: the fast path
-on GPUs; the first step compiles it). After each step, ``optimizer.state[p]["trust_ratio"]`` holds the ratio used for ``p``.
+on GPUs; the first step of each param group compiles it). After each step, ``optimizer.state[p]["trust_ratio"]`` holds the ratio used for ``p``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 from collections.abc import Callable
 
@@ -161,6 +162,7 @@ class Lamb(Optimizer):
     # --- the same, compiled into two passes over memory (labkit.optim.lamb_fused) ----------------------
 
     def _group_step_fused(self, group: dict, params: list) -> None:
+        from torch._dynamo.exc import FailOnRecompileLimitHit
         from labkit.optim.lamb_fused import compiled_fused_lamb_step, step_scalars
 
         by_step = {}      # one compiled call per step count (normally all of a group's tensors share it)
@@ -168,12 +170,20 @@ class Lamb(Optimizer):
             by_step.setdefault(self.state[p]["step"], []).append(p)
         for step, ps in by_step.items():
             states = [self.state[p] for p in ps]
-            scalars = step_scalars(group["lr"], step, *group["betas"], group["eps"], group["bias_correction"],
-                                   ps[0].device, torch.promote_types(ps[0].dtype, torch.float32))
-            ratios = compiled_fused_lamb_step()(
-                ps, [p.grad for p in ps], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                scalars, beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
-                adapt=group["adapt"], max_weight_norm=group["max_weight_norm"])
+            scalars = step_scalars(group["lr"], step, group, ps[0].device,
+                                   torch.promote_types(ps[0].dtype, torch.float32))
+            try:
+                ratios = compiled_fused_lamb_step()(
+                    ps, [p.grad for p in ps], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                    scalars, adapt=group["adapt"])
+            except FailOnRecompileLimitHit:
+                # raised before anything ran: the step is still to do, by the foreach path from now on
+                warnings.warn("Lamb(fused=True): torch.compile has compiled the fused step for as many shape "
+                              "lists as its recompile_limit allows (torch._dynamo.config.recompile_limit); "
+                              "this optimizer continues with the foreach path", RuntimeWarning, stacklevel=3)
+                self.fused, self.foreach = False, True
+                self._group_step_foreach(group, params)
+                return
             for s, ratio in zip(states, ratios.unbind()):
                 s["trust_ratio"] = ratio
 

@@ -15,9 +15,12 @@ does. Written in eager PyTorch, each line above is a kernel and a pass of its ow
 parameter in the foreach path); ``torch.compile`` fuses each pass into one loop per tensor (Triton
 kernels on a GPU, C++ loops on a CPU), so the step moves about the 10 the formula needs.
 
-Numbers that change every step (η from a schedule, c and ε′ from t) enter as one small tensor on the
-parameters' device: passed as Python floats they would be baked into the compiled code and force a
-recompilation at every step.
+Every number of the step (η from a schedule, c and ε′ from t, and the group's β1, β2, λ and the
+clamp of ‖θ‖) enters as one small tensor on the parameters' device: passed as Python floats they would
+be baked into the compiled code, and a new learning rate or a second group would compile it again.
+What still compiles anew is a new list of tensor shapes (each group of each model) and the trust
+ratio switched off: torch.compile keeps a few such versions per function (``recompile_limit``), and
+Lamb falls back to its foreach path, with a warning, when they run out.
 """
 
 from __future__ import annotations
@@ -34,24 +37,23 @@ def _accumulator(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
-def _direction(theta, m, v, c, eps, weight_decay: float):
+def _direction(theta, m, v, c, eps, weight_decay):
     """u = c·m/(√v + ε′) + λ·θ: Adam's bias-corrected direction plus the weight decay."""
-    u = c * m / (v.sqrt() + eps)
-    return u + weight_decay * theta if weight_decay else u
+    return c * m / (v.sqrt() + eps) + weight_decay * theta
 
 
 def fused_lamb_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, scalars: torch.Tensor, *,
-                    beta1: float, beta2: float, weight_decay: float, adapt: bool,
-                    max_weight_norm: float | None) -> torch.Tensor:
+                    adapt: bool) -> torch.Tensor:
     """One LAMB step of every tensor in ``params`` (in place), the same step t for all of them.
 
-    ``scalars`` = tensor([η, c, ε′]) on the parameters' device (:func:`step_scalars`). Returns the
-    trust ratios, one per tensor. Plain PyTorch: run it as it is (eager, for tests) or compiled."""
-    lr, c, eps = scalars[0], scalars[1], scalars[2]
+    ``scalars`` = tensor([η, c, ε′, β1, β2, λ, clamp of ‖θ‖]) on the parameters' device
+    (:func:`step_scalars`). Returns the trust ratios, one per tensor. Plain PyTorch: run it as it is
+    (eager, for tests) or compiled."""
+    lr, c, eps, beta1, beta2, weight_decay, max_weight_norm = scalars.unbind()
     weight_norms, update_norms = [], []
     for theta, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):      # pass 1
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        m.mul_(beta1).add_((1 - beta1) * g)
+        v.mul_(beta2).add_((1 - beta2) * g * g)
         u = _direction(theta, m, v, c, eps, weight_decay)
         acc = _accumulator(theta)
         weight_norms.append(theta.to(acc).square().sum())
@@ -61,8 +63,7 @@ def fused_lamb_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list
     if not adapt:
         ratios = torch.ones_like(weight_norm)
     else:
-        if max_weight_norm is not None:
-            weight_norm = weight_norm.clamp(max=max_weight_norm)
+        weight_norm = torch.minimum(weight_norm, max_weight_norm.to(weight_norm.dtype))
         usable = (weight_norm > 0) & (update_norm > 0)
         ratios = torch.where(usable, weight_norm / torch.where(usable, update_norm, 1), 1)
     for i, (theta, m, v) in enumerate(zip(params, exp_avgs, exp_avg_sqs)):     # pass 2
@@ -71,22 +72,25 @@ def fused_lamb_step(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list
     return ratios
 
 
-def step_scalars(lr: float, step: int, beta1: float, beta2: float, eps: float, bias_correction: bool,
-                 device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """tensor([η, c, ε′]) for step ``step`` (1-based), on ``device``."""
-    if bias_correction:
+def step_scalars(lr: float, step: int, group: dict, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """tensor([η, c, ε′, β1, β2, λ, clamp of ‖θ‖ (∞: none)]) for step ``step`` (1-based) of a Lamb
+    param group (betas, eps, weight_decay, bias_correction, max_weight_norm), on ``device``."""
+    beta1, beta2 = group["betas"]
+    c, eps = 1.0, group["eps"]
+    if group["bias_correction"]:
         root = math.sqrt(1 - beta2 ** step)
         c, eps = root / (1 - beta1 ** step), eps * root
-    else:
-        c = 1.0
-    return torch.tensor([lr, c, eps], dtype=dtype, device=device)
+    clamp = group["max_weight_norm"]
+    return torch.tensor([lr, c, eps, beta1, beta2, group["weight_decay"], math.inf if clamp is None else clamp],
+                        dtype=dtype, device=device)
 
 
 _compiled = None
 
 
 def compiled_fused_lamb_step():
-    """``fused_lamb_step`` compiled once per process (``torch.compile``, the whole step one graph)."""
+    """``fused_lamb_step`` compiled (``torch.compile``, the whole step one graph), one per process:
+    every optimizer shares it, and torch.compile keeps one version per list of shapes."""
     global _compiled
     if _compiled is None:
         _compiled = torch.compile(fused_lamb_step, fullgraph=True, dynamic=False)
