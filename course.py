@@ -31,6 +31,9 @@ PYTEST_ARGS = [
     "--nbval", "--nbval-current-env", "--nbval-sanitize-with", ".nbval_sanitize.cfg",
     "--nbval-cell-timeout", "300",
     "--durations", "15",
+    # Three workers on two cores: most of the suite waits (process start-up, rendezvous, kernels).
+    # One file per worker at a time: a notebook's cells share one kernel.
+    "-n", "3", "--dist", "loadfile",
 ]
 
 

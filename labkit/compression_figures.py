@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt
 
 from labkit.bottleneck import SCHEMES, step_time
 from labkit.network import Link
+from labkit.widgets import sized_figure
 
 __all__ = ["curves_figure", "allreduce_time_figure", "threshold_figure", "step_time_figure", "explorer"]
 
@@ -105,15 +106,16 @@ def threshold_figure(tokens: Sequence[int], without: Sequence[float], with_netwo
 
 def step_time_figure(psi_b: float = 1.0, tokens: int = 4096, world_size: int = 64, ranks_per_node: int = 8,
                      inside_gbs: float = 450.0, between_gbs: float = 50.0, tflops: float = 400.0,
-                     bf16: bool = True, fraction: float = 0.01, ratio: float = 0.001):
+                     bf16: bool = True, fraction: float = 0.01, ratio: float = 0.001, figure=None):
     """Compute and exposed messages of one step per scheme (labkit.bottleneck), for a model of ``psi_b`` billion
-    parameters; links in GB/s, FLOP/s in TFLOP/s (achieved, not peak)."""
+    parameters; links in GB/s, FLOP/s in TFLOP/s (achieved, not peak). Into ``figure`` if given."""
     inside, between = Link(5e-6, inside_gbs * 1e9), Link(10e-6, between_gbs * 1e9)
     kw = dict(psi=psi_b * 1e9, tokens=tokens, flops=tflops * 1e12, world_size=world_size, inside=inside,
               between=between, ranks_per_node=ranks_per_node, bytes_per_number=2 if bf16 else 4, fraction=fraction,
               ratio=ratio)
     times = {s: step_time(s, **kw) for s in SCHEMES}
-    fig, ax = plt.subplots(figsize=(7.2, 3.4))
+    fig = sized_figure((7.2, 3.4), figure)
+    ax = fig.subplots()
     names = list(times)
     ax.bar(names, [1e3 * t.compute for t in times.values()], color="#B0B0B0", edgecolor="black", label="compute")
     ax.bar(names, [1e3 * t.exposed for t in times.values()], bottom=[1e3 * t.compute for t in times.values()],
@@ -129,29 +131,24 @@ def step_time_figure(psi_b: float = 1.0, tokens: int = 4096, world_size: int = 6
 
 
 def explorer(**defaults):
-    """ipywidgets controls around :func:`step_time_figure`."""
+    """Controls around :func:`step_time_figure` (labkit.widgets.FigureExplorer)."""
     import ipywidgets as widgets
-
-    def show(**kwargs):
-        step_time_figure(**kwargs)
-        plt.show()
+    from labkit.widgets import FigureExplorer
 
     d = {"psi_b": 1.0, "tokens": 4096, "world_size": 64, "ranks_per_node": 8, "inside_gbs": 450.0,
          "between_gbs": 50.0, "tflops": 400.0} | defaults
     style = {"description_width": "initial"}
-    return widgets.interactive(
-        show,
+    return FigureExplorer(step_time_figure, dict(
         psi_b=widgets.FloatLogSlider(value=d["psi_b"], base=10, min=-1, max=2, description="Ψ (billions)",
                                      style=style, continuous_update=False),
         tokens=widgets.Dropdown(options=[256, 1024, 4096, 16384, 65536], value=d["tokens"],
                                 description="tokens per rank", style=style),
-        world_size=widgets.Dropdown(options=[8, 16, 64, 256, 1024], value=d["world_size"], description="ranks N"),
-        ranks_per_node=widgets.Dropdown(options=[1, 2, 4, 8], value=d["ranks_per_node"], description="per node"),
+        world_size=widgets.Dropdown(options=[8, 16, 64, 256, 1024], value=d["world_size"], description="ranks N", style=style),
+        ranks_per_node=widgets.Dropdown(options=[1, 2, 4, 8], value=d["ranks_per_node"], description="per node", style=style),
         inside_gbs=widgets.FloatLogSlider(value=d["inside_gbs"], base=10, min=0, max=3, description="inside GB/s",
                                           style=style, continuous_update=False),
         between_gbs=widgets.FloatLogSlider(value=d["between_gbs"], base=10, min=-1, max=2.5,
                                            description="between GB/s", style=style, continuous_update=False),
         tflops=widgets.FloatLogSlider(value=d["tflops"], base=10, min=1, max=3, description="TFLOP/s achieved",
                                       style=style, continuous_update=False),
-        bf16=widgets.Checkbox(value=True, description="bf16 gradients"),
-        fraction=widgets.fixed(0.01), ratio=widgets.fixed(0.001))
+        bf16=widgets.Checkbox(value=True, description="bf16 gradients")), fixed=dict(fraction=0.01, ratio=0.001))

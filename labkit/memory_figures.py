@@ -23,6 +23,7 @@ from matplotlib.patches import Patch
 from labkit.memory import Memory, Setup, activation_bytes, num_parameters, predict
 from labkit.models import GPTConfig
 from labkit.timeline import Box, draw_timeline
+from labkit.widgets import sized_figure
 
 __all__ = ["KINDS", "MODELS", "draw_memory_bars", "predicted_measured_figure", "activations_figure", "per_rank_figure",
            "fsdp_timeline_figure", "calculator_figure", "calculator"]
@@ -161,14 +162,16 @@ def fsdp_timeline_figure(panels: Mapping[str, Sequence]):
 
 def calculator_figure(model: str = "7B-class", dp: int = 8, tp: int = 1, pp: int = 1, precision: str = "bf16 mixed",
                       recompute: str = "none", batch: int = 1, seq_len: int = 4096, flash: bool = True,
-                      device_gib: float = 80.0, stage: int | None = None):
-    """labkit.memory.predict for ZeRO stages 0–3 as stacked GiB bars per rank, against the device's memory."""
+                      device_gib: float = 80.0, stage: int | None = None, figure=None):
+    """labkit.memory.predict for ZeRO stages 0–3 as stacked GiB bars per rank, against the device's memory
+    (into ``figure`` if given)."""
     config = MODELS[model]
     mixed = precision == "bf16 mixed"
     setup = Setup(batch=batch, seq_len=seq_len, dtype_bytes=2 if mixed else 4, mixed_precision=mixed, dp=dp, tp=tp,
                   pp=pp, micro_batches=max(pp, 1) * 2, recompute=recompute, flash=flash)
     rows = {f"stage {k}": predict(config, replace(setup, zero=k)) for k in range(4)}
-    fig, ax = plt.subplots(figsize=(7.2, 3.6))
+    fig = sized_figure((7.2, 3.6), figure)
+    ax = fig.subplots()
     draw_memory_bars(ax, rows, unit=2 ** 30, unit_name="GiB per rank")
     ax.axhline(device_gib, color="black", linestyle="--", linewidth=1)
     for i, m in enumerate(rows.values()):
@@ -185,18 +188,15 @@ def calculator_figure(model: str = "7B-class", dp: int = 8, tp: int = 1, pp: int
 
 
 def calculator(**defaults):
-    """ipywidgets controls around :func:`calculator_figure`; the figure redraws as a control moves."""
+    """Controls around :func:`calculator_figure` (labkit.widgets.FigureExplorer); the figure redraws as a
+    control moves."""
     import ipywidgets as widgets
-
-    def show(**kwargs):
-        calculator_figure(**kwargs)
-        plt.show()
+    from labkit.widgets import FigureExplorer
 
     d = {"model": "7B-class", "dp": 8, "tp": 1, "pp": 1, "precision": "bf16 mixed", "recompute": "none", "batch": 1,
          "seq_len": 4096, "flash": True} | defaults
     style = {"description_width": "initial"}
-    return widgets.interactive(
-        show,
+    return FigureExplorer(calculator_figure, dict(
         model=widgets.Dropdown(options=list(MODELS), value=d["model"], description="model"),
         dp=widgets.Dropdown(options=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512], value=d["dp"], description="data N"),
         tp=widgets.Dropdown(options=[1, 2, 4, 8], value=d["tp"], description="tensor t"),
@@ -208,4 +208,4 @@ def calculator(**defaults):
                                 continuous_update=False),
         seq_len=widgets.Dropdown(options=[512, 1024, 2048, 4096, 8192, 16384], value=d["seq_len"],
                                  description="sequence s"),
-        flash=widgets.Checkbox(value=d["flash"], description="flash attention"))
+        flash=widgets.Checkbox(value=d["flash"], description="flash attention")))

@@ -3,6 +3,7 @@
     draw_ring_round(ax, N, t)     step t of the ring on N ranks: who holds which partial sums, what moved
     draw_ring_rounds(N)           every step in one figure, with the key
     ring_legend(ax, N)            the key alone
+    ring_stepper(N)               the ring on N ranks step by step, with a play button (widgets)
 
 Everything drawn is read from :mod:`labkit.ring`: the schedule ``all_reduce_rounds(N)`` and the states
 ``simulate(N)`` (or the states decoded from a real run's trace).
@@ -19,8 +20,9 @@ from matplotlib.patches import Circle, FancyArrowPatch, Patch, Rectangle
 from labkit import ring
 from labkit.figures import RANK_COLORS
 from labkit.ring import ALL_GATHER, REDUCE_SCATTER
+from labkit.widgets import sized_figure
 
-__all__ = ["draw_ring_round", "draw_ring_rounds", "ring_legend"]
+__all__ = ["draw_ring_round", "draw_ring_rounds", "ring_legend", "ring_step_figure", "ring_stepper"]
 
 _PHASE_COLORS = {REDUCE_SCATTER: "#C0392B", ALL_GATHER: "#1F618D"}  # red: receiver adds; blue: overwrites
 
@@ -184,3 +186,33 @@ def draw_ring_rounds(world_size: int, *, ncols: int = 4, panel_size: float = 3.3
     fig.suptitle(suptitle, fontsize=12)
     fig.tight_layout()
     return fig
+
+
+def ring_step_figure(world_size: int, t: int, figure=None):
+    """Step ``t`` of the ring on ``world_size`` ranks alone (a ``t`` past the last step shows the last)."""
+    fig = sized_figure((6.5, 5.2), figure)
+    draw_ring_round(fig.subplots(), world_size, min(t, 2 * (world_size - 1)))
+    return fig
+
+
+def ring_stepper(world_size: int = 4, max_ranks: int = 8):
+    """:func:`ring_step_figure` with a choice of N, a step slider and a play button
+    (labkit.widgets.FigureExplorer). The links are made in Python: a new N sets both maxima and
+    clamps the step in one place, and the figure reads both controls when it redraws."""
+    import ipywidgets as widgets
+    from labkit.widgets import FigureExplorer
+
+    last = 2 * (world_size - 1)
+    ranks = widgets.Dropdown(options=list(range(2, max_ranks + 1)), value=world_size, description="ranks N")
+    step = widgets.IntSlider(value=0, min=0, max=last, description="step t", continuous_update=False)
+    play = widgets.Play(value=0, min=0, max=last, interval=1200, description="play")
+    widgets.link((play, "value"), (step, "value"))
+
+    def new_world_size(change):
+        last = 2 * (change["new"] - 1)
+        step.value = min(step.value, last)      # first: the slider's maximum may only fall above its value
+        play.value = step.value
+        step.max = play.max = last
+
+    ranks.observe(new_world_size, names="value")
+    return FigureExplorer(ring_step_figure, {"world_size": ranks, "t": step}, layout=[[ranks, play, step]])

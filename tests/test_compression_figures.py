@@ -51,4 +51,5 @@ def test_the_other_figures_and_the_widget():
     allreduce_time_figure([1e3, 1e6], {"flat": [1e-3, 1e-2]}, {"flat": [1e-3, 1e-2]})
     threshold_figure([64, 128], [0.05, 0.08], [0.15, 0.16], [0.14, 0.15], 100.0)
     widget = explorer()
-    assert {"Ψ (billions)", "ranks N", "between GB/s"} <= {c.description for c in widget.children[:-1]}
+    assert {"Ψ (billions)", "ranks N", "between GB/s"} <= {c.description for c in widget.controls.values()}
+    assert widget.png.startswith(b"\x89PNG")

@@ -190,12 +190,17 @@ def test_keyboard_interrupt_stops_the_workers():
     def worker():
         time.sleep(60)
 
+    # Ctrl-C as in a terminal, also where the test runner ignores SIGINT (pytest-xdist's workers do)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.0, os.kill, args=(os.getpid(), signal.SIGINT))
     timer.start()
     start = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        labkit.launch(worker, world_size=3, timeout=120)
-    timer.join()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            labkit.launch(worker, world_size=3, timeout=120)
+    finally:
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - start < 30  # not the 60 s sleep: the workers were stopped
     assert mp.active_children() == []
 

@@ -52,7 +52,7 @@ def test_calculator_draws_the_four_stages_of_the_prediction():
 
 def test_calculator_widget_has_its_controls():
     widget = calculator(model="GPT-2 small", dp=4)
-    names = {child.description for child in widget.children[:-1]}
+    names = {control.description for control in widget.controls.values()}
     assert {"model", "data N", "tensor t", "pipeline p", "recompute", "flash attention"} <= names
 
 

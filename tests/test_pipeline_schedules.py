@@ -193,8 +193,13 @@ def test_figures_render():
         assert "bubble" in fig.axes[0].get_title()
         matplotlib.pyplot.close(fig)
     widget = explorer()
-    assert [c.description for c in widget.children[:5]] == ["schedule", "stages p", "micro-batches m", "t_B / t_F",
-                                                             "chunks v (interleaved)"]
+    assert [c.description for c in widget.controls.values()][1:] == ["stages p", "micro-batches m", "t_B / t_F",
+                                                                     "chunks v (interleaved)"]
+    widget.controls["name"].value = "interleaved"
+    widget.controls["m"].value = 7
+    assert "multiple of p = 4" in widget.message.value and widget.image.layout.display == "none"
+    widget.controls["m"].value = 8
+    assert widget.message.value == "" and widget.image.layout.display is None
     matplotlib.pyplot.close("all")
 
 

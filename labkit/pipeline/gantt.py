@@ -31,6 +31,7 @@ from labkit.pipeline.schedules import B, F, gpipe, interleaved_1f1b, make_schedu
 from labkit.pipeline.simulate import (Timeline, bubble_fraction, expected_bubble, expected_peak_activations,
                                       peak_activations, simulate)
 from labkit.timeline import Box, draw_timeline
+from labkit.widgets import sized_figure
 
 __all__ = ["draw_gantt", "BoxLabel", "draw_activations", "gantt_legend", "pipeline_figure", "measured_figure",
            "draw_measured_bubble", "gantt_stack", "draw_bubble_vs_m", "activation_memory_figure", "draw_dp_pp_layout",
@@ -147,8 +148,7 @@ def pipeline_figure(name: str = "1F1B", p: int = 4, m: int = 8, backward_ratio: 
     schedule = make_schedule(name, p, m, chunks)
     v = schedule.num_stages // p
     timeline = simulate(schedule, t_forward=1.0 / v, t_backward=backward_ratio / v)
-    fig = figure or plt.figure(figsize=(_gantt_width(timeline, v > 1), 2.8 + 0.45 * p))
-    fig.clear()
+    fig = sized_figure((_gantt_width(timeline, v > 1), 2.8 + 0.45 * p), figure)
     ax_gantt, ax_mem = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [p, 2.2]})
     draw_gantt(ax_gantt, timeline)
     ax_gantt.set_xlabel("")
@@ -350,23 +350,23 @@ def draw_dp_pp_layout(ax, *, allreduce_color: str = MICROBATCH_COLORS[3]):
 
 
 def explorer(name: str = "1F1B", p: int = 4, m: int = 8, backward_ratio: float = 2.0, chunks: int = 2):
-    """ipywidgets controls around :func:`pipeline_figure`: the figure redraws as a control moves."""
+    """Controls around :func:`pipeline_figure` (labkit.widgets.FigureExplorer): the figure redraws as a
+    control moves."""
     import ipywidgets as widgets
+    from labkit.widgets import FigureExplorer
 
-    def show(schedule, stages, microbatches, ratio, model_chunks):
-        if schedule == "interleaved" and microbatches % stages:
-            print(f"the interleaved schedule needs m to be a multiple of p = {stages}")
-            return
-        pipeline_figure(schedule, stages, microbatches, ratio, model_chunks)
-        plt.show()
+    def schedule_figure(figure, name, p, m, backward_ratio, chunks):
+        if name == "interleaved" and m % p:
+            return f"the interleaved schedule needs m to be a multiple of p = {p}"
+        return pipeline_figure(name, p, m, backward_ratio, chunks, figure=figure)
 
-    return widgets.interactive(
-        show,
-        schedule=widgets.ToggleButtons(options=["GPipe", "1F1B", "interleaved"], value=name),
-        stages=widgets.IntSlider(value=p, min=1, max=8, description="stages p", continuous_update=False),
-        microbatches=widgets.IntSlider(value=m, min=1, max=32, description="micro-batches m",
-                                       continuous_update=False),
-        ratio=widgets.FloatSlider(value=backward_ratio, min=0.5, max=4.0, step=0.5, description="t_B / t_F",
-                                  continuous_update=False),
-        model_chunks=widgets.IntSlider(value=chunks, min=1, max=4, description="chunks v (interleaved)",
-                                       continuous_update=False))
+    style = {"description_width": "initial"}
+    return FigureExplorer(schedule_figure, {
+        "name": widgets.ToggleButtons(options=["GPipe", "1F1B", "interleaved"], value=name),
+        "p": widgets.IntSlider(value=p, min=1, max=8, description="stages p", style=style, continuous_update=False),
+        "m": widgets.IntSlider(value=m, min=1, max=32, description="micro-batches m", style=style,
+                               continuous_update=False),
+        "backward_ratio": widgets.FloatSlider(value=backward_ratio, min=0.5, max=4.0, step=0.5,
+                                              description="t_B / t_F", style=style, continuous_update=False),
+        "chunks": widgets.IntSlider(value=chunks, min=1, max=4, description="chunks v (interleaved)", style=style,
+                                    continuous_update=False)})
