@@ -157,6 +157,7 @@ def test_a_lesson_opens_with_its_figures_and_unmodified(page, lab):
     assert "HBox(children" not in cell.inner_text()
     time.sleep(5)      # what used to mark it modified (kernel info, widget state) arrives in seconds
     assert not _dirty(page), "opening the lesson marked it modified"
+    assert page.get_by_text("official Jupyter news").count() == 0, "the news pop-up greets the student"
     path = "notebooks/02_collectives_ring_allreduce.ipynb"
     assert (lab["root"] / path).read_bytes() == (ROOT / path).read_bytes()
 
