@@ -97,6 +97,8 @@ Lecture code (a concept per file; read it beside its notebook)
               speed             Switches: what the GPT lab turns on for speed (bf16, TF32, flash, compile,
                                 fused AdamW), measured_matmul_flops, datasheet_peak_flops, peak memory
               text              load_corpus, CharTokenizer, TokenBlocks, distributed_loader (no download)
+    Interactive figures: widgets.FigureExplorer (controls around a figure function; the PNG travels
+    with the widget, so it also shows where the widget cannot run).
     Each concept's figures live beside it (<concept>_figures.py, pipeline/gantt.py): they import
     matplotlib, the concepts do not.
 
