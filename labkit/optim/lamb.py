@@ -168,7 +168,8 @@ class Lamb(Optimizer):
         by_step = {}      # one compiled call per step count (normally all of a group's tensors share it)
         for p in params:
             by_step.setdefault(self.state[p]["step"], []).append(p)
-        for step, ps in by_step.items():
+        runs = list(by_step.items())
+        for i, (step, ps) in enumerate(runs):
             states = [self.state[p] for p in ps]
             scalars = step_scalars(group["lr"], step, group, ps[0].device,
                                    torch.promote_types(ps[0].dtype, torch.float32))
@@ -182,7 +183,7 @@ class Lamb(Optimizer):
                               "lists as its recompile_limit allows (torch._dynamo.config.recompile_limit); "
                               "this optimizer continues with the foreach path", RuntimeWarning, stacklevel=3)
                 self.fused, self.foreach = False, True
-                self._group_step_foreach(group, params)
+                self._group_step_foreach(group, [p for _, rest in runs[i:] for p in rest])   # not those done
                 return
             for s, ratio in zip(states, ratios.unbind()):
                 s["trust_ratio"] = ratio
