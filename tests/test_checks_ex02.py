@@ -4,6 +4,7 @@ and N, M, the round, the rank and the chunk. A wrong version stops at the first 
 launch; the correct ones run on every default world size."""
 
 import pytest
+from notebook_code import code_cells
 import torch
 
 from labkit.checks import CheckFailed
@@ -388,7 +389,6 @@ def test_a_trace_with_rounds_missing_is_rejected():
 # 2c: the ring to the left (a design task), checked by simulation, then run as half of the bidirectional ring
 # --------------------------------------------------------------------------------------------
 
-import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from labkit import ring  # noqa: E402
@@ -400,9 +400,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _solution_left_ring_rounds():
-    # json, not nbformat: this module is imported by every worker a test launches, and nbformat is slow to import
-    cells = json.loads((ROOT / "solutions" / "02_ring_allreduce_exercise.ipynb").read_text())["cells"]
-    source = next("".join(c["source"]) for c in cells if "def left_ring_rounds" in "".join(c["source"]))
+    source = next(c for c in code_cells(ROOT / "solutions" / "02_ring_allreduce_exercise.ipynb")
+                  if "def left_ring_rounds" in c)
     namespace = {"__name__": "__main__", "Round": Round, "Transfer": Transfer}
     exec(compile(source, "2c", "exec"), namespace)
     return namespace["left_ring_rounds"]

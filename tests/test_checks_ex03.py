@@ -7,8 +7,8 @@ first world size (3), in one launch; the solution runs on every default world si
 import functools
 from pathlib import Path
 
-import nbformat
 import pytest
+from notebook_code import code_cells, imports_without_pyplot
 import torch
 import torch.distributed as dist
 
@@ -24,10 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _solution_class():
     """BucketedDDP exactly as the solution notebook defines it (its import cell, then its class cell)."""
-    nb = nbformat.read(ROOT / "solutions" / "03_ddp_exercise.ipynb", as_version=4)
-    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    code = code_cells(ROOT / "solutions" / "03_ddp_exercise.ipynb")
     namespace = {"__name__": "__main__"}   # as in a notebook: its functions and classes travel by value
-    exec(compile(code[0], "solution-imports", "exec"), namespace)
+    exec(compile(imports_without_pyplot(code[0]), "solution-imports", "exec"), namespace)
     exec(compile(next(s for s in code if s.startswith("class BucketedDDP")), "solution-class", "exec"), namespace)
     return namespace["BucketedDDP"]
 
@@ -474,10 +473,10 @@ from labkit.ddp import plan_buckets  # noqa: E402
 
 
 def _solution_choose_buckets():
-    nb = nbformat.read(ROOT / "solutions" / "03_ddp_exercise.ipynb", as_version=4)
+    code = code_cells(ROOT / "solutions" / "03_ddp_exercise.ipynb")
     namespace = {"__name__": "__main__"}
     exec(compile("import math", "imports", "exec"), namespace)
-    exec(compile(next(c.source for c in nb.cells if "def choose_buckets" in c.source), "3e", "exec"), namespace)
+    exec(compile(next(c for c in code if "def choose_buckets" in c), "3e", "exec"), namespace)
     return namespace["choose_buckets"]
 
 

@@ -8,8 +8,8 @@ import math
 import sys
 from pathlib import Path
 
-import nbformat
 import pytest
+from notebook_code import code_cells, imports_without_pyplot
 import torch
 import torch.distributed as dist
 
@@ -23,10 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _solution_functions():
     """lamb_step, adascale_gain and whole_norms exactly as the solution notebook defines them."""
-    nb = nbformat.read(ROOT / "solutions" / "04_large_batch_exercise.ipynb", as_version=4)
-    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    code = code_cells(ROOT / "solutions" / "04_large_batch_exercise.ipynb")
     namespace = {"__name__": "__main__"}   # as in a notebook: its functions and classes travel by value
-    exec(compile(code[0], "solution-imports", "exec"), namespace)
+    exec(compile(imports_without_pyplot(code[0]), "solution-imports", "exec"), namespace)
     for name in ("def lamb_step", "def adascale_gain", "def whole_norms"):
         exec(compile(next(s for s in code if name in s), name, "exec"), namespace)
     return namespace["lamb_step"], namespace["adascale_gain"], namespace["whole_norms"]

@@ -9,8 +9,8 @@ written, every one of them by name."""
 
 from pathlib import Path
 
-import nbformat
 import pytest
+from notebook_code import code_cells, imports_without_pyplot
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -30,10 +30,9 @@ CLASS_CELLS = ("class CopyToParallel", "class ColumnParallelLinear", "class RowP
 def _namespace(folder="solutions", **replace):
     """The notebook's import cell and its class cells, run in a fresh namespace; then ``replace`` (e.g. a wrong
     f), which the layers pick up: their forward looks CopyToParallel and ReduceFromParallel up when it runs."""
-    nb = nbformat.read(ROOT / folder / NOTEBOOK, as_version=4)
-    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    code = code_cells(ROOT / folder / NOTEBOOK)
     namespace = {"__name__": "__main__"}   # as in a notebook: its functions and classes travel by value
-    exec(compile(code[0], f"{folder}-imports", "exec"), namespace)
+    exec(compile(imports_without_pyplot(code[0]), f"{folder}-imports", "exec"), namespace)
     for source in code:
         if source.startswith(CLASS_CELLS):
             exec(compile(source, f"{folder}-classes", "exec"), namespace)

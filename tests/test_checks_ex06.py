@@ -7,8 +7,8 @@ processes (two launches for the solution)."""
 
 from pathlib import Path
 
-import nbformat
 import pytest
+from notebook_code import code_cells
 
 from labkit.checks import CheckFailed
 from labkit.checks import ex06
@@ -25,8 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _notebook_function(folder):
     """one_f_one_b exactly as the notebook in ``folder`` defines it."""
-    nb = nbformat.read(ROOT / folder / "06_pipeline_schedule_exercise.ipynb", as_version=4)
-    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    code = code_cells(ROOT / folder / "06_pipeline_schedule_exercise.ipynb")
     namespace = {"__name__": "__main__"}   # as in a notebook: its functions and classes travel by value
     exec(compile("from labkit.pipeline.schedules import Action, Schedule, add_communication", "imports", "exec"),
          namespace)
@@ -328,9 +327,9 @@ from labkit.checks.ex06 import INTERLEAVED_MISTAKES, check_interleaved_warmups  
 
 
 def _solution_warmups():
-    nb = nbformat.read(ROOT / "solutions" / "06_pipeline_schedule_exercise.ipynb", as_version=4)
+    code = code_cells(ROOT / "solutions" / "06_pipeline_schedule_exercise.ipynb")
     namespace = {"__name__": "__main__"}
-    exec(compile(next(c.source for c in nb.cells if "def interleaved_warmups" in c.source), "6b", "exec"), namespace)
+    exec(compile(next(c for c in code if "def interleaved_warmups" in c), "6b", "exec"), namespace)
     return namespace["interleaved_warmups"]
 
 

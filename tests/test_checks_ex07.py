@@ -15,8 +15,8 @@ import textwrap
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
+from notebook_code import code_cells, imports_without_pyplot
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -34,10 +34,9 @@ NOTEBOOK = "07_parameter_server_exercise.ipynb"
 
 def _namespace(folder="solutions"):
     """The notebook's import cell and its two function cells, run in a fresh namespace."""
-    nb = nbformat.read(ROOT / folder / NOTEBOOK, as_version=4)
-    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    code = code_cells(ROOT / folder / NOTEBOOK)
     namespace = {"__name__": "__main__"}   # as in a notebook: its functions and classes travel by value
-    exec(compile(code[0], f"{folder}-imports", "exec"), namespace)
+    exec(compile(imports_without_pyplot(code[0]), f"{folder}-imports", "exec"), namespace)
     for source in code:
         if source.startswith(("def run_server", "def run_worker")):
             exec(compile(source, f"{folder}-functions", "exec"), namespace)
@@ -371,9 +370,9 @@ from labkit.param_server import ssp_release  # noqa: E402
 
 def _design(folder="solutions"):
     """The notebook's 7c cell (release and max_staleness), run in a fresh namespace."""
-    nb = nbformat.read(ROOT / folder / NOTEBOOK, as_version=4)
+    code = code_cells(ROOT / folder / NOTEBOOK)
     namespace = {"__name__": "__main__"}
-    exec(compile(next(c.source for c in nb.cells if c.source.startswith("def release")), f"{folder}-7c", "exec"),
+    exec(compile(next(c for c in code if c.startswith("def release")), f"{folder}-7c", "exec"),
          namespace)
     return namespace["release"], namespace["max_staleness"]
 

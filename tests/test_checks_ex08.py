@@ -7,8 +7,8 @@ the first world size (3), in one launch; a wrong formula in this process, before
 
 from pathlib import Path
 
-import nbformat
 import pytest
+from notebook_code import code_cells, imports_without_pyplot
 import torch
 
 from labkit import comm
@@ -24,10 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _solution():
     """Zero1, MyUnit and zero_bytes_per_rank exactly as the solution notebook defines them."""
-    nb = nbformat.read(ROOT / "solutions" / "08_zero_fsdp_exercise.ipynb", as_version=4)
-    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    code = code_cells(ROOT / "solutions" / "08_zero_fsdp_exercise.ipynb")
     namespace = {"__name__": "__main__"}   # as in a notebook: its classes travel by value
-    exec(compile(code[0], "solution-imports", "exec"), namespace)
+    exec(compile(imports_without_pyplot(code[0]), "solution-imports", "exec"), namespace)
     for name in ("class Zero1", "class MyUnit", "def zero_bytes_per_rank"):
         exec(compile(next(s for s in code if name in s), name, "exec"), namespace)
     return namespace["Zero1"], namespace["MyUnit"], namespace["zero_bytes_per_rank"]

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import cloudpickle
-import nbformat
 import pytest
+from notebook_code import code_cells, imports_without_pyplot
 import torch
 import torch.distributed as dist
 
@@ -34,10 +34,9 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 def _solution():
     """topk_hook, topk_bytes and break_even_ratio exactly as the solution notebook defines them."""
-    nb = nbformat.read(ROOT / "solutions" / "09_compression_exercise.ipynb", as_version=4)
-    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    code = code_cells(ROOT / "solutions" / "09_compression_exercise.ipynb")
     namespace = {"__name__": "__main__"}   # as in a notebook: its functions travel by value
-    exec(compile(code[0], "solution-imports", "exec"), namespace)
+    exec(compile(imports_without_pyplot(code[0]), "solution-imports", "exec"), namespace)
     for name in ("def topk_hook", "def topk_bytes"):
         exec(compile(next(s for s in code if name in s), name, "exec"), namespace)
     return namespace["topk_hook"], namespace["topk_bytes"], namespace["break_even_ratio"]

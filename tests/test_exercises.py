@@ -146,7 +146,8 @@ def test_tags_outputs_and_metadata():
             assert "execution" not in cell.metadata
     assert exercise.cells[3].metadata["tags"] == ["nbval-ignore-output"]  # other tags are kept
     assert exercise.metadata["labkit"]["generated_from"] == "solutions/tiny.ipynb"
-    assert "version" not in exercise.metadata["language_info"]
+    # kept: JupyterLab would write the kernel's version into a notebook without one, marking it modified
+    assert exercise.metadata["language_info"]["version"] == "3.11.7"
     assert exercise.metadata["kernelspec"]["name"] == "python3"
     nbformat.validate(exercise)
 
@@ -217,6 +218,9 @@ def test_generate_check_and_cli_on_a_course_folder(tmp_path, capsys):
     nb.metadata["language_info"]["version"] = "3.10.1"
     nbformat.write(nb, root / "solutions" / "02_tiny.ipynb")
     assert check_up_to_date(root) == []
+    before = target.read_bytes()
+    assert main(["exercises", "--root", str(root)]) == 0
+    assert target.read_bytes() == before
 
     # an exercise whose solution is gone is extra; a generated one is removed, a hand-made one is not
     nbformat.write(new_notebook(cells=[]), root / "exercises" / "99_by_hand.ipynb")

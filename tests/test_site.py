@@ -3,19 +3,16 @@ temporary folder, with every warning an error (-W); then every page is there, ev
 image resolves, no stored output is an error, the landing page lists the lessons in order, the search
 works offline and nothing is loaded from the network."""
 
-import importlib.util
 import re
-import sys
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from course_tool import missing_site_tools
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ("sphinx", "myst_nb", "sphinx_book_theme", "sphinx-mathjax-offline")   # the `site` extra
-missing = [name for name in TOOLS if importlib.util.find_spec(name) is None]
+missing = missing_site_tools()
 pytestmark = pytest.mark.skipif(
     bool(missing), reason=f"the website's tools are not installed ({', '.join(missing)}): `python3 course.py site` "
                           "installs them (the `site` extra: pip install -c requirements/constraints.txt -e '.[site]')")
@@ -23,25 +20,6 @@ pytestmark = pytest.mark.skipif(
 LESSONS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EXERCISES = sorted(p.stem for p in (ROOT / "exercises").glob("*.ipynb"))
 DOCS = sorted(p.stem for p in (ROOT / "docs").glob("*.md"))
-
-
-def _course():
-    spec = importlib.util.spec_from_file_location("course", ROOT / "course.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    out = tmp_path_factory.mktemp("website") / "site"
-    start = time.perf_counter()
-    result = _course().build_site(out, sys.executable, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    print(f"website built in {seconds:.1f} s")
-    assert result.returncode == 0, f"sphinx failed (warnings are errors):\n{result.stdout}\n{result.stderr}"
-    assert "WARNING" not in result.stderr, result.stderr
-    return out
 
 
 class _Refs(HTMLParser):
