@@ -58,11 +58,11 @@ class FigureExplorer:
     one wrapping row), which may include controls that only drive others (a Play button)."""
 
     def __init__(self, draw: Callable[..., Figure | str], controls: dict, *, fixed: dict | None = None,
-                 layout: list | None = None, width: str | None = None):
+                 layout: list | None = None):
         import ipywidgets as widgets
 
         self.draw, self.controls, self.fixed = draw, dict(controls), dict(fixed or {})
-        self.image = widgets.Image(format="png", layout=widgets.Layout(width=width or "auto"))
+        self.image = widgets.Image(format="png", layout=widgets.Layout(width="auto"))
         self.message = widgets.HTML()
         self.png = b""
         self.redraws = 0

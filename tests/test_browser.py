@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -102,15 +103,44 @@ def _open(page, lab, path: str):
                            timeout=90_000)
 
 
+def _prompts(page) -> list[str]:
+    # text_content, not inner_text: cells scrolled out of view are hidden (content-visibility)
+    return page.locator(".jp-NotebookPanel:visible .jp-CodeCell .jp-InputPrompt").all_text_contents()
+
+
+def _started(prompt: str) -> bool:
+    """A cell's prompt says it ran or is queued: "[3]:" or "[*]:", not "[ ]:"."""
+    inside = prompt.strip()[1:-2].strip()
+    return inside == "*" or inside.isdigit()
+
+
+def _menu(page, menu: str, item: str):
+    page.locator(".lm-MenuBar-itemLabel", has_text=menu).first.click()
+    page.locator(".lm-Menu-itemLabel", has_text=item).first.click()
+
+
+def _until_started(page, issue, started, what: str, tries: int = 3, wait_s: float = 20):
+    """``issue()`` a run command until ``started()``. On a loaded machine JupyterLab, its kernel shown
+    idle, now and then ran nothing (every prompt stayed "[ ]", the selection moved on): a student
+    would click again, and so does this."""
+    for _ in range(tries):
+        issue()
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if started():
+                return
+            time.sleep(0.5)
+    raise AssertionError(f"{what}: nothing started after {tries} tries of {wait_s:g} s")
+
+
 def _run_all(page, timeout_s: float = 240):
     """Run > Run All Cells, then wait until every code cell has its execution count (or, the kernel
     idle, one has raised)."""
-    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    _until_started(page, lambda: _menu(page, "Run", "Run All Cells"),
+                   lambda: any(_started(p) for p in _prompts(page)), "Run All Cells")
     deadline = time.monotonic() + timeout_s
     while True:
-        # text_content, not inner_text: cells scrolled out of view are hidden (content-visibility)
-        prompts = page.locator(".jp-NotebookPanel:visible .jp-CodeCell .jp-InputPrompt").all_text_contents()
+        prompts = _prompts(page)
         if prompts and all(p.strip()[1:-2].strip().isdigit() for p in prompts):
             return
         idle = page.locator(".jp-NotebookPanel:visible .jp-Notebook-ExecutionIndicator[data-status='idle']").count()
@@ -143,22 +173,40 @@ def _png(page, image) -> bytes:
     return base64.b64decode(data)
 
 
-def _api(lab, path: str, method: str = "GET"):
-    """A call to the Jupyter server's REST API; its JSON answer (None for an empty one)."""
+def _api(lab, path: str, method: str = "GET", tries: int = 3):
+    """A call to the Jupyter server's REST API; its JSON answer (None for an empty one). Asked again
+    after a server error (listing kernels while one is starting answered 500 once)."""
     request = urllib.request.Request(f"{lab['url']}/api/{path}?token={lab['token']}", method=method)
-    with urllib.request.urlopen(request, timeout=30) as r:
-        body = r.read()
-    return json.loads(body) if body else None
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                body = r.read()
+            return json.loads(body) if body else None
+        except urllib.error.HTTPError as err:
+            if err.code < 500 or attempt == tries - 1:
+                raise
+            time.sleep(2)
 
 
 def _idle_kernels(lab) -> int:
     return sum(kernel["execution_state"] == "idle" for kernel in _api(lab, "kernels"))
 
 
-def _shut_down_kernels(lab):
-    """End every session of the server (the kernels of the tabs a test opened)."""
-    for session in _api(lab, "sessions"):
-        _api(lab, f"sessions/{session['id']}", method="DELETE")
+def _shut_down_kernels(lab, timeout_s: float = 60):
+    """End every session and kernel of the server (those of the tabs a test opened, one the closed
+    browser was still starting included), so that the next test opens its notebooks afresh."""
+    deadline = time.monotonic() + timeout_s
+    while sessions := _api(lab, "sessions"):
+        for session in sessions:
+            try:
+                _api(lab, f"sessions/{session['id']}", method="DELETE")
+            except urllib.error.HTTPError as err:
+                if err.code != 404:      # gone already
+                    raise
+        assert time.monotonic() < deadline, f"sessions left after {timeout_s:g} s: {sessions}"
+        time.sleep(1)
+    for kernel in _api(lab, "kernels"):
+        _api(lab, f"kernels/{kernel['id']}", method="DELETE")
 
 
 @pytest.mark.parametrize("folder", ["notebooks", "exercises"])
@@ -286,19 +334,30 @@ def _run_cell(page, text: str, timeout_s: float = 120, above: bool = False):
     """Select the code cell whose source contains ``text`` and run it (with ``above``: the cells above
     it first, Run > Run All Above Selected Cell); wait for its execution count."""
     cell = _cell(page, text)
-    cell.scroll_into_view_if_needed()
-    cell.locator(".jp-InputPrompt").click()
-    deadline = time.monotonic() + 10
-    while "jp-mod-active" not in (cell.get_attribute("class") or ""):      # selected before the key goes
-        assert time.monotonic() < deadline, f"the cell with {text!r} could not be selected"
-        time.sleep(0.2)
-    time.sleep(0.5)
+    prompt = cell.locator(".jp-InputPrompt")
+
+    def select():
+        cell.scroll_into_view_if_needed()
+        prompt.click()
+        deadline = time.monotonic() + 10
+        while "jp-mod-active" not in (cell.get_attribute("class") or ""):      # selected before the key goes
+            assert time.monotonic() < deadline, f"the cell with {text!r} could not be selected"
+            time.sleep(0.2)
+        time.sleep(0.5)
+
+    def run_above():
+        select()
+        _menu(page, "Run", "Run All Above Selected Cell")
+
+    def run_it():
+        select()
+        page.keyboard.press("Shift+Enter")
+
     if above:
-        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        page.locator(".lm-Menu-itemLabel", has_text="Run All Above Selected Cell").first.click()
-    page.keyboard.press("Shift+Enter")
+        _until_started(page, run_above, lambda: any(_started(p) for p in _prompts(page)), f"the cells above {text!r}")
+    _until_started(page, run_it, lambda: _started(prompt.text_content()), f"the cell with {text!r}")
     deadline = time.monotonic() + timeout_s
-    while not cell.locator(".jp-InputPrompt").text_content().strip()[1:-2].strip().isdigit():
+    while not prompt.text_content().strip()[1:-2].strip().isdigit():
         if time.monotonic() > deadline:
             raise AssertionError(f"the cell with {text!r} did not run within {timeout_s:g} s")
         time.sleep(0.5)

@@ -233,10 +233,16 @@ def test_jupyter_kernel_interrupt_stops_workers_and_kernel_stays_usable(after_s)
                 reply = msg["content"]
                 break
         assert reply is not None and reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
-        after = run("import signal\n"
-                    "assert mp.active_children() == [], mp.active_children()\n"
-                    "def f():\n    return dist.get_rank()\n"
-                    "assert labkit.launch(f, world_size=2) == [0, 1]\n")
+        # After an error the kernel aborts the requests that reach it before it has emptied its queue;
+        # on a loaded machine the next cell, sent at once, can be one (a student is slower): send it again.
+        for _ in range(5):
+            after = run("import signal\n"
+                        "assert mp.active_children() == [], mp.active_children()\n"
+                        "def f():\n    return dist.get_rank()\n"
+                        "assert labkit.launch(f, world_size=2) == [0, 1]\n")
+            if after["status"] != "aborted":
+                break
+            time.sleep(1)
         assert after["status"] == "ok", after
     finally:
         kc.stop_channels()

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from labkit.checks.notebook_errors import in_labkit
 from labkit.launcher import WorkerError, launch
 
 __all__ = ["CheckFailed", "fail", "passed", "describe", "fmt_number", "fmt_pair", "fmt_index", "fmt_list",
@@ -133,7 +134,6 @@ def first_mismatch(expected: torch.Tensor, got: torch.Tensor, rtol: float = 1e-9
 # Tracebacks and running on N processes
 # --------------------------------------------------------------------------------------------
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FRAME_RE = re.compile(r'^  File "(?P<file>[^"]+)", line \d+, in ')
 
 
@@ -146,7 +146,7 @@ def student_traceback(text: str) -> str:
     for line in lines:
         frame = _FRAME_RE.match(line)
         if frame:
-            skipping = os.path.abspath(frame.group("file")).startswith(_PACKAGE_DIR + os.sep)
+            skipping = in_labkit(frame.group("file"))
             if not skipping:
                 out.append(line)
         elif line.startswith("    ") and skipping:

@@ -13,11 +13,16 @@ import types
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
+def in_labkit(filename: str) -> bool:
+    """Whether a frame's file is part of labkit (the student did not write it)."""
+    return os.path.abspath(filename).startswith(_PACKAGE_DIR)
+
+
 def without_labkit_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
     """The traceback ``tb`` with every frame of a file inside labkit left out."""
     kept = []
     while tb is not None:
-        if not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        if not in_labkit(tb.tb_frame.f_code.co_filename):
             kept.append(tb)
         tb = tb.tb_next
     rebuilt = None
