@@ -158,6 +158,23 @@ def _errors(page) -> list[str]:
     return [t[:300] for t in texts if "Traceback (most recent call last)" in t or "Error displaying widget" in t]
 
 
+def _log_console(page) -> str:
+    """What the status bar says of the log console: output that reached no cell (a widget callback's
+    print, a figure shown from a callback) lands there, and the item appears ("1 new messages, 1 log
+    entries for ..."); "" while it is hidden."""
+    item = page.locator(".jp-LogConsoleStatusItem")
+    if not item.count() or "lm-mod-hidden" in (item.first.get_attribute("class") or ""):
+        return ""
+    return item.first.locator("[title]").first.get_attribute("title") or item.first.inner_text()
+
+
+def _assert_quiet(page):
+    """No widget failed to display, the browser logged no widget error, nothing reached the log console."""
+    assert "Error displaying widget" not in page.content()
+    assert not [e for e in page.console_errors if "widget" in e.lower()], page.console_errors
+    assert _log_console(page) == "", f"the log console has entries: {_log_console(page)}"
+
+
 def _image_of_cell(page, text: str):
     """The last image in the output of the code cell whose source contains ``text``."""
     cell = page.locator(".jp-CodeCell", has=page.locator(".jp-InputArea", has_text=text)).first
@@ -259,8 +276,7 @@ def test_ring_stepper_draws_the_step_of_the_new_ring_when_n_changes(page, lab):
     cell.locator("select").first.select_option("6")
     page.wait_for_timeout(2000)
     assert _png(page, image) == png_bytes(ring_step_figure(6, 3, figure=Figure()))
-    assert "Error displaying widget" not in page.content()
-    assert not [e for e in page.console_errors if "widget" in e.lower()], page.console_errors
+    _assert_quiet(page)
 
 
 def test_an_exercise_says_what_is_not_written_and_its_solution_passes(page, lab):
@@ -273,6 +289,28 @@ def test_an_exercise_says_what_is_not_written_and_its_solution_passes(page, lab)
     assert _errors(page) == []
     outputs = " ".join(page.locator(".jp-NotebookPanel:visible .jp-OutputArea-output").all_text_contents())
     assert outputs.count("✓") >= 3, outputs[:2000]
+    _assert_quiet(page)
+
+
+def test_the_log_console_check_sees_output_that_reached_no_cell(page, lab):
+    """_assert_quiet can fail: a button whose callback prints (output with no cell to go to)."""
+    scratch = lab["root"] / "notebooks" / "scratch.ipynb"
+    scratch.write_text(json.dumps({
+        "cells": [{"cell_type": "code", "execution_count": None, "id": "stray", "metadata": {}, "outputs": [],
+                   "source": "import ipywidgets\nbutton = ipywidgets.Button(description='print from a callback')\n"
+                             "button.on_click(lambda _: print('stray'))\nbutton"}],
+        "metadata": {"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}},
+        "nbformat": 4, "nbformat_minor": 5}))
+    try:
+        _open(page, lab, "notebooks/scratch.ipynb")
+        _run_cell(page, "ipywidgets.Button")
+        assert _log_console(page) == ""
+        page.locator("button", has_text="print from a callback").click()
+        page.wait_for_selector(".jp-LogConsoleStatusItem:not(.lm-mod-hidden)", timeout=30_000)
+        with pytest.raises(AssertionError, match="log console has entries"):
+            _assert_quiet(page)
+    finally:
+        scratch.unlink()
 
 
 # --- every lesson's explorer, moved in the browser --------------------------------------------------
@@ -473,8 +511,7 @@ def test_an_explorer_moved_as_a_student_moves_it_shows_the_figure_of_its_control
         moves(page, cell, kernel)
     finally:
         kernel.close()
-    assert "Error displaying widget" not in page.content()
-    assert not [e for e in page.console_errors if "widget" in e.lower()], page.console_errors
+    _assert_quiet(page)
 
 
 # --- the website --------------------------------------------------------------------------------------
