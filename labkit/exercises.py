@@ -14,10 +14,12 @@ in code cells with nbgrader-style lines; the line that opens a block names the e
             ...
         ### END SOLUTION
 
-In ``exercises/<same name>.ipynb`` each block, from its BEGIN line to its END line, becomes one line
-at the indentation of the BEGIN line::
+In ``exercises/<same name>.ipynb`` each block, from its BEGIN line to its END line, becomes a stub at
+the indentation of the BEGIN line, its message cut into lines of at most STUB_WIDTH characters::
 
-        raise NotImplementedError("Exercise 1a: average every p.grad over the ranks with dist.all_reduce; see the instructions above")
+        raise NotImplementedError(
+            "Exercise 1a: average every p.grad over the ranks with dist.all_reduce; see the "
+            "instructions above")
 
 Rules:
 
@@ -29,9 +31,11 @@ Rules:
   a solution must never leak into ``exercises/``.
 - Cells tagged ``solution-only`` are left out of the exercise notebook (instructor notes, a cell
   that only demonstrates the solution).
-- The exercise notebook has no outputs, no execution counts, no execution timings, no widget state
-  and no Python version (re-executing a solution on another machine does not make its exercise
-  stale), and its metadata records where it came from (``metadata.labkit.generated_from``).
+- The exercise notebook has no outputs, no execution counts, no execution timings and no widget
+  state, and its metadata records where it came from (``metadata.labkit.generated_from``). It keeps
+  its solution's Python version (JupyterLab writes the running one into a notebook without it and
+  marks the notebook modified as it opens), but a solution re-executed on another Python does not
+  make its exercise stale.
 - Output is deterministic: the same solution notebook always gives the same bytes.
 """
 
@@ -40,6 +44,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,10 +79,25 @@ class _Where:
         return f"{self.notebook}, cell {self.cell}"
 
 
+STUB_WIDTH = 92   # characters: a stub's line fits in a notebook cell on a laptop's screen
+
+
+def _literal(text: str) -> str:
+    return f'"{text}"' if '"' not in text and "\\" not in text else repr(text)
+
+
 def _stub(indent: str, exercise_id: str, task: str) -> str:
     message = f"Exercise {exercise_id}: {task}; see the instructions above"
-    literal = f'"{message}"' if '"' not in message and "\\" not in message else repr(message)
-    return f"{indent}raise NotImplementedError({literal})"
+    line = f"{indent}raise NotImplementedError({_literal(message)})"
+    if len(line) <= STUB_WIDTH:
+        return line
+    # Longer: the message as adjacent string literals (Python joins them), one per line.
+    inner = indent + "    "
+    pieces = textwrap.wrap(message, max(20, STUB_WIDTH - len(inner) - 4), drop_whitespace=False,
+                           break_long_words=False, break_on_hyphens=False)
+    assert "".join(pieces) == message
+    literals = [f"{inner}{_literal(piece)}" for piece in pieces]
+    return "\n".join([f"{indent}raise NotImplementedError(", *literals[:-1], literals[-1] + ")"])
 
 
 def _strip_solutions(source: str, where: _Where) -> tuple[str, list[str]]:

@@ -226,10 +226,10 @@ def _shut_down_kernels(lab, timeout_s: float = 60):
         _api(lab, f"kernels/{kernel['id']}", method="DELETE")
 
 
-@pytest.mark.parametrize("folder", ["notebooks", "exercises"])
+@pytest.mark.parametrize("folder", ["notebooks", "exercises", "solutions"])
 def test_every_notebook_opens_unmodified_with_its_figures(page, lab, folder):
-    """Every lesson (every exercise) opened from the file browser, all at once, each with its kernel:
-    none is marked modified, none is rewritten on disk, no stored widget shows as text."""
+    """Every lesson (every exercise, every solution) opened from the file browser, all at once, each
+    with its kernel: none is marked modified, none is rewritten on disk, no stored widget shows as text."""
     names = sorted(p.name for p in (ROOT / folder).glob("[0-9][0-9]_*.ipynb"))
     _open(page, lab, f"{folder}/{names[0]}")
     for name in names[1:]:

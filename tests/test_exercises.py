@@ -1,5 +1,6 @@
 """exercises/ is generated from solutions/: up to date, made correctly, and failing cleanly on its stubs."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,8 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from labkit.__main__ import main
-from labkit.exercises import ExerciseFormatError, check_up_to_date, exercise_text, generate, make_exercise
+from labkit.exercises import (STUB_WIDTH, ExerciseFormatError, check_up_to_date, exercise_text, generate,
+                              make_exercise)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXERCISES = sorted((ROOT / "exercises").glob("*.ipynb"))
@@ -45,10 +47,9 @@ def test_exercise_notebook_fails_cleanly_on_its_stubs(path):
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    stubs = [line.strip() for cell in nb.cells if cell.cell_type == "code"
-             for line in cell.source.split("\n") if line.strip().startswith("raise NotImplementedError(\"Exercise ")]
-    assert stubs, f"{path.name} has no exercise stubs"
-    exercise_ids = [s.split("Exercise ", 1)[1].split(":", 1)[0] for s in stubs]
+    exercise_ids = [m.group(1) for cell in nb.cells if cell.cell_type == "code"
+                    for m in re.finditer(r"raise NotImplementedError\(\s*[\"']Exercise ([^\s:]+):", cell.source)]
+    assert exercise_ids, f"{path.name} has no exercise stubs"
 
     NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=True,
                    resources={"metadata": {"path": str(ROOT)}}).execute()
@@ -109,6 +110,22 @@ def _tiny_solution():
                  "language_info": {"name": "python", "version": "3.11.7"}})
 
 
+def test_a_long_task_becomes_a_stub_that_fits_in_a_cell():
+    task = ("the column layer's forward: split the weight by output features, compute your shard, and say "
+            "which collective the backward needs and why; write it \"as\" the lecture does")
+    solution = new_notebook(cells=[new_code_cell(
+        f"class Layer:\n    def forward(self, x):\n        ### BEGIN SOLUTION 5f: {task}\n        return x\n"
+        "        ### END SOLUTION\n")])
+    source = make_exercise(solution).cells[0].source
+    assert max(len(line) for line in source.split("\n")) <= STUB_WIDTH, source
+    assert source.count("\n") > 4, source           # cut into several lines
+    namespace = {}
+    exec(source, namespace)
+    with pytest.raises(NotImplementedError) as info:
+        namespace["Layer"]().forward(1)
+    assert str(info.value) == f"Exercise 5f: {task}; see the instructions above"
+
+
 def test_blocks_become_stubs_with_their_indentation():
     solution = _tiny_solution()
     before = nbformat.writes(solution)
@@ -121,7 +138,8 @@ def test_blocks_become_stubs_with_their_indentation():
         "\n"
         "class A:\n"
         "    def g(self):\n"
-        "        raise NotImplementedError('Exercise 2b: say \"hi\" with a \\\\ backslash; see the instructions above')\n"
+        "        raise NotImplementedError(\n"        # longer than STUB_WIDTH on one line
+        "            'Exercise 2b: say \"hi\" with a \\\\ backslash; see the instructions above')\n"
         "\n"
         "raise NotImplementedError(\"Exercise 2c: set the answer; see the instructions above\")\n"
         "print('after')")
