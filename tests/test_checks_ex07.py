@@ -412,9 +412,10 @@ def test_every_wrong_rule_is_named_on_the_constructed_states(mistake):
 def test_a_rule_that_deadlocks_a_real_run_is_named_by_the_servers_timeout(name):
     # without the constructed states, the real run itself: worker 2 finishes after 3 steps (the minimum over
     # every worker then never moves again), or workers held back are never looked at again. The server's
-    # timeout stops the run, and the recorded calls name the mistake.
+    # timeout stops the run, and the recorded calls name the mistake. Which τ deadlocks first depends on
+    # the timing of the messages (on a loaded machine "only the pull that arrived" deadlocked at τ = 0).
     mistake = next(m for m in RELEASE_MISTAKES if m.name == name)
-    expected = ["deadlocked in a real run (W = 3 workers on one server, τ = 1", "stopped the run. Its last call was",
+    expected = ["deadlocked in a real run (W = 3 workers on one server, τ = ", "stopped the run. Its last call was",
                 "The first call where it differs from labkit's rule: the server's call"] + literal_parts(mistake.says)
     assert_rejected(check_release, (release_variant(mistake),), expected, states=())
 

@@ -41,7 +41,7 @@ def test_cli_check_in_a_fresh_process():
 
 
 @pytest.mark.parametrize("path", EXERCISES, ids=[p.name for p in EXERCISES])
-def test_exercise_notebook_fails_cleanly_on_its_stubs(path):
+def test_exercise_notebook_fails_cleanly_on_its_stubs(path, kernel_manager_class):
     """Run as handed out: the first error is the first exercise's NotImplementedError, and every error
     in the notebook comes from a stub (directly, or inside a worker process), never from anything else."""
     from nbclient import NotebookClient
@@ -51,7 +51,7 @@ def test_exercise_notebook_fails_cleanly_on_its_stubs(path):
                     for m in re.finditer(r"raise NotImplementedError\(\s*[\"']Exercise ([^\s:]+):", cell.source)]
     assert exercise_ids, f"{path.name} has no exercise stubs"
 
-    NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=True,
+    NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=True, kernel_manager_class=kernel_manager_class,
                    resources={"metadata": {"path": str(ROOT)}}).execute()
     errors = [(i, out) for i, cell in enumerate(nb.cells) if cell.cell_type == "code"
               for out in cell.outputs if out.output_type == "error"]

@@ -206,14 +206,12 @@ def test_keyboard_interrupt_stops_the_workers():
 
 
 @pytest.mark.parametrize("after_s", [1.0, 1.5, 3.0])
-def test_jupyter_kernel_interrupt_stops_workers_and_kernel_stays_usable(after_s):
+def test_jupyter_kernel_interrupt_stops_workers_and_kernel_stays_usable(after_s, start_kernel):
     """What a student does: run a long cell, press Kernel -> Interrupt, run the next cell. At 1-1.5 s the
     kernel's first launch is still starting the fork server (importing torch; seconds longer with a
     CUDA build): the interrupt reaches the server too (Jupyter signals the kernel's process group), and
     it must survive it. Without that, the next launch failed with "unexpected EOF" (seen on Python 3.12)."""
-    from jupyter_client.manager import start_new_kernel
-
-    km, kc = start_new_kernel(kernel_name="python3")
+    km, kc = start_kernel()
     try:
         def run(code, timeout=60):
             reply = kc.execute_interactive(code, timeout=timeout, output_hook=lambda msg: None)
@@ -292,11 +290,9 @@ def test_environment_changes_after_the_first_launch_reach_the_workers(monkeypatc
     assert labkit.launch(lambda: os.environ.get("LABKIT_TEST_VALUE"), world_size=2) == ["42", "42"]
 
 
-def test_what_workers_print_appears_in_the_notebook():
+def test_what_workers_print_appears_in_the_notebook(start_kernel):
     """Workers are forked from the fork server, not from the kernel: their prints must still reach the cell."""
-    from jupyter_client.manager import start_new_kernel
-
-    km, kc = start_new_kernel(kernel_name="python3")
+    km, kc = start_kernel()
     streams = []
 
     def keep(msg):
