@@ -94,7 +94,8 @@ def _stub(indent: str, exercise_id: str, task: str) -> str:
     # Longer: the message as adjacent string literals (Python joins them), one per line.
     inner = indent + "    "
     pieces = textwrap.wrap(message, max(20, STUB_WIDTH - len(inner) - 4), drop_whitespace=False,
-                           break_long_words=False, break_on_hyphens=False)
+                           expand_tabs=False, replace_whitespace=False, break_long_words=False,
+                           break_on_hyphens=False)
     assert "".join(pieces) == message
     literals = [f"{inner}{_literal(piece)}" for piece in pieces]
     return "\n".join([f"{indent}raise NotImplementedError(", *literals[:-1], literals[-1] + ")"])
