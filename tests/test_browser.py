@@ -109,10 +109,15 @@ def _prompts(page) -> list[str]:
     return page.locator(".jp-NotebookPanel:visible .jp-CodeCell .jp-InputPrompt").all_text_contents()
 
 
-def _started(prompt: str) -> bool:
-    """A cell's prompt says it ran or is queued: "[3]:" or "[*]:", not "[ ]:"."""
+def _started(prompt: str, before: str) -> bool:
+    """A cell's prompt says it is queued or has run since it read ``before``: "[*]:", or a count that
+    is not the one stored in the notebook ("[ ]:": the run was dropped, see _until_started)."""
     inside = prompt.strip()[1:-2].strip()
-    return inside == "*" or inside.isdigit()
+    return inside == "*" or (inside.isdigit() and prompt != before)
+
+
+def _any_started(page, before: list[str]) -> bool:
+    return any(_started(now, then) for now, then in zip(_prompts(page), before))
 
 
 def _menu(page, menu: str, item: str):
@@ -137,8 +142,9 @@ def _until_started(page, issue, started, what: str, tries: int = 3, wait_s: floa
 def _run_all(page, timeout_s: float = 240):
     """Run > Run All Cells, then wait until every code cell has its execution count (or, the kernel
     idle, one has raised)."""
-    _until_started(page, lambda: _menu(page, "Run", "Run All Cells"),
-                   lambda: any(_started(p) for p in _prompts(page)), "Run All Cells")
+    before = _prompts(page)
+    _until_started(page, lambda: _menu(page, "Run", "Run All Cells"), lambda: _any_started(page, before),
+                   "Run All Cells")
     deadline = time.monotonic() + timeout_s
     while True:
         prompts = _prompts(page)
@@ -393,8 +399,10 @@ def _run_cell(page, text: str, timeout_s: float = 120, above: bool = False):
         page.keyboard.press("Shift+Enter")
 
     if above:
-        _until_started(page, run_above, lambda: any(_started(p) for p in _prompts(page)), f"the cells above {text!r}")
-    _until_started(page, run_it, lambda: _started(prompt.text_content()), f"the cell with {text!r}")
+        before = _prompts(page)
+        _until_started(page, run_above, lambda: _any_started(page, before), f"the cells above {text!r}")
+    mine = prompt.text_content()
+    _until_started(page, run_it, lambda: _started(prompt.text_content(), mine), f"the cell with {text!r}")
     deadline = time.monotonic() + timeout_s
     while not prompt.text_content().strip()[1:-2].strip().isdigit():
         if time.monotonic() > deadline:
