@@ -36,6 +36,7 @@ STAMP = VENV / ".labkit-installed"
 # _build/site-src, made at each build), not copied.
 SITE_CONF = ROOT / "site"
 SITE_OUT = ROOT / "_build" / "site"
+SITE_EXTRA = ("site", "the website's tools (Sphinx, myst-nb)")      # setup_extra's arguments
 SITE_LINKED = ("README.md", "notebooks", "exercises", "docs", "labkit", "configs", "requirements")
 
 # What `test` runs. .ci/run calls `python3 course.py test`, so CI runs exactly this: first everything
@@ -179,12 +180,12 @@ def main(argv: list[str]) -> int:
         return subprocess.call([str(python), "-m", "jupyter", "lab", *argv[1:]], cwd=ROOT, env=lab_environment(env))
     if argv[0] == "test":
         # the tests of the website, and of the course in a browser where there is one (.ci/run installs it)
-        setup_extra(python, "site", "the website's tools (Sphinx, myst-nb)")
+        setup_extra(python, *SITE_EXTRA)
         if chromium():
             setup_extra(python, "browser", "Playwright, for the browser tests")
         return run_tests(python, argv[1:], env)
     if argv[0] == "site":
-        setup_extra(python, "site", "the website's tools (Sphinx, myst-nb)")
+        setup_extra(python, *SITE_EXTRA)
         status = build_site(SITE_OUT, python).returncode
         if status == 0:
             index = SITE_OUT / "index.html"

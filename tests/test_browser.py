@@ -182,13 +182,6 @@ def _assert_quiet(page):
     assert _log_console(page) == "", f"the log console has entries: {_log_console(page)}"
 
 
-def _image_of_cell(page, text: str):
-    """The last image in the output of the code cell whose source contains ``text``."""
-    cell = page.locator(".jp-CodeCell", has=page.locator(".jp-InputArea", has_text=text)).first
-    cell.scroll_into_view_if_needed()
-    return cell, cell.locator(".jp-OutputArea-output img").last
-
-
 def _png(page, image) -> bytes:
     src = image.get_attribute("src")
     data = page.evaluate("""async (src) => {
@@ -256,34 +249,10 @@ def test_every_notebook_opens_unmodified_with_its_figures(page, lab, folder):
     assert not rewritten, f"opening rewrote {rewritten}"
     if folder == "notebooks":     # a stored explorer shows its figure (the PNG beside the widget view)
         page.locator(".lm-TabBar-tab", has_text="02_collectives").click()
-        cell, image = _image_of_cell(page, "ring_stepper(4)")
-        image.wait_for(state="visible")
+        cell = _cell(page, "ring_stepper(4)")
+        cell.scroll_into_view_if_needed()
+        cell.locator(".jp-OutputArea-output img").last.wait_for(state="visible")
         assert "HBox(children" not in cell.inner_text()
-
-
-def test_ring_stepper_draws_the_step_of_the_new_ring_when_n_changes(page, lab):
-    from matplotlib.figure import Figure
-
-    from labkit.ring_figures import ring_step_figure
-    from labkit.widgets import png_bytes
-
-    _open(page, lab, "notebooks/02_collectives_ring_allreduce.ipynb")
-    start = time.monotonic()
-    _run_all(page)
-    print(f"lesson 2 ran in {time.monotonic() - start:.0f} s")
-    assert _errors(page) == []
-    cell, _ = _image_of_cell(page, "ring_stepper(4)")
-    slider = cell.locator(".widget-slider .noUi-handle, .widget-slider .slider-handle, .widget-hslider [role=slider]").first
-    slider.click()
-    for _ in range(3):
-        page.keyboard.press("ArrowRight")
-    page.wait_for_timeout(1500)
-    image = cell.locator(".jupyter-widgets img, .widget-image").last
-    assert _png(page, image) == png_bytes(ring_step_figure(4, 3, figure=Figure()))
-    cell.locator("select").first.select_option("6")
-    page.wait_for_timeout(2000)
-    assert _png(page, image) == png_bytes(ring_step_figure(6, 3, figure=Figure()))
-    _assert_quiet(page)
 
 
 def test_an_exercise_says_what_is_not_written_and_its_solution_passes(page, lab):
@@ -431,6 +400,11 @@ def _toggle(cell, text: str):
     cell.locator("button.widget-toggle-button", has_text=text).first.click()
 
 
+def _figure(cell):
+    """The figure an explorer shows (its ipywidgets.Image)."""
+    return cell.locator(".widget-image").last
+
+
 def _wait_for_figure(page, cell, kernel: _Kernel, expected: dict, timeout_s: float = 30) -> dict:
     """Until the kernel's controls hold ``expected`` (a subset of the values) and the browser shows the
     figure those values draw, byte for byte (or the message the explorer shows instead)."""
@@ -440,10 +414,10 @@ def _wait_for_figure(page, cell, kernel: _Kernel, expected: dict, timeout_s: flo
         values_ok = all(state["values"][k] == v for k, v in expected.items())
         if state["message"]:
             shown = cell.locator(".widget-html", has_text=state["message"]).count() > 0
-            image_hidden = not cell.locator(".widget-image").last.is_visible()
+            image_hidden = not _figure(cell).is_visible()
             if values_ok and shown and image_hidden:
                 return state
-        elif values_ok and _png(page, cell.locator(".widget-image").last) == base64.b64decode(state["png"]):
+        elif values_ok and _png(page, _figure(cell)) == base64.b64decode(state["png"]):
             return state
         if time.monotonic() > deadline:
             raise AssertionError(f"after {timeout_s:g} s the kernel holds {state['values']} (expected {expected}),"
@@ -490,6 +464,31 @@ def _moves_lesson_9(page, cell, kernel):
     _control(cell, "checkbox", "bf16 gradients").locator("input").click()
     state = _wait_for_figure(page, cell, kernel, {"world_size": 256, "bf16": False})
     assert state["values"]["between_gbs"] > 50.0, state["values"]
+
+
+def test_ring_stepper_draws_the_step_of_the_new_ring_when_n_changes(page, lab):
+    from matplotlib.figure import Figure
+
+    from labkit.ring_figures import ring_step_figure
+    from labkit.widgets import png_bytes
+
+    _open(page, lab, "notebooks/02_collectives_ring_allreduce.ipynb")
+    start = time.monotonic()
+    _run_all(page)
+    print(f"lesson 2 ran in {time.monotonic() - start:.0f} s")
+    assert _errors(page) == []
+    cell = _cell(page, "ring_stepper(4)")
+    kernel = _Kernel(lab, "notebooks/02_collectives_ring_allreduce.ipynb")
+    try:
+        _slide(cell, "step t", +3)
+        _wait_for_figure(page, cell, kernel, {"world_size": 4, "t": 3})
+        assert _png(page, _figure(cell)) == png_bytes(ring_step_figure(4, 3, figure=Figure()))
+        _control(cell, "dropdown", "ranks N").locator("select").select_option("6")     # with the step at 3
+        _wait_for_figure(page, cell, kernel, {"world_size": 6, "t": 3})
+        assert _png(page, _figure(cell)) == png_bytes(ring_step_figure(6, 3, figure=Figure()))
+    finally:
+        kernel.close()
+    _assert_quiet(page)
 
 
 # (notebook, the cell that shows the explorer, run the cells above it, or only the first code cell)
