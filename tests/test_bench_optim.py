@@ -78,6 +78,21 @@ def test_main_writes_report_and_json(tmp_path, capsys):
     assert len(data["results"]) == 2 and set(data["results"][0]["times"]) == {"adamw", "lamb"}
 
 
+def test_without_timm_the_other_versions_run_and_timm_is_refused_before_any_timing(monkeypatch, capsys):
+    from labkit.optim import references
+
+    def missing():
+        raise references._missing("timm")
+    monkeypatch.setattr(bench, "timm_lamb", missing)
+    bench.main(["--sizes", "0.05M", "--steps", "1", "--warmup", "0", "--versions", "adamw", "lamb", "--quiet"])
+    assert "timm: not measured" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--sizes", "0.05M", "--steps", "1", "--versions", "adamw", "timm-single", "--quiet"])
+    captured = capsys.readouterr()
+    assert "timm is not installed" in captured.err and "leave timm-single out of --versions" in captured.err
+    assert captured.out == ""          # nothing was timed
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown versions"):
         bench.measure(1000, versions=("adamw", "sgd"))

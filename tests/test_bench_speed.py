@@ -31,6 +31,17 @@ def test_plan_turns_one_switch_on_per_row():
                                                        "--no-compile"]
 
 
+def test_the_long_context_row_keeps_the_tokens_per_step():
+    runs = bench.plan(big_batch=4, long_context=1024)
+    context = runs[-1]
+    assert context["name"] == "context 1024" and context["block_size"] == 1024 and context["ddp"] == "bucketed"
+    assert context["base"] == 6 and context["switches"] == runs[6]["switches"]
+    assert all(r["block_size"] is None for r in runs[:-1])
+    assert bench.sequences(runs[6], 32, 256) == 128 and bench.sequences(context, 32, 256) == 32   # 32 768 tokens
+    assert bench.sequences(context, 1, 64) == 1            # never fewer than one sequence
+    assert "context" not in [r["name"].split()[0] for r in bench.plan(big_batch=4)]
+
+
 def _fake_metrics(run, args):
     # tokens/s doubles with every switch on, the batch row doubles again
     speedup = 2 ** sum(v is True or v == "bfloat16" for v in run["switches"].values()) * run["batch_factor"]
@@ -53,7 +64,7 @@ def test_table_compares_each_row_with_its_base():
 
 
 @pytest.mark.parametrize("option", [["--steps", "3"], ["--batch-size", "0"], ["--big-batch", "0"],
-                                    ["--world-size", "0"]])
+                                    ["--world-size", "0"], ["--long-context", "-1"]])
 def test_bad_options_are_refused_before_any_run(option):
     with pytest.raises(ValueError, match="steps >= 5"):
         bench.main(option)
@@ -67,3 +78,24 @@ def test_one_real_row_on_cpu():
     row, = bench.measure([run], Args)
     assert row["tokens_per_s"] > 0 and 0 < row["mfu_of_measured"] < 1 and row["mfu"] == "unknown"
     assert row["loss"] < 4.3 and row["batch_tokens"] == 4 * 64
+
+
+def test_the_table_is_written_after_every_row(tmp_path, monkeypatch, capsys):
+    """A run cut short (a lent GPU's time is up) leaves the rows it finished in --output and --json."""
+    output, raw = tmp_path / "speed.txt", tmp_path / "speed.json"
+    seen = []
+
+    def runner(run, args):
+        seen.append(output.read_text() if output.exists() else None)
+        return _fake_metrics(run, args)
+    monkeypatch.setattr(bench, "run_row", runner)
+    rows = bench.main(["--device", "cpu", "--preset", "tiny", "--steps", "5", "--big-batch", "2", "--long-context", "128",
+                       "--output", str(output), "--json", str(raw)])
+    assert [r["name"] for r in rows][-1] == "context 128" and len(seen) == len(rows) == 9
+    assert seen[0] is None
+    for done, text in enumerate(seen[1:], start=1):
+        assert f"(so far: {done} of 9 runs)" in text and len(text.split("\n\n", 1)[1].splitlines()) == 1 + done
+    final = output.read_text()
+    assert "so far" not in final and final.strip() == capsys.readouterr().out.strip()   # printed once, at the end
+    import json
+    assert len(json.loads(raw.read_text())["rows"]) == 9

@@ -112,8 +112,18 @@ def test_resume_continues_exactly(tmp_path):
     assert (args.compile, args.tf32, args.fused_optimizer) == (False, False, False)
     assert train_gpt.parse_args(["--resume", str(tmp_path / "old.pt"), "--compile"]).compile is True
 
-    with pytest.raises(labkit.WorkerError, match="cannot resume .* --batch-size 4 \\(now 2\\)"):
-        train_gpt.main(["--resume", str(tmp_path / "halves"), "--batch-size", "2", "--steps", "8"])
+    # ... and with the preset's context, the only one there was then.
+    del old["args"]["block_size"]
+    torch.save(old, tmp_path / "old.pt")
+    args = train_gpt.parse_args(["--resume", str(tmp_path / "old.pt")])
+    assert args.block_size is None
+    args.block_size, args.steps = 64, 8                    # train() makes 64 of None for the tiny preset
+    assert train_gpt.load_checkpoint(tmp_path / "old.pt", args, torch.device("cpu"), 2)["step"] == 6
+
+    with pytest.raises(labkit.WorkerError, match="cannot resume .* --block-size 64 \\(now 32\\), --batch-size 4 "
+                                                 "\\(now 2\\)"):
+        train_gpt.main(["--resume", str(tmp_path / "halves"), "--batch-size", "2", "--block-size", "32",
+                        "--steps", "8"])
     with pytest.raises(labkit.WorkerError, match="is at step 6 and --steps is 6: nothing to do"):
         train_gpt.main(["--resume", str(tmp_path / "straight" / "checkpoint.pt")])
 
@@ -133,8 +143,9 @@ def test_a_resumed_optimizer_uses_the_kernel_asked_for_not_the_saved_one():
 def test_single_process(tmp_path):
     """Plain `python -m labkit.labs.train_gpt`: one worker, a world of 1; --sample prints generated text."""
     result = train_gpt.main(["--steps", "3", "--batch-size", "4", "--eval-batches", "1", "--sample", "40",
-                             "--out-dir", str(tmp_path)])
+                             "--block-size", "32", "--out-dir", str(tmp_path)])
     assert result["world_size"] == 1 and result["replicas_identical"] and len(result["train_loss"]) == 3
+    assert result["model_config"]["block_size"] == 32 and result["global_batch_tokens"] == 4 * 32
     assert len(result["sample"]) == 40
     assert json.loads((tmp_path / "metrics.json").read_text())["sample"] == result["sample"]
 
@@ -142,6 +153,7 @@ def test_single_process(tmp_path):
 @pytest.mark.parametrize("argv, error, match", [
     (["--ddp", "bucketed", "--bucket-cap-mb", "0"], ValueError, "--bucket-cap-mb"),
     (["--batch-size", "0"], ValueError, "--batch-size must be positive"),
+    (["--block-size", "0"], ValueError, "--block-size must be positive"),
     (["--steps", "4", "--stop-after", "5"], ValueError, "--stop-after"),
     (["--resume", "/nonexistent/run"], FileNotFoundError, "no such checkpoint"),
 ])

@@ -13,9 +13,12 @@ def load_average() -> str:
         return "?"
 
 
-def publish(report: str, output: str | None = None, json_path: str | None = None, payload: dict | None = None) -> None:
-    """Print the report; also write it to ``output`` and the raw ``payload`` to ``json_path`` when asked."""
-    print(report)
+def publish(report: str, output: str | None = None, json_path: str | None = None, payload: dict | None = None,
+            *, echo: bool = True) -> None:
+    """Print the report (unless ``echo`` is False); also write it to ``output`` and the raw ``payload``
+    to ``json_path`` when asked."""
+    if echo:
+        print(report)
     if output:
         with open(output, "w") as f:
             f.write(report + "\n")

@@ -70,7 +70,7 @@ from labkit.optim.references import timm_lamb
 from labkit.bench import load_average, publish
 
 __all__ = ["VERSIONS", "EXTRA_VERSIONS", "TRAFFIC", "parse_size", "model_shape", "build_model", "make_optimizer",
-           "timm_default_path", "copy_bandwidth", "measure", "summarise", "format_table", "main"]
+           "timm_default_path", "copy_bandwidth", "measure", "summarise", "format_table", "build_parser", "main"]
 
 VERSIONS = ("adamw", "adamw-fused", "lamb", "lamb-fused", "lamb-readable", "timm")
 EXTRA_VERSIONS = ("timm-foreach", "timm-single")    # timm with each path forced: only on request
@@ -303,7 +303,7 @@ def format_table(result: dict, bandwidth: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["10M", "100M"],
@@ -319,7 +319,18 @@ def main(argv=None) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--output", metavar="FILE", help="also write the report to FILE")
     parser.add_argument("--json", metavar="FILE", help="write the raw timings to FILE")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    timm_versions = [v for v in args.versions if v.startswith("timm")]
+    if timm_versions:
+        try:
+            timm_lamb()
+        except ImportError as exc:     # before any timing, not after the other versions' minutes
+            parser.error(f"{exc} (or leave {' '.join(timm_versions)} out of --versions)")
     sizes = [parse_size(s) for text in args.sizes for s in text.split(",") if s.strip()]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -341,7 +352,8 @@ def main(argv=None) -> None:
         where = (f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads "
                  f"({'--threads' if args.threads else 'torch' + chr(39) + 's default'})")
     timm_note = (f"timm: timm's Lamb(max_grad_norm=None, always_adapt=True), foreach=None (timm's default: "
-                 f"{timm_default_path(device)} here; --versions timm-foreach timm-single force either)")
+                 f"{timm_default_path(device)} here; --versions timm-foreach timm-single force either)"
+                 if timm_versions else "timm: not measured")
     lines = [
         f"labkit.bench.optim: time of optimizer.step(), {args.dtype}, lr 1e-3, betas (0.9, 0.999), eps 1e-6, "
         f"weight decay 0.01; gradients fixed, no forward/backward",

@@ -3,6 +3,7 @@
     python -m labkit.bench.speed --device cuda --output docs/results/speed_gpu.txt     # one GPU
     python -m labkit.bench.speed                                                       # CPU, small GPT
     python -m labkit.bench.speed --leave-one-out       # also: everything on but one switch, each in turn
+    python -m labkit.bench.speed --long-context 1024   # also: GPT-2's context, the same tokens per step
 
 Each row is one run of ``labkit.labs.train_gpt`` (world size 1 unless --world-size), the same model,
 data and steps, with one more switch of ``labkit.speed`` on than the row above it:
@@ -16,12 +17,15 @@ data and steps, with one more switch of ``labkit.speed`` on than the row above i
     + batch xK        K times the sequences per step (--big-batch K): a batch that fills the device
     torch DDP         the last row's run with torch's DistributedDataParallel instead of labkit's
                       bucketed DDP (at world size 1: what labkit's wrapper costs)
+    context T         (--long-context T) the last row's run with sequences of T tokens, as many fewer
+                      of them as keeps the tokens per step: attention's share of the FLOPs grows with T
+                      (12·n_layer·T·n_embd per token against 6 per parameter)
 
 Columns: tokens/s and ms per step (the lab's own timing, its first steps left out), MFU against the
 data sheet (GPUs) and against the matrix rate the lab measures on the device, peak memory (the CUDA
 allocator's peak on a GPU, the process's resident peak on a CPU), the loss after the last step, and
 the speed-up over the row above (the DDP and leave-one-out rows: over the run with every switch on)
-and over the first.
+and over the first. The table is rewritten after every row, so a run cut short leaves the rows it finished.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ import time
 import torch
 
 from labkit.bench import load_average, publish
+from labkit.models.gpt import PRESETS
 
-__all__ = ["ROWS", "plan", "run_row", "measure", "format_table", "main"]
+__all__ = ["ROWS", "plan", "run_row", "measure", "format_table", "build_parser", "main"]
 
 # (row name, switches added to the previous row's); the switches are train_gpt's options.
 ROWS = (
@@ -50,9 +55,10 @@ ROWS = (
 SWITCHES = ("tf32", "flash", "fused_optimizer", "compile")
 
 
-def plan(big_batch: int = 4, leave_one_out: bool = False) -> list[dict]:
-    """The runs, in order: dict(name, switches, batch_factor, ddp, base), ``base`` the index of the run
-    it is compared with (the row above, or the full run for the DDP and leave-one-out rows)."""
+def plan(big_batch: int = 4, leave_one_out: bool = False, long_context: int = 0) -> list[dict]:
+    """The runs, in order: dict(name, switches, batch_factor, ddp, base, block_size), ``base`` the index of
+    the run it is compared with (the row above, or the full run for the DDP, context and leave-one-out
+    rows); ``block_size`` None: the preset's context."""
     runs, switches = [], {}
     for name, added in ROWS:
         switches = {**switches, **added}
@@ -63,11 +69,23 @@ def plan(big_batch: int = 4, leave_one_out: bool = False) -> list[dict]:
                          ddp="bucketed", base=len(runs) - 1))
     full = len(runs) - 1
     runs.append(dict(name="torch DDP", switches=dict(switches), batch_factor=big_batch, ddp="torch", base=full))
+    if long_context:
+        runs.append(dict(name=f"context {long_context}", switches=dict(switches), batch_factor=big_batch,
+                         ddp="bucketed", base=full, block_size=long_context))
     if leave_one_out:
         for name in SWITCHES + ("dtype",):
             off = {**switches, name: "float32" if name == "dtype" else False}
             runs.append(dict(name=f"all but {name}", switches=off, batch_factor=big_batch, ddp="bucketed", base=full))
+    for run in runs:
+        run.setdefault("block_size", None)
     return runs
+
+
+def sequences(run: dict, batch_size: int, preset_block_size: int) -> int:
+    """Sequences per rank per step of a run: the batch times its factor, in as many fewer sequences as
+    its context is longer than the preset's (the same tokens per step), at least one."""
+    tokens = batch_size * run["batch_factor"] * preset_block_size
+    return max(1, tokens // (run.get("block_size") or preset_block_size))
 
 
 def _options(switches: dict) -> list[str]:
@@ -82,17 +100,19 @@ def run_row(run: dict, args) -> dict:
     """One lab run; returns its metrics (rank 0's)."""
     from labkit.labs import train_gpt
 
+    batch = sequences(run, args.batch_size, PRESETS[args.preset][3])
     with tempfile.TemporaryDirectory(prefix="labkit-speed-") as out_dir:
         argv = ["--world-size", str(args.world_size), "--preset", args.preset, "--steps", str(args.steps),
-                "--batch-size", str(args.batch_size * run["batch_factor"]), "--eval-every", "0",
+                "--batch-size", str(batch), "--eval-every", "0",
+                *(["--block-size", str(run["block_size"])] if run.get("block_size") else []),
                 "--eval-batches", "1", "--ddp", run["ddp"], "--out-dir", out_dir, "--timeout", str(args.timeout),
                 *(["--device", args.device] if args.device else []), *_options(run["switches"])]
         return train_gpt.main(argv)
 
 
-def measure(runs: list[dict], args, runner=None, progress=None) -> list[dict]:
+def measure(runs: list[dict], args, runner=None, progress=None, on_row=None) -> list[dict]:
     """Each run's row: the run and the numbers the table shows. ``runner(run, args)``: the lab's
-    metrics for a run (default :func:`run_row`)."""
+    metrics for a run (default :func:`run_row`); ``on_row(rows)`` is called after each run."""
     runner = runner or run_row
     rows = []
     for i, run in enumerate(runs):
@@ -104,6 +124,8 @@ def measure(runs: list[dict], args, runner=None, progress=None) -> list[dict]:
                          peak_memory_bytes=m["peak_memory_bytes"], memory_source=m["peak_memory_source"],
                          loss=m["train_loss"][-1], batch_tokens=m["global_batch_tokens"], params=m["params"],
                          device_name=m["device_name"], peak_source=m["peak_source"]))
+        if on_row:
+            on_row(rows)
     return rows
 
 
@@ -120,7 +142,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> list[dict]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if there is one")
@@ -131,34 +153,53 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--big-batch", type=int, default=4, help="the batch row's factor (1: no such row)")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default 40 on GPUs, 12 on CPU)")
     parser.add_argument("--leave-one-out", action="store_true", help="also each switch off with the others on")
+    parser.add_argument("--long-context", type=int, default=0, metavar="T",
+                        help="also the full run with T tokens per sequence, the same tokens per step (0: no such row)")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--output", metavar="FILE", help="also write the report to FILE")
     parser.add_argument("--json", metavar="FILE", help="write the raw numbers to FILE")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> list[dict]:
+    args = build_parser().parse_args(argv)
     cuda = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
     args.preset = args.preset or ("gpu" if cuda else "small")
     args.batch_size = (32 if cuda else 8) if args.batch_size is None else args.batch_size
     args.steps = (40 if cuda else 12) if args.steps is None else args.steps
-    if args.steps < 5 or args.world_size < 1 or args.batch_size < 1 or args.big_batch < 1:
+    if args.steps < 5 or args.world_size < 1 or args.batch_size < 1 or args.big_batch < 1 or args.long_context < 0:
         raise ValueError("need --steps >= 5 (the first are left out of the timing) and positive sizes")
+    if args.preset not in PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; the presets are {', '.join(PRESETS)}")
     progress = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     load_before, start = load_average(), time.perf_counter()
-    rows = measure(plan(args.big_batch, args.leave_one_out), args, progress=progress)
+    runs = plan(args.big_batch, args.leave_one_out, args.long_context)
+
+    def report(rows, final: bool) -> None:
+        text = "\n".join(_header(rows, args, load_before, time.perf_counter() - start) +
+                         ([] if final else [f"(so far: {len(rows)} of {len(runs)} runs)"]) + ["", format_table(rows)])
+        publish(text, args.output, args.json, dict(args=vars(args), rows=rows), echo=final)
+
+    rows = measure(runs, args, progress=progress, on_row=lambda rows: report(rows, final=False))
+    report(rows, final=True)
+    return rows
+
+
+def _header(rows: list[dict], args, load_before: str, seconds: float) -> list[str]:
     first = rows[0]
     header = [
         f"labkit.bench.speed: the GPT lab ({args.preset}, {first['params'] / 1e6:.1f} M parameters), world size "
         f"{args.world_size}, {args.batch_size} sequences x {first['batch_tokens'] // args.batch_size // args.world_size}"
         f" tokens per rank per step (x{args.big_batch} in the batch row), {args.steps} steps per run",
         f"{first['device_name']}; torch {torch.__version__}, Python {platform.python_version()}; load average "
-        f"{load_before} before, {load_average()} after; whole run {time.perf_counter() - start:.0f} s",
+        f"{load_before} before, {load_average()} after; whole run {seconds:.0f} s",
         f"MFU sheet: {'against ' if isinstance(first['mfu'], float) else 'none, '}{first['peak_source']}; "
         f"MFU meas.: against the matrix rate measured in each run in its precision "
         f"({first['matmul_tflops']:.3g} TFLOP/s in the first); peak: {first['memory_source']}",
-        "vs base: tokens/s against the row above (torch DDP and 'all but' rows: against the last run with every "
-        "switch on); vs first: against the first row",
+        "vs base: tokens/s against the row above (torch DDP, context and 'all but' rows: against the last run with "
+        "every switch on); vs first: against the first row",
     ]
-    publish("\n".join(header + ["", format_table(rows)]), args.output, args.json, dict(args=vars(args), rows=rows))
-    return rows
+    return header
 
 
 if __name__ == "__main__":

@@ -76,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="bucket size of --ddp bucketed and torch")
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="model size (default: tiny on CPU, gpu on GPUs)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per sequence, the model's context (default: the preset's; GPT-2's is 1024)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout probability (a different mask on each rank)")
     p.add_argument("--flash", action=argparse.BooleanOptionalAction, default=None,
                    help="fused scaled_dot_product_attention (default: on GPUs only; see labkit.speed)")
@@ -148,7 +150,7 @@ def check_args(args) -> None:
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     for name in ("steps", "batch_size", "grad_accum", "lr", "eval_batches", "timeout", "world_size",
-                 "peak_tflops"):
+                 "peak_tflops", "block_size"):
         positive(name, getattr(args, name))
     for name in ("eval_every", "checkpoint_every", "sample", "grad_clip", "weight_decay", "warmup_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
@@ -179,12 +181,13 @@ def checkpoint_path(resume: str) -> Path:
 # Data, model, optimizer, schedule
 # --------------------------------------------------------------------------------------------
 
-def load_text(preset: str, dropout: float, flash: bool):
-    """The model's configuration and the text cut into blocks of its context length. Every rank
-    builds the same tokenizer and the same blocks from the same text."""
+def load_text(preset: str, dropout: float, flash: bool, block_size: int | None = None):
+    """The model's configuration and the text cut into blocks of its context length (the preset's,
+    or ``block_size``). Every rank builds the same tokenizer and the same blocks from the same text."""
     text = load_corpus()
     tok = CharTokenizer.from_text(text)
-    config = GPTConfig.preset(preset, tok.vocab_size, dropout=dropout, flash=flash)
+    config = GPTConfig.preset(preset, tok.vocab_size, dropout=dropout, flash=flash,
+                              **({"block_size": block_size} if block_size else {}))
     train_tokens, val_tokens = split_tokens(tok.encode(text))
     return config, tok, TokenBlocks(train_tokens, config.block_size), TokenBlocks(val_tokens, config.block_size)
 
@@ -333,14 +336,21 @@ def save_checkpoint(path: Path, module, optimizer, step: int, data: DataStream, 
 
 # What a resumed run must share with the run that wrote the checkpoint for the data order (and so
 # the result) to continue exactly; the rest (lr, steps, eval, ddp flavour...) may change.
-MUST_MATCH = ("preset", "batch_size", "grad_accum", "seed", "dropout")
+MUST_MATCH = ("preset", "block_size", "batch_size", "grad_accum", "seed", "dropout")
+
+
+def _saved_arg(saved: dict, name: str):
+    """A checkpoint's option, as the run used it (checkpoints from before --block-size: the preset's)."""
+    if name == "block_size" and saved.get(name) is None and saved.get("preset") in PRESETS:
+        return PRESETS[saved["preset"]][3]
+    return saved.get(name)
 
 
 def load_checkpoint(path: Path, args, device, world_size: int) -> dict:
     state = checkpoint.load(path, map_location=device)
     old = state["args"]
-    diff = [f"--{k.replace('_', '-')} {old.get(k)} (now {getattr(args, k)})" for k in MUST_MATCH
-            if old.get(k) != getattr(args, k)]
+    diff = [f"--{k.replace('_', '-')} {_saved_arg(old, k)} (now {getattr(args, k)})" for k in MUST_MATCH
+            if _saved_arg(old, k) != getattr(args, k)]
     if state["world_size"] != world_size:
         diff.append(f"world size {state['world_size']} (now {world_size})")
     if diff:
@@ -382,6 +392,7 @@ def train(args, device: torch.device) -> dict:
     is_cuda = device.type == "cuda"
     speed.reset_peak_memory(device)
     preset = args.preset = args.preset or ("gpu" if is_cuda else "tiny")
+    args.block_size = args.block_size or PRESETS[preset][3]
     switches = resolve_switches(args, device)
     autocast = speed.autocast(switches, device)
     speed.set_tf32(switches.tf32)
@@ -391,7 +402,7 @@ def train(args, device: torch.device) -> dict:
     comm.broadcast_objects(out_dir, src=0)
     out_dir = Path(out_dir[0])
 
-    config, tok, train_blocks, val_blocks = load_text(preset, args.dropout, switches.flash)
+    config, tok, train_blocks, val_blocks = load_text(preset, args.dropout, switches.flash, args.block_size)
     check_data_fits(train_blocks, val_blocks, args.batch_size, world_size)
     train_loader = make_loader(train_blocks, args.batch_size, rank, world_size, args.seed, shuffle=True)
     eval_batch = min(args.batch_size, len(val_blocks) // world_size)

@@ -1,0 +1,188 @@
+"""Every GPU measurement of the speed work in one command that fits one call of a lent GPU machine.
+
+    python3 -m labkit.bench.measure_gpu --out DIR              # on a machine with a CUDA GPU
+    python3 -m labkit.bench.measure_gpu --out DIR --rehearse   # the same steps on the CPU, tiny sizes
+
+The steps (:data:`STEPS`), most wanted first, each a command with a time limit:
+
+    speed_gpu        labkit.bench.speed: the GPT lab's switches one at a time (tokens/s, MFU, peak
+                     memory), torch's DDP against labkit's bucketed DDP, and GPT-2's context of 1024
+    optim_gpu_1B     labkit.bench.optim at 1 B parameters: AdamW, fused AdamW, LAMB and the fused LAMB
+                     against the memory-bandwidth floor
+    gpu_checks       tests/test_gpu.py's checks of the speed switches and of the fused LAMB on the GPU
+    optim_gpu_100M   labkit.bench.optim at 100 M, with the readable LAMB and timm's
+
+A lent machine gives one command at most 10 minutes and a whole task 15, machine starts included; so
+the steps share a budget (``--budget``, default 560 s), a step past its limit is stopped (its launched
+workers with it) and the next one starts, and each step writes its tables as soon as it has them
+(bench.speed rewrites its table after every row): a run cut short still leaves what it finished.
+Everything the steps print goes to DIR/measure_gpu.log, with each step's exit status and time; the
+tables go to DIR/<step>.txt (at most 8 files come back from a lent machine: these are 6).
+
+``--rehearse`` runs the same steps on the CPU at tiny sizes (about two minutes), writing the same files:
+it shows that every command, option and test selection below works before a GPU's minutes are spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Step", "STEPS", "StepResult", "command", "run_steps", "main"]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command of the measurement: ``python3 -m`` + ``argv`` on a GPU, + ``rehearsal`` on the CPU
+    ("{out}" stands for the output folder); ``outputs``: the files it writes there."""
+    name: str
+    argv: tuple[str, ...]
+    rehearsal: tuple[str, ...]
+    limit_s: float
+    outputs: tuple[str, ...]
+
+
+GPU_CHECKS = "speed_switch or fused_lamb"
+STEPS = (
+    Step("speed_gpu",
+         ("labkit.bench.speed", "--device", "cuda", "--steps", "20", "--long-context", "1024",
+          "--output", "{out}/speed_gpu.txt", "--json", "{out}/speed_gpu.json"),
+         ("labkit.bench.speed", "--device", "cpu", "--preset", "tiny", "--batch-size", "4", "--steps", "6",
+          "--long-context", "128", "--output", "{out}/speed_gpu.txt", "--json", "{out}/speed_gpu.json"),
+         limit_s=260, outputs=("speed_gpu.txt", "speed_gpu.json")),
+    # 1 B parameters: four copies with their optimizer state, about 52 GB, fit an 80 GB GPU.
+    Step("optim_gpu_1B",
+         ("labkit.bench.optim", "--device", "cuda", "--sizes", "1B", "--steps", "10",
+          "--versions", "adamw", "adamw-fused", "lamb", "lamb-fused", "--output", "{out}/optim_gpu_1B.txt"),
+         ("labkit.bench.optim", "--device", "cpu", "--sizes", "1M", "--steps", "3", "--warmup", "2",
+          "--versions", "adamw", "adamw-fused", "lamb", "lamb-fused", "--output", "{out}/optim_gpu_1B.txt"),
+         limit_s=150, outputs=("optim_gpu_1B.txt",)),
+    Step("gpu_checks",
+         ("pytest", "-q", "tests/test_gpu.py", "-m", "gpu", "-k", GPU_CHECKS,
+          "--junit-xml", "{out}/gpu_checks.xml"),
+         ("pytest", "-q", "tests/test_gpu.py", "-m", "gpu", "-k", GPU_CHECKS,
+          "--junit-xml", "{out}/gpu_checks.xml"),
+         limit_s=100, outputs=("gpu_checks.xml",)),
+    Step("optim_gpu_100M",
+         ("labkit.bench.optim", "--device", "cuda", "--sizes", "100M",
+          "--versions", "adamw", "adamw-fused", "lamb", "lamb-fused", "lamb-readable", "timm",
+          "--output", "{out}/optim_gpu_100M.txt"),
+         ("labkit.bench.optim", "--device", "cpu", "--sizes", "0.5M", "--steps", "3", "--warmup", "2",
+          "--versions", "adamw", "adamw-fused", "lamb", "lamb-fused", "lamb-readable", "timm",
+          "--output", "{out}/optim_gpu_100M.txt"),
+         limit_s=80, outputs=("optim_gpu_100M.txt",)),
+)
+LOG = "measure_gpu.log"
+
+
+@dataclass
+class StepResult:
+    name: str
+    returncode: int | None     # None: not started (no budget left)
+    seconds: float
+    timed_out: bool
+
+    def describe(self) -> str:
+        if self.returncode is None:
+            return f"{self.name}: not run (the budget was spent)"
+        state = "stopped at its limit" if self.timed_out else ("ok" if self.returncode == 0 else
+                                                               f"failed (exit {self.returncode})")
+        return f"{self.name}: {state} after {self.seconds:.0f} s"
+
+
+def command(step: Step, out: Path, rehearse: bool) -> list[str]:
+    """The step's command line: this Python, ``-m``, its arguments with the output folder filled in."""
+    return [sys.executable, "-m", *(a.replace("{out}", str(out)) for a in (step.rehearsal if rehearse else step.argv))]
+
+
+def _stop(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGINT to the step's whole process group (its launched workers too), then SIGKILL."""
+    for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_steps(steps, out: Path, *, rehearse: bool, budget_s: float, log, grace_s: float = 15,
+              report=print) -> list[StepResult]:
+    """Each step in turn, its output appended to ``log`` (a binary file), within ``budget_s`` in all:
+    a step gets its own limit or what is left of the budget, whichever is less."""
+    results, start = [], time.monotonic()
+    for step in steps:
+        left = budget_s - (time.monotonic() - start) - grace_s
+        if left < 5:
+            results.append(StepResult(step.name, None, 0.0, False))
+            report(results[-1].describe())
+            continue
+        limit = min(step.limit_s, left)
+        argv = command(step, out, rehearse)
+        log.write(f"\n===== {step.name} (limit {limit:.0f} s): {' '.join(argv)}\n".encode())
+        log.flush()
+        t0 = time.monotonic()
+        process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            process.wait(limit)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            _stop(process, grace_s)
+            timed_out = True
+        results.append(StepResult(step.name, process.returncode, time.monotonic() - t0, timed_out))
+        log.write(f"===== {results[-1].describe()}\n".encode())
+        log.flush()
+        report(results[-1].describe())
+    return results
+
+
+def _environment(rehearse: bool) -> str:
+    import torch
+    where = "the CPU (rehearsal)" if rehearse else ", ".join(
+        torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    return (f"labkit.bench.measure_gpu on {where}; torch {torch.__version__} (CUDA {torch.version.cuda}), "
+            f"Python {platform.python_version()}, {os.cpu_count()} CPU cores")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path, help="folder for the tables and the log")
+    parser.add_argument("--rehearse", action="store_true", help="the same steps on the CPU, tiny sizes")
+    parser.add_argument("--budget", type=float, default=560.0, help="seconds for all the steps (default 560)")
+    parser.add_argument("--only", nargs="+", choices=[s.name for s in STEPS], help="these steps only")
+    args = parser.parse_args(argv)
+    if not args.rehearse:
+        import torch
+        if not torch.cuda.is_available():
+            parser.error("no CUDA GPU here: run it on a machine with one, or pass --rehearse")
+    args.out.mkdir(parents=True, exist_ok=True)
+    steps = [s for s in STEPS if not args.only or s.name in args.only]
+    environment = _environment(args.rehearse)
+    print(environment, flush=True)
+    with open(args.out / LOG, "wb") as log:
+        log.write((environment + "\n").encode())
+        results = run_steps(steps, args.out.resolve(), rehearse=args.rehearse, budget_s=args.budget, log=log,
+                            report=lambda line: print(line, flush=True))
+    for step in steps:                # the tables, so that the end of the output shows them too
+        table = args.out / step.outputs[0]
+        if table.suffix == ".txt" and table.is_file():
+            print(f"\n--- {table.name}\n{table.read_text()}", end="")
+    return 0 if all(r.returncode == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

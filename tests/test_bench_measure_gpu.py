@@ -1,0 +1,131 @@
+"""labkit.bench.measure_gpu: the one command that takes every GPU measurement. No GPU here, so: every
+step's command line is accepted by the tool it calls (on a GPU and in the CPU rehearsal), its files fit
+what a lent machine sends back, and a step past its limit is stopped, workers and all, without
+stopping the ones after it."""
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from labkit.bench import measure_gpu as mg
+
+
+@pytest.mark.parametrize("rehearse", [False, True], ids=["gpu", "rehearsal"])
+@pytest.mark.parametrize("step", [s for s in mg.STEPS if s.argv[0].startswith("labkit.")], ids=lambda s: s.name)
+def test_each_benchmark_step_is_a_command_line_its_tool_accepts(step, rehearse, tmp_path):
+    argv = mg.command(step, tmp_path, rehearse)
+    assert argv[:2] == [sys.executable, "-m"]
+    module = importlib.import_module(argv[2])
+    args = module.build_parser().parse_args(argv[3:])          # exits on an unknown option or value
+    if hasattr(args, "device"):
+        assert args.device == ("cpu" if rehearse else "cuda")
+
+
+def test_the_gpu_checks_step_selects_the_checks_it_names(tmp_path):
+    step, = [s for s in mg.STEPS if s.name == "gpu_checks"]
+    assert step.argv == step.rehearsal
+    argv = mg.command(step, tmp_path, rehearse=False)
+    junit = argv.index("--junit-xml")
+    argv = argv[:junit] + argv[junit + 2:]
+    out = subprocess.run(argv + ["--collect-only"], cwd=mg.ROOT, capture_output=True, text=True, timeout=120).stdout
+    selected = [line for line in out.splitlines() if line.startswith("tests/test_gpu.py::")]
+    names = {line.split("::")[1].split("[")[0] for line in selected}
+    assert "test_gpt_lab_with_every_speed_switch_on_the_gpu" in names, out
+    assert {"test_fused_lamb_equals_the_readable_one_on_the_gpu_in_float32",
+            "test_fused_lamb_compiled_in_bfloat16_is_the_float64_step_rounded"} <= names, out
+
+
+def test_the_outputs_fit_what_a_lent_machine_sends_back(tmp_path):
+    files = [mg.LOG] + [name for step in mg.STEPS for name in step.outputs]
+    assert len(files) == len(set(files)) <= 8                   # at most 8 files come back
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files)
+    for step in mg.STEPS:
+        for argv in (step.argv, step.rehearsal):
+            written = {a.split("/", 1)[1] for a in argv if a.startswith("{out}/")}
+            assert written == set(step.outputs), step.name
+    assert sum(step.limit_s for step in mg.STEPS) < 600 + 60       # one call's 10 minutes, about
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for a parent that may never reap it (PID 1 in a container)."""
+    if not os.path.isdir("/proc"):     # macOS: no zombie check
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _module(tmp_path, name: str, code: str) -> None:
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(code))
+
+
+def test_a_step_past_its_limit_is_stopped_with_its_workers_and_the_next_steps_run(tmp_path, monkeypatch):
+    pids = tmp_path / "pids"
+    _module(tmp_path, "sleeper", f"""
+        import subprocess, sys, time
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+        open({str(pids)!r}, "w").write(str(worker.pid))
+        print("sleeping", flush=True)
+        time.sleep(300)
+    """)
+    _module(tmp_path, "fails", "import sys; print('about to fail'); sys.exit(3)")
+    _module(tmp_path, "writes", "import sys; open(sys.argv[1], 'w').write('table'); print('wrote it')")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    steps = [mg.Step("sleeper", ("sleeper",), ("sleeper",), limit_s=3, outputs=()),
+             mg.Step("fails", ("fails",), ("fails",), limit_s=30, outputs=()),
+             mg.Step("writes", ("writes", "{out}/table.txt"), ("writes", "{out}/table.txt"), limit_s=30,
+                     outputs=("table.txt",)),
+             mg.Step("again", ("writes", "{out}/again.txt"), ("writes", "{out}/again.txt"), limit_s=30, outputs=())]
+    lines = []
+    with open(tmp_path / "log", "wb") as log:
+        results = mg.run_steps(steps, tmp_path, rehearse=True, budget_s=18, log=log, grace_s=2, report=lines.append)
+    sleeper, fails, writes, again = results
+    assert sleeper.timed_out and sleeper.returncode != 0 and 3 <= sleeper.seconds < 15
+    assert not _alive(int(pids.read_text()))         # the step's own worker went with it
+    assert (fails.returncode, fails.timed_out) == (3, False)
+    assert writes.returncode == 0 and (tmp_path / "table.txt").read_text() == "table"
+    log = (tmp_path / "log").read_text()
+    for text in ("sleeping", "about to fail", "wrote it", "sleeper: stopped at its limit", "fails: failed (exit 3)",
+                 "writes: ok after"):
+        assert text in log
+    assert again.returncode == 0 and (tmp_path / "again.txt").is_file()     # 18 s were enough for all
+    assert lines == [r.describe() for r in results]
+
+
+def test_the_budget_is_shared_and_a_step_with_none_left_is_not_started(tmp_path, monkeypatch):
+    _module(tmp_path, "sleeper", "import time; time.sleep(300)")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    steps = [mg.Step("first", ("sleeper",), ("sleeper",), limit_s=100, outputs=()),
+             mg.Step("second", ("sleeper",), ("sleeper",), limit_s=100, outputs=())]
+    with open(tmp_path / "log", "wb") as log:
+        first, second = mg.run_steps(steps, tmp_path, rehearse=True, budget_s=8, log=log, grace_s=1, report=str)
+    assert first.timed_out and first.seconds < 12       # its limit became the budget's 8 s less the grace
+    assert second.returncode is None and second.describe() == "second: not run (the budget was spent)"
+
+
+def test_without_a_gpu_it_asks_for_one_or_a_rehearsal(tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit):
+        mg.main(["--out", str(tmp_path)])
+    assert "no CUDA GPU here" in capsys.readouterr().err and not (tmp_path / mg.LOG).exists()
+
+
+def test_a_rehearsal_writes_the_log_and_returns_success(tmp_path, capsys):
+    assert mg.main(["--out", str(tmp_path), "--rehearse", "--only", "gpu_checks"]) == 0
+    log = (tmp_path / mg.LOG).read_text()
+    assert log.startswith("labkit.bench.measure_gpu on the CPU (rehearsal)")
+    assert "skipped" in log and "gpu_checks: ok after" in log and (tmp_path / "gpu_checks.xml").is_file()
+    assert "gpu_checks: ok after" in capsys.readouterr().out
