@@ -34,6 +34,7 @@ import multiprocessing as mp
 import multiprocessing.connection
 import multiprocessing.forkserver as mp_forkserver
 import multiprocessing.spawn as mp_spawn
+import multiprocessing.util as mp_util
 import os
 import pickle
 import shutil
@@ -248,6 +249,13 @@ def _worker_main(rank: int, world_size: int, conn, device: str, backend: str, ti
             exc_bytes = None
         message = ("error", rank, time.time(), type(exc).__name__, traceback.format_exc(),
                    _is_communication_error(exc), exc_bytes)
+    # Release what multiprocessing made here (the semaphore of tqdm's lock, for one), before the
+    # result goes (the caller then stops the workers): os._exit below skips the finalizers that do
+    # it, and the caller's resource tracker would warn of "leaked semaphore objects" at its exit.
+    try:
+        mp_util._run_finalizers(0)
+    except Exception:  # noqa: BLE001 - never keep a finished worker from reporting
+        pass
     try:
         with lock:
             conn.send(message)

@@ -2,6 +2,8 @@
 
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 import signal
 import threading
 import time
@@ -313,3 +315,18 @@ def test_what_workers_print_appears_in_the_notebook(start_kernel):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_a_semaphore_made_in_a_worker_is_released_when_it_ends():
+    """tqdm makes a multiprocessing lock in every worker that draws a bar; workers end with os._exit,
+    and the caller used to print "resource_tracker: There appear to be N leaked semaphore objects"
+    at its exit."""
+    script = ("import multiprocessing, labkit\n"
+              "def worker():\n"
+              "    multiprocessing.kept = multiprocessing.get_context('spawn').Lock()   # alive to the end, as tqdm's\n"
+              "    return multiprocessing.kept.acquire(timeout=1)\n"
+              "print(labkit.launch(worker, world_size=2))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert done.returncode == 0 and done.stdout.strip() == "[True, True]", done.stderr
+    assert "leaked semaphore" not in done.stderr, done.stderr
