@@ -93,6 +93,20 @@ def test_without_timm_the_other_versions_run_and_timm_is_refused_before_any_timi
     assert captured.out == ""          # nothing was timed
 
 
+def test_inductor_options_are_set_and_named_in_the_report(monkeypatch, capsys):
+    import torch._inductor.config as config
+    monkeypatch.setattr(config, "combo_kernels", config.combo_kernels)     # restored after the test
+    bench.main(["--sizes", "0.05M", "--steps", "1", "--warmup", "0", "--versions", "adamw", "--quiet",
+                "--inductor", "combo_kernels=True"])
+    assert config.combo_kernels is True
+    assert "lamb-fused: Lamb(fused=True), compiled with combo_kernels=True;" in capsys.readouterr().out
+    for bad, message in (["no_such_option=1", "not NAME=VALUE"], ["combo_kernels", "not NAME=VALUE"],
+                         ["combo_kernels=yes please", "not a Python literal"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--sizes", "0.05M", "--versions", "adamw", "--inductor", bad])
+        assert message in capsys.readouterr().err
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown versions"):
         bench.measure(1000, versions=("adamw", "sgd"))

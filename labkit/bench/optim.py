@@ -70,7 +70,8 @@ from labkit.optim.references import timm_lamb
 from labkit.bench import load_average, publish
 
 __all__ = ["VERSIONS", "EXTRA_VERSIONS", "TRAFFIC", "parse_size", "model_shape", "build_model", "make_optimizer",
-           "timm_default_path", "copy_bandwidth", "measure", "summarise", "format_table", "build_parser", "main"]
+           "timm_default_path", "copy_bandwidth", "measure", "summarise", "format_table", "set_inductor_options",
+           "build_parser", "main"]
 
 VERSIONS = ("adamw", "adamw-fused", "lamb", "lamb-fused", "lamb-readable", "timm")
 EXTRA_VERSIONS = ("timm-foreach", "timm-single")    # timm with each path forced: only on request
@@ -303,6 +304,26 @@ def format_table(result: dict, bandwidth: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def set_inductor_options(settings: list[str]) -> dict:
+    """Set ``torch._inductor.config`` options from "NAME=VALUE" strings (VALUE a Python literal); returns
+    them. Unknown names and values that are not literals are a ValueError, before anything is set."""
+    import ast
+    import torch._inductor.config as config
+
+    options = {}
+    for text in settings:
+        name, sep, value = text.partition("=")
+        if not sep or not hasattr(config, name):
+            raise ValueError(f"--inductor {text}: not NAME=VALUE with NAME an option of torch._inductor.config")
+        try:
+            options[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--inductor {text}: {value!r} is not a Python literal (True, 1, 'x')") from None
+    for name, value in options.items():
+        setattr(config, name, value)
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -315,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--versions", nargs="+", default=list(VERSIONS), choices=VERSIONS + EXTRA_VERSIONS)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default, "
                         "usually one per core; 1 suffers less from other work on the cores)")
+    parser.add_argument("--inductor", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="torch._inductor.config options for the compiled versions, e.g. combo_kernels=True "
+                             "(many tensors' small kernels launched as one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--output", metavar="FILE", help="also write the report to FILE")
@@ -332,6 +356,10 @@ def main(argv=None) -> None:
         except ImportError as exc:     # before any timing, not after the other versions' minutes
             parser.error(f"{exc} (or leave {' '.join(timm_versions)} out of --versions)")
     sizes = [parse_size(s) for text in args.sizes for s in text.split(",") if s.strip()]
+    try:
+        inductor = set_inductor_options(args.inductor)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -364,7 +392,9 @@ def main(argv=None) -> None:
         f"{bandwidth / 1e9:.1f} GB/s before, "
         f"{bandwidth_after / 1e9:.1f} GB/s after; the limits use the better of the two",
         "adamw: torch.optim.AdamW(foreach=True); adamw-fused: AdamW(fused=True); lamb: labkit.optim.Lamb "
-        "(foreach); lamb-fused: Lamb(fused=True), compiled; lamb-readable: Lamb(foreach=False); " + timm_note,
+        "(foreach); lamb-fused: Lamb(fused=True), compiled" +
+        (f" with {', '.join(f'{k}={v!r}' for k, v in inductor.items())}" if inductor else "") +
+        "; lamb-readable: Lamb(foreach=False); " + timm_note,
         "step: median ms per step (best: the fastest step); vs adamw, vs timm: this median / theirs; "
         "traffic: elements read + written per parameter at least;",
         "limit: traffic x parameters x bytes / copy bandwidth, the time of a step at the memory bandwidth; "
