@@ -157,6 +157,13 @@ def _set_parent_death_signal() -> None:
             pass
 
 
+def _release_multiprocessing_objects() -> None:
+    try:
+        mp_util._run_finalizers(0)
+    except Exception:  # noqa: BLE001 - never keep a finished worker from reporting
+        pass
+
+
 def _is_communication_error(exc: BaseException) -> bool:
     """True for errors that a rank gets *because a peer failed* (closed connection, timeout)."""
     if isinstance(exc, dist.DistError):
@@ -252,10 +259,10 @@ def _worker_main(rank: int, world_size: int, conn, device: str, backend: str, ti
     # Release what multiprocessing made here (the semaphore of tqdm's lock, for one), before the
     # result goes (the caller then stops the workers): os._exit below skips the finalizers that do
     # it, and the caller's resource tracker would warn of "leaked semaphore objects" at its exit.
-    try:
-        mp_util._run_finalizers(0)
-    except Exception:  # noqa: BLE001 - never keep a finished worker from reporting
-        pass
+    # In a thread, waited for 5 s at most: a finalizer may join processes (a Pool's) that never end.
+    finalizing = threading.Thread(target=_release_multiprocessing_objects, daemon=True)
+    finalizing.start()
+    finalizing.join(5)
     try:
         with lock:
             conn.send(message)

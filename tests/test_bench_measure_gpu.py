@@ -73,9 +73,11 @@ def _module(tmp_path, name: str, code: str) -> None:
 
 def test_a_step_past_its_limit_is_stopped_with_its_workers_and_the_next_steps_run(tmp_path, monkeypatch):
     pids = tmp_path / "pids"
+    # Its worker ignores SIGINT, as the launcher's workers do: only the SIGKILL to the group ends it.
     _module(tmp_path, "sleeper", f"""
         import subprocess, sys, time
-        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+        worker = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                   "signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(300)"])
         open({str(pids)!r}, "w").write(str(worker.pid))
         print("sleeping", flush=True)
         time.sleep(300)
@@ -83,16 +85,17 @@ def test_a_step_past_its_limit_is_stopped_with_its_workers_and_the_next_steps_ru
     _module(tmp_path, "fails", "import sys; print('about to fail'); sys.exit(3)")
     _module(tmp_path, "writes", "import sys; open(sys.argv[1], 'w').write('table'); print('wrote it')")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    steps = [mg.Step("sleeper", ("sleeper",), ("sleeper",), limit_s=3, outputs=()),
+    steps = [mg.Step("sleeper", ("sleeper",), ("sleeper",), limit_s=8, outputs=()),
              mg.Step("fails", ("fails",), ("fails",), limit_s=30, outputs=()),
              mg.Step("writes", ("writes", "{out}/table.txt"), ("writes", "{out}/table.txt"), limit_s=30,
                      outputs=("table.txt",)),
              mg.Step("again", ("writes", "{out}/again.txt"), ("writes", "{out}/again.txt"), limit_s=30, outputs=())]
     lines = []
     with open(tmp_path / "log", "wb") as log:
-        results = mg.run_steps(steps, tmp_path, rehearse=True, budget_s=18, log=log, grace_s=2, report=lines.append)
+        results = mg.run_steps(steps, tmp_path, rehearse=True, budget_s=60, log=log, grace_s=2, kill_wait_s=5,
+                               report=lines.append)
     sleeper, fails, writes, again = results
-    assert sleeper.timed_out and sleeper.returncode != 0 and 3 <= sleeper.seconds < 15
+    assert sleeper.timed_out and sleeper.returncode != 0 and 8 <= sleeper.seconds < 8 + 2 + 5 + 5
     assert not _alive(int(pids.read_text()))         # the step's own worker went with it
     assert (fails.returncode, fails.timed_out) == (3, False)
     assert writes.returncode == 0 and (tmp_path / "table.txt").read_text() == "table"
@@ -100,7 +103,7 @@ def test_a_step_past_its_limit_is_stopped_with_its_workers_and_the_next_steps_ru
     for text in ("sleeping", "about to fail", "wrote it", "sleeper: stopped at its limit", "fails: failed (exit 3)",
                  "writes: ok after"):
         assert text in log
-    assert again.returncode == 0 and (tmp_path / "again.txt").is_file()     # 18 s were enough for all
+    assert again.returncode == 0 and (tmp_path / "again.txt").is_file()     # 60 s were enough for all
     assert lines == [r.describe() for r in results]
 
 
@@ -110,8 +113,10 @@ def test_the_budget_is_shared_and_a_step_with_none_left_is_not_started(tmp_path,
     steps = [mg.Step("first", ("sleeper",), ("sleeper",), limit_s=100, outputs=()),
              mg.Step("second", ("sleeper",), ("sleeper",), limit_s=100, outputs=())]
     with open(tmp_path / "log", "wb") as log:
-        first, second = mg.run_steps(steps, tmp_path, rehearse=True, budget_s=8, log=log, grace_s=1, report=str)
-    assert first.timed_out and first.seconds < 12       # its limit became the budget's 8 s less the grace
+        first, second = mg.run_steps(steps, tmp_path, rehearse=True, budget_s=10, log=log, grace_s=1, kill_wait_s=2,
+                                     report=str)
+    # its limit became what the budget leaves once stopping it is allowed for: 10 - 1 - 2 = 7 s
+    assert first.timed_out and 7 <= first.seconds <= 10 + 5
     assert second.returncode is None and second.describe() == "second: not run (the budget was spent)"
 
 
@@ -122,6 +127,17 @@ def test_without_a_gpu_it_asks_for_one_or_a_rehearsal(tmp_path, capsys):
     with pytest.raises(SystemExit):
         mg.main(["--out", str(tmp_path)])
     assert "no CUDA GPU here" in capsys.readouterr().err and not (tmp_path / mg.LOG).exists()
+
+
+def test_a_rehearsal_hides_the_gpu_from_its_steps(tmp_path, monkeypatch):
+    _module(tmp_path, "shows_gpus", "import os; print('visible:', repr(os.environ.get('CUDA_VISIBLE_DEVICES')))")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    step = mg.Step("shows", ("shows_gpus",), ("shows_gpus",), limit_s=60, outputs=())
+    for rehearse, shown in ((True, "visible: ''"), (False, "visible: '0'")):
+        with open(tmp_path / "log", "wb") as log:
+            result, = mg.run_steps([step], tmp_path, rehearse=rehearse, budget_s=100, log=log, report=str)
+        assert result.returncode == 0 and shown in (tmp_path / "log").read_text()
 
 
 def test_a_rehearsal_writes_the_log_and_returns_success(tmp_path, capsys):

@@ -101,6 +101,7 @@ def test_inductor_options_are_set_and_named_in_the_report(monkeypatch, capsys):
     assert config.combo_kernels is True
     assert "lamb-fused: Lamb(fused=True), compiled with combo_kernels=True;" in capsys.readouterr().out
     for bad, message in (["no_such_option=1", "not NAME=VALUE"], ["combo_kernels", "not NAME=VALUE"],
+                         ["os=1", "not NAME=VALUE"],                   # a module attribute, not an option
                          ["combo_kernels=yes please", "not a Python literal"]):
         with pytest.raises(SystemExit):
             bench.main(["--sizes", "0.05M", "--versions", "adamw", "--inductor", bad])

@@ -70,6 +70,11 @@ def test_bad_options_are_refused_before_any_run(option):
         bench.main(option)
 
 
+def test_a_long_context_that_would_change_the_tokens_per_step_is_refused():
+    with pytest.raises(ValueError, match="--long-context 1000 must divide the batch row's 32768 tokens"):
+        bench.main(["--device", "cpu", "--preset", "gpu", "--batch-size", "32", "--long-context", "1000"])
+
+
 def test_one_real_row_on_cpu():
     class Args:
         world_size, preset, steps, batch_size, device, timeout = 1, "tiny", 5, 4, "cpu", 120

@@ -168,6 +168,11 @@ def test_unknown_preset_is_refused(capsys):
     assert "invalid choice: 'huge'" in capsys.readouterr().err
 
 
+def test_a_context_longer_than_the_text_is_refused_by_name():
+    with pytest.raises(ValueError, match="--block-size 30000 is too long for the validation text"):
+        train_gpt.load_text("tiny", 0.0, False, 30000)
+
+
 def test_a_batch_larger_than_a_shard_is_refused():
     with pytest.raises(labkit.WorkerError, match="--batch-size 5000 per rank does not fit"):
         train_gpt.main(["--world-size", "2", "--batch-size", "5000", "--steps", "1"])

@@ -14,13 +14,14 @@ The steps (:data:`STEPS`), most wanted first, each a command with a time limit:
     optim_gpu_100M_combo   the fused LAMB at 100 M again, compiled with Inductor's combo kernels
 
 A lent machine gives one command at most 10 minutes and a whole task 15, machine starts included; so
-the steps share a budget (``--budget``, default 560 s), a step past its limit is stopped (its launched
-workers with it) and the next one starts, and each step writes its tables as soon as it has them
-(bench.speed rewrites its table after every row): a run cut short still leaves what it finished.
+the steps share a budget (``--budget``, default 550 s), a step past its limit is stopped (its launched
+workers with it) and the next one starts, and each step writes its tables as soon as it has them:
+bench.speed after every row, so a run cut short keeps the rows it finished; the optimizer benchmark
+at its end (the 1 B step's limit leaves room for compiling the fused LAMB, 148 s on a 2-core CPU).
 Everything the steps print goes to DIR/measure_gpu.log, with each step's exit status and time; the
 tables go to DIR/<step>.txt (at most 8 files come back from a lent machine: these are 7).
 
-``--rehearse`` runs the same steps on the CPU at tiny sizes (about two minutes), writing the same files:
+``--rehearse`` runs the same steps on the CPU at tiny sizes (about three minutes), writing the same files:
 it shows that every command, option and test selection below works before a GPU's minutes are spent.
 """
 
@@ -35,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 __all__ = ["Step", "STEPS", "BUDGET_S", "StepResult", "command", "run_steps", "main"]
 
@@ -59,14 +61,14 @@ STEPS = (
           "--output", "{out}/speed_gpu.txt", "--json", "{out}/speed_gpu.json"),
          ("labkit.bench.speed", "--device", "cpu", "--preset", "tiny", "--batch-size", "4", "--steps", "6",
           "--long-context", "128", "--output", "{out}/speed_gpu.txt", "--json", "{out}/speed_gpu.json"),
-         limit_s=260, outputs=("speed_gpu.txt", "speed_gpu.json")),
+         limit_s=240, outputs=("speed_gpu.txt", "speed_gpu.json")),
     # 1 B parameters: four copies with their optimizer state, about 52 GB, fit an 80 GB GPU.
     Step("optim_gpu_1B",
          ("labkit.bench.optim", "--device", "cuda", "--sizes", "1B", "--steps", "10",
           "--versions", "adamw", "adamw-fused", "lamb", "lamb-fused", "--output", "{out}/optim_gpu_1B.txt"),
          ("labkit.bench.optim", "--device", "cpu", "--sizes", "1M", "--steps", "3", "--warmup", "2",
           "--versions", "adamw", "adamw-fused", "lamb", "lamb-fused", "--output", "{out}/optim_gpu_1B.txt"),
-         limit_s=150, outputs=("optim_gpu_1B.txt",)),
+         limit_s=200, outputs=("optim_gpu_1B.txt",)),
     Step("gpu_checks",
          ("pytest", "-q", "tests/test_gpu.py", "-m", "gpu", "-k", GPU_CHECKS,
           "--junit-xml", "{out}/gpu_checks.xml"),
@@ -92,19 +94,22 @@ STEPS = (
          limit_s=70, outputs=("optim_gpu_100M_combo.txt",)),
 )
 LOG = "measure_gpu.log"
-BUDGET_S = 560.0      # a lent machine's command gets 600 s: the rest is Python's start and the tables' print
+BUDGET_S = 550.0      # a lent machine's command gets 600 s: the rest is Python's start and the tables' print
 
 
 @dataclass
 class StepResult:
     name: str
-    returncode: int | None     # None: not started (no budget left)
+    returncode: int | None     # None: not started (no budget left), or still running after SIGKILL
     seconds: float
     timed_out: bool
+    started: bool = True
 
     def describe(self) -> str:
-        if self.returncode is None:
+        if not self.started:
             return f"{self.name}: not run (the budget was spent)"
+        if self.returncode is None:
+            return f"{self.name}: could not be stopped ({self.seconds:.0f} s)"
         state = "stopped at its limit" if self.timed_out else ("ok" if self.returncode == 0 else
                                                                f"failed (exit {self.returncode})")
         return f"{self.name}: {state} after {self.seconds:.0f} s"
@@ -115,29 +120,51 @@ def command(step: Step, out: Path, rehearse: bool) -> list[str]:
     return [sys.executable, "-m", *(a.replace("{out}", str(out)) for a in (step.rehearsal if rehearse else step.argv))]
 
 
-def _stop(process: subprocess.Popen, grace_s: float) -> None:
-    """SIGINT to the step's whole process group (its launched workers too), then SIGKILL."""
-    for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGKILL, 10)):
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):     # the group is gone (or only zombies are left)
+        pass
+
+
+def _stop(process: subprocess.Popen, grace_s: float, kill_wait_s: float) -> None:
+    """SIGINT to the step's whole process group (so that it can stop its workers and write what it
+    has), then SIGKILL to what is left of the group: also processes that ignore SIGINT, as the
+    launcher's workers and fork server do."""
+    if process.poll() is None:
+        _signal_group(process.pid, signal.SIGINT)
         try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(wait)
-            return
+            process.wait(grace_s)
         except subprocess.TimeoutExpired:
-            continue
+            pass
+    _signal_group(process.pid, signal.SIGKILL)
+    try:
+        process.wait(kill_wait_s)
+    except subprocess.TimeoutExpired:
+        pass
 
 
-def run_steps(steps, out: Path, *, rehearse: bool, budget_s: float, log, grace_s: float = 15,
-              report=print) -> list[StepResult]:
-    """Each step in turn, its output appended to ``log`` (a binary file), within ``budget_s`` in all:
-    a step gets its own limit or what is left of the budget, whichever is less."""
+def _die_with_parent() -> None:
+    """In the step's process before it starts: killed if the driver dies (the device tool stops the
+    driver at its limit, and a step in a session of its own would otherwise run on)."""
+    from labkit.launcher import _set_parent_death_signal
+    _set_parent_death_signal()
+
+
+def run_steps(steps: list[Step], out: Path, *, rehearse: bool, budget_s: float, log: BinaryIO,
+              grace_s: float = 15, kill_wait_s: float = 10, report: Callable[[str], object] = print
+              ) -> list[StepResult]:
+    """Each step in turn, its output appended to ``log``, within ``budget_s`` in all: a step gets its
+    own limit or what is left of the budget, whichever is less, less the time stopping it may take.
+    Whatever a step leaves running in its process group is killed when it ends."""
     results, start = [], time.monotonic()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if rehearse:
+        env["CUDA_VISIBLE_DEVICES"] = ""      # a rehearsal is the CPU's, also on a machine with a GPU
     for step in steps:
-        left = budget_s - (time.monotonic() - start) - grace_s
+        left = budget_s - (time.monotonic() - start) - grace_s - kill_wait_s
         if left < 5:
-            results.append(StepResult(step.name, None, 0.0, False))
+            results.append(StepResult(step.name, None, 0.0, False, started=False))
             report(results[-1].describe())
             continue
         limit = min(step.limit_s, left)
@@ -146,13 +173,16 @@ def run_steps(steps, out: Path, *, rehearse: bool, budget_s: float, log, grace_s
         log.flush()
         t0 = time.monotonic()
         process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   env=env, preexec_fn=_die_with_parent)
+        timed_out = False
         try:
             process.wait(limit)
-            timed_out = False
         except subprocess.TimeoutExpired:
-            _stop(process, grace_s)
             timed_out = True
+        except BaseException:         # the driver is stopped (Ctrl-C, SIGTERM): the step goes with it
+            _stop(process, 0, kill_wait_s)
+            raise
+        _stop(process, grace_s, kill_wait_s)
         results.append(StepResult(step.name, process.returncode, time.monotonic() - t0, timed_out))
         log.write(f"===== {results[-1].describe()}\n".encode())
         log.flush()
@@ -168,7 +198,11 @@ def _environment(rehearse: bool) -> str:
             f"Python {platform.python_version()}, {os.cpu_count()} CPU cores")
 
 
-def main(argv=None) -> int:
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="folder for the tables and the log")
@@ -182,6 +216,7 @@ def main(argv=None) -> int:
             parser.error("no CUDA GPU here: run it on a machine with one, or pass --rehearse")
     args.out.mkdir(parents=True, exist_ok=True)
     steps = [s for s in STEPS if not args.only or s.name in args.only]
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)      # stop the running step too (run_steps)
     environment = _environment(args.rehearse)
     print(environment, flush=True)
     with open(args.out / LOG, "wb") as log:

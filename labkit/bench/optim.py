@@ -310,10 +310,10 @@ def set_inductor_options(settings: list[str]) -> dict:
     import ast
     import torch._inductor.config as config
 
-    options = {}
+    known, options = config.get_config_copy(), {}
     for text in settings:
         name, sep, value = text.partition("=")
-        if not sep or not hasattr(config, name):
+        if not sep or name not in known:
             raise ValueError(f"--inductor {text}: not NAME=VALUE with NAME an option of torch._inductor.config")
         try:
             options[name] = ast.literal_eval(value)

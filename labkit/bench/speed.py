@@ -35,11 +35,12 @@ import platform
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import torch
 
 from labkit.bench import load_average, publish
-from labkit.models.gpt import PRESETS
+from labkit.models.gpt import PRESETS, GPTConfig
 
 __all__ = ["ROWS", "plan", "run_row", "measure", "format_table", "build_parser", "main"]
 
@@ -100,7 +101,7 @@ def run_row(run: dict, args) -> dict:
     """One lab run; returns its metrics (rank 0's)."""
     from labkit.labs import train_gpt
 
-    batch = sequences(run, args.batch_size, PRESETS[args.preset][3])
+    batch = sequences(run, args.batch_size, GPTConfig.preset(args.preset, 1).block_size)
     with tempfile.TemporaryDirectory(prefix="labkit-speed-") as out_dir:
         argv = ["--world-size", str(args.world_size), "--preset", args.preset, "--steps", str(args.steps),
                 "--batch-size", str(batch), "--eval-every", "0",
@@ -110,7 +111,8 @@ def run_row(run: dict, args) -> dict:
         return train_gpt.main(argv)
 
 
-def measure(runs: list[dict], args, runner=None, progress=None, on_row=None) -> list[dict]:
+def measure(runs: list[dict], args, runner: Callable | None = None, progress: Callable[[str], None] | None = None,
+            on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Each run's row: the run and the numbers the table shows. ``runner(run, args)``: the lab's
     metrics for a run (default :func:`run_row`); ``on_row(rows)`` is called after each run."""
     runner = runner or run_row
@@ -171,6 +173,10 @@ def main(argv=None) -> list[dict]:
         raise ValueError("need --steps >= 5 (the first are left out of the timing) and positive sizes")
     if args.preset not in PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; the presets are {', '.join(PRESETS)}")
+    tokens = args.batch_size * args.big_batch * GPTConfig.preset(args.preset, 1).block_size
+    if args.long_context and tokens % args.long_context:
+        raise ValueError(f"--long-context {args.long_context} must divide the batch row's {tokens} tokens per rank "
+                         f"and step, so that its row has the same tokens in longer sequences")
     progress = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     load_before, start = load_average(), time.perf_counter()
     runs = plan(args.big_batch, args.leave_one_out, args.long_context)

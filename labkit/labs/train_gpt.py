@@ -189,7 +189,10 @@ def load_text(preset: str, dropout: float, flash: bool, block_size: int | None =
     config = GPTConfig.preset(preset, tok.vocab_size, dropout=dropout, flash=flash,
                               **({"block_size": block_size} if block_size else {}))
     train_tokens, val_tokens = split_tokens(tok.encode(text))
-    return config, tok, TokenBlocks(train_tokens, config.block_size), TokenBlocks(val_tokens, config.block_size)
+    try:
+        return config, tok, TokenBlocks(train_tokens, config.block_size), TokenBlocks(val_tokens, config.block_size)
+    except ValueError as exc:
+        raise ValueError(f"--block-size {config.block_size} is too long for the validation text: {exc}") from None
 
 
 def check_data_fits(train_blocks, val_blocks, batch_size: int, world_size: int) -> None:
@@ -342,7 +345,7 @@ MUST_MATCH = ("preset", "block_size", "batch_size", "grad_accum", "seed", "dropo
 def _saved_arg(saved: dict, name: str):
     """A checkpoint's option, as the run used it (checkpoints from before --block-size: the preset's)."""
     if name == "block_size" and saved.get(name) is None and saved.get("preset") in PRESETS:
-        return PRESETS[saved["preset"]][3]
+        return GPTConfig.preset(saved["preset"], 1).block_size
     return saved.get(name)
 
 
@@ -392,7 +395,7 @@ def train(args, device: torch.device) -> dict:
     is_cuda = device.type == "cuda"
     speed.reset_peak_memory(device)
     preset = args.preset = args.preset or ("gpu" if is_cuda else "tiny")
-    args.block_size = args.block_size or PRESETS[preset][3]
+    args.block_size = args.block_size or GPTConfig.preset(preset, 1).block_size
     switches = resolve_switches(args, device)
     autocast = speed.autocast(switches, device)
     speed.set_tf32(switches.tf32)
