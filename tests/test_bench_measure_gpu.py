@@ -6,9 +6,11 @@ stopping the ones after it."""
 import importlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -146,3 +148,37 @@ def test_a_rehearsal_writes_the_log_and_returns_success(tmp_path, capsys):
     assert log.startswith("labkit.bench.measure_gpu on the CPU (rehearsal)")
     assert "skipped" in log and "gpu_checks: ok after" in log and (tmp_path / "gpu_checks.xml").is_file()
     assert "gpu_checks: ok after" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_step_ends_when_the_driver_is_stopped(how, tmp_path):
+    """The device tool stops a command at its limit; a step runs in a session of its own, so it must go
+    with the driver: on SIGTERM the driver stops it, on SIGKILL the kernel does (parent-death signal)."""
+    pid_file = tmp_path / "step.pid"
+    _module(tmp_path, "sleeper", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                                 "time.sleep(300)")
+    driver = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import signal
+        from pathlib import Path
+        from labkit.bench import measure_gpu as mg
+        signal.signal(signal.SIGTERM, mg._exit_on_sigterm)
+        step = mg.Step("sleeper", ("sleeper",), ("sleeper",), limit_s=200, outputs=())
+        with open({str(tmp_path / "log")!r}, "wb") as log:
+            mg.run_steps([step], Path({str(tmp_path)!r}), rehearse=True, budget_s=300, log=log)
+    """)], cwd=mg.ROOT, env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{mg.ROOT}"})
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        step_pid = int(pid_file.read_text())
+        assert _alive(step_pid)
+        driver.send_signal(getattr(signal, how))
+        driver.wait(30)
+        deadline = time.monotonic() + 10
+        while _alive(step_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(step_pid)
+    finally:
+        driver.kill()
+        if pid_file.exists() and pid_file.read_text() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
