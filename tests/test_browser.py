@@ -125,10 +125,10 @@ def _menu(page, menu: str, item: str):
     page.locator(".lm-Menu-itemLabel", has_text=item).first.click()
 
 
-def _until_started(page, issue, started, what: str, tries: int = 3, wait_s: float = 20):
+def _until_started(page, issue, started, what: str, tries: int = 4, wait_s: float = 30):
     """``issue()`` a run command until ``started()``. On a loaded machine JupyterLab, its kernel shown
     idle, now and then ran nothing (every prompt stayed "[ ]", the selection moved on): a student
-    would click again, and so does this."""
+    would click again, and so does this (3 tries of 20 s once failed with two test runs beside CI's)."""
     for _ in range(tries):
         issue()
         deadline = time.monotonic() + wait_s
