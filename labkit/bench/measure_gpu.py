@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -191,11 +190,14 @@ def run_steps(steps: list[Step], out: Path, *, rehearse: bool, budget_s: float, 
 
 
 def _environment(rehearse: bool) -> str:
-    import torch
-    where = "the CPU (rehearsal)" if rehearse else ", ".join(
-        torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-    return (f"labkit.bench.measure_gpu on {where}; torch {torch.__version__} (CUDA {torch.version.cuda}), "
-            f"Python {platform.python_version()}, {os.cpu_count()} CPU cores")
+    """One line: the device, torch, Python, cores. Asked of a child process, so that this one holds no
+    CUDA context (its memory) while the steps run."""
+    where = ('"the CPU (rehearsal)"' if rehearse else
+             '", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))')
+    code = (f"import os, platform, torch; print(f'labkit.bench.measure_gpu on {{{where}}}; torch {{torch.__version__}} "
+            f"(CUDA {{torch.version.cuda}}), Python {{platform.python_version()}}, {{os.cpu_count()}} CPU cores')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return done.stdout.strip() or f"labkit.bench.measure_gpu: the environment could not be read ({done.stderr[-300:]})"
 
 
 def _exit_on_sigterm(signum, frame) -> None:
