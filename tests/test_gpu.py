@@ -367,9 +367,12 @@ def test_gpt_lab_with_every_speed_switch_on_the_gpu(tmp_path):
 
 def test_fused_lamb_equals_the_readable_one_on_the_gpu_in_float32():
     from labkit.optim import Lamb
+    from labkit.optim.lamb_fused import compile_units
     torch.manual_seed(0)
-    shapes = [(1024, 768), (768,), (3, 5), (4096, 1024)]
+    # four repeated blocks of four tensors between two others: two calls of two blocks each, one for the rest
+    shapes = [(3, 5)] + [(1024, 768), (768,), (4096, 1024), (1024,)] * 4 + [(768,)]
     base = [torch.randn(s, device="cuda") for s in shapes]
+    assert [len(call) for call in compile_units(base)] == [8, 8, 2]
     grads = [[torch.randn(s, device="cuda") * 1e-2 for s in shapes] for _ in range(5)]
     results = {}
     for path in (dict(fused=True), dict(foreach=False)):

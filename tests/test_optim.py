@@ -164,6 +164,105 @@ def test_lamb_fused_falls_back_to_foreach_when_torch_compile_runs_out_of_version
         assert (ours - theirs).abs().max() <= 1e-13
 
 
+def test_the_fused_step_is_cut_where_the_model_repeats_itself():
+    from labkit.optim.lamb_fused import MIN_UNIT, Repeat, compile_units, longest_repeat
+    block = ("ln.w", "ln.b", "qkv.w", "qkv.b", "proj.w", "proj.b", "ln2.w", "ln2.b", "fc.w", "fc.b", "mlp.w", "mlp.b")
+    gpt = ("wte", "wpe") + block * 5 + ("ln_f.w", "ln_f.b")
+    assert longest_repeat(gpt) == Repeat(start=2, period=12, count=5)
+    assert longest_repeat(("a", "b", "c")) is None
+    assert longest_repeat(("a",) * 20) == Repeat(0, 1, 20)      # the shortest period among equal coverings
+    # a period may start inside what looks like a prefix: "x a b a b a b" repeats (a, b) from 1
+    assert longest_repeat(("x", "a", "b", "a", "b", "a", "b")) == Repeat(1, 2, 3)
+
+    def units(shapes):
+        return compile_units([torch.empty(s) for s in shapes])
+
+    c = 4
+    blocks = [(c,), (c,), (3 * c, c), (3 * c,), (c, c), (c,), (c,), (c,), (4 * c, c), (4 * c,), (c, 4 * c), (c,)]
+    shapes = [(50, c), (16, c)] + blocks * 3 + [(c,), (c,)]
+    assert units(shapes) == [list(range(2 + 12 * k, 14 + 12 * k)) for k in range(3)] + [[0, 1, 38, 39]]
+    # blocks smaller than MIN_UNIT tensors go several to a call; what does not fill one joins the rest
+    small = [(c, c), (c,)] * 9
+    per_call = MIN_UNIT // 2
+    assert units(small) == [list(range(k * MIN_UNIT, (k + 1) * MIN_UNIT)) for k in range(9 // per_call)] + [[16, 17]]
+    assert units([(3,), (4,), (5,)]) == [[0, 1, 2]]
+    # every tensor in exactly one call, whatever the shapes
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        picks = torch.randint(0, 3, (int(torch.randint(1, 40, (1,), generator=generator)),), generator=generator)
+        calls = units([[(2,), (3,), (2, 2)][i] for i in picks.tolist()])
+        assert sorted(i for call in calls for i in call) == list(range(len(picks)))
+
+
+def _stack(depth: int = 8) -> nn.Module:
+    """``depth`` equal Linear blocks and a final LayerNorm, in float64: the fused step's calls are
+    one per MIN_UNIT tensors of the stack and one for the LayerNorm."""
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(4, 4) for _ in range(depth)], nn.LayerNorm(4)).double()
+
+
+def _steps(model: nn.Module, optimizer, steps: int = 3) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype) * 1e-2
+        optimizer.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_lamb_fused_compiles_one_version_for_all_the_blocks_of_a_stack():
+    from torch._dynamo.utils import counters
+    from labkit.optim.lamb_fused import compile_units
+    model = _stack()
+    assert [len(call) for call in compile_units(list(model.parameters()))] == [8, 8, 2]
+    before = counters["stats"]["unique_graphs"]
+    fused = _steps(model, Lamb(model.parameters(), lr=0.05, fused=True))
+    assert counters["stats"]["unique_graphs"] - before == 2, "the blocks' calls did not share one compiled version"
+    reference = _stack()
+    start = torch.cat([p.detach().flatten() for p in reference.parameters()])
+    readable = _steps(reference, Lamb(reference.parameters(), lr=0.05, foreach=False))
+    assert (readable - start).abs().max() > 1e-3, "the parameters did not move"
+    torch.testing.assert_close(fused, readable, rtol=0, atol=1e-13)
+
+
+def test_lamb_fused_calls_the_step_once_per_unit_or_once_for_the_whole_group(monkeypatch):
+    # The calls' structure, with the step eager (no compile): two calls of blocks and the LayerNorm's;
+    # fused_units=False (the benchmark's lamb-fused-whole) one call. The same result either way.
+    from labkit.optim import lamb_fused
+    sizes = []
+
+    def counting(*args, **kwargs):
+        sizes.append(len(args[0]))
+        return lamb_fused.fused_lamb_step(*args, **kwargs)
+
+    monkeypatch.setattr(lamb_fused, "compiled_fused_lamb_step", lambda: counting)
+    results = {}
+    for units in (True, False):
+        sizes.clear()
+        model = _stack()
+        optimizer = Lamb(model.parameters(), lr=0.05, fused=True)
+        optimizer.fused_units = units
+        results[units] = _steps(model, optimizer, steps=2)
+        assert sizes == ([8, 8, 2] * 2 if units else [18] * 2), (units, sizes)
+    torch.testing.assert_close(results[True], results[False], rtol=0, atol=1e-15)
+
+
+def test_lamb_fused_falls_back_for_the_calls_left_when_compile_runs_out_mid_step():
+    # The stack's two calls of blocks share a version; the LayerNorm's call needs a second, which
+    # recompile_limit=1 refuses: those two tensors take the foreach path, the blocks keep theirs.
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = _stack()
+    optimizer = Lamb(model.parameters(), lr=0.05, fused=True)
+    with torch._dynamo.config.patch(recompile_limit=1), pytest.warns(RuntimeWarning, match="recompile_limit"):
+        fused = _steps(model, optimizer)
+    torch._dynamo.reset()
+    assert not optimizer.fused
+    reference = _stack()
+    readable = _steps(reference, Lamb(reference.parameters(), lr=0.05, foreach=False))
+    torch.testing.assert_close(fused, readable, rtol=0, atol=1e-13)
+
+
 def test_lamb_fused_step_in_bfloat16_with_float32_norms_is_the_float64_step_rounded():
     # The plain function (not compiled; the GPU tests compile it): bf16 parameters and moments, norms
     # summed in float32, against the readable step in float64 from the same values.

@@ -11,15 +11,17 @@ The steps (:data:`STEPS`), most wanted first, each a command with a time limit:
                      against the memory-bandwidth floor
     gpu_checks       tests/test_gpu.py's checks of the speed switches and of the fused LAMB on the GPU
     optim_gpu_100M   labkit.bench.optim at 100 M, with the readable LAMB and timm's
+    optim_gpu_100M_whole   the fused LAMB at 100 M as one compiled call against one call per block
     optim_gpu_100M_combo   the fused LAMB at 100 M again, compiled with Inductor's combo kernels
 
 A lent machine gives one command at most 10 minutes and a whole task 15, machine starts included; so
 the steps share a budget (``--budget``, default 550 s), a step past its limit is stopped (its launched
 workers with it) and the next one starts, and each step writes its tables as soon as it has them:
 bench.speed after every row, so a run cut short keeps the rows it finished; the optimizer benchmark
-at its end (the 1 B step's limit leaves room for compiling the fused LAMB, 148 s on a 2-core CPU).
+at its end (the 1 B step's limit leaves room for compiling the fused LAMB: one block's call, ~16 s
+on a 2-core CPU, where the whole step as one call took 148 s).
 Everything the steps print goes to DIR/measure_gpu.log, with each step's exit status and time; the
-tables go to DIR/<step>.txt (at most 8 files come back from a lent machine: these are 7).
+tables go to DIR/<step>.txt (at most 8 files come back from a lent machine: these are 8).
 
 ``--rehearse`` runs the same steps on the CPU at tiny sizes (about three minutes), writing the same files:
 it shows that every command, option and test selection below works before a GPU's minutes are spent.
@@ -67,7 +69,7 @@ STEPS = (
           "--versions", "adamw", "adamw-fused", "lamb", "lamb-fused", "--output", "{out}/optim_gpu_1B.txt"),
          ("labkit.bench.optim", "--device", "cpu", "--sizes", "1M", "--steps", "3", "--warmup", "2",
           "--versions", "adamw", "adamw-fused", "lamb", "lamb-fused", "--output", "{out}/optim_gpu_1B.txt"),
-         limit_s=200, outputs=("optim_gpu_1B.txt",)),
+         limit_s=150, outputs=("optim_gpu_1B.txt",)),
     Step("gpu_checks",
          ("pytest", "-q", "tests/test_gpu.py", "-m", "gpu", "-k", GPU_CHECKS,
           "--junit-xml", "{out}/gpu_checks.xml"),
@@ -82,8 +84,18 @@ STEPS = (
           "--versions", "adamw", "adamw-fused", "lamb", "lamb-fused", "lamb-readable", "timm",
           "--output", "{out}/optim_gpu_100M.txt"),
          limit_s=80, outputs=("optim_gpu_100M.txt",)),
-    # If time is left: the fused LAMB with Inductor's combo kernels (its ~150 tensors' small kernels
-    # launched a few at a time), in case launching them one by one is what holds it back at 100 M.
+    # If time is left: what cutting the fused step into one call per block costs or saves on a GPU (one
+    # Python call per block; the whole step as one call compiles its ~150 tensors, ~80 s on a CPU core).
+    Step("optim_gpu_100M_whole",
+         ("labkit.bench.optim", "--device", "cuda", "--sizes", "100M",
+          "--versions", "adamw-fused", "lamb-fused", "lamb-fused-whole",
+          "--output", "{out}/optim_gpu_100M_whole.txt"),
+         ("labkit.bench.optim", "--device", "cpu", "--sizes", "0.5M", "--steps", "3", "--warmup", "2",
+          "--versions", "adamw-fused", "lamb-fused", "lamb-fused-whole",
+          "--output", "{out}/optim_gpu_100M_whole.txt"),
+         limit_s=120, outputs=("optim_gpu_100M_whole.txt",)),
+    # Then: the fused LAMB with Inductor's combo kernels (each call's small kernels launched a few at a
+    # time), in case launching its ~300 kernels one by one is what holds it back at 100 M.
     Step("optim_gpu_100M_combo",
          ("labkit.bench.optim", "--device", "cuda", "--sizes", "100M", "--versions", "adamw-fused", "lamb-fused",
           "--inductor", "combo_kernels=True", "--output", "{out}/optim_gpu_100M_combo.txt"),

@@ -13,7 +13,8 @@ weight decay 0.01 on every tensor:
     adamw          torch.optim.AdamW(foreach=True)                 the baseline
     adamw-fused    torch.optim.AdamW(fused=True)                   torch's fused kernel: the anchor
     lamb           labkit.optim.Lamb (foreach=True, the default)   labkit's multi-tensor path
-    lamb-fused     labkit.optim.Lamb(fused=True)                   compiled into two passes (GPUs)
+    lamb-fused     labkit.optim.Lamb(fused=True)                   compiled into two passes (GPUs),
+                   one compiled call per block of the model (labkit.optim.lamb_fused.compile_units)
     lamb-readable  labkit.optim.Lamb(foreach=False)                the formula, tensor by tensor
     timm           timm's Lamb(max_grad_norm=None, always_adapt=True): the paper's algorithm, with
                    timm's default foreach=None, which picks timm's per-tensor path on a CPU and its
@@ -22,6 +23,8 @@ weight decay 0.01 on every tensor:
                    ``--versions timm-foreach timm-single`` times each path forced. Older timms
                    have no ``foreach`` argument: the benchmark passes only the arguments the
                    installed Lamb takes, and says so
+    lamb-fused-whole  (only on request) Lamb(fused=True) with the whole step one compiled call: the
+                   version before the cut into blocks, which compiled ~0.5 s per tensor on this CPU
 
 The versions take turns step by step, in an order that rotates every round, so that other work on
 the machine slows them all alike; the table shows the median over the timed steps, after warm-up
@@ -74,11 +77,11 @@ __all__ = ["VERSIONS", "EXTRA_VERSIONS", "TRAFFIC", "parse_size", "model_shape",
            "build_parser", "main"]
 
 VERSIONS = ("adamw", "adamw-fused", "lamb", "lamb-fused", "lamb-readable", "timm")
-EXTRA_VERSIONS = ("timm-foreach", "timm-single")    # timm with each path forced: only on request
+EXTRA_VERSIONS = ("timm-foreach", "timm-single", "lamb-fused-whole")    # only on request
 HYPERPARAMETERS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
 # The fewest elements read + written per parameter per step (see the module's docstring).
 TRAFFIC = {"adamw": 7, "adamw-fused": 7, "lamb": 10, "lamb-fused": 10, "lamb-readable": 10, "timm": 10,
-           "timm-foreach": 10, "timm-single": 10}
+           "timm-foreach": 10, "timm-single": 10, "lamb-fused-whole": 10}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNITS = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "B": 10 ** 9, "G": 10 ** 9}
 
@@ -150,8 +153,10 @@ def make_optimizer(version: str, params) -> torch.optim.Optimizer:
     h = HYPERPARAMETERS
     if version in ("adamw", "adamw-fused"):
         return torch.optim.AdamW(params, **h, **({"fused": True} if version == "adamw-fused" else {"foreach": True}))
-    if version in ("lamb", "lamb-readable", "lamb-fused"):
-        return Lamb(params, **h, foreach=version == "lamb", fused=version == "lamb-fused")
+    if version in ("lamb", "lamb-readable", "lamb-fused", "lamb-fused-whole"):
+        optimizer = Lamb(params, **h, foreach=version == "lamb", fused=version.startswith("lamb-fused"))
+        optimizer.fused_units = version != "lamb-fused-whole"
+        return optimizer
     if version.startswith("timm"):
         cls, options = timm_lamb(), timm_options(version)
         return cls(params, **h, **options)
@@ -290,7 +295,7 @@ def summarise(result: dict, bandwidth: float | None = None) -> dict:
 
 def format_table(result: dict, bandwidth: float | None = None) -> str:
     rows = summarise(result, bandwidth)
-    lines = [f"{'version':<14} {'step (ms)':>10} {'best (ms)':>10} {'vs adamw':>9} {'vs timm':>8} {'traffic':>8} "
+    lines = [f"{'version':<16} {'step (ms)':>10} {'best (ms)':>10} {'vs adamw':>9} {'vs timm':>8} {'traffic':>8} "
              f"{'limit (ms)':>11} {'of limit':>9} {'per byte':>9} {'max |param - lamb|':>19}"]
     for version, r in rows.items():
         def ratio(x):
@@ -298,7 +303,7 @@ def format_table(result: dict, bandwidth: float | None = None) -> str:
         limit = f"{r['limit_s'] * 1e3:.1f}" if r["limit_s"] is not None else "-"
         of_limit = f"{r['of_limit']:.0%}" if r["of_limit"] is not None else "-"
         drift = f"{r['drift']:.1e}" if r["drift"] is not None else "(AdamW)" if version.startswith("adamw") else "-"
-        lines.append(f"{version:<14} {r['step_s'] * 1e3:>10.1f} {r['best_s'] * 1e3:>10.1f} {ratio(r['vs_adamw']):>9} "
+        lines.append(f"{version:<16} {r['step_s'] * 1e3:>10.1f} {r['best_s'] * 1e3:>10.1f} {ratio(r['vs_adamw']):>9} "
                      f"{ratio(r['vs_timm']):>8} {r['traffic']:>7}x {limit:>11} {of_limit:>9} {ratio(r['per_byte']):>9} "
                      f"{drift:>19}")
     return "\n".join(lines)
@@ -394,6 +399,8 @@ def main(argv=None) -> None:
         "adamw: torch.optim.AdamW(foreach=True); adamw-fused: AdamW(fused=True); lamb: labkit.optim.Lamb "
         "(foreach); lamb-fused: Lamb(fused=True), compiled" +
         (f" with {', '.join(f'{k}={v!r}' for k, v in inductor.items())}" if inductor else "") +
+        ", one call per block" +
+        ("; lamb-fused-whole: the same, the whole step one call" if "lamb-fused-whole" in args.versions else "") +
         "; lamb-readable: Lamb(foreach=False); " + timm_note,
         "step: median ms per step (best: the fastest step); vs adamw, vs timm: this median / theirs; "
         "traffic: elements read + written per parameter at least;",

@@ -23,7 +23,9 @@ Three code paths give the same result: ``foreach=True`` (default) updates many t
 ``torch._foreach_*`` kernels (all of a group's tensors on a GPU; on a CPU, runs of about a million
 elements, so that the temporaries are reused); ``foreach=False`` is the formula above, tensor by tensor;
 ``fused=True`` compiles the step into two passes over memory (labkit.optim.lamb_fused: the fast path
-on GPUs; the first step of each param group compiles it). After each step, ``optimizer.state[p]["trust_ratio"]`` holds the ratio used for ``p``.
+on GPUs; the first step of each param group compiles it, one block of the model at a time, once for
+all the blocks that repeat). After each step, ``optimizer.state[p]["trust_ratio"]`` holds the ratio
+used for ``p``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class Lamb(Optimizer):
                         bias_correction=bias_correction, max_weight_norm=max_weight_norm, adapt=adapt)
         super().__init__(params, defaults)
         self.foreach, self.fused = foreach, fused
+        # fused: one compiled call per repeated block (False: the whole group in one call, as a benchmark compares)
+        self.fused_units = True
 
     def add_param_group(self, param_group: dict) -> None:
         # Groups given as dicts (e.g. by lamb_param_groups) are checked too.
@@ -163,27 +167,30 @@ class Lamb(Optimizer):
 
     def _group_step_fused(self, group: dict, params: list) -> None:
         from torch._dynamo.exc import FailOnRecompileLimitHit
-        from labkit.optim.lamb_fused import compiled_fused_lamb_step, step_scalars
+        from labkit.optim.lamb_fused import compile_units, compiled_fused_lamb_step, step_scalars
 
-        by_step = {}      # one compiled call per step count (normally all of a group's tensors share it)
+        by_step = {}      # tensors by step count (normally all of a group's tensors share one)
         for p in params:
             by_step.setdefault(self.state[p]["step"], []).append(p)
-        runs = list(by_step.items())
-        for i, (step, ps) in enumerate(runs):
+        # each step count's tensors in calls, one per repeated block (see lamb_fused.compile_units)
+        calls = [(step, [ps[i] for i in unit]) for step, ps in by_step.items()
+                 for unit in (compile_units(ps) if self.fused_units else [range(len(ps))])]
+        scalars = {step: step_scalars(group["lr"], step, group, ps[0].device,
+                                      torch.promote_types(ps[0].dtype, torch.float32))
+                   for step, ps in by_step.items()}
+        for i, (step, ps) in enumerate(calls):
             states = [self.state[p] for p in ps]
-            scalars = step_scalars(group["lr"], step, group, ps[0].device,
-                                   torch.promote_types(ps[0].dtype, torch.float32))
             try:
                 ratios = compiled_fused_lamb_step()(
                     ps, [p.grad for p in ps], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                    scalars, adapt=group["adapt"])
+                    scalars[step], adapt=group["adapt"])
             except FailOnRecompileLimitHit:
                 # raised before anything ran: the step is still to do, by the foreach path from now on
                 warnings.warn("Lamb(fused=True): torch.compile has compiled the fused step for as many shape "
                               "lists as its recompile_limit allows (torch._dynamo.config.recompile_limit); "
                               "this optimizer continues with the foreach path", RuntimeWarning, stacklevel=3)
                 self.fused, self.foreach = False, True
-                self._group_step_foreach(group, [p for _, rest in runs[i:] for p in rest])   # not those done
+                self._group_step_foreach(group, [p for _, rest in calls[i:] for p in rest])   # not those done
                 return
             for s, ratio in zip(states, ratios.unbind()):
                 s["trust_ratio"] = ratio
