@@ -109,6 +109,33 @@ def test_a_step_past_its_limit_is_stopped_with_its_workers_and_the_next_steps_ru
     assert lines == [r.describe() for r in results]
 
 
+def test_a_step_hears_the_sigint_at_its_limit_even_from_a_driver_that_ignores_sigint(tmp_path, monkeypatch):
+    # A driver started with nohup or a script's "&" has SIGINT ignored, and children inherit that; the
+    # step must still get its KeyboardInterrupt at the limit to write what it has (bench.optim does).
+    _module(tmp_path, "patient", """
+        import sys, time
+        try:
+            print("waiting", flush=True)
+            time.sleep(300)
+        except KeyboardInterrupt:
+            open(sys.argv[1], "w").write("partial table")
+            sys.exit(130)
+    """)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    step = mg.Step("patient", ("patient", "{out}/table.txt"), ("patient", "{out}/table.txt"), limit_s=4,
+                   outputs=("table.txt",))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with open(tmp_path / "log", "wb") as log:
+            (result,) = mg.run_steps([step], tmp_path, rehearse=True, budget_s=60, log=log, grace_s=10,
+                                     kill_wait_s=5, report=lambda line: None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert result.timed_out and result.returncode == 130, result
+    assert (tmp_path / "table.txt").read_text() == "partial table"
+    assert result.seconds < 4 + 10, "it waited for the SIGKILL: the SIGINT went unheard"
+
+
 def test_the_budget_is_shared_and_a_step_with_none_left_is_not_started(tmp_path, monkeypatch):
     _module(tmp_path, "sleeper", "import time; time.sleep(300)")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))

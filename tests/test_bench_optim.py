@@ -113,6 +113,63 @@ def test_inductor_options_are_set_and_named_in_the_report(monkeypatch, capsys):
         assert message in capsys.readouterr().err
 
 
+def _interrupting(monkeypatch, version: str, at_call: int):
+    """make_optimizer whose ``version`` raises KeyboardInterrupt (as Ctrl-C or SIGINT would) at its
+    ``at_call``-th step, counted over the whole test."""
+    real, calls = bench.make_optimizer, [0]
+
+    def make(name, params):
+        optimizer = real(name, params)
+        if name == version:
+            step = optimizer.step
+
+            def interrupting_step(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] == at_call:
+                    raise KeyboardInterrupt
+                return step(*args, **kwargs)
+            optimizer.step = interrupting_step
+        return optimizer
+    monkeypatch.setattr(bench, "make_optimizer", make)
+
+
+def test_an_interrupted_measurement_keeps_the_timed_steps_every_version_has(monkeypatch):
+    # turns: adamw lamb | lamb adamw | adamw lamb | lamb (4th call: interrupted) -> 2 timed steps each
+    _interrupting(monkeypatch, "lamb", at_call=4)
+    result = bench.measure(50_000, versions=("adamw", "lamb"), steps=5, warmup=1)
+    assert result["interrupted"] and result["steps_done"] == 3
+    assert {v: len(ts) for v, ts in result["times"].items()} == {"adamw": 2, "lamb": 2}
+    assert result["drift"] == {"adamw": None, "lamb": None}       # the versions stopped at different steps
+    # before every version has a timed step, there is nothing to report: the interrupt goes on
+    _interrupting(monkeypatch, "lamb", at_call=2)
+    with pytest.raises(KeyboardInterrupt):
+        bench.measure(50_000, versions=("adamw", "lamb"), steps=5, warmup=1)
+
+
+def test_main_interrupted_reports_what_it_measured_and_exits_130(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "optim.txt"
+    args = ["--sizes", "0.05M", "0.1M", "--steps", "3", "--warmup", "0", "--versions", "adamw", "lamb", "--quiet",
+            "--output", str(out)]
+    _interrupting(monkeypatch, "lamb", at_call=4)       # the first size done (3 calls), the second's first
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(args)
+    assert exit_.value.code == 130
+    report = out.read_text()
+    assert report.count("version ") == 1 and "INTERRUPTED: not measured: 0.1 M" in report, report
+    assert "not measured after (interrupted)" in report
+    _interrupting(monkeypatch, "lamb", at_call=3)       # the first size, after two timed steps each
+    with pytest.raises(SystemExit):
+        bench.main(args)
+    report = out.read_text()
+    assert "INTERRUPTED after 2 of 3 timed steps" in report and "not measured: 0.1 M" in report, report
+    _interrupting(monkeypatch, "lamb", at_call=1)       # nothing timed at all: a plain KeyboardInterrupt
+    out.unlink()
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(args)
+    assert not out.exists()
+    capsys.readouterr()
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown versions"):
         bench.measure(1000, versions=("adamw", "sgd"))

@@ -18,10 +18,11 @@ A lent machine gives one command at most 10 minutes and a whole task 15, machine
 the steps share a budget (``--budget``, default 550 s), a step past its limit is stopped (its launched
 workers with it) and the next one starts, and each step writes its tables as soon as it has them:
 bench.speed after every row, so a run cut short keeps the rows it finished; the optimizer benchmark
-at its end (the 1 B step's limit leaves room for compiling the fused LAMB: one block's call, ~16 s
-on a 2-core CPU, where the whole step as one call took 148 s).
-Everything the steps print goes to DIR/measure_gpu.log, with each step's exit status and time; the
-tables go to DIR/<step>.txt (at most 8 files come back from a lent machine: these are 8).
+at its end, or when stopped at its limit with the timed steps it has (if any). The 1 B step's limit
+leaves room for compiling the fused LAMB (one block's call, ~16 s on a 2-core CPU; the whole step as
+one call took 148 s). Everything the steps print goes to DIR/measure_gpu.log, with each step's exit
+status and time; the tables go to DIR/<step>.txt (at most 8 files come back from a lent machine:
+these are 8).
 
 ``--rehearse`` runs the same steps on the CPU at tiny sizes (about three minutes), writing the same files:
 it shows that every command, option and test selection below works before a GPU's minutes are spent.
@@ -155,11 +156,15 @@ def _stop(process: subprocess.Popen, grace_s: float, kill_wait_s: float) -> None
         pass
 
 
-def _die_with_parent() -> None:
+def _prepare_step() -> None:
     """In the step's process before it starts: killed if the driver dies (the device tool stops the
-    driver at its limit, and a step in a session of its own would otherwise run on)."""
+    driver at its limit, and a step in a session of its own would otherwise run on); and SIGINT back
+    to its default, which Python turns into KeyboardInterrupt. A driver started in the background
+    (``nohup``, a script's ``&``) inherits SIGINT ignored and would pass that on: the stop at a step's
+    limit, meant to let it write what it has, would then go unheard until the SIGKILL."""
     from labkit.launcher import _set_parent_death_signal
     _set_parent_death_signal()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_steps(steps: list[Step], out: Path, *, rehearse: bool, budget_s: float, log: BinaryIO,
@@ -184,7 +189,7 @@ def run_steps(steps: list[Step], out: Path, *, rehearse: bool, budget_s: float, 
         log.flush()
         t0 = time.monotonic()
         process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env=env, preexec_fn=_die_with_parent)
+                                   env=env, preexec_fn=_prepare_step)
         timed_out = False
         try:
             process.wait(limit)

@@ -228,7 +228,11 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
     """Time ``optimizer.step()`` of each version on its own copy of the same model with the same gradients.
 
     Returns dict(times={version: [seconds per timed step]}, params, tensors, width, depth, element_size,
-    drift={version: max |θ - θ of lamb| after the run}, moved={version: max |θ - θ before|})."""
+    drift={version: max |θ - θ of lamb| after the run}, moved={version: max |θ - θ before|}, interrupted).
+
+    Interrupted (Ctrl-C, or SIGINT from measure_gpu at a step's time limit) after every version's first
+    timed step, it returns what it has, ``interrupted`` True, the same number of timed steps for all and
+    no drift (the versions stopped at different steps); before that, the KeyboardInterrupt goes on."""
     if steps < 1 or warmup < 0:
         raise ValueError("steps must be at least 1, warmup at least 0")
     unknown = set(versions) - set(VERSIONS + EXTRA_VERSIONS)
@@ -251,18 +255,26 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
     del model
     times = {v: [] for v in versions}
     order = list(versions)
-    for step in range(warmup + steps):
-        for version in order:
-            _synchronize(device)
-            start = time.perf_counter()
-            optimizers[version].step()
-            _synchronize(device)
-            if step >= warmup:
-                times[version].append(time.perf_counter() - start)
-        order = order[1:] + order[:1]    # rotate: nobody always runs first (or right after the same one)
-        if progress:
-            progress(f"  {step + 1}/{warmup + steps} steps")
-    reference = params["lamb"] if "lamb" in params else None
+    interrupted = False
+    try:
+        for step in range(warmup + steps):
+            for version in order:
+                _synchronize(device)
+                start = time.perf_counter()
+                optimizers[version].step()
+                _synchronize(device)
+                if step >= warmup:
+                    times[version].append(time.perf_counter() - start)
+            order = order[1:] + order[:1]    # rotate: nobody always runs first (or right after the same one)
+            if progress:
+                progress(f"  {step + 1}/{warmup + steps} steps")
+    except KeyboardInterrupt:
+        done = min(len(ts) for ts in times.values())
+        if not done:
+            raise
+        times, interrupted = {v: ts[:done] for v, ts in times.items()}, True
+        _synchronize(device)
+    reference = params["lamb"] if "lamb" in params and not interrupted else None
     drift, moved = {}, {}
     for version in versions:
         moved[version] = max((p.detach() - p0).abs().max().item() for p, p0 in zip(params[version], initial))
@@ -270,7 +282,8 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
             max((p.detach() - q.detach()).abs().max().item() for p, q in zip(params[version], reference))
     return dict(times=times, params=sum(p.numel() for p in initial), tensors=len(initial),
                 width=model_shape(n_params)[0], depth=model_shape(n_params)[1],
-                element_size=initial[0].element_size(), steps_done=warmup + steps, drift=drift, moved=moved)
+                element_size=initial[0].element_size(), steps_done=warmup + len(times[versions[0]]),
+                drift=drift, moved=moved, interrupted=interrupted)
 
 
 def summarise(result: dict, bandwidth: float | None = None) -> dict:
@@ -372,13 +385,23 @@ def main(argv=None) -> None:
 
     load_before, start = load_average(), time.perf_counter()
     bandwidth = copy_bandwidth(device)
-    results = []
+    results, interrupted = [], False
     for n in sizes:
         if progress:
             progress(f"{n / 1e6:g} M parameters ({', '.join(args.versions)})")
-        results.append(measure(n, versions=args.versions, steps=args.steps, warmup=args.warmup, device=device,
-                               dtype=dtype, seed=args.seed, progress=progress))
-    bandwidth_after = copy_bandwidth(device)
+        try:
+            results.append(measure(n, versions=args.versions, steps=args.steps, warmup=args.warmup,
+                                   device=device, dtype=dtype, seed=args.seed, progress=progress))
+        except KeyboardInterrupt:     # before this size's first timed step: report the sizes done
+            if not results:
+                raise
+            interrupted = True
+            break
+        if results[-1]["interrupted"]:
+            interrupted = True
+            break
+    # after an interrupt, no second bandwidth measurement (the time limit may be near)
+    bandwidth_after = bandwidth if interrupted else copy_bandwidth(device)
     if device.type == "cuda":
         where = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
     else:
@@ -394,8 +417,9 @@ def main(argv=None) -> None:
         f"before, {load_average()} after; {args.warmup} warm-up + {args.steps} timed steps per version, "
         f"taking turns; whole run {time.perf_counter() - start:.0f} s",
         f"copy bandwidth (dst.copy_(src), {1024 if device.type == 'cuda' else 256} MiB, read + write): "
-        f"{bandwidth / 1e9:.1f} GB/s before, "
-        f"{bandwidth_after / 1e9:.1f} GB/s after; the limits use the better of the two",
+        f"{bandwidth / 1e9:.1f} GB/s before, " +
+        ("not measured after (interrupted); the limits use it" if interrupted else
+         f"{bandwidth_after / 1e9:.1f} GB/s after; the limits use the better of the two"),
         "adamw: torch.optim.AdamW(foreach=True); adamw-fused: AdamW(fused=True); lamb: labkit.optim.Lamb "
         "(foreach); lamb-fused: Lamb(fused=True), compiled" +
         (f" with {', '.join(f'{k}={v!r}' for k, v in inductor.items())}" if inductor else "") +
@@ -409,15 +433,21 @@ def main(argv=None) -> None:
     ]
     best_bandwidth = max(bandwidth, bandwidth_after)
     for n, result in zip(sizes, results):
+        cut = (f"; INTERRUPTED after {len(next(iter(result['times'].values())))} of {args.steps} timed steps: "
+               f"the medians are of those" if result["interrupted"] else "")
         lines += ["", f"{result['params'] / 1e6:.1f} M parameters ({n / 1e6:g} M asked): "
                       f"{result['depth']} block{'s' * (result['depth'] != 1)} of width {result['width']}, "
                       f"{result['tensors']} tensors, "
-                      f"{result['params'] * result['element_size'] / 2 ** 20:.0f} MiB per copy",
+                      f"{result['params'] * result['element_size'] / 2 ** 20:.0f} MiB per copy{cut}",
                   format_table(result, best_bandwidth)]
+    if interrupted and len(results) < len(sizes):
+        lines += ["", f"INTERRUPTED: not measured: {', '.join(f'{n / 1e6:g} M' for n in sizes[len(results):])}"]
     report = "\n".join(lines)
     publish(report, args.output, args.json,
-            dict(args=vars(args), bandwidth=[bandwidth, bandwidth_after],
+            dict(args=vars(args), bandwidth=[bandwidth, bandwidth_after], interrupted=interrupted,
                  results=[dict(result, summary=summarise(result, best_bandwidth)) for result in results]))
+    if interrupted:
+        raise SystemExit(130)     # what a shell reports for Ctrl-C: the run did not finish
 
 
 if __name__ == "__main__":
