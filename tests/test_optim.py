@@ -226,8 +226,8 @@ def test_lamb_fused_compiles_one_version_for_all_the_blocks_of_a_stack():
 
 
 def test_lamb_fused_calls_the_step_once_per_unit_or_once_for_the_whole_group(monkeypatch):
-    # The calls' structure, with the step eager (no compile): two calls of blocks and the LayerNorm's;
-    # fused_units=False (the benchmark's lamb-fused-whole) one call. The same result either way.
+    # The calls' structure, with the step eager (no compile) and the cut given: one call per unit, the
+    # cut found once; fused_units=False (the benchmark's lamb-fused-whole) one call. The same result.
     from labkit.optim import lamb_fused
     sizes = []
 
@@ -236,6 +236,9 @@ def test_lamb_fused_calls_the_step_once_per_unit_or_once_for_the_whole_group(mon
         return lamb_fused.fused_lamb_step(*args, **kwargs)
 
     monkeypatch.setattr(lamb_fused, "compiled_fused_lamb_step", lambda: counting)
+    cuts = []
+    monkeypatch.setattr(lamb_fused, "compile_units",
+                        lambda ps: cuts.append(len(ps)) or [[0, 1], list(range(2, len(ps)))])
     results = {}
     for units in (True, False):
         sizes.clear()
@@ -243,7 +246,8 @@ def test_lamb_fused_calls_the_step_once_per_unit_or_once_for_the_whole_group(mon
         optimizer = Lamb(model.parameters(), lr=0.05, fused=True)
         optimizer.fused_units = units
         results[units] = _steps(model, optimizer, steps=2)
-        assert sizes == ([8, 8, 2] * 2 if units else [18] * 2), (units, sizes)
+        assert sizes == ([2, 16] * 2 if units else [18] * 2), (units, sizes)
+    assert cuts == [18], "the cut into calls was not found once for the optimizer's list of tensors"
     torch.testing.assert_close(results[True], results[False], rtol=0, atol=1e-15)
 
 
