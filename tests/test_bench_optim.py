@@ -1,6 +1,7 @@
 """Smoke test of the optimizer-step benchmark: tiny models, a few steps, no timing thresholds."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -40,6 +41,7 @@ def test_measure_tiny_model(monkeypatch):
     assert set(result["times"]) == set(versions)
     assert all(len(ts) == 2 and all(math.isfinite(t) and t > 0 for t in ts) for ts in result["times"].values())
     assert result["steps_done"] == 3 and result["element_size"] == 4
+    assert set(result["first_s"]) == set(versions) and all(t > 0 for t in result["first_s"].values())
     # Every optimizer moved the parameters (lr 1e-3 for 3 steps: by about 3e-3 at most)...
     assert all(1e-4 < moved < 1e-2 for moved in result["moved"].values()), result["moved"]
     # ... and the four LAMBs, the same algorithm, to float32 rounding of each other
@@ -78,6 +80,11 @@ def test_main_writes_report_and_json(tmp_path, capsys):
     report = out.read_text()
     assert report.strip() == capsys.readouterr().out.strip()
     assert "torch threads" in report and "load average" in report and report.count("version ") == 2
+    assert "first step" not in report           # --warmup 0: the first step is a timed one
+    bench.main(["--sizes", "0.05M", "--steps", "1", "--warmup", "1", "--versions", "adamw", "lamb", "--quiet",
+                "--output", str(out)])
+    assert re.search(r"first step \(allocates the state; compiles lamb-fused\): adamw [0-9.]+ s, lamb [0-9.]+ s",
+                     out.read_text()), out.read_text()
     import json
     data = json.loads(raw.read_text())
     assert len(data["results"]) == 2 and set(data["results"][0]["times"]) == {"adamw", "lamb"}

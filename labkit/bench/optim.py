@@ -228,7 +228,8 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
     """Time ``optimizer.step()`` of each version on its own copy of the same model with the same gradients.
 
     Returns dict(times={version: [seconds per timed step]}, params, tensors, width, depth, element_size,
-    drift={version: max |θ - θ of lamb| after the run}, moved={version: max |θ - θ before|}, interrupted).
+    drift={version: max |θ - θ of lamb| after the run}, moved={version: max |θ - θ before|}, interrupted,
+    first_s={version: seconds of its first step, if a warm-up step}).
 
     Interrupted (Ctrl-C, or SIGINT from measure_gpu at a step's time limit) after every version's first
     timed step, it returns what it has, ``interrupted`` True, the same number of timed steps for all and
@@ -254,6 +255,7 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
         optimizers[version] = make_optimizer(version, params[version])
     del model
     times = {v: [] for v in versions}
+    first = {}          # each version's first step: it allocates the state, and compiles lamb-fused
     order = list(versions)
     interrupted = False
     try:
@@ -265,6 +267,8 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
                 _synchronize(device)
                 if step >= warmup:
                     times[version].append(time.perf_counter() - start)
+                elif step == 0:
+                    first[version] = time.perf_counter() - start
             order = order[1:] + order[:1]    # rotate: nobody always runs first (or right after the same one)
             if progress:
                 progress(f"  {step + 1}/{warmup + steps} steps")
@@ -283,7 +287,7 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
     return dict(times=times, params=sum(p.numel() for p in initial), tensors=len(initial),
                 width=model_shape(n_params)[0], depth=model_shape(n_params)[1],
                 element_size=initial[0].element_size(), steps_done=warmup + len(times[versions[0]]),
-                drift=drift, moved=moved, interrupted=interrupted)
+                drift=drift, moved=moved, interrupted=interrupted, first_s=first)
 
 
 def summarise(result: dict, bandwidth: float | None = None) -> dict:
@@ -440,6 +444,9 @@ def main(argv=None) -> None:
                       f"{result['tensors']} tensors, "
                       f"{result['params'] * result['element_size'] / 2 ** 20:.0f} MiB per copy{cut}",
                   format_table(result, best_bandwidth)]
+        if result["first_s"]:
+            lines.append("first step (allocates the state; compiles lamb-fused): " +
+                         ", ".join(f"{v} {t:.2f} s" for v, t in result["first_s"].items()))
     if interrupted and len(results) < len(sizes):
         lines += ["", f"INTERRUPTED: not measured: {', '.join(f'{n / 1e6:g} M' for n in sizes[len(results):])}"]
     report = "\n".join(lines)
