@@ -211,8 +211,10 @@ def _steps(model: nn.Module, optimizer, steps: int = 3) -> torch.Tensor:
 
 
 def test_lamb_fused_compiles_one_version_for_all_the_blocks_of_a_stack():
+    import torch._dynamo
     from torch._dynamo.utils import counters
     from labkit.optim.lamb_fused import compile_units
+    torch._dynamo.reset()       # nothing compiled before for these shapes: count what this run adds
     model = _stack()
     assert [len(call) for call in compile_units(list(model.parameters()))] == [8, 8, 2]
     before = counters["stats"]["unique_graphs"]
@@ -255,12 +257,15 @@ def test_lamb_fused_falls_back_for_the_calls_left_when_compile_runs_out_mid_step
     # The stack's two calls of blocks share a version; the LayerNorm's call needs a second, which
     # recompile_limit=1 refuses: those two tensors take the foreach path, the blocks keep theirs.
     import torch._dynamo
+    from torch._dynamo.utils import counters
     torch._dynamo.reset()
     model = _stack()
     optimizer = Lamb(model.parameters(), lr=0.05, fused=True)
+    before = counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(recompile_limit=1), pytest.warns(RuntimeWarning, match="recompile_limit"):
         fused = _steps(model, optimizer)
     torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] - before == 1, "the blocks' calls did not run compiled first"
     assert not optimizer.fused
     reference = _stack()
     readable = _steps(reference, Lamb(reference.parameters(), lr=0.05, foreach=False))

@@ -139,10 +139,32 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running (zombies do not count: they hold no memory)."""
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except FileNotFoundError:        # no /proc (macOS): ask the kernel, zombies included
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state, _ppid, group = f.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):     # gone meanwhile
+            continue
+        if int(group) == pgid and state not in ("Z", "X"):
+            return True
+    return False
+
+
 def _stop(process: subprocess.Popen, grace_s: float, kill_wait_s: float) -> None:
     """SIGINT to the step's whole process group (so that it can stop its workers and write what it
     has), then SIGKILL to what is left of the group: also processes that ignore SIGINT, as the
-    launcher's workers and fork server do."""
+    launcher's workers and fork server do. Returns when every process of the group has ended (or
+    after ``kill_wait_s``): a killed worker may still hold GPU memory the next step needs."""
     if process.poll() is None:
         _signal_group(process.pid, signal.SIGINT)
         try:
@@ -150,10 +172,13 @@ def _stop(process: subprocess.Popen, grace_s: float, kill_wait_s: float) -> None
         except subprocess.TimeoutExpired:
             pass
     _signal_group(process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + kill_wait_s
     try:
         process.wait(kill_wait_s)
     except subprocess.TimeoutExpired:
         pass
+    while _group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _prepare_step() -> None:

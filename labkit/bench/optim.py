@@ -61,6 +61,7 @@ import inspect
 import os
 import platform
 import re
+import signal
 import statistics
 import sys
 import time
@@ -229,7 +230,8 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
 
     Returns dict(times={version: [seconds per timed step]}, params, tensors, width, depth, element_size,
     drift={version: max |θ - θ of lamb| after the run}, moved={version: max |θ - θ before|}, interrupted,
-    first_s={version: seconds of its first step, if a warm-up step}).
+    first_s={version: seconds of its first step, if a warm-up step}, fell_back=[fused versions that ran
+    out of compiled versions and finished with the foreach path]).
 
     Interrupted (Ctrl-C, or SIGINT from measure_gpu at a step's time limit) after every version's first
     timed step, it returns what it has, ``interrupted`` True, the same number of timed steps for all and
@@ -242,6 +244,9 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
     if not versions:
         raise ValueError("no versions to measure")
     device = torch.device(device)
+    # A size's compiled versions are of no use to the next size; forgotten, they do not use up
+    # torch.compile's recompile_limit (8 per function: lamb-fused needs two per size, one more for -whole)
+    torch._dynamo.reset()
     model = build_model(n_params, seed=seed, device=device, dtype=dtype)
     initial = [p.detach().clone() for p in model.parameters()]
     # The gradients are shared by all copies (no optimizer here modifies p.grad): one copy in memory,
@@ -287,7 +292,9 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
     return dict(times=times, params=sum(p.numel() for p in initial), tensors=len(initial),
                 width=model_shape(n_params)[0], depth=model_shape(n_params)[1],
                 element_size=initial[0].element_size(), steps_done=warmup + len(times[versions[0]]),
-                drift=drift, moved=moved, interrupted=interrupted, first_s=first)
+                drift=drift, moved=moved, interrupted=interrupted, first_s=first,
+                fell_back=[v for v, o in optimizers.items() if isinstance(o, Lamb) and v.startswith("lamb-fused")
+                           and not o.fused])
 
 
 def summarise(result: dict, bandwidth: float | None = None) -> dict:
@@ -405,7 +412,7 @@ def main(argv=None) -> None:
             interrupted = True
             break
     # after an interrupt, no second bandwidth measurement (the time limit may be near)
-    bandwidth_after = bandwidth if interrupted else copy_bandwidth(device)
+    bandwidth_after = None if interrupted else copy_bandwidth(device)
     if device.type == "cuda":
         where = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
     else:
@@ -435,7 +442,7 @@ def main(argv=None) -> None:
         "limit: traffic x parameters x bytes / copy bandwidth, the time of a step at the memory bandwidth; "
         "of limit: limit / step; per byte: (step / traffic) / (adamw-fused's step / its traffic)",
     ]
-    best_bandwidth = max(bandwidth, bandwidth_after)
+    best_bandwidth = max(bandwidth, bandwidth_after or 0)
     for n, result in zip(sizes, results):
         cut = (f"; INTERRUPTED after {len(next(iter(result['times'].values())))} of {args.steps} timed steps: "
                f"the medians are of those" if result["interrupted"] else "")
@@ -445,8 +452,11 @@ def main(argv=None) -> None:
                       f"{result['params'] * result['element_size'] / 2 ** 20:.0f} MiB per copy{cut}",
                   format_table(result, best_bandwidth)]
         if result["first_s"]:
-            lines.append("first step (allocates the state; compiles lamb-fused): " +
+            lines.append("first step (allocates the state; compiles the fused LAMB): " +
                          ", ".join(f"{v} {t:.2f} s" for v, t in result["first_s"].items()))
+        if result["fell_back"]:
+            lines.append(f"NOT FUSED: {', '.join(result['fell_back'])} ran out of torch.compile's versions "
+                         f"(recompile_limit) and took the foreach path: those rows are not the fused step")
     if interrupted and len(results) < len(sizes):
         lines += ["", f"INTERRUPTED: not measured: {', '.join(f'{n / 1e6:g} M' for n in sizes[len(results):])}"]
     report = "\n".join(lines)
@@ -454,8 +464,12 @@ def main(argv=None) -> None:
             dict(args=vars(args), bandwidth=[bandwidth, bandwidth_after], interrupted=interrupted,
                  results=[dict(result, summary=summarise(result, best_bandwidth)) for result in results]))
     if interrupted:
-        raise SystemExit(130)     # what a shell reports for Ctrl-C: the run did not finish
+        raise KeyboardInterrupt       # the run did not finish: end as Ctrl-C ends it (below)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:     # end killed by SIGINT as Python does on Ctrl-C (a shell loop stops), no traceback
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)

@@ -55,9 +55,20 @@ class Lamb(Optimizer):
                         bias_correction=bias_correction, max_weight_norm=max_weight_norm, adapt=adapt)
         super().__init__(params, defaults)
         self.foreach, self.fused = foreach, fused
-        # fused: one compiled call per repeated block (False: the whole group in one call, as a benchmark compares)
+        # fused: one compiled call per repeated block; False: the whole group in one call (what
+        # labkit.bench.optim's lamb-fused-whole compares)
         self.fused_units = True
         self._units = {}      # the calls of each list of tensors, by their ids (see _fused_calls)
+
+    # torch's Optimizer pickles (and deep-copies) only defaults, state and param groups: the paths too
+    _PATHS = dict(foreach=True, fused=False, fused_units=True)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), **{name: getattr(self, name) for name in self._PATHS}}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__({**self._PATHS, **state})
+        self._units = {}
 
     def add_param_group(self, param_group: dict) -> None:
         # Groups given as dicts (e.g. by lamb_param_groups) are checked too.
@@ -184,7 +195,8 @@ class Lamb(Optimizer):
                     ps, [p.grad for p in ps], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                     scalars[step], adapt=group["adapt"])
             except FailOnRecompileLimitHit:
-                # raised before anything ran: the step is still to do, by the foreach path from now on
+                # raised before this call ran (the calls before it are done): its tensors and the rest
+                # take the foreach path, from now on
                 warnings.warn("Lamb(fused=True): torch.compile has compiled the fused step for as many shape "
                               "lists as its recompile_limit allows (torch._dynamo.config.recompile_limit); "
                               "this optimizer continues with the foreach path", RuntimeWarning, stacklevel=3)
@@ -194,14 +206,14 @@ class Lamb(Optimizer):
             for s, ratio in zip(states, ratios.unbind()):
                 s["trust_ratio"] = ratio
 
-    def _fused_calls(self, params: list) -> list:
+    def _fused_calls(self, params: list) -> list[list[int]]:
         """The tensors of each compiled call, one per repeated block (lamb_fused.compile_units), as
         indices into ``params``. Found once per list of tensors: reading the shapes of the 1 B model's
         338 tensors took 0.36 ms here, a few % of its step at a GPU's bandwidth floor. Kept by the
         tensors' ids: should one change shape, any cut into calls is still the same step (each
         tensor's update is its own)."""
         if not self.fused_units:
-            return [range(len(params))]
+            return [list(range(len(params)))]
         from labkit.optim.lamb_fused import compile_units
         key = tuple(map(id, params))
         if key not in self._units:

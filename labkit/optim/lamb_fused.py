@@ -19,8 +19,9 @@ Every number of the step (η from a schedule, c and ε′ from t, and the group'
 clamp of ‖θ‖) enters as one small tensor on the parameters' device: passed as Python floats they would
 be baked into the compiled code, and a new learning rate or a second group would compile it again.
 What still compiles anew is a new list of tensor shapes and the trust ratio switched off:
-torch.compile keeps a few such versions per function (``recompile_limit``), and Lamb falls back to
-its foreach path, with a warning, when they run out.
+torch.compile keeps a few such versions per function (``recompile_limit``, 8 by default), and Lamb
+falls back to its foreach path, with a warning, when they run out. Cut into calls as below, a param
+group needs two versions (its blocks', and its other tensors'): a model with two groups, four.
 
 Compiling costs time in proportion to the tensors in one call: with the whole step as one graph,
 about half a second per tensor on this project's 2-core CPU with the caches off (65–80 s for the
@@ -33,7 +34,6 @@ for 12 blocks and for 28). The price: a Python call per block instead of one per
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -100,8 +100,8 @@ _compiled = None
 
 
 def compiled_fused_lamb_step():
-    """``fused_lamb_step`` compiled (``torch.compile``, the whole step one graph), one per process:
-    every optimizer shares it, and torch.compile keeps one version per list of shapes."""
+    """``fused_lamb_step`` compiled (``torch.compile``, each call one graph), one per process: every
+    optimizer shares it, and torch.compile keeps one version per list of shapes."""
     global _compiled
     if _compiled is None:
         _compiled = torch.compile(fused_lamb_step, fullgraph=True, dynamic=False)
@@ -120,7 +120,7 @@ class Repeat(NamedTuple):
     count: int
 
 
-def longest_repeat(signatures: tuple) -> Repeat | None:
+def longest_repeat(signatures: list) -> Repeat | None:
     """The repetition that covers the most of ``signatures`` (the shortest period among equals), or
     None if nothing repeats. For each period p, a run of i with signatures[i] == signatures[i + p]
     of length L starting at s makes signatures[s : s + L + p] p-periodic: (L + p) // p copies."""
@@ -140,23 +140,16 @@ def longest_repeat(signatures: tuple) -> Repeat | None:
     return best
 
 
-@functools.lru_cache(maxsize=64)
-def _units(signatures: tuple) -> tuple:
-    repeat = longest_repeat(signatures)
-    if repeat is None:
-        return (tuple(range(len(signatures))),)
-    per_unit = -(-MIN_UNIT // repeat.period)             # blocks per call, for calls of MIN_UNIT tensors at least
-    size = repeat.period * per_unit
-    calls = repeat.count // per_unit
-    units = [tuple(range(repeat.start + k * size, repeat.start + (k + 1) * size)) for k in range(calls)]
-    covered = {i for unit in units for i in unit}
-    rest = tuple(i for i in range(len(signatures)) if i not in covered)
-    return tuple(units) + ((rest,) if rest else ())
-
-
 def compile_units(tensors: list) -> list[list[int]]:
     """The step's calls, as lists of indices into ``tensors``: one call per block (or per group of
     blocks, :data:`MIN_UNIT` tensors at least) of the longest run of repeated shapes, and one call
     for all other tensors. Equal blocks have equal shapes, strides and dtypes: one compiled version."""
-    signatures = tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
-    return [list(unit) for unit in _units(signatures)]
+    n = len(tensors)
+    repeat = longest_repeat([(tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors])
+    if repeat is None:
+        return [list(range(n))]
+    blocks = math.ceil(MIN_UNIT / repeat.period)          # blocks per call
+    size, calls = repeat.period * blocks, repeat.count // blocks
+    units = [list(range(repeat.start + k * size, repeat.start + (k + 1) * size)) for k in range(calls)]
+    rest = [*range(repeat.start), *range(repeat.start + calls * size, n)]
+    return units + ([rest] if rest else [])
