@@ -272,6 +272,23 @@ def test_lamb_fused_falls_back_for_the_calls_left_when_compile_runs_out_mid_step
     torch.testing.assert_close(fused, readable, rtol=0, atol=1e-13)
 
 
+def test_a_copied_or_pickled_lamb_keeps_its_code_path():
+    # torch's Optimizer keeps only defaults, state and param groups when pickled or deep-copied; the
+    # copy must still step, by the same path (it raised AttributeError before __getstate__ kept them)
+    import copy
+    import pickle
+    model = _stack(depth=2)
+    optimizer = Lamb(model.parameters(), lr=0.05, foreach=False)
+    optimizer.fused_units = False
+    for twin in (copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))):
+        assert (twin.foreach, twin.fused, twin.fused_units, twin._units) == (False, False, False, {})
+    # a model and its optimizer copied together (the way a checkpoint in memory is made): the copy steps
+    # as the original does
+    twin_model, twin = copy.deepcopy((model, optimizer))
+    torch.testing.assert_close(_steps(twin_model, twin, steps=2), _steps(model, optimizer, steps=2),
+                               rtol=0, atol=1e-15)
+
+
 def test_lamb_fused_step_in_bfloat16_with_float32_norms_is_the_float64_step_rounded():
     # The plain function (not compiled; the GPU tests compile it): bf16 parameters and moments, norms
     # summed in float32, against the readable step in float64 from the same values.
