@@ -260,7 +260,7 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
         optimizers[version] = make_optimizer(version, params[version])
     del model
     times = {v: [] for v in versions}
-    first = {}          # each version's first step: it allocates the state, and compiles lamb-fused
+    first = {}          # each version's first step: it allocates the state, and compiles the fused LAMB
     order = list(versions)
     interrupted = False
     try:
@@ -293,8 +293,7 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
                 width=model_shape(n_params)[0], depth=model_shape(n_params)[1],
                 element_size=initial[0].element_size(), steps_done=warmup + len(times[versions[0]]),
                 drift=drift, moved=moved, interrupted=interrupted, first_s=first,
-                fell_back=[v for v, o in optimizers.items() if isinstance(o, Lamb) and v.startswith("lamb-fused")
-                           and not o.fused])
+                fell_back=[v for v in versions if v.startswith("lamb-fused") and not optimizers[v].fused])
 
 
 def summarise(result: dict, bandwidth: float | None = None) -> dict:
@@ -407,9 +406,9 @@ def main(argv=None) -> None:
             if not results:
                 raise
             interrupted = True
-            break
-        if results[-1]["interrupted"]:
-            interrupted = True
+        else:
+            interrupted = results[-1]["interrupted"]
+        if interrupted:
             break
     # after an interrupt, no second bandwidth measurement (the time limit may be near)
     bandwidth_after = None if interrupted else copy_bandwidth(device)
