@@ -66,3 +66,25 @@ def start_kernel():
             raise
         return km, kc
     return start
+
+
+# The longest test files first (seconds on one worker of the 2-core CI machine, 2026-12-07). `course.py
+# test` hands whole files to three pytest-xdist workers in the order collected here; the browser
+# tests (about 3.5 minutes on one worker) used to be handed out late, and one worker ran them for a
+# minute and a half after the other two had finished. Then the other files, the most tests first, as
+# pytest-xdist orders them by itself (its reordering is turned off by `course.py test`, since it
+# would undo this order). Only the order changes: which tests run is unaffected.
+LONGEST_FILES = ("tests/test_browser.py",          # 225 s
+                 "tests/test_checks_ex05.py",      # 107 s
+                 "tests/test_exercises.py",        # 88 s
+                 "tests/test_checks_ex03.py")      # 67 s
+
+
+def pytest_collection_modifyitems(config, items):
+    files: dict[str, int] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        files[path] = files.get(path, 0) + 1
+    longest = {path: i for i, path in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: (longest.get(item.nodeid.split("::")[0], len(longest)),
+                                 -files[item.nodeid.split("::")[0]]))

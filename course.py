@@ -57,7 +57,8 @@ def run_tests(python: Path, args: list[str], env: dict) -> int:
     if args:
         return subprocess.call([*pytest, *NBVAL_ARGS, *args], cwd=ROOT, env=env)
     deselect = [arg for path in TIMED for arg in ("--deselect", path)]
-    first = subprocess.call([*pytest, *PYTEST_ARGS, "-n", str(WORKERS), "--dist", "loadfile", *deselect],
+    first = subprocess.call([*pytest, *PYTEST_ARGS, "-n", str(WORKERS), "--dist", "loadfile",
+                             "--no-loadscope-reorder", *deselect],   # conftest.py orders the files
                             cwd=ROOT, env=env)
     print(f"\n+ the lessons that assert timings, alone: {' '.join(TIMED)}", flush=True)
     second = subprocess.call([*pytest, *TIMED, *NBVAL_ARGS, "--durations", "5"], cwd=ROOT, env=env)

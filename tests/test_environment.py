@@ -80,3 +80,13 @@ def test_every_direct_dependency_is_pinned_for_both_python_versions():
         missing = _pyproject_names() - set(pins)
         assert not missing, f"not pinned for Python {python}: {missing}"
     assert _constraints("3.11")["torch"] == "2.13.0"
+
+
+def test_the_test_files_handed_out_first_exist():
+    """conftest.py puts the longest test files first so that the suite's workers finish together; a
+    file renamed without this list would silently go back to the end of the queue."""
+    import ast
+    tree = ast.parse((ROOT / "conftest.py").read_text())
+    longest = next(ast.literal_eval(node.value) for node in tree.body
+                   if isinstance(node, ast.Assign) and node.targets[0].id == "LONGEST_FILES")
+    assert longest and all((ROOT / path).is_file() for path in longest), longest
