@@ -24,8 +24,14 @@ the indentation of the BEGIN line, its message cut into lines of at most STUB_WI
 Rules:
 
 - The text after ``### BEGIN SOLUTION`` is ``<id>: <task>`` (the id has no spaces, e.g. ``1a``); it is
-  required, so that the stub tells the student which exercise it is. (nbgrader finds the same markers,
-  should real grading ever be wanted; it ignores the text after them.)
+  required, so that the stub tells the student which exercise it is. A long task goes on in ``###``
+  comments right below the BEGIN line, at its indentation::
+
+        ### BEGIN SOLUTION 6: the warm-up forwards of stage i, then one forward and one backward
+        ###     while forwards remain, then the remaining backwards
+
+  (nbgrader finds the same markers, should real grading ever be wanted; it ignores the text after
+  them and takes the continued lines for part of the solution.)
 - Blocks do not nest; a cell may hold several blocks. Code outside the blocks is kept as it is.
 - Markers anywhere else (a markdown cell, a BEGIN without an END...) are errors, not silently kept:
   a solution must never leak into ``exercises/``.
@@ -62,6 +68,7 @@ _BEGIN_RE = re.compile(r"^(?P<indent>[ \t]*)### BEGIN SOLUTION(?P<rest>.*)$")
 _END_RE = re.compile(r"^[ \t]*### END SOLUTION\s*$")
 _ANY_MARKER_RE = re.compile(r"### (BEGIN|END) SOLUTION")
 _TASK_RE = re.compile(r"^\s+(?P<id>[^\s:]+):\s*(?P<task>\S.*?)\s*$")
+_CONTINUED_RE = re.compile(r"^(?P<indent>[ \t]*)###\s+(?P<text>\S.*?)\s*$")   # the task, continued
 # Cell metadata written when a notebook is executed (timestamps): never part of an exercise.
 _VOLATILE_CELL_METADATA = ("execution", "collapsed", "scrolled")
 
@@ -106,22 +113,30 @@ def _strip_solutions(source: str, where: _Where) -> tuple[str, list[str]]:
     out: list[str] = []
     ids: list[str] = []
     open_block: tuple[int, str] | None = None  # (line number, exercise id) of the open BEGIN
+    task: tuple[str, str, list[str]] | None = None   # the open block's stub, until its task is read
     for lineno, line in enumerate(source.split("\n"), start=1):
+        if task is not None:
+            continued = _CONTINUED_RE.match(line)
+            if continued and continued.group("indent") == task[0] and not _ANY_MARKER_RE.search(line):
+                task[2].append(continued.group("text"))
+                continue
+            out.append(_stub(task[0], task[1], " ".join(task[2])))
+            task = None
         begin = _BEGIN_RE.match(line)
         if begin:
             if open_block is not None:
                 raise ExerciseFormatError(
                     f"{where}, line {lineno}: a new {BEGIN!r} before the block opened on line "
                     f"{open_block[0]} was closed with {END!r} (blocks do not nest)")
-            task = _TASK_RE.match(begin.group("rest"))
-            if not task:
+            named = _TASK_RE.match(begin.group("rest"))
+            if not named:
                 raise ExerciseFormatError(
                     f"{where}, line {lineno}: write the exercise after the marker, as "
                     f"'{BEGIN} <id>: <task>' (e.g. '{BEGIN} 1a: average the gradients'), "
                     f"not {line.strip()!r}")
-            open_block = (lineno, task.group("id"))
-            ids.append(task.group("id"))
-            out.append(_stub(begin.group("indent"), task.group("id"), task.group("task")))
+            open_block = (lineno, named.group("id"))
+            ids.append(named.group("id"))
+            task = (begin.group("indent"), named.group("id"), [named.group("task")])
         elif _END_RE.match(line):
             if open_block is None:
                 raise ExerciseFormatError(f"{where}, line {lineno}: {END!r} without a {BEGIN!r} before it")

@@ -126,6 +126,34 @@ def test_a_long_task_becomes_a_stub_that_fits_in_a_cell():
     assert str(info.value) == f"Exercise 5f: {task}; see the instructions above"
 
 
+def test_a_task_continued_on_comment_lines_is_one_message_and_the_block_is_gone():
+    solution = new_notebook(cells=[new_code_cell(
+        "def f(x):\n"
+        "    ### BEGIN SOLUTION 6: the warm-up forwards, then one forward\n"
+        "    ###     and one backward while forwards remain\n"
+        "    ### (then the rest)\n"
+        "    #   a comment of the solution, not of the task\n"
+        "    ### a solution's comment after its first line\n"
+        "    return x\n"
+        "    ### END SOLUTION\n"
+        "\n"
+        "def g(x):\n"
+        "    ### BEGIN SOLUTION 7: only one line\n"
+        "        ### indented further: the solution's\n"
+        "    return x\n"
+        "    ### END SOLUTION\n")])
+    source = make_exercise(solution).cells[0].source
+    assert "###" not in source and "return" not in source, source      # the whole block is gone
+    namespace = {}
+    exec(source, namespace)
+    for name, message in [("f", "Exercise 6: the warm-up forwards, then one forward and one backward while "
+                                "forwards remain (then the rest); see the instructions above"),
+                          ("g", "Exercise 7: only one line; see the instructions above")]:
+        with pytest.raises(NotImplementedError) as info:
+            namespace[name](1)
+        assert str(info.value) == message
+
+
 def test_blocks_become_stubs_with_their_indentation():
     solution = _tiny_solution()
     before = nbformat.writes(solution)

@@ -27,3 +27,14 @@ def test_stored_as_jupyterlab_saves_it_and_every_widget_with_its_figure(path):
             if WIDGET in data:
                 assert "image/png" in data, (f"cell {i}: a widget without a static figure; build it with "
                                              f"labkit.widgets.FigureExplorer")
+
+
+LINE = 120     # characters: a line of a cell fits a laptop's screen in JupyterLab without wrapping
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=str)
+def test_every_code_line_fits_in_the_cell(path):
+    nb = json.loads((ROOT / path).read_text())
+    long = [(i, len(line), line.strip()[:60]) for i, cell in enumerate(nb["cells"]) if cell["cell_type"] == "code"
+            for line in "".join(cell["source"]).split("\n") if len(line) > LINE]
+    assert not long, f"code lines over {LINE} characters (cell, length, start): {long}"
