@@ -31,6 +31,7 @@ turns the switches on one at a time and records what each gives.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import resource
 import sys
 import time
@@ -38,8 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Switches", "default_switches", "set_tf32", "autocast", "compile_blocks", "adamw_options",
-           "PEAK_BF16_TFLOPS", "datasheet_peak_flops", "measured_matmul_flops", "peak_memory_bytes",
+__all__ = ["Switches", "default_switches", "compile_problem", "set_tf32", "autocast", "compile_blocks",
+           "adamw_options", "PEAK_BF16_TFLOPS", "datasheet_peak_flops", "measured_matmul_flops", "peak_memory_bytes",
            "reset_peak_memory"]
 
 
@@ -58,11 +59,36 @@ class Switches:
 
 
 def default_switches(device: torch.device) -> Switches:
-    """On a GPU everything on; on a CPU everything off, so that what the lessons print on a laptop
-    stays plain float32 PyTorch's (bf16 would change those digits, and compiling takes seconds)."""
+    """On a GPU everything it supports on; on a CPU everything off, so that what the lessons print on a
+    laptop stays plain float32 PyTorch's (bf16 would change those digits, and compiling takes seconds).
+
+    bf16 and TF32 need an Ampere GPU or later (compute capability 8.0: an A100, not a T4 or V100, where
+    bf16 is emulated, slowly); torch.compile needs Triton (:func:`compile_problem`)."""
     if device.type == "cuda":
-        return Switches(dtype="bfloat16", tf32=True, flash=True, compile=True, fused_optimizer=True)
+        ampere = torch.cuda.get_device_capability(device) >= (8, 0)
+        return Switches(dtype="bfloat16" if ampere else "float32", tf32=ampere, flash=True,
+                        compile=compile_problem(device) is None, fused_optimizer=True)
     return Switches()
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def compile_problem(device: torch.device) -> str | None:
+    """Why torch.compile cannot make code for ``device`` here, or None. On a GPU its code generator is
+    Triton, which torch does not install on Windows and which needs compute capability 7.0 or later
+    (not a Pascal GPU such as the P100 that Kaggle lends). On a CPU it writes C++ (a compiler is
+    needed: the lab turns compile on there only when asked)."""
+    if device.type != "cuda":
+        return None
+    if not _triton_installed():
+        return "Triton, torch.compile's code generator for GPUs, is not installed (pip install triton)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 7:
+        return (f"the {torch.cuda.get_device_name(device)} has compute capability {major}.{minor}, and Triton, "
+                f"torch.compile's code generator for GPUs, needs 7.0 or later")
+    return None
 
 
 def set_tf32(on: bool) -> None:

@@ -1,17 +1,49 @@
 """labkit.speed: the switches' defaults, and compiling block by block keeps the gradient hooks early."""
 
+import pytest
 import torch
 from torch import nn
 
 from labkit import speed
+from labkit.labs import train_gpt
 from labkit.models.gpt import GPT, GPTConfig
 
 
-def test_defaults_all_on_for_gpus_all_off_on_cpu():
+def _a_gpu(monkeypatch, capability: tuple, triton: bool = True, name: str = "GPU"):
+    """torch.cuda answering for a GPU of this compute capability (no GPU needed)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(speed, "_triton_installed", lambda: triton)
+    return torch.device("cuda")
+
+
+def test_defaults_all_off_on_cpu():
     assert speed.default_switches(torch.device("cpu")) == speed.Switches()
-    gpu = speed.default_switches(torch.device("cuda"))
-    assert (gpu.dtype, gpu.tf32, gpu.flash, gpu.compile, gpu.fused_optimizer) == ("bfloat16", True, True, True, True)
-    assert speed.adamw_options(gpu) == {"fused": True} and speed.adamw_options(speed.Switches()) == {}
+    assert speed.compile_problem(torch.device("cpu")) is None
+    assert speed.adamw_options(speed.Switches()) == {}
+
+
+@pytest.mark.parametrize("capability, triton, on", [
+    ((9, 0), True, ("bfloat16", True, True, True, True)),        # H100, H200
+    ((8, 0), False, ("bfloat16", True, True, False, True)),      # an A100 without Triton (Windows)
+    ((7, 5), True, ("float32", False, True, True, True)),        # T4: bf16 emulated, no TF32
+    ((6, 0), True, ("float32", False, True, False, True)),       # P100: too old for Triton
+])
+def test_defaults_on_a_gpu_are_what_it_supports(monkeypatch, capability, triton, on):
+    gpu = speed.default_switches(_a_gpu(monkeypatch, capability, triton))
+    assert (gpu.dtype, gpu.tf32, gpu.flash, gpu.compile, gpu.fused_optimizer) == on
+    assert speed.adamw_options(gpu) == {"fused": True}
+
+
+def test_compile_asked_where_it_cannot_run_is_refused_before_training(monkeypatch):
+    device = _a_gpu(monkeypatch, (6, 0), name="Tesla P100-PCIE-16GB")
+    problem = speed.compile_problem(device)
+    assert "Tesla P100-PCIE-16GB" in problem and "6.0" in problem and "7.0" in problem
+    with pytest.raises(ValueError, match="--compile: the Tesla P100.*--no-compile"):
+        train_gpt.resolve_switches(train_gpt.parse_args(["--compile"]), device)
+    args = train_gpt.parse_args([])
+    assert not train_gpt.resolve_switches(args, device).compile and args.compile is False   # the default
+    assert "not installed" in speed.compile_problem(_a_gpu(monkeypatch, (9, 0), triton=False))
 
 
 class _Probe(nn.Module):

@@ -82,11 +82,13 @@ def parse_args(argv=None):
     p.add_argument("--flash", action=argparse.BooleanOptionalAction, default=None,
                    help="fused scaled_dot_product_attention (default: on GPUs only; see labkit.speed)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile each transformer block (default: on GPUs only; the first steps compile)")
+                   help="torch.compile each transformer block (default: on GPUs that Triton supports; the first "
+                        "steps compile)")
     p.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=None,
                    help="AdamW(fused=True), one kernel for the whole step (default: on GPUs only)")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
-                   help="TF32 tensor cores for the matrix multiplies left in float32 (default: on GPUs)")
+                   help="TF32 tensor cores for the matrix multiplies left in float32 (default: on Ampere GPUs "
+                        "and later)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps in the whole run")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch, per rank")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (no_sync on all but the last)")
@@ -100,7 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="initial weights, data order, dropout")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="bfloat16: autocast; weights, gradients and all-reduces stay float32 "
-                        "(default: bfloat16 on GPUs; float32 on CPU, the digits the lessons print)")
+                        "(default: bfloat16 on Ampere GPUs and later; float32 on older ones and on CPU, the "
+                        "digits the lessons print)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: one GPU per process if there are enough, else CPU")
     p.add_argument("--out-dir", default=None,
@@ -568,6 +571,9 @@ def resolve_switches(args, device: torch.device) -> speed.Switches:
         if getattr(args, name) is not None:
             setattr(switches, name, getattr(args, name))
         setattr(args, name, getattr(switches, name))
+    problem = speed.compile_problem(device) if switches.compile else None
+    if problem:
+        raise ValueError(f"--compile: {problem}; run with --no-compile")
     return switches
 
 
