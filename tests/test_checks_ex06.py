@@ -55,7 +55,7 @@ def test_the_solution_passes(capsys):
         "✓ one_f_one_b is 1F1B on 18 sizes (p, m) ((3, 5), (4, 8), (2, 3), (5, 9), (4, 5), (8, 12), ..., with m < p, "
         "m = p and p = 1): every stage's warm-up is min(p − i − 1, m), the simulated bubble (p − 1)/(m + p − 1), the "
         "peak min(p − i, m) micro-batches' activations; run for real (2 processes with m = 4; 3 processes with m = 2 "
-        "and 5), the loss and gradients equal one process's within 1e-14\n")
+        "and 5), the loss and gradients equal one process's within 1e-12\n")
 
 
 def test_the_reference_is_labkits_1f1b_and_meets_the_formulas():

@@ -168,3 +168,10 @@ def test_a_collective_left_open_on_one_rank_is_named_before_the_checkers_gather(
         _watch_run("left open on rank 0")
     assert "the ranks made different numbers of torch.distributed calls during the test: rank 0 1 call and " \
            "rank 1 0 calls" in str(info.value)
+
+
+def test_bound_prints_the_same_power_of_ten_for_rounding_differences_of_any_cpu():
+    from labkit.checks.harness import bound
+    # float64 rounding differences between CPUs (8e-14 with AVX-512, 3e-14 without): one printed bound
+    assert {bound(x) for x in (0.0, 1e-16, 2e-14, 3e-14, 8e-14, 1e-12)} == {"1e-12"}
+    assert (bound(2e-12), bound(0.003), bound(3e-14, floor=-14)) == ("1e-11", "1e-2", "1e-13")

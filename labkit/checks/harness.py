@@ -221,9 +221,10 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def bound(x: float, floor: int = -14) -> str:
+def bound(x: float, floor: int = -12) -> str:
     """A power of ten above a tiny difference, at least ``1e{floor}``: printed output that does not depend on
-    the last bits of the arithmetic."""
+    the last bits of the arithmetic. The floor sits well above float64's rounding differences, which move
+    with the CPU's vector instructions (a floor of 1e-14 printed 1e-13 on one CPU and 1e-14 on another)."""
     return f"1e{max(floor, math.ceil(math.log10(x)) if x > 0 else floor)}"
 
 

@@ -178,7 +178,7 @@ class Lamb(Optimizer):
     # --- the same, compiled into two passes over memory (labkit.optim.lamb_fused) ----------------------
 
     def _group_step_fused(self, group: dict, params: list) -> None:
-        from torch._dynamo.exc import FailOnRecompileLimitHit
+        from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit
         from labkit.optim.lamb_fused import compiled_fused_lamb_step, step_scalars
 
         by_step = {}      # tensors by step count (normally all of a group's tensors share one)
@@ -194,12 +194,14 @@ class Lamb(Optimizer):
                 ratios = compiled_fused_lamb_step()(
                     ps, [p.grad for p in ps], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                     scalars[step], adapt=group["adapt"])
-            except FailOnRecompileLimitHit:
-                # raised before this call ran (the calls before it are done): its tensors and the rest
-                # take the foreach path, from now on
-                warnings.warn("Lamb(fused=True): torch.compile has compiled the fused step for as many shape "
-                              "lists as its recompile_limit allows (torch._dynamo.config.recompile_limit); "
-                              "this optimizer continues with the foreach path", RuntimeWarning, stacklevel=3)
+            except (FailOnRecompileLimitHit, BackendCompilerFailed) as error:
+                # raised while compiling, before this call ran (the calls before it are done): its
+                # tensors and the rest take the foreach path, from now on
+                why = ("torch.compile has compiled the fused step for as many shape lists as its recompile_limit "
+                       "allows (torch._dynamo.config.recompile_limit)" if isinstance(error, FailOnRecompileLimitHit)
+                       else f"torch.compile failed ({str(error).strip().splitlines()[0][:300]})")
+                warnings.warn(f"Lamb(fused=True): {why}; this optimizer continues with the foreach path",
+                              RuntimeWarning, stacklevel=3)
                 self.fused, self.foreach = False, True
                 self._group_step_foreach(group, [p for _, rest in calls[i:] for p in rest])   # not those done
                 return
