@@ -272,6 +272,34 @@ def test_lamb_fused_falls_back_for_the_calls_left_when_compile_runs_out_mid_step
     torch.testing.assert_close(fused, readable, rtol=0, atol=1e-13)
 
 
+def test_lamb_fused_falls_back_for_the_calls_left_when_a_compile_fails_mid_step(monkeypatch):
+    # A compiler that fails (no C++ compiler, no Triton, a GPU too old for it) raises BackendCompilerFailed
+    # before the call runs: the blocks' calls compiled and ran, the LayerNorm's failed; its two tensors take the
+    # foreach path, and the step is the readable one's
+    import torch._dynamo
+    from labkit.optim import lamb_fused
+    compiles = []
+
+    def backend(graph, example_inputs):
+        compiles.append(len(example_inputs))
+        if len(compiles) > 1:
+            raise RuntimeError("no compiler here")
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lamb_fused.fused_lamb_step, backend=backend, fullgraph=True, dynamic=False)
+    monkeypatch.setattr(lamb_fused, "compiled_fused_lamb_step", lambda: compiled)
+    model = _stack()
+    optimizer = Lamb(model.parameters(), lr=0.05, fused=True)
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(RuntimeError: no compiler here\)"):
+        fused = _steps(model, optimizer)
+    torch._dynamo.reset()
+    assert len(compiles) == 2 and not optimizer.fused and optimizer.foreach
+    reference = _stack()
+    readable = _steps(reference, Lamb(reference.parameters(), lr=0.05, foreach=False))
+    torch.testing.assert_close(fused, readable, rtol=0, atol=1e-13)
+
+
 def test_a_copied_or_pickled_lamb_keeps_its_code_path():
     # torch's Optimizer keeps only defaults, state and param groups when pickled or deep-copied; the
     # copy must still step, by the same path (it raised AttributeError before __getstate__ kept them)

@@ -199,7 +199,7 @@ class Lamb(Optimizer):
                 # tensors and the rest take the foreach path, from now on
                 why = ("torch.compile has compiled the fused step for as many shape lists as its recompile_limit "
                        "allows (torch._dynamo.config.recompile_limit)" if isinstance(error, FailOnRecompileLimitHit)
-                       else f"torch.compile failed ({str(error).strip().splitlines()[0][:300]})")
+                       else f"torch.compile failed ({_first_line(getattr(error, 'inner_exception', error))})")
                 warnings.warn(f"Lamb(fused=True): {why}; this optimizer continues with the foreach path",
                               RuntimeWarning, stacklevel=3)
                 self.fused, self.foreach = False, True
@@ -223,6 +223,11 @@ class Lamb(Optimizer):
                 self._units.clear()
             self._units[key] = compile_units(params)
         return self._units[key]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def lamb_direction(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int,

@@ -20,7 +20,8 @@ clamp of ‖θ‖) enters as one small tensor on the parameters' device: passed 
 be baked into the compiled code, and a new learning rate or a second group would compile it again.
 What still compiles anew is a new list of tensor shapes and the trust ratio switched off:
 torch.compile keeps a few such versions per function (``recompile_limit``, 8 by default), and Lamb
-falls back to its foreach path, with a warning, when they run out. Cut into calls as below, a param
+falls back to its foreach path, with a warning, when they run out (or when a compile fails: no C++
+compiler, no Triton). Cut into calls as below, a param
 group needs two versions (its blocks', and its other tensors'): a model with two groups, four.
 
 Compiling costs time in proportion to the tensors in one call: with the whole step as one graph,
