@@ -1,4 +1,5 @@
 import atexit
+import collections
 import os
 import shutil
 import tempfile
@@ -81,10 +82,9 @@ LONGEST_FILES = ("tests/test_browser.py",          # 225 s
 
 
 def pytest_collection_modifyitems(config, items):
-    files: dict[str, int] = {}
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        files[path] = files.get(path, 0) + 1
-    longest = {path: i for i, path in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: (longest.get(item.nodeid.split("::")[0], len(longest)),
-                                 -files[item.nodeid.split("::")[0]]))
+    # In every pytest run (the xdist workers collect, and their dist option reads "no"); a stable sort on
+    # keys equal within a file, so each file stays together and in its order (a notebook's cells too).
+    path = {item: item.nodeid.split("::")[0] for item in items}
+    tests = collections.Counter(path.values())
+    longest = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: (longest.get(path[item], len(longest)), -tests[path[item]]))

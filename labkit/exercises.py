@@ -25,7 +25,8 @@ Rules:
 
 - The text after ``### BEGIN SOLUTION`` is ``<id>: <task>`` (the id has no spaces, e.g. ``1a``); it is
   required, so that the stub tells the student which exercise it is. A long task goes on in ``###``
-  comments right below the BEGIN line, at its indentation::
+  comments right below the BEGIN line, at its indentation, the text two or more spaces after the
+  ``###`` (with one space, a comment is the solution's own and is not shown)::
 
         ### BEGIN SOLUTION 6: the warm-up forwards of stage i, then one forward and one backward
         ###     while forwards remain, then the remaining backwards
@@ -68,7 +69,7 @@ _BEGIN_RE = re.compile(r"^(?P<indent>[ \t]*)### BEGIN SOLUTION(?P<rest>.*)$")
 _END_RE = re.compile(r"^[ \t]*### END SOLUTION\s*$")
 _ANY_MARKER_RE = re.compile(r"### (BEGIN|END) SOLUTION")
 _TASK_RE = re.compile(r"^\s+(?P<id>[^\s:]+):\s*(?P<task>\S.*?)\s*$")
-_CONTINUED_RE = re.compile(r"^(?P<indent>[ \t]*)###\s+(?P<text>\S.*?)\s*$")   # the task, continued
+_CONTINUED_RE = re.compile(r"^(?P<indent>[ \t]*)###\s{2,}(?P<text>\S.*?)\s*$")   # the task, continued
 # Cell metadata written when a notebook is executed (timestamps): never part of an exercise.
 _VOLATILE_CELL_METADATA = ("execution", "collapsed", "scrolled")
 

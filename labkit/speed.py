@@ -32,12 +32,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import resource
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
+
+try:
+    import resource            # the peak resident memory on Linux and macOS
+except ImportError:            # Windows
+    resource = None
 
 __all__ = ["Switches", "default_switches", "compile_problem", "set_tf32", "autocast", "compile_blocks",
            "adamw_options", "PEAK_BF16_TFLOPS", "datasheet_peak_flops", "measured_matmul_flops", "peak_memory_bytes",
@@ -189,5 +193,11 @@ def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
     process's peak resident memory (everything it ever held: Python, torch, data, the model)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    if resource is None:
+        try:
+            import psutil      # Jupyter's kernel installs it
+            return psutil.Process().memory_info().peak_wset, "the process's peak working set"
+        except (ImportError, AttributeError):
+            return 0, "unknown (no peak memory reading on this system)"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss      # KiB on Linux, bytes on macOS
     return peak * (1 if sys.platform == "darwin" else 1024), "the process's peak resident memory"

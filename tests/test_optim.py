@@ -272,10 +272,18 @@ def test_lamb_fused_falls_back_for_the_calls_left_when_compile_runs_out_mid_step
     torch.testing.assert_close(fused, readable, rtol=0, atol=1e-13)
 
 
-def test_lamb_fused_falls_back_for_the_calls_left_when_a_compile_fails_mid_step(monkeypatch):
-    # A compiler that fails (no C++ compiler, no Triton, a GPU too old for it) raises BackendCompilerFailed
-    # before the call runs: the blocks' calls compiled and ran, the LayerNorm's failed; its two tensors take the
-    # foreach path, and the step is the readable one's
+def _triton_missing() -> Exception:
+    from torch._inductor.exc import TritonMissing
+    return TritonMissing(first_useful_frame=None)
+
+
+@pytest.mark.parametrize("failure, message", [
+    (lambda: RuntimeError("no compiler here"), "RuntimeError: no compiler here"),    # dynamo: BackendCompilerFailed
+    (_triton_missing, "TritonMissing: Cannot find a working triton installation")])  # raised as it is
+def test_lamb_fused_falls_back_for_the_calls_left_when_a_compile_fails_mid_step(monkeypatch, failure, message):
+    # A compile that fails (no C++ compiler, no Triton, a GPU too old for it) raises before the call runs: the
+    # blocks' calls compiled and ran, the LayerNorm's failed; its two tensors take the foreach path, and the step
+    # is the readable one's
     import torch._dynamo
     from labkit.optim import lamb_fused
     compiles = []
@@ -283,7 +291,7 @@ def test_lamb_fused_falls_back_for_the_calls_left_when_a_compile_fails_mid_step(
     def backend(graph, example_inputs):
         compiles.append(len(example_inputs))
         if len(compiles) > 1:
-            raise RuntimeError("no compiler here")
+            raise failure()
         return graph.forward
 
     torch._dynamo.reset()
@@ -291,7 +299,7 @@ def test_lamb_fused_falls_back_for_the_calls_left_when_a_compile_fails_mid_step(
     monkeypatch.setattr(lamb_fused, "compiled_fused_lamb_step", lambda: compiled)
     model = _stack()
     optimizer = Lamb(model.parameters(), lr=0.05, fused=True)
-    with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(RuntimeError: no compiler here\)"):
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(" + message):
         fused = _steps(model, optimizer)
     torch._dynamo.reset()
     assert len(compiles) == 2 and not optimizer.fused and optimizer.foreach

@@ -44,6 +44,10 @@ def test_compile_asked_where_it_cannot_run_is_refused_before_training(monkeypatc
     args = train_gpt.parse_args([])
     assert not train_gpt.resolve_switches(args, device).compile and args.compile is False   # the default
     assert "not installed" in speed.compile_problem(_a_gpu(monkeypatch, (9, 0), triton=False))
+    resumed = train_gpt.parse_args(["--compile"])
+    resumed.resume = "runs/a_run"              # compile taken from that run's checkpoint: say where it came from
+    with pytest.raises(ValueError, match=r"--compile \(as in the checkpoint of --resume runs/a_run\): .*--no-compile"):
+        train_gpt.resolve_switches(resumed, device)
 
 
 class _Probe(nn.Module):
@@ -84,3 +88,15 @@ def test_compile_blocks_does_nothing_when_the_switch_is_off():
     model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16))
     speed.compile_blocks(model, speed.Switches())
     assert all(getattr(block, "_compiled_call_impl", None) is None for block in model.blocks)
+
+
+def test_peak_memory_on_a_cpu_without_the_resource_module(monkeypatch):
+    # Windows has no `resource`: the peak working set (psutil), or 0 said as unknown; labkit.speed still imports
+    import psutil
+    linux = speed.peak_memory_bytes(torch.device("cpu"))
+    assert linux[0] > 2 ** 20 and linux[1] == "the process's peak resident memory"
+    monkeypatch.setattr(speed, "resource", None)
+    monkeypatch.setattr(psutil.Process, "memory_info", lambda self: type("Windows", (), {"peak_wset": 123})())
+    assert speed.peak_memory_bytes(torch.device("cpu")) == (123, "the process's peak working set")
+    monkeypatch.setattr(psutil.Process, "memory_info", lambda self: object())           # no peak_wset: not Windows
+    assert speed.peak_memory_bytes(torch.device("cpu"))[0] == 0

@@ -573,7 +573,8 @@ def resolve_switches(args, device: torch.device) -> speed.Switches:
         setattr(args, name, getattr(switches, name))
     problem = speed.compile_problem(device) if switches.compile else None
     if problem:
-        raise ValueError(f"--compile: {problem}; run with --no-compile")
+        inherited = f" (as in the checkpoint of --resume {args.resume})" if args.resume else ""
+        raise ValueError(f"--compile{inherited}: {problem}; run with --no-compile")
     return switches
 
 

@@ -178,7 +178,7 @@ class Lamb(Optimizer):
     # --- the same, compiled into two passes over memory (labkit.optim.lamb_fused) ----------------------
 
     def _group_step_fused(self, group: dict, params: list) -> None:
-        from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit
+        from torch._dynamo.exc import FailOnRecompileLimitHit
         from labkit.optim.lamb_fused import compiled_fused_lamb_step, step_scalars
 
         by_step = {}      # tensors by step count (normally all of a group's tensors share one)
@@ -194,7 +194,7 @@ class Lamb(Optimizer):
                 ratios = compiled_fused_lamb_step()(
                     ps, [p.grad for p in ps], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                     scalars[step], adapt=group["adapt"])
-            except (FailOnRecompileLimitHit, BackendCompilerFailed) as error:
+            except _compile_failures() as error:
                 # raised while compiling, before this call ran (the calls before it are done): its
                 # tensors and the rest take the foreach path, from now on
                 why = ("torch.compile has compiled the fused step for as many shape lists as its recompile_limit "
@@ -223,6 +223,15 @@ class Lamb(Optimizer):
                 self._units.clear()
             self._units[key] = compile_units(params)
         return self._units[key]
+
+
+def _compile_failures() -> tuple:
+    """What torch.compile raises while compiling, before the call runs: out of versions, a backend that
+    failed (no C++ compiler), and inductor's own for no Triton or a GPU too old for it (not wrapped)."""
+    from torch._dynamo import exc as dynamo
+    from torch._inductor import exc as inductor
+    return (dynamo.FailOnRecompileLimitHit, dynamo.BackendCompilerFailed,
+            *(getattr(inductor, name) for name in ("TritonMissing", "GPUTooOldForTriton") if hasattr(inductor, name)))
 
 
 def _first_line(error: BaseException) -> str:
