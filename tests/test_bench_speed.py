@@ -31,6 +31,15 @@ def test_plan_turns_one_switch_on_per_row():
                                                        "--no-compile"]
 
 
+def test_without_compile_no_run_compiles_and_the_rows_still_add_one_switch_each():
+    # a GPU torch.compile cannot serve (labkit.speed.compile_problem): the compile rows are left out
+    runs = bench.plan(big_batch=4, leave_one_out=True, compile=False)
+    names = [r["name"] for r in runs]
+    assert "+ torch.compile" not in names and "all but compile" not in names and names[5] == "+ batch x4"
+    assert not any(r["switches"]["compile"] for r in runs)
+    assert runs[5]["base"] == 4 and runs[6]["base"] == 5 and all(r["base"] == 5 for r in runs[7:])
+
+
 def test_the_long_context_row_keeps_the_tokens_per_step():
     runs = bench.plan(big_batch=4, long_context=1024)
     context = runs[-1]
@@ -104,3 +113,15 @@ def test_the_table_is_written_after_every_row(tmp_path, monkeypatch, capsys):
     assert "so far" not in final and final.strip() == capsys.readouterr().out.strip()   # printed once, at the end
     import json
     assert len(json.loads(raw.read_text())["rows"]) == 9
+
+
+def test_on_a_gpu_torch_compile_cannot_serve_the_compile_runs_are_left_out_and_said(monkeypatch, capsys):
+    from labkit import speed
+    monkeypatch.setattr(speed, "compile_problem", lambda device: "no Triton here")
+    ran = []
+    monkeypatch.setattr(bench, "run_row", lambda run, args: ran.append(run) or _fake_metrics(run, args))
+    bench.main(["--device", "cuda", "--steps", "5", "--big-batch", "1"])
+    assert [r["name"] for r in ran] == ["plain fp32", "+ TF32", "+ bf16 autocast", "+ flash attention",
+                                        "+ fused AdamW", "torch DDP"]
+    assert not any(r["switches"]["compile"] for r in ran)
+    assert "torch.compile: not measured (no Triton here)" in capsys.readouterr().out

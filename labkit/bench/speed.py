@@ -21,6 +21,9 @@ data and steps, with one more switch of ``labkit.speed`` on than the row above i
                       of them as keeps the tokens per step: attention's share of the FLOPs grows with T
                       (12·n_layer·T·n_embd per token against 6 per parameter)
 
+On a GPU that torch.compile cannot serve (labkit.speed.compile_problem: no Triton, compute capability
+below 7.0) the runs that would compile are left out, and the header says why.
+
 Columns: tokens/s and ms per step (the lab's own timing, its first steps left out), MFU against the
 data sheet (GPUs) and against the matrix rate the lab measures on the device, peak memory (the CUDA
 allocator's peak on a GPU, the process's resident peak on a CPU), the loss after the last step, and
@@ -39,6 +42,7 @@ from typing import Callable
 
 import torch
 
+from labkit import speed
 from labkit.bench import load_average, publish
 from labkit.models.gpt import PRESETS, GPTConfig
 
@@ -56,12 +60,16 @@ ROWS = (
 SWITCHES = ("tf32", "flash", "fused_optimizer", "compile")
 
 
-def plan(big_batch: int = 4, leave_one_out: bool = False, long_context: int = 0) -> list[dict]:
+def plan(big_batch: int = 4, leave_one_out: bool = False, long_context: int = 0,
+         compile: bool = True) -> list[dict]:
     """The runs, in order: dict(name, switches, batch_factor, ddp, base, block_size), ``base`` the index of
     the run it is compared with (the row above, or the full run for the DDP, context and leave-one-out
-    rows); ``block_size`` None: the preset's context."""
+    rows); ``block_size`` None: the preset's context. ``compile=False``: no run compiles (a GPU that
+    torch.compile cannot serve, labkit.speed.compile_problem)."""
     runs, switches = [], {}
     for name, added in ROWS:
+        if not compile and added.get("compile"):
+            continue
         switches = {**switches, **added}
         runs.append(dict(name=name, switches=dict(switches), batch_factor=1, ddp="bucketed",
                          base=max(len(runs) - 1, 0)))
@@ -74,7 +82,7 @@ def plan(big_batch: int = 4, leave_one_out: bool = False, long_context: int = 0)
         runs.append(dict(name=f"context {long_context}", switches=dict(switches), batch_factor=big_batch,
                          ddp="bucketed", base=full, block_size=long_context))
     if leave_one_out:
-        for name in SWITCHES + ("dtype",):
+        for name in [s for s in SWITCHES if compile or s != "compile"] + ["dtype"]:
             off = {**switches, name: "float32" if name == "dtype" else False}
             runs.append(dict(name=f"all but {name}", switches=off, batch_factor=big_batch, ddp="bucketed", base=full))
     for run in runs:
@@ -178,8 +186,12 @@ def main(argv=None) -> list[dict]:
         raise ValueError(f"--long-context {args.long_context} must divide the batch row's {tokens} tokens per rank "
                          f"and step, so that its row has the same tokens in longer sequences")
     progress = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    # the lab refuses --compile where torch.compile cannot run (an old GPU, no Triton): measure the rest
+    args.compile_problem = speed.compile_problem(torch.device("cuda")) if cuda else None
+    if args.compile_problem:
+        progress(f"torch.compile left out: {args.compile_problem}")
     load_before, start = load_average(), time.perf_counter()
-    runs = plan(args.big_batch, args.leave_one_out, args.long_context)
+    runs = plan(args.big_batch, args.leave_one_out, args.long_context, compile=not args.compile_problem)
 
     def report(rows, final: bool) -> None:
         text = "\n".join(_header(rows, args, load_before, time.perf_counter() - start) +
@@ -205,6 +217,8 @@ def _header(rows: list[dict], args, load_before: str, seconds: float) -> list[st
         "vs base: tokens/s against the row above (torch DDP, context and 'all but' rows: against the last run with "
         "every switch on); vs first: against the first row",
     ]
+    if getattr(args, "compile_problem", None):
+        header.append(f"torch.compile: not measured ({args.compile_problem})")
     return header
 
 
