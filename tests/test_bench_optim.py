@@ -1,7 +1,13 @@
 """Smoke test of the optimizer-step benchmark: tiny models, a few steps, no timing thresholds."""
 
+import ast
 import math
+import os
+import platform
 import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -9,6 +15,15 @@ from torch import nn
 
 from labkit.bench import optim as bench
 from labkit.optim import lamb as lamb_module
+
+
+@pytest.fixture(autouse=True)
+def malloc_untouched(monkeypatch):
+    """main() would change malloc for the rest of this test process: tests run it with the call recorded
+    instead (test_keeping_freed_memory_ends_the_page_faults runs the real one in a process of its own)."""
+    calls = []
+    monkeypatch.setattr(bench, "keep_freed_memory", lambda: calls.append(1) or "malloc told to keep (test)")
+    return calls
 
 
 def test_sizes_and_shapes():
@@ -62,9 +77,14 @@ def test_measure_tiny_model(monkeypatch):
         rows["lamb-fused"]["step_s"] / 10 / (rows["adamw-fused"]["step_s"] / 7))
     assert rows["lamb"]["of_limit"] == pytest.approx(rows["lamb"]["limit_s"] / rows["lamb"]["step_s"])
 
+    # page faults per timed step, one count per version, in the table's "faults" column
+    assert set(result["faults_per_step"]) == set(versions)
+    assert all(n is not None and n >= 0 for n in result["faults_per_step"].values())
+    assert rows["lamb"]["faults"] == result["faults_per_step"]["lamb"]
+
     table = bench.format_table(result, bandwidth=1e10).splitlines()
     assert len(table) == 1 + len(versions)
-    assert table[0].split()[:2] == ["version", "step"]
+    assert table[0].split()[:2] == ["version", "step"] and "faults" in table[0]
     assert [line.split()[0] for line in table[1:]] == list(versions)
     assert "(AdamW)" in table[1]
 
@@ -88,6 +108,50 @@ def test_main_writes_report_and_json(tmp_path, capsys):
     import json
     data = json.loads(raw.read_text())
     assert len(data["results"]) == 2 and set(data["results"][0]["times"]) == {"adamw", "lamb"}
+
+
+def test_main_keeps_freed_memory_unless_told_not_to(malloc_untouched, capsys):
+    args = ["--sizes", "0.05M", "--steps", "1", "--warmup", "0", "--versions", "adamw", "--quiet"]
+    bench.main(args)
+    assert malloc_untouched == [1] and "malloc told to keep (test); faults: page faults" in capsys.readouterr().out
+    bench.main(args + ["--return-memory"])
+    assert malloc_untouched == [1]
+    assert "the C library's malloc as it is (--return-memory); faults" in capsys.readouterr().out
+
+
+def test_fault_counts_are_formatted_short():
+    assert [bench._count(n) for n in (None, 0, 812.4, 4100, 117_300)] == ["-", "0", "812", "4.1k", "117k"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="keep_freed_memory changes glibc's malloc only")
+def test_keeping_freed_memory_ends_the_page_faults():
+    # A 64 MiB block is above the largest threshold from which glibc maps each block on its own: allocated and
+    # freed again and again, it costs a page fault per 4 KiB page every time. Told to keep freed memory,
+    # glibc needs a few rounds to have a free block it can align (glibc 2.36: up to 8 here), then none.
+    script = textwrap.dedent("""
+        import torch
+        from labkit.bench import keep_freed_memory, page_faults
+
+        def faults(rounds):
+            counts = []
+            for _ in range(rounds):
+                before = page_faults()
+                x = torch.empty(16 * 2 ** 20)
+                x.fill_(1.0)
+                del x
+                counts.append(page_faults() - before)
+            return counts
+
+        print(faults(4), keep_freed_memory(), faults(20), sep="\\n")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), check=True).stdout.splitlines()
+    before, setting, after = ast.literal_eval(out[0]), out[1], ast.literal_eval(out[2])
+    pages = 64 * 2 ** 20 // 4096
+    assert all(n > 0.9 * pages for n in before), before
+    assert setting.startswith("glibc malloc keeps freed memory")
+    assert all(n < 0.01 * pages for n in after[-8:]), after
 
 
 def test_without_timm_the_other_versions_run_and_timm_is_refused_before_any_timing(monkeypatch, capsys):

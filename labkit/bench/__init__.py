@@ -1,8 +1,10 @@
 """Benchmarks that print tables; run with python -m labkit.bench.NAME."""
 
 import argparse
+import ctypes
 import json
 import os
+import platform
 
 
 def load_average() -> str:
@@ -11,6 +13,39 @@ def load_average() -> str:
         return f"{os.getloadavg()[0]:.1f}"
     except (OSError, AttributeError):   # not measurable, or not on this platform
         return "?"
+
+
+def keep_freed_memory() -> str | None:
+    """Ask glibc's malloc to keep the memory this process frees, for the rest of the process; returns what
+    was set, for a benchmark's header, or None where the C library is not glibc (nothing is changed).
+
+    By default glibc gives large freed blocks back to the kernel (each block above a threshold is its own
+    mapping, and the top of the heap is trimmed), so the next allocation of that size gets fresh pages:
+    a page fault per 4 KiB, each page zeroed by the kernel. Whether a block goes back depends on the
+    thresholds, which glibc moves as blocks are freed, and on where the block lies in the heap: on what
+    the process did before. An eager optimizer step at 100 M parameters took 200 or 300 ms in the same
+    process depending on that (docs/optim-benchmark.md). With no mappings and no trimming, freed memory
+    is reused and a step's time is its own."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4        # from glibc's malloc.h
+    if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)):
+        return None
+    return "glibc malloc keeps freed memory (M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB)"
+
+
+def page_faults() -> int | None:
+    """Page faults this process has taken so far (minor ones: a page the kernel had to map, and zero),
+    or None where the platform does not count them (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def publish(report: str, output: str | None = None, json_path: str | None = None, payload: dict | None = None,

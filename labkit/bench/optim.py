@@ -52,6 +52,11 @@ fraction of the memory bandwidth the step achieves. Real implementations take mo
 (step / traffic) / (adamw-fused's step / its traffic): time per byte that must move, against torch's
 fused AdamW (at most 1: the fused LAMB's target).
 
+The benchmark first asks glibc's malloc to keep the memory the process frees (``keep_freed_memory``
+in labkit/bench; ``--return-memory`` leaves it as it is). Otherwise the eager versions' temporaries
+went back to the kernel or not depending on what had run before in the process, and their times
+with them (100 M, lamb: 200 or 300 ms). The ``faults`` column counts the page faults per step.
+
 After the run, the last column checks the versions against each other: lamb, lamb-readable and timm
 compute the same thing and, after the same steps on the same gradients, must agree to rounding.
 """
@@ -71,7 +76,7 @@ from torch import nn
 
 from labkit.optim import Lamb
 from labkit.optim.references import timm_lamb
-from labkit.bench import load_average, publish
+from labkit.bench import keep_freed_memory, load_average, page_faults, publish
 
 __all__ = ["VERSIONS", "EXTRA_VERSIONS", "TRAFFIC", "parse_size", "model_shape", "build_model", "make_optimizer",
            "timm_default_path", "copy_bandwidth", "measure", "summarise", "format_table", "set_inductor_options",
@@ -230,8 +235,9 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
 
     Returns dict(times={version: [seconds per timed step]}, params, tensors, width, depth, element_size,
     drift={version: max |θ - θ of lamb| after the run}, moved={version: max |θ - θ before|}, interrupted,
-    first_s={version: seconds of its first step, if a warm-up step}, fell_back=[fused versions that ran
-    out of compiled versions and finished with the foreach path]).
+    first_s={version: seconds of its first step, if a warm-up step}, faults_per_step={version: mean page
+    faults of the process per timed step, None where not counted}, fell_back=[fused versions that ran out of
+    compiled versions and finished with the foreach path]).
 
     Interrupted (Ctrl-C, or SIGINT from measure_gpu at a step's time limit) after every version's first
     timed step, it returns what it has, ``interrupted`` True, the same number of timed steps for all and
@@ -260,6 +266,7 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
         optimizers[version] = make_optimizer(version, params[version])
     del model
     times = {v: [] for v in versions}
+    faults = {v: [] for v in versions}      # page faults during each timed step (none where not counted)
     first = {}          # each version's first step: it allocates the state, and compiles the fused LAMB
     order = list(versions)
     interrupted = False
@@ -267,11 +274,13 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
         for step in range(warmup + steps):
             for version in order:
                 _synchronize(device)
-                start = time.perf_counter()
+                faults_before, start = page_faults(), time.perf_counter()
                 optimizers[version].step()
                 _synchronize(device)
                 if step >= warmup:
                     times[version].append(time.perf_counter() - start)
+                    if faults_before is not None:
+                        faults[version].append(page_faults() - faults_before)
                 elif step == 0:
                     first[version] = time.perf_counter() - start
             order = order[1:] + order[:1]    # rotate: nobody always runs first (or right after the same one)
@@ -282,6 +291,7 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
         if not done:
             raise
         times, interrupted = {v: ts[:done] for v, ts in times.items()}, True
+        faults = {v: fs[:done] for v, fs in faults.items()}
         _synchronize(device)
     reference = params["lamb"] if "lamb" in params and not interrupted else None
     drift, moved = {}, {}
@@ -293,6 +303,7 @@ def measure(n_params: int, *, versions=VERSIONS, steps: int = 15, warmup: int = 
                 width=model_shape(n_params)[0], depth=model_shape(n_params)[1],
                 element_size=initial[0].element_size(), steps_done=warmup + len(times[versions[0]]),
                 drift=drift, moved=moved, interrupted=interrupted, first_s=first,
+                faults_per_step={v: statistics.fmean(fs) if fs else None for v, fs in faults.items()},
                 fell_back=[v for v in versions if v.startswith("lamb-fused") and not optimizers[v].fused])
 
 
@@ -312,14 +323,15 @@ def summarise(result: dict, bandwidth: float | None = None) -> dict:
                              vs_timm=t / median["timm"] if "timm" in median else None,
                              traffic=TRAFFIC[version], limit_s=limit, of_limit=limit / t if limit else None,
                              per_byte=t / TRAFFIC[version] / fused_per_element if fused_per_element else None,
-                             drift=result["drift"][version], moved=result["moved"][version])
+                             drift=result["drift"][version], moved=result["moved"][version],
+                             faults=result.get("faults_per_step", {}).get(version))
     return rows
 
 
 def format_table(result: dict, bandwidth: float | None = None) -> str:
     rows = summarise(result, bandwidth)
     lines = [f"{'version':<16} {'step (ms)':>10} {'best (ms)':>10} {'vs adamw':>9} {'vs timm':>8} {'traffic':>8} "
-             f"{'limit (ms)':>11} {'of limit':>9} {'per byte':>9} {'max |param - lamb|':>19}"]
+             f"{'limit (ms)':>11} {'of limit':>9} {'per byte':>9} {'faults':>7} {'max |param - lamb|':>19}"]
     for version, r in rows.items():
         def ratio(x):
             return f"{x:.2f}" if x is not None else "-"
@@ -328,8 +340,15 @@ def format_table(result: dict, bandwidth: float | None = None) -> str:
         drift = f"{r['drift']:.1e}" if r["drift"] is not None else "(AdamW)" if version.startswith("adamw") else "-"
         lines.append(f"{version:<16} {r['step_s'] * 1e3:>10.1f} {r['best_s'] * 1e3:>10.1f} {ratio(r['vs_adamw']):>9} "
                      f"{ratio(r['vs_timm']):>8} {r['traffic']:>7}x {limit:>11} {of_limit:>9} {ratio(r['per_byte']):>9} "
-                     f"{drift:>19}")
+                     f"{_count(r['faults']):>7} {drift:>19}")
     return "\n".join(lines)
+
+
+def _count(n: float | None) -> str:
+    """A page-fault count in a few characters: 0, 812, 4.1k, 117k."""
+    if n is None:
+        return "-"
+    return f"{n:.0f}" if n < 1000 else f"{n / 1e3:.1f}k" if n < 10_000 else f"{n / 1e3:.0f}k"
 
 
 def set_inductor_options(settings: list[str]) -> dict:
@@ -367,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inductor", nargs="+", default=[], metavar="NAME=VALUE",
                         help="torch._inductor.config options for the compiled versions, e.g. combo_kernels=True "
                              "(many tensors' small kernels launched as one)")
+    parser.add_argument("--return-memory", action="store_true",
+                        help="leave glibc's malloc as it is: it gives large freed blocks back to the kernel, and "
+                             "the eager versions then pay page faults that depend on what ran before them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--output", metavar="FILE", help="also write the report to FILE")
@@ -390,6 +412,7 @@ def main(argv=None) -> None:
         parser.error(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = None if args.return_memory else keep_freed_memory()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     progress = None if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
 
@@ -436,6 +459,8 @@ def main(argv=None) -> None:
         ", one call per block" +
         ("; lamb-fused-whole: the same, the whole step one call" if "lamb-fused-whole" in args.versions else "") +
         "; lamb-readable: Lamb(foreach=False); " + timm_note,
+        (allocator or "the C library's malloc as it is" + (" (--return-memory)" if args.return_memory else "")) +
+        "; faults: page faults of the process per timed step",
         "step: median ms per step (best: the fastest step); vs adamw, vs timm: this median / theirs; "
         "traffic: elements read + written per parameter at least;",
         "limit: traffic x parameters x bytes / copy bandwidth, the time of a step at the memory bandwidth; "
