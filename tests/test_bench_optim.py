@@ -169,9 +169,19 @@ def test_without_timm_the_other_versions_run_and_timm_is_refused_before_any_timi
     assert captured.out == ""          # nothing was timed
 
 
-def test_inductor_options_are_set_and_named_in_the_report(monkeypatch, capsys):
+@pytest.fixture
+def inductor_config():
+    """torch._inductor.config, with combo_kernels (the option the tests set) restored after the test. Not with
+    monkeypatch: pytest 9's undo deletes an attribute that was not in the module's __dict__, and torch's config
+    module then hides the option ("does not exist") from every later test in the process."""
     import torch._inductor.config as config
-    monkeypatch.setattr(config, "combo_kernels", config.combo_kernels)     # restored after the test
+    saved = config.combo_kernels
+    yield config
+    config.combo_kernels = saved
+
+
+def test_inductor_options_are_set_and_named_in_the_report(inductor_config, capsys):
+    config = inductor_config
     bench.main(["--sizes", "0.05M", "--steps", "1", "--warmup", "0", "--versions", "adamw", "--quiet",
                 "--inductor", "combo_kernels=True"])
     assert config.combo_kernels is True
