@@ -148,10 +148,10 @@ def test_keeping_freed_memory_ends_the_page_faults():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, OMP_NUM_THREADS="1"), check=True).stdout.splitlines()
     before, setting, after = ast.literal_eval(out[0]), out[1], ast.literal_eval(out[2])
-    pages = 64 * 2 ** 20 // 4096
-    assert all(n > 0.9 * pages for n in before), before
+    # a fault per page: 16 384 of 4 KiB (here), or 32 of 2 MiB where transparent huge pages are "always" on
+    assert min(before) >= 32, before
     assert setting.startswith("glibc malloc keeps freed memory")
-    assert all(n < 0.01 * pages for n in after[-8:]), after
+    assert max(after[-8:]) < min(before) / 10, after
 
 
 def test_without_timm_the_other_versions_run_and_timm_is_refused_before_any_timing(monkeypatch, capsys):
