@@ -4,7 +4,8 @@ labkit's runtime is checked against (same loss, same gradients) and benchmarked 
 One ``PipelineStage`` per rank wraps its piece of the model; ``ScheduleGPipe`` or ``Schedule1F1B``
 cuts the batch into micro-batches (along dim 0) and runs the step. With ``scale_grads=True`` (the
 default) torch divides the summed gradients by the number of micro-batches, as labkit's runtime does
-by dividing each micro-batch's loss by m. Over gloo this needs torch >= 2.8.
+by dividing each micro-batch's loss by m. Over gloo this needs torch >= 2.10 (2.9.1's stages crash there:
+a message of 8 bytes where 4 were expected).
 """
 
 from __future__ import annotations
