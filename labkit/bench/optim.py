@@ -324,7 +324,7 @@ def summarise(result: dict, bandwidth: float | None = None) -> dict:
                              traffic=TRAFFIC[version], limit_s=limit, of_limit=limit / t if limit else None,
                              per_byte=t / TRAFFIC[version] / fused_per_element if fused_per_element else None,
                              drift=result["drift"][version], moved=result["moved"][version],
-                             faults=result.get("faults_per_step", {}).get(version))
+                             faults=result["faults_per_step"][version])
     return rows
 
 
